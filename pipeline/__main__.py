@@ -1,0 +1,46 @@
+"""``python -m pipeline STAGE [options]``: run one stage of the pipeline (``dvc repro`` runs them all)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# stage name -> (module, one-line summary); modules are imported only when their stage runs.
+STAGES = {
+    "download": ("pipeline.download", "fetch the four MNIST files from the mirrors, verifying their sha256"),
+    "prepare": ("pipeline.prepare", "parse the IDX files and split 50,000 train / 10,000 validation / 10,000 test"),
+    "expand": ("pipeline.expand", "expand the training set with the book's one-pixel shifts (250,000 images)"),
+    "train": ("pipeline.train", "train a network from params.yaml with mini-batch SGD"),
+    "evaluate": ("pipeline.evaluate", "evaluate a trained model on the test set"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, STAGES))
+    lines = [
+        "usage: python -m pipeline STAGE [--help] [options]",
+        "",
+        "Nielsen's network3.py (Neural Networks and Deep Learning, chapter 6) as a DVC pipeline.",
+        "`dvc repro` runs every stage in order; each also runs on its own:",
+        "",
+    ]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in STAGES.items()]
+    lines += ["", "`python -m pipeline STAGE --help` describes a stage's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in STAGES:
+        print(f"error: unknown stage {name!r}; stages: {', '.join(STAGES)}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(STAGES[name][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
