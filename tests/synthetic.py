@@ -1,0 +1,36 @@
+"""Small synthetic MNIST-format data, so tests run on a fresh machine without the real files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.idx import write_idx
+from pipeline.prepare import SOURCES
+
+REAL_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+
+
+def digit_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """28x28 uint8 images a network can learn: a bright 4x4 block whose position encodes the digit."""
+    images = rng.integers(0, 40, size=(len(labels), 28, 28), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        row, col = 4 + 6 * (label // 4), 4 + 6 * (label % 4)
+        images[i, row : row + 4, col : col + 4] = 255
+    return images
+
+
+def write_mnist(directory: Path, n_train: int = 120, n_test: int = 30, seed: int = 0) -> dict[str, np.ndarray]:
+    """Write the four gzip IDX files under ``directory``; return the arrays written."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, count in (("train", n_train), ("test", n_test)):
+        labels = (np.arange(count) % 10).astype(np.uint8)
+        rng.shuffle(labels)
+        images = digit_images(labels, rng)
+        images_file, labels_file = SOURCES[name]
+        write_idx(Path(directory) / images_file, images)
+        write_idx(Path(directory) / labels_file, labels)
+        arrays[f"{name}_images"], arrays[f"{name}_labels"] = images, labels
+    return arrays

@@ -1,0 +1,83 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from pipeline.idx import IdxError, read_images, read_labels, read_pair, write_idx
+
+
+def header(magic, *dims):
+    return struct.pack(">I", magic) + struct.pack(f">{len(dims)}I", *dims)
+
+
+@pytest.mark.parametrize("suffix", [".gz", ""])
+def test_round_trip(tmp_path, suffix):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 7).astype(np.uint8)
+    write_idx(tmp_path / f"i{suffix}", images)
+    write_idx(tmp_path / f"l{suffix}", labels)
+    got_images, got_labels = read_pair(tmp_path / f"i{suffix}", tmp_path / f"l{suffix}")
+    np.testing.assert_array_equal(got_images, images)
+    np.testing.assert_array_equal(got_labels, labels)
+    assert got_images.dtype == np.uint8
+
+
+def test_written_bytes_follow_the_idx_layout(tmp_path):
+    """Independent of our reader: the header bytes are exactly what the IDX spec says."""
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "x", images)
+    assert (tmp_path / "x").read_bytes() == b"\x00\x00\x08\x03" + header(0, 2, 3, 4)[4:] + images.tobytes()
+
+
+def test_wrong_magic_names_file_and_numbers(tmp_path):
+    write_idx(tmp_path / "labels.gz", np.zeros(5, dtype=np.uint8))
+    with pytest.raises(IdxError, match=r"labels\.gz: magic number 0x00000801, expected 0x00000803"):
+        read_images(tmp_path / "labels.gz")
+
+
+def test_declared_count_larger_than_data(tmp_path):
+    path = tmp_path / "images"
+    path.write_bytes(header(0x803, 10, 28, 28) + bytes(9 * 784))
+    with pytest.raises(IdxError, match=r"declares shape \(10, 28, 28\) = 7840 bytes of data, but the file has 7056"):
+        read_images(path)
+
+
+def test_trailing_bytes_are_refused(tmp_path):
+    path = tmp_path / "labels"
+    path.write_bytes(header(0x801, 3) + bytes(4))
+    with pytest.raises(IdxError, match="the file has 4"):
+        read_labels(path)
+
+
+def test_short_header(tmp_path):
+    path = tmp_path / "images"
+    path.write_bytes(b"\x00\x00\x08\x03\x00\x00")
+    with pytest.raises(IdxError, match="too short"):
+        read_images(path)
+
+
+def test_label_out_of_range(tmp_path):
+    write_idx(tmp_path / "l", np.array([1, 2, 12, 3], dtype=np.uint8))
+    with pytest.raises(IdxError, match=r"label 12 at index 2 is not a digit"):
+        read_labels(tmp_path / "l")
+
+
+def test_count_mismatch_between_images_and_labels(tmp_path):
+    write_idx(tmp_path / "i", np.zeros((4, 28, 28), dtype=np.uint8))
+    write_idx(tmp_path / "l", np.zeros(5, dtype=np.uint8))
+    with pytest.raises(IdxError, match="has 4 images but .* has 5 labels"):
+        read_pair(tmp_path / "i", tmp_path / "l")
+
+
+def test_truncated_gzip(tmp_path):
+    payload = gzip.compress(header(0x801, 1000) + bytes(1000))
+    (tmp_path / "l.gz").write_bytes(payload[: len(payload) // 2])
+    with pytest.raises(IdxError, match=r"l\.gz: cannot decompress"):
+        read_labels(tmp_path / "l.gz")
+
+
+def test_writer_leaves_no_temporary_files(tmp_path):
+    write_idx(tmp_path / "a.gz", np.zeros(3, dtype=np.uint8))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.gz"]

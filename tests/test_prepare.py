@@ -1,0 +1,62 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from synthetic import write_mnist
+
+from pipeline.config import ConfigError, from_section
+from pipeline.files import load_npz
+from pipeline.prepare import PrepareConfig, prepare
+
+
+def test_split_is_first_train_and_last_validation(tmp_path):
+    arrays = write_mnist(tmp_path / "raw", n_train=100, n_test=20)
+    summary = prepare(config=PrepareConfig(train_size=70, validation_size=20), raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+
+    train = load_npz(tmp_path / "out" / "train.npz")
+    validation = load_npz(tmp_path / "out" / "validation.npz")
+    test = load_npz(tmp_path / "out" / "test.npz")
+    np.testing.assert_array_equal(train["images"], arrays["train_images"][:70])
+    np.testing.assert_array_equal(validation["images"], arrays["train_images"][80:])
+    np.testing.assert_array_equal(validation["labels"], arrays["train_labels"][80:])
+    np.testing.assert_array_equal(test["labels"], arrays["test_labels"])
+    assert train["images"].dtype == np.uint8 and train["images"].shape == (70, 28, 28)
+
+    assert summary["train"]["count"] == 70
+    recorded = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert recorded["validation"]["label_counts"] == np.bincount(arrays["train_labels"][80:], minlength=10).tolist()
+    assert recorded["test"]["count"] == 20
+
+
+def test_split_larger_than_data_is_refused_before_writing(tmp_path):
+    write_mnist(tmp_path / "raw", n_train=50, n_test=10)
+    with pytest.raises(ConfigError, match=r"prepare.train_size=45 \+ prepare.validation_size=10 = 55: more than the 50"):
+        prepare(config=PrepareConfig(train_size=45, validation_size=10), raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"validation_size": -5}, r"Got prepare.validation_size=-5: must be positive"),
+        ({"train_size": "many"}, r"Got prepare.train_size='many': expected an integer"),
+        ({"train_size": 10.5}, r"Got prepare.train_size=10.5: expected an integer"),
+        ({"valdation_size": 3}, r"unknown key prepare.valdation_size \(value 3\)"),
+    ],
+)
+def test_bad_params_name_key_and_value(section, message):
+    with pytest.raises(ConfigError, match=message):
+        from_section(PrepareConfig, {"prepare": section}, "prepare", source="params.yaml")
+
+
+def test_cli_reports_missing_raw_files(tmp_path):
+    (tmp_path / "params.yaml").write_text("prepare: {train_size: 10, validation_size: 5}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "prepare", "--params", str(tmp_path / "params.yaml"), "--raw", str(tmp_path / "nothing")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "missing train-images-idx3-ubyte.gz" in result.stderr
+    assert "Traceback" not in result.stderr
