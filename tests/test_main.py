@@ -1,0 +1,37 @@
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.__main__ import STAGES
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True)
+
+
+def test_help_lists_every_stage():
+    result = run("--help")
+    assert result.returncode == 0
+    for stage in STAGES:
+        assert f"  {stage} " in result.stdout
+
+
+@pytest.mark.parametrize("stage", ["download", "prepare", "expand"])
+def test_each_stage_has_help(stage):
+    result = run(stage, "--help")
+    assert result.returncode == 0, result.stderr
+    assert f"python -m pipeline {stage}" in result.stdout and "--params" in result.stdout
+
+
+def test_unknown_stage():
+    result = run("trian")
+    assert result.returncode == 2
+    assert "unknown stage 'trian'" in result.stderr
+
+
+def test_bad_params_stop_the_stage_with_one_clear_line(tmp_path):
+    (tmp_path / "params.yaml").write_text("expand:\n  max_shift: -2\n")
+    result = run("expand", "--params", str(tmp_path / "params.yaml"), "--train", str(tmp_path / "missing.npz"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {tmp_path / 'params.yaml'}: Got expand.max_shift=-2: must be 0..13 pixels"
