@@ -1,0 +1,182 @@
+"""Tracking against real MLflow stores: a SQLite file, and a real `mlflow server` on 127.0.0.1."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import tracking
+from pipeline.tracking import TrackingConfig, TrackingError, flatten, tracked_run
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    """A directory standing for the user's repository, with no tracking URI in the environment."""
+    (tmp_path / ".dvc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    for name in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+def client_for(repo):
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def test_default_store_is_absolute_sqlite_at_the_repository_root(repo, monkeypatch):
+    (repo / "sub").mkdir()
+    monkeypatch.chdir(repo / "sub")
+    assert tracking.tracking_uri() == f"sqlite:///{repo / 'mlflow.db'}?timeout=60"
+    # under `dvc exp run --temp/--queue` the stage runs in a copy; DVC_ROOT names the real repository
+    copy = repo / ".dvc" / "tmp" / "exps" / "tmpabc"
+    copy.mkdir(parents=True)
+    (copy / ".dvc").mkdir()
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    assert tracking.tracking_uri() == f"sqlite:///{repo / 'mlflow.db'}?timeout=60"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:5000")
+    assert tracking.tracking_uri() == "http://example.invalid:5000"
+
+
+def test_a_run_is_logged_with_params_metrics_tags_and_artifacts(repo):
+    (repo / "note.txt").write_text("hello")
+    with tracked_run(TrackingConfig(experiment="exp"), run_name="r1", tags={"engine": "jax"}) as run:
+        run.log_params(flatten({"train": {"eta": 0.1, "layers": [1, 2]}}))
+        for epoch in range(3):
+            run.log_metrics({"validation_accuracy": 0.5 + epoch / 10}, step=epoch)
+        run.log_artifact(repo / "note.txt", "notes")
+
+    client = client_for(repo)
+    logged = client.get_run(run.run_id)
+    assert logged.info.status == "FINISHED"
+    assert logged.data.params == {"train.eta": "0.1", "train.layers": "[1, 2]"}
+    assert logged.data.tags["engine"] == "jax"
+    history = client.get_metric_history(run.run_id, "validation_accuracy")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(0, 0.5), (1, 0.6), (2, 0.7)]
+    assert [a.path for a in client.list_artifacts(run.run_id, "notes")] == ["notes/note.txt"]
+    # artifacts live beside the store at the repository root, not in the current directory
+    assert (repo / "mlartifacts").is_dir()
+    assert client.get_experiment_by_name("exp").artifact_location == (repo / "mlartifacts").as_uri()
+
+
+@pytest.mark.parametrize("error", [ValueError("cost is nan at epoch 3"), KeyboardInterrupt()])
+def test_a_failed_or_interrupted_run_is_marked_failed(repo, error):
+    with pytest.raises(type(error)):
+        with tracked_run(TrackingConfig(experiment="exp")) as run:
+            raise error
+    logged = client_for(repo).get_run(run.run_id)
+    assert logged.info.status == "FAILED"
+    assert type(error).__name__ in logged.data.tags["failure_reason"]
+
+
+def test_a_reopened_run_continues_the_same_run(repo):
+    with tracked_run(TrackingConfig(experiment="exp")) as first:
+        first.log_metrics({"a": 1.0})
+    with tracked_run(TrackingConfig(experiment="exp"), resume_run_id=first.run_id) as second:
+        second.log_metrics({"b": 2.0})
+    assert second.run_id == first.run_id
+    logged = client_for(repo).get_run(first.run_id)
+    assert logged.data.metrics == {"a": 1.0, "b": 2.0} and logged.info.status == "FINISHED"
+
+
+def test_git_and_dvc_tags(repo, monkeypatch):
+    subprocess.run(["git", "init", "-q"], check=True)
+    (repo / "f").write_text("x")
+    subprocess.run(["git", "add", "f"], check=True)
+    subprocess.run(["git", "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "x"], check=True)
+    monkeypatch.setenv("DVC_EXP_NAME", "quick-fox")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
+    (repo / "f").write_text("changed")
+    tags = tracking.source_tags()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert tags["git.commit"] == head and tags["git.dirty"] == "True"
+    assert tags["dvc.exp_name"] == "quick-fox" and tags["dvc.baseline_rev"] == "abc123"
+
+
+def test_unreachable_server_fails_early_naming_the_uri(repo, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match=rf"unreachable \(MLFLOW_TRACKING_URI='http://127.0.0.1:{port}'\)"):
+        with tracked_run(TrackingConfig()):
+            pytest.fail("the body must not run")
+    assert time.monotonic() - started < 10
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2).read()
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("mlflow server did not start")
+    yield uri
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_runs_go_to_a_real_tracking_server(repo, monkeypatch, mlflow_server):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    (repo / "a.txt").write_text("artifact")
+    with tracked_run(TrackingConfig(experiment="served")) as run:
+        run.log_params({"train.eta": "0.03"})
+        run.log_metrics({"test_accuracy": 0.99}, step=0)
+        run.log_artifact(repo / "a.txt")
+    client = MlflowClient(tracking_uri=mlflow_server)
+    logged = client.get_run(run.run_id)
+    assert logged.info.status == "FINISHED" and logged.data.metrics["test_accuracy"] == 0.99
+    assert [a.path for a in client.list_artifacts(run.run_id)] == ["a.txt"]
+    assert not (repo / "mlflow.db").exists()
+
+
+def test_two_processes_writing_at_once_lose_no_run(repo):
+    """Two queue workers share the SQLite store: both runs and all their metrics must land."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from pipeline.tracking import TrackingConfig, tracked_run
+        with tracked_run(TrackingConfig(experiment="parallel"), run_name=sys.argv[1]) as run:
+            for step in range(60):
+                run.log_metrics({"m": step}, step=step)
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    workers = [subprocess.Popen([sys.executable, "-c", script, f"w{i}"], cwd=repo, env=env, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err
+    client = client_for(repo)
+    experiment = client.get_experiment_by_name("parallel")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["w0", "w1"]
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert len(client.get_metric_history(r.info.run_id, "m")) == 60
