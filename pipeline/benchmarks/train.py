@@ -1,0 +1,167 @@
+"""Benchmark training: the book's two-conv ReLU network on each PyTensor engine and on PyTorch.
+
+Trains conv 20x5x5 + pool, conv 40x5x5 + pool, FC 100 (ReLU), softmax with SGD (eta 0.03, the
+book's L2 term) for a fixed number of mini-batches on random images, at each batch size, on the
+JAX and C engines and, when ``torch`` is installed, on PyTorch (CPU) with the identical network
+and batch size, all in one run; prints images per second and the ratios to PyTorch. Each figure is
+the best of ``--repeats`` timed calls after a warm-up call (compilation is not timed).
+
+``--conv-lax`` adds a JAX run whose convolutions are a custom Op lowered to
+``jax.lax.conv_general_dilated`` instead of the im2col graph (``pipeline.convolution``), to show
+why the graph form is the one used. ``--memory`` runs the train stage for one epoch on a synthetic
+250,000-image set in a child process and reports its peak RSS.
+
+Goals (issue 3), on the 2-core machine: the default engine at least 1.5x PyTorch at batch sizes 10
+and 64; peak memory training on 250,000 images under 2 GB.
+
+    python -m pipeline.benchmarks.train [--steps 1000] [--batch-sizes 10 64] [--engines jax c]
+                                        [--repeats 3] [--conv-lax] [--memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.architecture import build, resolve
+from pipeline.backend import Backend
+from pipeline.trainer import Trainer
+
+ETA, LMBDA, BATCHES_PER_EPOCH = 0.03, 0.1, 5000  # the book's ReLU run: 50,000 images in batches of 10
+
+
+def random_batches(steps: int, batch_size: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (steps, batch_size, 784), dtype=np.uint8)
+    labels = rng.integers(0, 10, (steps, batch_size)).astype(np.uint8)
+    return images, labels
+
+
+def time_pytensor(engine: str, batch_size: int, steps: int, repeats: int) -> float:
+    network = build(resolve("conv2_relu"), rng=np.random.default_rng(0))
+    trainer = Trainer(network, Backend(engine), batch_size=batch_size, lmbda=LMBDA,
+                      num_training_batches=BATCHES_PER_EPOCH)
+    images, labels = random_batches(steps, batch_size)
+    trainer.train_steps(images, labels, [], ETA)  # compile + warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        trainer.train_steps(images, labels, [], ETA)
+        best = min(best, time.perf_counter() - start)
+    return steps * batch_size / best
+
+
+def time_torch(batch_size: int, steps: int, repeats: int) -> float:
+    import torch
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    # conv -> pool -> ReLU as the book (a per-channel bias commutes with the max-pool)
+    net = nn.Sequential(nn.Conv2d(1, 20, 5), nn.MaxPool2d(2), nn.ReLU(), nn.Conv2d(20, 40, 5), nn.MaxPool2d(2),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(640, 100), nn.ReLU(), nn.Linear(100, 10))
+    # the book's L2 term 0.5*lmbda*|W|^2/batches has gradient (lmbda/batches)*W: torch's weight_decay
+    optimizer = torch.optim.SGD(net.parameters(), lr=ETA, weight_decay=LMBDA / BATCHES_PER_EPOCH)
+    images, labels = random_batches(steps, batch_size)
+    images, labels = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+
+    def run():
+        for i in range(steps):
+            x = images[i].float().reshape(-1, 1, 28, 28) / 255.0
+            loss = nn.functional.cross_entropy(net(x), labels[i])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return steps * batch_size / best
+
+
+def time_jax_lax_conv(batch_size: int, steps: int, repeats: int) -> float:
+    """The JAX engine with convolutions as an Op lowered to lax.conv_general_dilated."""
+    import pipeline.layers as layers
+    from pipeline.benchmarks.conv_lax import conv2d_lax
+
+    original = layers.conv2d_valid
+    layers.conv2d_valid = conv2d_lax
+    try:
+        return time_pytensor("jax", batch_size, steps, repeats)
+    finally:
+        layers.conv2d_valid = original
+
+
+def peak_memory_mb(images: int, batch_size: int) -> dict:
+    """Run the train stage for one epoch on ``images`` synthetic images in a child process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "prepared").mkdir()
+        (tmp / "expanded").mkdir()
+        rng = np.random.default_rng(0)
+        np.savez(tmp / "expanded" / "train.npz", images=rng.integers(0, 256, (images, 28, 28), dtype=np.uint8),
+                 labels=rng.integers(0, 10, images).astype(np.uint8))
+        np.savez(tmp / "prepared" / "validation.npz", images=rng.integers(0, 256, (10000, 28, 28), dtype=np.uint8),
+                 labels=rng.integers(0, 10, 10000).astype(np.uint8))
+        (tmp / "params.yaml").write_text(json.dumps({"train": {
+            "dataset": "expanded", "architecture": "conv2_relu", "epochs": 1, "batch_size": batch_size}}))
+        command = [sys.executable, "-m", "pipeline", "train", "--params", str(tmp / "params.yaml"),
+                   "--prepared", str(tmp / "prepared"), "--expanded", str(tmp / "expanded"),
+                   "--model", str(tmp / "model"), "--checkpoints", str(tmp / "checkpoints"),
+                   "--metrics", str(tmp / "metrics"), "--no-progress"]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+        return json.loads((tmp / "metrics" / "train.json").read_text())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.benchmarks.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=1000, help="mini-batches per timed call (default 1000)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[10, 64])
+    parser.add_argument("--engines", nargs="+", default=["jax", "c"], choices=["jax", "c"])
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per figure; the best is kept")
+    parser.add_argument("--conv-lax", action="store_true", help="also time JAX with a lax.conv convolution Op")
+    parser.add_argument("--memory", action="store_true", help="peak RSS of one epoch of the train stage on 250,000 images")
+    args = parser.parse_args(argv)
+    try:
+        import torch  # noqa: F401
+
+        has_torch = True
+    except ImportError:
+        has_torch = False
+        print("torch is not installed (pip install '.[bench]'): no PyTorch comparison")
+    print(f"two-conv ReLU network, {args.steps} mini-batches per call, best of {args.repeats}, "
+          f"{os.cpu_count()} CPUs")
+    for bs in args.batch_sizes:
+        steps = max(args.steps * 10 // bs, 20)  # about the same number of images at every batch size
+        results = {}
+        for engine in args.engines:
+            results[f"pytensor-{engine}"] = time_pytensor(engine, bs, steps, args.repeats)
+        if args.conv_lax:
+            results["pytensor-jax (lax.conv Op)"] = time_jax_lax_conv(bs, steps, args.repeats)
+        if has_torch:
+            results["pytorch"] = time_torch(bs, steps, args.repeats)
+        print(f"\nbatch size {bs} ({steps} mini-batches):")
+        for name, rate in results.items():
+            ratio = f"  {rate / results['pytorch']:.2f}x pytorch" if has_torch else ""
+            print(f"  {name:<28} {rate:>9,.0f} images/s{ratio}")
+    if args.memory:
+        summary = peak_memory_mb(250_000, 10)
+        print(f"\ntrain stage, one epoch on 250,000 images: peak RSS {summary['peak_rss_mb']:.0f} MB "
+              f"({summary['images_per_second']:,.0f} images/s, goal: under 2048 MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

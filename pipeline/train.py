@@ -1,0 +1,372 @@
+"""Train a network from params.yaml (section ``train``) with the book's mini-batch SGD.
+
+Reads ``train.npz`` of the prepared or the expanded set (``train.dataset``) and the prepared
+``validation.npz``; trains ``train.epochs`` epochs, measures validation accuracy after each, and
+keeps the parameters of the best validation epoch (ties go to the later epoch, as network3.py).
+
+Writes:
+  MODEL/model.npz, MODEL/architecture.json   the best epoch's parameters (see pipeline.model_io)
+  METRICS/train_epochs.csv                   per epoch: train_cost, validation_accuracy, seconds,
+                                             images_per_second, eta (for `dvc plots`)
+  METRICS/train.json                         summary (for `dvc metrics show`)
+  CHECKPOINTS/checkpoint.npz                 state after every epoch, written atomically
+
+A run that is killed (even with SIGKILL) resumes from its last checkpoint and ends with the same
+numbers as an uninterrupted one: every random draw (initial weights, each epoch's shuffle and
+dropout masks) comes from ``train.seed`` and the epoch number. A checkpoint is used only when its
+fingerprint (every train param except ``epochs``, ``early_stopping_patience`` and ``steps_per_call``, plus the sha256
+of both data files) matches; raising ``epochs`` therefore continues a finished run.
+
+A NaN or infinite training cost stops the run: the best model so far is written and the stage
+fails with a message naming the epoch (try a smaller train.eta).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import cli
+from pipeline.architecture import build, resolve
+from pipeline.backend import DEVICES, ENGINES, Backend
+from pipeline.config import ConfigError, PipelineError, load_config, require
+from pipeline.files import load_npz, save_npz, write_bytes, write_json
+from pipeline.layers import INITS
+from pipeline.model_io import save_model
+from pipeline.network import COSTS
+from pipeline.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.npz"
+CHECKPOINT_FORMAT = 1
+EPOCHS_FILE = "train_epochs.csv"
+SUMMARY_FILE = "train.json"
+EPOCH_FIELDS = ("epoch", "train_cost", "validation_accuracy", "seconds", "images_per_second", "eta")
+# Keys that do not change what any single epoch computes, so a checkpoint survives a change to them
+# (steps_per_call only groups the same steps into calls: the weights come out bit for bit the same).
+NOT_FINGERPRINTED = ("epochs", "early_stopping_patience", "steps_per_call")
+
+
+class TrainingDiverged(PipelineError):
+    """The training cost became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "prepared"
+    architecture: str | list[dict] = "conv2_relu"
+    epochs: int = 20
+    batch_size: int = 10
+    eta: float = 0.03
+    lmbda: float = 0.1
+    cost: str = "log-likelihood"
+    init: str = "book"
+    seed: int = 12345
+    shuffle: bool = True
+    engine: str = "jax"
+    device: str = "cpu"
+    momentum: float = 0.0
+    lr_decay: float = 1.0
+    early_stopping_patience: int = 0
+    steps_per_call: int = 500
+
+    def __post_init__(self):
+        require(self.dataset in ("prepared", "expanded"), "train.dataset", self.dataset, "choose prepared or expanded")
+        layers = resolve(self.architecture, "train.architecture")
+        require(self.epochs >= 1, "train.epochs", self.epochs, "must be at least 1")
+        require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be at least 1")
+        require(self.eta > 0, "train.eta", self.eta, "the learning rate must be positive")
+        require(self.lmbda >= 0, "train.lmbda", self.lmbda, "the L2 strength must be 0 (off) or positive")
+        require(self.cost in COSTS, "train.cost", self.cost, f"choose one of {', '.join(COSTS)}")
+        require(self.init in INITS, "train.init", self.init,
+                "choose book (the book's N(0, 1/n_out)) or corrected (N(0, 1/n_in))")
+        require(self.seed >= 0, "train.seed", self.seed, "must be a non-negative integer")
+        require(self.engine in ENGINES, "train.engine", self.engine, f"choose one of {', '.join(ENGINES)}")
+        require(self.device in DEVICES, "train.device", self.device, f"choose one of {', '.join(DEVICES)}")
+        require(self.device == "cpu" or self.engine == "jax", "train.device", self.device,
+                "a GPU needs train.engine: jax (the C engine runs on the CPU only)")
+        require(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1); 0 turns momentum off")
+        require(0 < self.lr_decay <= 1, "train.lr_decay", self.lr_decay,
+                "eta is multiplied by this after every epoch; must be in (0, 1], 1 is off")
+        require(self.early_stopping_patience >= 0, "train.early_stopping_patience", self.early_stopping_patience,
+                "epochs without a better validation accuracy before stopping; 0 is off")
+        require(self.steps_per_call >= 1, "train.steps_per_call", self.steps_per_call, "must be at least 1")
+        try:
+            build(layers, rng=np.random.default_rng(0)).check_cost(self.cost)
+        except ValueError as e:
+            raise ConfigError(f"Got train.cost={self.cost!r}: {e}") from None
+
+    def layers(self) -> list[dict]:
+        return resolve(self.architecture, "train.architecture")
+
+    def eta_at(self, epoch: int) -> float:
+        """The learning rate of 1-based ``epoch``: eta * lr_decay**(epoch - 1)."""
+        return self.eta * self.lr_decay ** (epoch - 1)
+
+
+# -- data ----------------------------------------------------------------------------------------
+def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 (N, 784) and labels uint8 (N,) from a data-format .npz."""
+    if not path.is_file():
+        raise PipelineError(f"{path} not found (run the prepare/expand stages first: dvc repro)")
+    arrays = load_npz(path)
+    images, labels = arrays.get("images"), arrays.get("labels")
+    if images is None or labels is None:
+        raise PipelineError(f"{path}: expected arrays 'images' and 'labels', found {sorted(arrays)}")
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise PipelineError(f"{path}: images must be uint8 (N, 28, 28), got {images.dtype} {images.shape}")
+    if labels.shape != (len(images),) or labels.size and labels.max() > 9:
+        raise PipelineError(f"{path}: labels must be N digits 0-9, got shape {labels.shape}")
+    return images.reshape(len(images), 784), labels.astype(np.uint8, copy=False)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(config: TrainConfig, train_path: Path, validation_path: Path) -> str:
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_FINGERPRINTED}
+    settings.update(format=CHECKPOINT_FORMAT, train=sha256_file(train_path), validation=sha256_file(validation_path))
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def save_checkpoint(path: Path, state: dict, params: list, best: list | None, velocities: list) -> None:
+    arrays = {f"param{i}": v for i, v in enumerate(params)}
+    arrays.update({f"best{i}": v for i, v in enumerate(best or [])})
+    arrays.update({f"velocity{i}": v for i, v in enumerate(velocities)})
+    save_npz(path, __state__=np.array(json.dumps(state)), **arrays)
+
+
+def load_checkpoint(path: Path, expected_fingerprint: str, epochs: int):
+    """(state, params, best, velocities) from a matching checkpoint, or None."""
+    if not path.is_file():
+        return None
+    try:
+        arrays = load_npz(path)
+        state = json.loads(str(arrays.pop("__state__")))
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("ignoring unreadable checkpoint %s (%s); starting afresh", path, e)
+        return None
+    if state.get("fingerprint") != expected_fingerprint:
+        log.info("ignoring checkpoint %s: it was made with other train params or data; starting afresh", path)
+        return None
+    if state["epochs_done"] > epochs:
+        log.info("ignoring checkpoint %s: it is at epoch %d, beyond train.epochs=%d", path, state["epochs_done"], epochs)
+        return None
+
+    def group(prefix):
+        return [arrays[f"{prefix}{i}"] for i in range(sum(k.startswith(prefix) for k in arrays))]
+
+    return state, group("param"), group("best") or None, group("velocity")
+
+
+# -- outputs -------------------------------------------------------------------------------------
+def epochs_csv(history: list[dict]) -> bytes:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=EPOCH_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: row[k] for k in EPOCH_FIELDS})
+    return out.getvalue().encode()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _summary(config: TrainConfig, state: dict, n_train: int, n_params: int, backend: Backend) -> dict:
+    history = state["history"]
+    seconds = sum(row["seconds"] for row in history)
+    trained = n_train * len(history)
+    return {
+        "best_validation_accuracy": state["best_accuracy"],
+        "best_epoch": state["best_epoch"],
+        "epochs_run": len(history),
+        "epochs_requested": config.epochs,
+        "stopped": state["stopped"],
+        "final_train_cost": history[-1]["train_cost"] if history else None,
+        "train_images": n_train,
+        "parameters": n_params,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(trained / seconds, 1) if seconds else None,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "engine": config.engine,
+        "device": backend.device_name,
+        "resumed_from_epoch": state["resumed_from_epoch"],
+    }
+
+
+# -- the stage -----------------------------------------------------------------------------------
+def train(*, config: TrainConfig, prepared_dir: Path, expanded_dir: Path | None = None, model_dir: Path,
+          checkpoint_dir: Path, metrics_dir: Path, progress: bool = True,
+          on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+    """Train, write the model, metrics and checkpoints; return the summary (as in train.json) plus
+    ``history``, the list of per-epoch metric dicts.
+
+    ``on_epoch(epoch, metrics)`` is called once per epoch in order, 1-based, with the epoch's row of
+    train_epochs.csv plus ``best_validation_accuracy``, ``best_epoch`` and ``resumed`` (True for
+    epochs restored from a checkpoint rather than trained in this call), so a logger sees the full
+    curve of a resumed run.
+    """
+    prepared_dir, model_dir, checkpoint_dir, metrics_dir = map(Path, (prepared_dir, model_dir, checkpoint_dir, metrics_dir))
+    source = prepared_dir if config.dataset == "prepared" else expanded_dir
+    if source is None:
+        raise PipelineError("train.dataset is expanded but no expanded data directory was given")
+    train_path, validation_path = Path(source) / "train.npz", prepared_dir / "validation.npz"
+    images, labels = load_split(train_path)
+    val_images, val_labels = load_split(validation_path)
+    bs = config.batch_size
+    n_batches = len(images) // bs  # as the book, a last partial mini-batch is left out
+    if n_batches == 0:
+        raise PipelineError(f"{train_path} has {len(images)} images, fewer than train.batch_size={bs}")
+
+    backend = Backend(config.engine, config.device)
+    network = build(config.layers(), rng=np.random.default_rng([config.seed, 0]), init=config.init)
+    trainer = Trainer(network, backend, batch_size=bs, cost=config.cost, lmbda=config.lmbda,
+                      num_training_batches=n_batches, momentum=config.momentum)
+    log.info("training %s (%d parameters) on %d %s images, %s", config.architecture if isinstance(config.architecture, str)
+             else "a custom network", network.count_params(), len(images), config.dataset, backend)
+
+    checkpoint_path = checkpoint_dir / CHECKPOINT_FILE
+    expected = fingerprint(config, train_path, validation_path)
+    restored = load_checkpoint(checkpoint_path, expected, config.epochs)
+    best_values = None
+    if restored:
+        state, params, best_values, velocities = restored
+        network.set_values(params)
+        trainer.set_velocity_values(velocities)
+        state["resumed_from_epoch"] = state["epochs_done"]
+        log.info("resuming after epoch %d from %s", state["epochs_done"], checkpoint_path)
+    else:
+        state = {"fingerprint": expected, "epochs_done": 0, "history": [], "best_accuracy": None, "best_epoch": None,
+                 "improved_epoch": None, "stopped": "running", "resumed_from_epoch": 0}
+    for row in state["history"]:
+        _notify(on_epoch, row, state, resumed=True)
+
+    n_used = n_batches * bs
+    diverged = None
+    for epoch in range(state["epochs_done"] + 1, config.epochs + 1):
+        patience = config.early_stopping_patience
+        if patience and state["improved_epoch"] and epoch - 1 - state["improved_epoch"] >= patience:
+            state["stopped"] = "early_stopping"
+            log.info("stopping early: no better validation accuracy in the %d epochs after epoch %d", patience,
+                     state["improved_epoch"])
+            break
+        eta = config.eta_at(epoch)
+        start = time.perf_counter()
+        cost_sum, diverged = _train_epoch(config, trainer, images, labels, epoch, n_batches, eta, progress)
+        seconds = time.perf_counter() - start
+        if diverged:
+            break
+        accuracy = trainer.accuracy(val_images, val_labels)
+        row = {"epoch": epoch, "train_cost": cost_sum / n_batches, "validation_accuracy": accuracy,
+               "seconds": round(seconds, 3), "images_per_second": round(n_used / seconds, 1), "eta": eta}
+        state["history"].append(row)
+        if state["best_accuracy"] is None or accuracy > state["best_accuracy"]:
+            state["improved_epoch"] = epoch  # early stopping waits for a strict improvement
+        if state["best_accuracy"] is None or accuracy >= state["best_accuracy"]:
+            state["best_accuracy"], state["best_epoch"] = accuracy, epoch  # a tie moves to the later epoch, as the book
+            best_values = network.get_values()
+        state["epochs_done"] = epoch
+        save_checkpoint(checkpoint_path, state, network.get_values(), best_values, trainer.velocity_values())
+        log.info("epoch %d/%d: train cost %.4f, validation accuracy %.2f%% (best %.2f%% at epoch %d), %.1f s, "
+                 "%.0f images/s", epoch, config.epochs, row["train_cost"], 100 * accuracy,
+                 100 * state["best_accuracy"], state["best_epoch"], seconds, n_used / seconds)
+        _notify(on_epoch, row, state, resumed=False)
+    else:
+        state["stopped"] = "completed"
+    if diverged:
+        state["stopped"] = "diverged"
+
+    summary = _summary(config, state, n_used, network.count_params(), backend)
+    write_bytes(metrics_dir / EPOCHS_FILE, epochs_csv(state["history"]))
+    write_json(metrics_dir / SUMMARY_FILE, summary)
+    if best_values is not None:
+        save_model(model_dir, network, best_values, cost=config.cost,
+                   metadata={"best_epoch": state["best_epoch"],
+                             "best_validation_accuracy": state["best_accuracy"],
+                             "train": dataclasses.asdict(config)})
+    if diverged:
+        kept = (f"the model of epoch {state['best_epoch']} (validation accuracy {100 * state['best_accuracy']:.2f}%) "
+                f"was written to {model_dir}" if best_values is not None else "no epoch finished, so no model was written")
+        raise TrainingDiverged(f"epoch {diverged}: the training cost became NaN or infinite; {kept}. "
+                               f"Try a smaller train.eta (now {config.eta}).")
+    return {**summary, "history": state["history"]}
+
+
+def _notify(on_epoch, row: dict, state: dict, *, resumed: bool) -> None:
+    if on_epoch is None:
+        return
+    so_far = state["history"][: state["history"].index(row) + 1]
+    best_row = max(reversed(so_far), key=lambda r: r["validation_accuracy"])  # ties: the later epoch
+    on_epoch(row["epoch"], {**row, "best_validation_accuracy": best_row["validation_accuracy"],
+                            "best_epoch": best_row["epoch"], "resumed": resumed})
+
+
+def _train_epoch(config: TrainConfig, trainer: Trainer, images, labels, epoch: int, n_batches: int, eta: float,
+                 progress: bool) -> tuple[float, int | None]:
+    """One epoch in calls of ``steps_per_call`` mini-batches; returns (sum of step costs, epoch if diverged)."""
+    bs = config.batch_size
+    order = (np.random.default_rng([config.seed, 1, epoch]).permutation(len(images)) if config.shuffle
+             else np.arange(len(images)))
+    # one generator per dropout layer, drawn in step order, so the masks do not depend on steps_per_call
+    dropout = [(np.random.default_rng([config.seed, 2, epoch, i]), trainer.network.layers[i].p_dropout,
+                trainer.network.layers[i].n_in) for i in trainer.network.dropout_layers]
+    cost_sum = 0.0
+    bar = tqdm(total=n_batches * bs, unit="img", unit_scale=True, desc=f"epoch {epoch}/{config.epochs}",
+               disable=not progress, file=sys.stderr, leave=False)
+    with bar:
+        for first in range(0, n_batches, config.steps_per_call):
+            steps = min(config.steps_per_call, n_batches - first)
+            index = order[first * bs : (first + steps) * bs]
+            x = images[index].reshape(steps, bs, -1)  # (K, bs, 784) uint8
+            y = labels[index].reshape(steps, bs)
+            # keep each input with probability 1 - p, as the book's binomial(n=1, p=1-p_dropout)
+            keeps = [(rng.random((steps, bs, n_in), dtype=np.float32) >= p).astype(np.uint8)
+                     for rng, p, n_in in dropout]
+            costs = trainer.train_steps(x, y, keeps, eta)
+            if not np.all(np.isfinite(costs)):
+                return cost_sum, epoch
+            cost_sum += float(np.sum(costs, dtype=np.float64))
+            bar.update(steps * bs)
+            bar.set_postfix(cost=f"{cost_sum / (first + steps):.4f}")
+    return cost_sum, None
+
+
+def main(argv=None) -> int:
+    parser = cli.stage_parser("train", __doc__)
+    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"), help="prepared data directory")
+    parser.add_argument("--expanded", type=Path, default=Path("data/expanded"), help="expanded data directory")
+    parser.add_argument("--model", type=Path, default=Path("data/model"), help="output directory for the model")
+    parser.add_argument("--checkpoints", type=Path, default=Path("data/checkpoints/train"), help="checkpoint directory")
+    parser.add_argument("--metrics", type=Path, default=Path("data/metrics"), help="directory for train.json and train_epochs.csv")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def run(args):
+        config = load_config(TrainConfig, "train", args.params)
+        summary = train(config=config, prepared_dir=args.prepared, expanded_dir=args.expanded, model_dir=args.model,
+                        checkpoint_dir=args.checkpoints, metrics_dir=args.metrics, progress=not args.no_progress)
+        print(f"best validation accuracy {100 * summary['best_validation_accuracy']:.2f}% at epoch "
+              f"{summary['best_epoch']} of {summary['epochs_run']} ({summary['stopped']}); "
+              f"{summary['images_per_second']} images/s")
+
+    return cli.run(run, parser, argv)

@@ -1,0 +1,56 @@
+"""Architectures from params: presets build, and bad layer lists are refused naming key and value."""
+
+import numpy as np
+import pytest
+
+from pipeline.architecture import BOOK_SETTINGS, PRESETS, build, resolve
+from pipeline.config import ConfigError
+
+
+def n_params(layers):
+    return build(resolve(layers), rng=np.random.default_rng(0)).count_params()
+
+
+def test_every_preset_resolves_builds_and_has_book_settings():
+    assert set(PRESETS) == set(BOOK_SETTINGS)
+    for name in PRESETS:
+        net = build(resolve(name), rng=np.random.default_rng(0))
+        assert net.n_in == 784 and net.n_out == 10, name
+        net.check_cost(BOOK_SETTINGS[name]["cost"])
+
+
+def test_preset_sizes_match_the_book():
+    # conv 20x(1x5x5)+20, conv 40x(20x5x5)+40, FC 640x100+100, softmax 100x10+10
+    assert n_params("conv2_relu") == 520 + 20040 + 64100 + 1010
+    assert n_params("shallow") == 784 * 100 + 100 + 1010
+    assert n_params("chapter1") == 784 * 30 + 30 + 30 * 10 + 10
+    dropout = build(resolve("conv2_relu_dropout"), rng=np.random.default_rng(0))
+    assert [layer.p_dropout for layer in dropout.layers] == [0, 0, 0.5, 0.5, 0.5]
+    assert dropout.dropout_layers == [2, 3, 4]
+
+
+def test_a_layer_list_gets_defaults():
+    layers = resolve([{"type": "fully_connected", "n_in": 784, "n_out": 10}])
+    assert layers == [{"type": "fully_connected", "n_in": 784, "n_out": 10, "activation": "sigmoid", "p_dropout": 0.0}]
+
+
+@pytest.mark.parametrize("layers, message", [
+    ([{"type": "fully_connected", "n_in": 784, "n_out": 100}, {"type": "softmax", "n_in": 30}],
+     r"Got train.architecture\[1\].n_in=30: train.architecture\[0\] \(fully_connected\) outputs 100 values"),
+    ([{"type": "conv_pool", "input": [1, 28, 28], "filters": 20},
+      {"type": "conv_pool", "input": [20, 14, 14], "filters": 40}],
+     r"Got train.architecture\[1\].input=\[20, 14, 14\]: train.architecture\[0\] \(conv_pool\) outputs \[20, 12, 12\]"),
+    ([{"type": "fully_connected", "n_in": 100, "n_out": 10}], r"n_in=100: the input image outputs 784 values"),
+    ([{"type": "fully_connected", "n_in": 784, "n_out": 30}], r"must have n_out=10"),
+    ([{"type": "dense", "n_in": 784}], r"Got train.architecture\[0\].type='dense'"),
+    ([{"type": "softmax", "n_in": 784, "size": 3}], r"unknown key train.architecture\[0\].size \(value 3\)"),
+    ([{"type": "softmax"}], r"train.architecture\[0\] \(softmax\) is missing the required key 'n_in'"),
+    ([{"type": "fully_connected", "n_in": 784, "n_out": 10, "activation": "elu"}], r"activation='elu'"),
+    ([{"type": "softmax", "n_in": 784, "p_dropout": 1.5}], r"p_dropout=1.5"),
+    ([{"type": "softmax", "n_in": "784"}], r"n_in='784': expected a positive integer"),
+    ("conv3", r"Got train.architecture='conv3': not a preset"),
+    ([], r"expected a preset name or a non-empty list"),
+])
+def test_bad_architectures_are_refused(layers, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(layers)

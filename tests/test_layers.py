@@ -1,0 +1,163 @@
+"""Layers and the graph convolution against plain NumPy references (outputs and gradients)."""
+
+import numpy as np
+import pytensor.tensor as pt
+import pytest
+
+from pipeline.backend import Backend
+from pipeline.convolution import conv2d_valid, max_pool
+from pipeline.layers import ConvPool, FullyConnected, Softmax
+
+JAX = Backend("jax")
+
+
+def np_conv(x, w):
+    """Direct loops: x (N,H,W,C), w (kh,kw,C,F) -> (N,H-kh+1,W-kw+1,F)."""
+    kh, kw, _, f = w.shape
+    n, h, wd, _ = x.shape
+    out = np.zeros((n, h - kh + 1, wd - kw + 1, f))
+    for i in range(h - kh + 1):
+        for j in range(wd - kw + 1):
+            out[:, i, j, :] = np.einsum("nabc,abcf->nf", x[:, i : i + kh, j : j + kw, :], w)
+    return out
+
+
+def np_pool(x, s):
+    n, h, w, c = x.shape
+    oh, ow = h // s, w // s
+    out = np.full((n, oh, ow, c), -np.inf)
+    for a in range(s):
+        for b in range(s):
+            out = np.maximum(out, x[:, a : oh * s : s, b : ow * s : s, :][:, :oh, :ow])
+    return out
+
+
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def test_conv2d_valid_matches_direct_loops(rng):
+    x_val = rng.normal(size=(3, 7, 6, 2)).astype(np.float32)
+    w_val = rng.normal(size=(3, 2, 2, 4)).astype(np.float32)
+    x = pt.tensor("x", dtype="float32", shape=(None, 7, 6, 2))
+    w = pt.tensor("w", dtype="float32", shape=(3, 2, 2, 4))
+    (y,) = JAX.function([x, w], [conv2d_valid(x, w)])(x_val, w_val)
+    np.testing.assert_allclose(y, np_conv(x_val, w_val), rtol=1e-5, atol=1e-5)
+
+
+def test_conv2d_gradients_match_numpy(rng):
+    x_val = rng.normal(size=(2, 6, 5, 3)).astype(np.float32)
+    w_val = rng.normal(size=(3, 2, 3, 4)).astype(np.float32)
+    g_val = rng.normal(size=(2, 4, 4, 4)).astype(np.float32)  # d loss / d output
+    x = pt.tensor("x", dtype="float32", shape=(2, 6, 5, 3))  # JAX needs a static batch to reshape gradients
+    w = pt.tensor("w", dtype="float32", shape=(3, 2, 3, 4))
+    loss = pt.sum(conv2d_valid(x, w) * g_val)
+    gx, gw = JAX.function([x, w], pt.grad(loss, [x, w]))(x_val, w_val)
+    # d/dw[a,b,c,f] = sum_{n,i,j} x[n,i+a,j+b,c] g[n,i,j,f];  d/dx scatters g back through every window
+    ref_gw = np.zeros_like(w_val)
+    ref_gx = np.zeros_like(x_val)
+    for a in range(3):
+        for b in range(2):
+            window = x_val[:, a : a + 4, b : b + 4, :]
+            ref_gw[a, b] = np.einsum("nijc,nijf->cf", window, g_val)
+            ref_gx[:, a : a + 4, b : b + 4, :] += np.einsum("nijf,cf->nijc", g_val, w_val[a, b])
+    np.testing.assert_allclose(gw, ref_gw, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gx, ref_gx, rtol=1e-4, atol=1e-4)
+
+
+def test_max_pool_matches_numpy_and_drops_the_border(rng):
+    x_val = rng.normal(size=(2, 5, 7, 3)).astype(np.float32)  # 5x7 -> 2x3, last row/column dropped
+    x = pt.tensor("x", dtype="float32", shape=(None, 5, 7, 3))
+    (y,) = JAX.function([x], [max_pool(x, 2)])(x_val)
+    assert y.shape == (2, 2, 3, 3)
+    np.testing.assert_allclose(y, np_pool(x_val, 2))
+
+
+def test_max_pool_gradient_goes_to_the_maximum_of_each_window(rng):
+    x_val = rng.normal(size=(1, 4, 4, 2)).astype(np.float32)
+    x = pt.tensor("x", dtype="float32", shape=(1, 4, 4, 2))
+    (gx,) = JAX.function([x], [pt.grad(pt.sum(max_pool(x, 2)), x)])(x_val)
+    is_max = x_val == np.repeat(np.repeat(np_pool(x_val, 2), 2, axis=1), 2, axis=2)
+    np.testing.assert_array_equal(gx, is_max.astype(np.float32))
+
+
+@pytest.mark.parametrize("activation, fn", [("sigmoid", sigmoid), ("tanh", np.tanh),
+                                            ("relu", lambda z: np.maximum(z, 0)), ("linear", lambda z: z)])
+def test_conv_pool_layer_is_conv_then_pool_then_bias_and_activation(rng, activation, fn):
+    layer = ConvPool((2, 9, 9), filters=3, kernel=4, pool=2, activation=activation, rng=rng)
+    assert layer.output_shape == (3, 3, 3) and layer.n_out == 27
+    x_val = rng.normal(size=(4, 2 * 9 * 9)).astype(np.float32)  # flat input, reshaped channels-last
+    x = pt.matrix("x", dtype="float32")
+    (y,) = JAX.function([x], [layer.output(x)])(x_val)
+    ref = fn(np_pool(np_conv(x_val.reshape(4, 9, 9, 2), layer.w.get_value()), 2) + layer.b.get_value())
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_softmax_layer_rows_are_probabilities(rng):
+    layer = Softmax(5, 4)
+    layer.w.set_value(rng.normal(size=(5, 4)).astype(np.float32))
+    layer.b.set_value(rng.normal(size=4).astype(np.float32))
+    x_val = rng.normal(size=(3, 5)).astype(np.float32)
+    x = pt.matrix("x", dtype="float32")
+    (p,) = JAX.function([x], [layer.output(x)])(x_val)
+    z = x_val @ layer.w.get_value() + layer.b.get_value()
+    ref = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(p, ref, rtol=1e-5)
+
+
+def test_dropout_keeps_masked_inputs_in_training_and_scales_at_inference(rng):
+    layer = FullyConnected(6, 3, "sigmoid", p_dropout=0.25, rng=rng)
+    w, b = layer.w.get_value(), layer.b.get_value()
+    x_val = rng.normal(size=(4, 6)).astype(np.float32)
+    keep_val = (rng.random((4, 6)) > 0.25).astype(np.float32)
+    x, keep = pt.matrix("x", dtype="float32"), pt.matrix("keep", dtype="float32")
+    f = JAX.function([x, keep], [layer.output(x, deterministic=True), layer.output(x, deterministic=False, keep=keep)])
+    inference, training = f(x_val, keep_val)
+    np.testing.assert_allclose(inference, sigmoid(0.75 * (x_val @ w) + b), rtol=1e-5)
+    np.testing.assert_allclose(training, sigmoid((x_val * keep_val) @ w + b), rtol=1e-5)
+    with pytest.raises(ValueError, match="keep mask"):
+        layer.output(x, deterministic=False)
+
+
+@pytest.mark.parametrize("init, fan", [("book", 400), ("corrected", 200)])
+def test_initialisation_scales(init, fan):
+    rng = np.random.default_rng(1)
+    fc = FullyConnected(200, 400, rng=rng, init=init)
+    assert fc.w.get_value().std() == pytest.approx(np.sqrt(1 / fan), rel=0.02)
+    assert fc.b.get_value().std() == pytest.approx(1.0, rel=0.2)
+    conv = ConvPool((3, 28, 28), filters=50, kernel=5, pool=2, rng=rng, init=init)
+    conv_fan = 50 * 25 / 4 if init == "book" else 3 * 25
+    assert conv.w.get_value().std() == pytest.approx(np.sqrt(1 / conv_fan), rel=0.05)
+    assert not Softmax(10, 4).w.get_value().any()
+
+
+def test_bad_layer_arguments_are_refused(rng):
+    with pytest.raises(ValueError, match="activation"):
+        FullyConnected(3, 2, "swish", rng=rng)
+    with pytest.raises(ValueError, match="p_dropout"):
+        FullyConnected(3, 2, p_dropout=1.0, rng=rng)
+    with pytest.raises(ValueError, match="init"):
+        FullyConnected(3, 2, rng=rng, init="xavier")
+    with pytest.raises(ValueError, match="do not fit"):
+        ConvPool((1, 4, 4), filters=2, kernel=5, rng=rng)
+
+
+def test_the_benchmarks_lax_convolution_op_agrees_with_the_graph_form(rng):
+    from pipeline.benchmarks.conv_lax import conv2d_lax
+
+    x_val = rng.normal(size=(2, 7, 6, 3)).astype(np.float32)
+    w_val = rng.normal(size=(3, 2, 3, 4)).astype(np.float32)
+    g_val = rng.normal(size=(2, 5, 5, 4)).astype(np.float32)
+    x = pt.tensor("x", dtype="float32", shape=(2, 7, 6, 3))
+    w = pt.tensor("w", dtype="float32", shape=(3, 2, 3, 4))
+    outs = []
+    for conv in (conv2d_valid, conv2d_lax):
+        y = conv(x, w)
+        outs.append(JAX.function([x, w], [y, *pt.grad(pt.sum(y * g_val), [x, w])])(x_val, w_val))
+    for graph, lax in zip(*outs):
+        np.testing.assert_allclose(lax, graph, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,86 @@
+"""Saving a model without pickle, loading it, and the predict / predict_proba API."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.architecture import build, resolve
+from pipeline.config import PipelineError
+from pipeline.model_io import load_model, save_model
+
+LAYERS = [
+    {"type": "conv_pool", "input": [1, 28, 28], "filters": 3, "kernel": 5, "pool": 4, "activation": "tanh"},
+    {"type": "fully_connected", "n_in": 108, "n_out": 12, "activation": "sigmoid", "p_dropout": 0.5},
+    {"type": "softmax", "n_in": 12, "n_out": 10},
+]
+
+
+def np_probabilities(net, images):
+    """An independent NumPy forward pass of LAYERS (channels-last, inference-time dropout scaling)."""
+    conv, fc, soft = [[p.get_value() for p in layer.params] for layer in net.layers]
+    x = images.reshape(-1, 28, 28, 1).astype(np.float64) / 255
+    w, b = conv
+    y = np.zeros((len(x), 24, 24, 3))
+    for i in range(5):
+        for j in range(5):
+            y += np.einsum("nhwc,cf->nhwf", x[:, i : i + 24, j : j + 24, :], w[i, j])
+    y = y.reshape(len(x), 6, 4, 6, 4, 3).max(axis=(2, 4))
+    h = np.tanh(y + b).reshape(len(x), -1)
+    h = 1 / (1 + np.exp(-(0.5 * h @ fc[0] + fc[1])))
+    z = h @ soft[0] + soft[1]
+    return np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    rng = np.random.default_rng(4)
+    net = build(resolve(LAYERS), rng=rng)
+    net.layers[-1].w.set_value(rng.normal(size=(12, 10)).astype(np.float32))
+    model_dir = tmp_path_factory.mktemp("model")
+    save_model(model_dir, net, metadata={"note": "test"})
+    return net, model_dir
+
+
+def test_files_are_plain_npz_and_json(saved):
+    net, model_dir = saved
+    with np.load(model_dir / "model.npz", allow_pickle=False) as arrays:
+        assert sorted(arrays.files) == sorted(net.param_names())
+        assert all(arrays[name].dtype == np.float32 for name in arrays.files)
+    description = json.loads((model_dir / "architecture.json").read_text())
+    assert description["layers"] == resolve(LAYERS)
+    assert description["metadata"] == {"note": "test"}
+
+
+def test_loaded_model_predicts_like_a_numpy_forward_pass(saved):
+    net, model_dir = saved
+    model = load_model(model_dir)
+    images = np.random.default_rng(5).integers(0, 256, (501, 28, 28), dtype=np.uint8)  # 500 + 1: a padded batch
+    probabilities = model.predict_proba(images)
+    assert probabilities.shape == (501, 10) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities, np_probabilities(net, images), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(model.predict(images), probabilities.argmax(axis=1))
+
+
+def test_predict_takes_any_number_of_uint8_or_float_images(saved):
+    _, model_dir = saved
+    model = load_model(model_dir)
+    images = np.random.default_rng(6).integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    as_float = (images.astype(np.float32) / 255).reshape(7, 784)
+    np.testing.assert_allclose(model.predict_proba(as_float), model.predict_proba(images), rtol=1e-6)
+    assert model.predict(images[:1]).shape == (1,)
+    assert model.predict(images[:0]).shape == (0,)
+    with pytest.raises(PipelineError, match="images\\[None\\]"):
+        model.predict(images[0])
+    with pytest.raises(PipelineError, match=r"got \(3, 10\)"):
+        model.predict(np.zeros((3, 10)))
+
+
+def test_loading_a_missing_or_mismatched_model_is_a_clear_error(saved, tmp_path):
+    with pytest.raises(PipelineError, match="model.npz is missing"):
+        load_model(tmp_path)
+    _, model_dir = saved
+    (tmp_path / "architecture.json").write_text((model_dir / "architecture.json").read_text())
+    np.savez(tmp_path / "model.npz", other=np.zeros(3, np.float32))
+    with pytest.raises(PipelineError, match="no array named 'layer0.w'"):
+        load_model(tmp_path)

@@ -1,0 +1,121 @@
+"""Network costs, L2 term, predictions, shape checks, and a finite-difference gradient check."""
+
+import numpy as np
+import pytensor.tensor as pt
+import pytest
+
+from pipeline.backend import Backend
+from pipeline.layers import ConvPool, FullyConnected, Softmax
+from pipeline.network import Network
+
+JAX = Backend("jax")
+
+
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+def dense_net(rng, last="softmax"):
+    hidden = FullyConnected(6, 5, "tanh", rng=rng, name="h")
+    out = Softmax(5, 3, name="s") if last == "softmax" else FullyConnected(5, 3, "sigmoid", rng=rng, name="o")
+    out.w.set_value(rng.normal(size=(5, 3)).astype(np.float32))
+    return Network([hidden, out])
+
+
+def np_forward(net, x):
+    h = np.tanh(x @ net.layers[0].w.get_value() + net.layers[0].b.get_value())
+    return h @ net.layers[1].w.get_value() + net.layers[1].b.get_value()
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(3)
+    return rng, rng.normal(size=(8, 6)).astype(np.float32), rng.integers(0, 3, size=8).astype(np.uint8)
+
+
+def compile_cost(net, cost, lmbda=0.0, batches=1):
+    x, y = pt.matrix("x", dtype="float32"), pt.vector("y", dtype="uint8")
+    out = net.objective(x, y, cost=cost, lmbda=lmbda, num_training_batches=batches)
+    return JAX.function([x, y], [out])
+
+
+def test_log_likelihood_is_mean_negative_log_probability(data):
+    rng, x, y = data
+    net = dense_net(rng)
+    (c,) = compile_cost(net, "log-likelihood")(x, y)
+    z = np_forward(net, x)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    assert c == pytest.approx(-log_p[np.arange(8), y].mean(), rel=1e-5)
+
+
+def test_cross_entropy_and_quadratic_costs(data):
+    rng, x, y = data
+    net = dense_net(rng, last="sigmoid")
+    a = sigmoid(np_forward(net, x))
+    onehot = np.eye(3)[y]
+    (ce,) = compile_cost(net, "cross-entropy")(x, y)
+    (quad,) = compile_cost(net, "quadratic")(x, y)
+    assert ce == pytest.approx(np.mean(np.sum(-onehot * np.log(a) - (1 - onehot) * np.log(1 - a), axis=1)), rel=1e-5)
+    assert quad == pytest.approx(np.mean(0.5 * np.sum((a - onehot) ** 2, axis=1)), rel=1e-5)
+
+
+def test_l2_term_is_the_books_weights_only_formula(data):
+    rng, x, y = data
+    net = dense_net(rng)
+    (plain,) = compile_cost(net, "log-likelihood")(x, y)
+    (decayed,) = compile_cost(net, "log-likelihood", lmbda=0.7, batches=40)(x, y)
+    squares = sum(float((layer.w.get_value().astype(np.float64) ** 2).sum()) for layer in net.layers)  # no biases
+    assert decayed - plain == pytest.approx(0.5 * 0.7 * squares / 40, rel=1e-4)
+
+
+def test_predictions_and_accuracy(data):
+    rng, x, y = data
+    net = dense_net(rng)
+    xs, ys = pt.matrix("x", dtype="float32"), pt.vector("y", dtype="uint8")
+    pred, acc = JAX.function([xs, ys], [net.predictions(xs), net.accuracy(xs, ys)])(x, y)
+    np.testing.assert_array_equal(pred, np_forward(net, x).argmax(axis=1))
+    assert acc == pytest.approx(np.mean(pred == y))
+
+
+def test_costs_that_do_not_fit_the_output_layer_are_refused(data):
+    rng, _, _ = data
+    with pytest.raises(ValueError, match="needs a softmax output"):
+        dense_net(rng, last="sigmoid").check_cost("log-likelihood")
+    with pytest.raises(ValueError, match="needs a sigmoid"):
+        dense_net(rng).check_cost("cross-entropy")
+    with pytest.raises(ValueError, match="unknown cost"):
+        dense_net(rng).check_cost("hinge")
+
+
+def test_mismatched_layer_sizes_are_refused():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"layer 1 \(softmax\) takes 7 inputs but layer 0 \(fully_connected\) outputs 5"):
+        Network([FullyConnected(6, 5, rng=rng), Softmax(7, 3)])
+
+
+def test_gradients_match_finite_differences():
+    """Central differences in float64 around the float32 parameters of a small conv network."""
+    rng = np.random.default_rng(5)
+    net = Network([ConvPool((1, 6, 6), filters=2, kernel=3, pool=2, activation="tanh", rng=rng),
+                   FullyConnected(8, 4, "sigmoid", rng=rng), Softmax(4, 3)])
+    for layer in net.layers:  # away from zero so every parameter matters
+        layer.w.set_value(rng.normal(size=layer.w.type.shape).astype(np.float32))
+    x_val = rng.random((5, 36)).astype(np.float32)
+    y_val = rng.integers(0, 3, 5).astype(np.uint8)
+    x, y = pt.tensor("x", dtype="float32", shape=(5, 36)), pt.vector("y", dtype="uint8")
+    objective = net.objective(x, y, cost="log-likelihood", lmbda=0.3, num_training_batches=2)
+    f = JAX.function([x, y], [objective, *pt.grad(objective, net.params)])
+    _, *grads = f(x_val, y_val)
+    eps = 1e-2
+    for param, grad in zip(net.params, grads):
+        value = param.get_value()
+        for index in list(np.ndindex(value.shape))[:6]:
+            shifted = []
+            for sign in (1, -1):
+                moved = value.copy()
+                moved[index] += sign * eps
+                param.set_value(moved)
+                shifted.append(float(f(x_val, y_val)[0]))
+            param.set_value(value)
+            numeric = (shifted[0] - shifted[1]) / (2 * eps)
+            assert grad[index] == pytest.approx(numeric, rel=2e-2, abs=2e-3), (param.name, index)

@@ -1,0 +1,197 @@
+"""The train stage end to end on a small synthetic digit set: learning, files, determinism, resume
+(in process and after SIGKILL), divergence, early stopping and params validation."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import ConfigError, from_section
+from pipeline.files import load_npz
+from pipeline.model_io import load_model
+from pipeline.train import TrainConfig, TrainingDiverged, train
+from pipeline.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_NET = [
+    {"type": "conv_pool", "input": [1, 28, 28], "filters": 4, "kernel": 5, "pool": 4, "activation": "relu"},
+    {"type": "fully_connected", "n_in": 144, "n_out": 20, "activation": "relu", "p_dropout": 0.2},
+    {"type": "softmax", "n_in": 20, "n_out": 10, "p_dropout": 0.1},
+]
+
+
+def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ten fixed random blob patterns, one per class, each image noisy and shifted by up to 2 pixels."""
+    prototypes = (np.random.default_rng(99).random((10, 28, 28)) > 0.7) * 200.0
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = np.empty((n, 28, 28), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        shifted = np.roll(prototypes[label], rng.integers(-2, 3, 2), axis=(0, 1))
+        images[i] = np.clip(shifted + rng.normal(0, 40, (28, 28)), 0, 255)
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "prepared").mkdir()
+    for name, n, seed in [("train", 1000, 1), ("validation", 300, 2)]:
+        images, labels = synthetic_digits(n, seed)
+        np.savez(root / "prepared" / f"{name}.npz", images=images, labels=labels)
+    return root
+
+
+def config(**overrides) -> TrainConfig:
+    settings = dict(architecture=SMALL_NET, epochs=3, batch_size=10, eta=0.1, lmbda=0.1, seed=7, steps_per_call=40)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def run(tmp: Path, data_dir: Path, cfg: TrainConfig, **kwargs) -> dict:
+    return train(config=cfg, prepared_dir=data_dir / "prepared", model_dir=tmp / "model",
+                 checkpoint_dir=tmp / "checkpoints", metrics_dir=tmp / "metrics", progress=False, **kwargs)
+
+
+def weights(tmp: Path) -> dict:
+    return load_npz(tmp / "model" / "model.npz")
+
+
+def test_a_small_network_learns_and_the_stage_writes_its_files(tmp_path, data_dir):
+    summary = run(tmp_path, data_dir, config())
+    assert summary["best_validation_accuracy"] > 0.9  # chance is 0.1
+    assert summary["epochs_run"] == 3 and summary["stopped"] == "completed"
+    saved = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert saved == {k: v for k, v in summary.items() if k != "history"}
+    with open(tmp_path / "metrics" / "train_epochs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert set(rows[0]) == {"epoch", "train_cost", "validation_accuracy", "seconds", "images_per_second", "eta"}
+    assert float(rows[-1]["train_cost"]) < float(rows[0]["train_cost"])
+    best = max(rows[::-1], key=lambda r: float(r["validation_accuracy"]))
+    assert summary["best_epoch"] == int(best["epoch"])
+    # the saved model is the best epoch's and reproduces its validation accuracy
+    model = load_model(tmp_path / "model")
+    val = load_npz(data_dir / "prepared" / "validation.npz")
+    accuracy = np.mean(model.predict(val["images"]) == val["labels"])
+    assert accuracy == pytest.approx(summary["best_validation_accuracy"])
+    assert model.description["metadata"]["best_epoch"] == summary["best_epoch"]
+
+
+def test_same_seed_gives_identical_weights_whatever_the_steps_per_call(tmp_path, data_dir):
+    run(tmp_path / "a", data_dir, config(epochs=1))
+    run(tmp_path / "b", data_dir, config(epochs=1, steps_per_call=7))
+    run(tmp_path / "c", data_dir, config(epochs=1, seed=8))
+    a, b, c = weights(tmp_path / "a"), weights(tmp_path / "b"), weights(tmp_path / "c")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    assert any(not np.array_equal(a[name], c[name]) for name in a if name.endswith(".w"))
+
+
+def test_resuming_in_process_matches_an_uninterrupted_run_and_replays_epochs(tmp_path, data_dir):
+    straight = run(tmp_path / "straight", data_dir, config(epochs=3, momentum=0.5, lr_decay=0.9))
+    run(tmp_path / "resumed", data_dir, config(epochs=2, momentum=0.5, lr_decay=0.9))
+    seen = []
+    resumed = run(tmp_path / "resumed", data_dir, config(epochs=3, momentum=0.5, lr_decay=0.9),
+                  on_epoch=lambda epoch, metrics: seen.append((epoch, metrics["resumed"], metrics["best_epoch"])))
+    assert resumed["resumed_from_epoch"] == 2
+    assert [(e, r) for e, r, _ in seen] == [(1, True), (2, True), (3, False)]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in rows]
+    assert strip(resumed["history"]) == strip(straight["history"])
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_a_checkpoint_from_other_params_is_not_resumed(tmp_path, data_dir):
+    run(tmp_path, data_dir, config(epochs=1))
+    summary = run(tmp_path, data_dir, config(epochs=2, lmbda=0.2))
+    assert summary["resumed_from_epoch"] == 0 and summary["epochs_run"] == 2
+
+
+def test_resume_after_sigkill_ends_with_the_same_metrics(tmp_path, data_dir):
+    """Kill the stage process with SIGKILL just after its first checkpoint, rerun it, compare."""
+    epochs = 8
+    (tmp_path / "params.yaml").write_text(json.dumps({"train": {
+        "architecture": SMALL_NET, "epochs": epochs, "eta": 0.1, "lmbda": 0.1, "seed": 7, "steps_per_call": 40}}))
+    command = [sys.executable, "-m", "pipeline", "train", "--params", str(tmp_path / "params.yaml"),
+               "--prepared", str(data_dir / "prepared"), "--model", str(tmp_path / "killed" / "model"),
+               "--checkpoints", str(tmp_path / "killed" / "checkpoints"),
+               "--metrics", str(tmp_path / "killed" / "metrics"), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    checkpoint = tmp_path / "killed" / "checkpoints" / "checkpoint.npz"
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not checkpoint.exists() and process.poll() is None:
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    state = json.loads(str(load_npz(checkpoint)["__state__"]))
+    assert 1 <= state["epochs_done"] < epochs, "the kill should land mid-run"
+    assert not (tmp_path / "killed" / "metrics" / "train.json").exists()
+
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    resumed = json.loads((tmp_path / "killed" / "metrics" / "train.json").read_text())
+    assert resumed["resumed_from_epoch"] == state["epochs_done"]
+
+    straight = run(tmp_path / "straight", data_dir, config(epochs=epochs))
+    for key in ("best_validation_accuracy", "best_epoch", "epochs_run", "final_train_cost"):
+        assert resumed[key] == straight[key], key
+    a, b = weights(tmp_path / "killed"), weights(tmp_path / "straight")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_a_nan_cost_stops_with_the_epoch_and_keeps_the_best_model(tmp_path, data_dir, monkeypatch):
+    real_steps = Trainer.train_steps
+    calls = {"n": 0}
+
+    def poisoned_after_first_epoch(self, *args):
+        calls["n"] += 1
+        costs = real_steps(self, *args)
+        return costs * np.nan if calls["n"] > 3 else costs  # 100 batches = 3 calls of 40 steps per epoch
+
+    monkeypatch.setattr(Trainer, "train_steps", poisoned_after_first_epoch)
+    with pytest.raises(TrainingDiverged, match=r"epoch 2: the training cost became NaN.*model of epoch 1.*smaller train.eta"):
+        run(tmp_path, data_dir, config(epochs=3))
+    summary = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert summary["stopped"] == "diverged" and summary["epochs_run"] == 1
+    assert (tmp_path / "model" / "model.npz").exists()
+
+
+def test_a_huge_learning_rate_diverges_in_the_first_epoch_without_a_model(tmp_path, data_dir):
+    with pytest.raises(TrainingDiverged, match=r"epoch 1: .*no epoch finished.*now 1e\+30"):
+        run(tmp_path, data_dir, config(epochs=2, eta=1e30))
+    assert not (tmp_path / "model").exists()
+
+
+def test_early_stopping_waits_for_a_strict_improvement(tmp_path, data_dir):
+    summary = run(tmp_path, data_dir, config(epochs=6, eta=1e-12, early_stopping_patience=2))
+    assert summary["stopped"] == "early_stopping" and summary["epochs_run"] == 3
+    assert summary["best_epoch"] == 3  # ties move the best epoch later, as the book
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"dataset": "mnist"}, r"train.dataset='mnist'"),
+    ({"architecture": "chapter1"}, r"train.cost='log-likelihood'.*softmax output"),
+    ({"architecture": "conv2_relu", "cost": "quadratic", "epochs": 0}, r"train.epochs=0"),
+    ({"eta": 0}, r"train.eta=0.0"),
+    ({"engine": "c", "device": "gpu"}, r"train.device='gpu'.*engine: jax"),
+    ({"momentum": 1.0}, r"train.momentum=1.0"),
+    ({"lr_decay": 1.5}, r"train.lr_decay=1.5"),
+    ({"architecture": [{"type": "softmax", "n_in": 100}]}, r"train.architecture\[0\].n_in=100"),
+    ({"learning_rate": 0.1}, r"unknown key train.learning_rate"),
+])
+def test_bad_train_params_are_refused(section, message):
+    with pytest.raises(ConfigError, match=message):
+        from_section(TrainConfig, {"train": section}, "train", "params.yaml")
