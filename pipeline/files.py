@@ -7,6 +7,7 @@ crash or a kill never leaves half a file where a good one is expected.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -55,3 +56,11 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
     """Load every array of an .npz file into memory, never unpickling."""
     with np.load(path, allow_pickle=False) as data:
         return {name: data[name] for name in data.files}
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from pipeline.config import PipelineError, require
-from pipeline.files import write_json
+from pipeline.files import load_npz, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
 ENV_URI = "MLFLOW_TRACKING_URI"
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-RUN_FILE = "mlflow_run.json"  # saved beside the model: which run the evaluate stage continues
+RUN_FILE = "mlflow_run.json"  # beside the model: the run evaluate continues; beside checkpoints: the run a resume continues
 # SQLite waits this long for a lock held by another writer (two queue workers) before failing
 SQLITE_TIMEOUT_S = 60
 LOCK_RETRIES = 8
@@ -186,9 +186,14 @@ class Run:
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
         retry_locked(lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path))
 
-    def log_input(self, dataset, context: str) -> None:
+    def log_dataset(self, path: Path, name: str, context: str) -> None:
+        """Record a data-format .npz as an MLflow dataset input, with the sha256 of the file as digest."""
+        import mlflow.data
         from mlflow.entities import DatasetInput, InputTag
 
+        arrays = load_npz(path)
+        dataset = mlflow.data.from_numpy(arrays["images"], targets=arrays["labels"], source=Path(path).resolve().as_uri(),
+                                         name=name, digest=sha256_file(path)[:32])
         entity = DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])
         retry_locked(lambda: self.client.log_inputs(self.run_id, datasets=[entity]))
 
@@ -290,6 +295,22 @@ def tracked_run(
         raise
     if finish:
         retry_locked(lambda: client.set_terminated(run_id, status="FINISHED"))
+
+
+def remember_run(checkpoint_dir: Path, run: Run, fingerprint: str) -> None:
+    """Note which run trains from this checkpoint directory, so a resumed training continues it."""
+    write_json(Path(checkpoint_dir) / RUN_FILE, {"run_id": run.run_id, "fingerprint": fingerprint,
+                                                 "tracking_uri": tracking_uri()})
+
+
+def resumable_run(checkpoint_dir: Path, fingerprint: str) -> str | None:
+    """The run to continue: the one that trained the checkpoint with these very params, in this store."""
+    path = Path(checkpoint_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    same = saved.get("fingerprint") == fingerprint and saved.get("tracking_uri") == tracking_uri()
+    return saved.get("run_id") if same else None
 
 
 def save_run_reference(model_dir: Path, run: Run | None) -> None:

@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -39,11 +40,11 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import cli
+from pipeline import cli, serving, tracking
 from pipeline.architecture import build, resolve
 from pipeline.backend import DEVICES, ENGINES, Backend
-from pipeline.config import ConfigError, PipelineError, load_config, require
-from pipeline.files import load_npz, save_npz, write_bytes, write_json
+from pipeline.config import ConfigError, PipelineError, from_section, load_params, require
+from pipeline.files import load_npz, save_npz, sha256_file, write_bytes, write_json
 from pipeline.layers import INITS
 from pipeline.model_io import save_model
 from pipeline.network import COSTS
@@ -132,14 +133,6 @@ def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if labels.shape != (len(images),) or labels.size and labels.max() > 9:
         raise PipelineError(f"{path}: labels must be N digits 0-9, got shape {labels.shape}")
     return images.reshape(len(images), 784), labels.astype(np.uint8, copy=False)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fingerprint(config: TrainConfig, train_path: Path, validation_path: Path) -> str:
@@ -352,6 +345,62 @@ def _train_epoch(config: TrainConfig, trainer: Trainer, images, labels, epoch: i
     return cost_sum, None
 
 
+def train_tracked(*, params: dict, source: str = "params.yaml", prepared_dir: Path, expanded_dir: Path | None,
+                  model_dir: Path, checkpoint_dir: Path, metrics_dir: Path, progress: bool = True) -> dict:
+    """:func:`train` inside an MLflow run (the ``tracking`` section of ``params``): every params.yaml
+    value, the resolved architecture, tags, the datasets, per-epoch metrics, the model (files and
+    pyfunc) and the metrics files. A run killed mid-way is continued by the resumed training."""
+    config = from_section(TrainConfig, params, "train", source=source)
+    tracking_config = from_section(tracking.TrackingConfig, params, "tracking", source=source)
+    prepared_dir, checkpoint_dir, model_dir = Path(prepared_dir), Path(checkpoint_dir), Path(model_dir)
+    data_dir = prepared_dir if config.dataset == "prepared" else Path(expanded_dir or "")
+    train_path, validation_path = data_dir / "train.npz", prepared_dir / "validation.npz"
+    for path in (train_path, validation_path):
+        if not path.is_file():
+            raise PipelineError(f"{path} not found (run the data stages first: dvc repro)")
+    # continue the interrupted run only when nothing in params.yaml changed (MLflow params are immutable)
+    flat = tracking.flatten(params)
+    run_key = hashlib.sha256((fingerprint(config, train_path, validation_path) + json.dumps(flat, sort_keys=True)).encode()).hexdigest()
+    resume_id = tracking.resumable_run(checkpoint_dir, run_key)
+    preset = config.architecture if isinstance(config.architecture, str) else "custom"
+    tags = {"engine": config.engine, "device": config.device, "preset": preset, "dataset": config.dataset,
+            "stage": "train"}
+    run_name = os.environ.get("DVC_EXP_NAME") or f"{preset}-{config.epochs}ep"
+
+    with tracking.tracked_run(tracking_config, run_name=run_name, resume_run_id=resume_id, tags=tags) as run:
+        if run is None:
+            return train(config=config, prepared_dir=prepared_dir, expanded_dir=expanded_dir, model_dir=model_dir,
+                         checkpoint_dir=checkpoint_dir, metrics_dir=metrics_dir, progress=progress)
+        tracking.remember_run(checkpoint_dir, run, run_key)
+        continuing = run.run_id == resume_id
+        if not continuing:
+            run.log_params(flat)
+            run.log_params({"architecture.resolved": json.dumps(config.layers())})
+            run.log_dataset(train_path, f"mnist-{config.dataset}-train", "training")
+            run.log_dataset(validation_path, "mnist-validation", "validation")
+
+        def log_epoch(epoch: int, metrics: dict) -> None:
+            if metrics["resumed"] and continuing:
+                return  # this run logged the epoch before it was interrupted
+            run.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "resumed")}, step=epoch)
+
+        try:
+            summary = train(config=config, prepared_dir=prepared_dir, expanded_dir=expanded_dir, model_dir=model_dir,
+                            checkpoint_dir=checkpoint_dir, metrics_dir=metrics_dir, progress=progress,
+                            on_epoch=log_epoch)
+        finally:  # a diverged run still wrote its best model and metrics: keep them with the run
+            for path in (Path(metrics_dir) / SUMMARY_FILE, Path(metrics_dir) / EPOCHS_FILE):
+                if path.is_file():
+                    run.log_artifact(path, "metrics")
+        tracking.save_run_reference(model_dir, run)
+        run.log_metrics({"final_best_validation_accuracy": summary["best_validation_accuracy"],
+                         "final_best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
+                         "peak_rss_mb": summary["peak_rss_mb"]})
+        run.log_artifacts(model_dir, "model_files")
+        serving.log_pyfunc(run, model_dir)
+    return summary
+
+
 def main(argv=None) -> int:
     parser = cli.stage_parser("train", __doc__)
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"), help="prepared data directory")
@@ -362,9 +411,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def run(args):
-        config = load_config(TrainConfig, "train", args.params)
-        summary = train(config=config, prepared_dir=args.prepared, expanded_dir=args.expanded, model_dir=args.model,
-                        checkpoint_dir=args.checkpoints, metrics_dir=args.metrics, progress=not args.no_progress)
+        summary = train_tracked(params=load_params(args.params), source=str(args.params), prepared_dir=args.prepared,
+                                expanded_dir=args.expanded, model_dir=args.model, checkpoint_dir=args.checkpoints,
+                                metrics_dir=args.metrics, progress=not args.no_progress)
         print(f"best validation accuracy {100 * summary['best_validation_accuracy']:.2f}% at epoch "
               f"{summary['best_epoch']} of {summary['epochs_run']} ({summary['stopped']}); "
               f"{summary['images_per_second']} images/s")
