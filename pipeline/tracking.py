@@ -174,6 +174,10 @@ class Run:
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         retry_locked(lambda: self.client.log_batch(self.run_id, metrics=items))
 
+    def logged_steps(self, metric: str) -> set[int]:
+        """The steps at which ``metric`` was already logged (a resumed run fills in only the gaps)."""
+        return {m.step for m in retry_locked(lambda: self.client.get_metric_history(self.run_id, metric))}
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 

@@ -373,15 +373,18 @@ def train_tracked(*, params: dict, source: str = "params.yaml", prepared_dir: Pa
                          checkpoint_dir=checkpoint_dir, metrics_dir=metrics_dir, progress=progress)
         tracking.remember_run(checkpoint_dir, run, run_key)
         continuing = run.run_id == resume_id
-        if not continuing:
+        if not continuing:  # MLflow refuses to log a param twice
             run.log_params(flat)
             run.log_params({"architecture.resolved": json.dumps(config.layers())})
             run.log_dataset(train_path, f"mnist-{config.dataset}-train", "training")
             run.log_dataset(validation_path, "mnist-validation", "validation")
 
+        # a run killed between its checkpoint and its MLflow call misses that epoch: fill in only the gaps
+        logged = run.logged_steps("validation_accuracy") if continuing else set()
+
         def log_epoch(epoch: int, metrics: dict) -> None:
-            if metrics["resumed"] and continuing:
-                return  # this run logged the epoch before it was interrupted
+            if epoch in logged:
+                return
             run.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "resumed")}, step=epoch)
 
         try:

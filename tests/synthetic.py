@@ -34,3 +34,22 @@ def write_mnist(directory: Path, n_train: int = 120, n_test: int = 30, seed: int
         write_idx(Path(directory) / labels_file, labels)
         arrays[f"{name}_images"], arrays[f"{name}_labels"] = images, labels
     return arrays
+
+
+def write_prepared(directory: Path, sizes: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """``train``/``validation``/``test`` .npz files in the prepared-data format, learnable in one epoch."""
+    sizes = sizes or {"train": 600, "validation": 200, "test": 200}
+    rng = np.random.default_rng(seed)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, count in sizes.items():
+        labels = rng.integers(0, 10, count).astype(np.uint8)
+        np.savez(directory / f"{name}.npz", images=digit_images(labels, rng), labels=labels)
+    return directory
+
+
+# a network that compiles and trains in seconds
+TINY_NET = [
+    {"type": "fully_connected", "n_in": 784, "n_out": 30, "activation": "sigmoid"},
+    {"type": "softmax", "n_in": 30, "n_out": 10},
+]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError, from_section
 from pipeline.files import load_npz
@@ -125,9 +126,12 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(tmp_path, data_dir):
                "--prepared", str(data_dir / "prepared"), "--model", str(tmp_path / "killed" / "model"),
                "--checkpoints", str(tmp_path / "killed" / "checkpoints"),
                "--metrics", str(tmp_path / "killed" / "metrics"), "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # the stage logs to the MLflow store at the root of its repository: make that tmp_path
+    (tmp_path / ".dvc").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    env["PYTHONPATH"] = str(REPO)
     checkpoint = tmp_path / "killed" / "checkpoints" / "checkpoint.npz"
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while not checkpoint.exists() and process.poll() is None:
             time.sleep(0.005)
@@ -139,10 +143,17 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(tmp_path, data_dir):
     assert 1 <= state["epochs_done"] < epochs, "the kill should land mid-run"
     assert not (tmp_path / "killed" / "metrics" / "train.json").exists()
 
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
     resumed = json.loads((tmp_path / "killed" / "metrics" / "train.json").read_text())
     assert resumed["resumed_from_epoch"] == state["epochs_done"]
+
+    # the resumed training continued the killed MLflow run: one run, every epoch once, finished
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (logged,) = client.search_runs([client.get_experiment_by_name("nndl-chapter6").experiment_id])
+    assert logged.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(logged.info.run_id, "validation_accuracy")]
+    assert sorted(steps) == list(range(1, epochs + 1))
 
     straight = run(tmp_path / "straight", data_dir, config(epochs=epochs))
     for key in ("best_validation_accuracy", "best_epoch", "epochs_run", "final_train_cost"):

@@ -1,0 +1,113 @@
+"""The train and evaluate stages together, tracked in a real MLflow SQLite store."""
+
+import csv
+import json
+
+import mlflow.pyfunc
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from synthetic import TINY_NET, write_prepared
+
+from pipeline import tracking
+from pipeline.evaluate import EvaluateConfig, evaluate
+from pipeline.files import load_npz
+from pipeline.model_io import load_model
+from pipeline.train import TrainingDiverged, train_tracked
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A repository-like directory: runs go to <project>/mlflow.db, as by default."""
+    (tmp_path / ".dvc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(name, raising=False)
+    write_prepared(tmp_path / "data" / "prepared")
+    return tmp_path
+
+
+def params(**train):
+    settings = {"architecture": TINY_NET, "epochs": 2, "eta": 0.5, "lmbda": 0.0, "seed": 3, "steps_per_call": 20}
+    settings.update(train)
+    return {"prepare": {"train_size": 600}, "train": settings, "tracking": {"experiment": "tests"}}
+
+
+def train_in(project, **train):
+    return train_tracked(params=params(**train), prepared_dir=project / "data/prepared", expanded_dir=None,
+                         model_dir=project / "data/model", checkpoint_dir=project / "data/checkpoints",
+                         metrics_dir=project / "data/metrics", progress=False)
+
+
+def client(project):
+    return MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+
+
+def test_train_and_evaluate_log_one_complete_run(project):
+    summary = train_in(project)
+    metrics = evaluate(config=EvaluateConfig(gallery_size=5), model_dir=project / "data/model",
+                       test_path=project / "data/prepared/test.npz", out_dir=project / "data/evaluate",
+                       metrics_path=project / "data/metrics/evaluate.json",
+                       tracking_config=tracking.TrackingConfig(experiment="tests"))
+
+    # the evaluation files agree with an independent count from the labels and the CSV
+    test = load_npz(project / "data/prepared/test.npz")
+    with open(project / "data/evaluate/predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    actual = np.array([int(r["actual"]) for r in rows])
+    predicted = np.array([int(r["predicted"]) for r in rows])
+    np.testing.assert_array_equal(actual, test["labels"])
+    np.testing.assert_array_equal(predicted, load_model(project / "data/model").predict(test["images"]))
+    assert metrics["test_accuracy"] == pytest.approx(np.mean(actual == predicted))
+    assert metrics["test_accuracy"] > 0.8  # chance is 0.1
+    for digit in range(10):
+        mine = actual == digit
+        assert metrics["per_class_accuracy"][str(digit)] == pytest.approx(np.mean(predicted[mine] == digit))
+    assert json.loads((project / "data/metrics/evaluate.json").read_text()) == metrics
+    for name in ("confusion.png", "misclassified.png"):
+        assert (project / "data/evaluate" / name).read_bytes()[:4] == b"\x89PNG"
+
+    # one run holds params, per-epoch metrics, test accuracy, tags and artifacts
+    mlflow_client = client(project)
+    (run,) = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.eta"] == "0.5" and run.data.params["prepare.train_size"] == "600"
+    assert json.loads(run.data.params["architecture.resolved"])[0]["n_out"] == 30
+    history = mlflow_client.get_metric_history(run.info.run_id, "validation_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    assert [m.value for m in history] == [row["validation_accuracy"] for row in summary["history"]]
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert run.data.metrics["final_best_validation_accuracy"] == summary["best_validation_accuracy"]
+    assert run.data.tags["engine"] == "jax" and run.data.tags["preset"] == "custom"
+    artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
+    assert {"model", "model_files", "metrics", "evaluation"} <= artifacts
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"mnist-prepared-train", "mnist-validation"}
+
+    # the pyfunc model, loaded back through MLflow (no pickle), predicts what the pipeline predicts
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    out = pyfunc.predict(test["images"][:50].astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(out["label"]), predicted[:50])
+    assert np.asarray(out["probabilities"]).shape == (50, 10)
+
+
+def test_a_diverged_training_is_marked_failed(project):
+    with pytest.raises(TrainingDiverged):
+        train_in(project, eta=1e30, architecture=[
+            {"type": "fully_connected", "n_in": 784, "n_out": 30, "activation": "linear"},
+            {"type": "softmax", "n_in": 30, "n_out": 10},
+        ])
+    mlflow_client = client(project)
+    (run,) = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "NaN" in run.data.tags["failure_reason"]
+
+
+def test_resumed_training_continues_the_same_run(project):
+    """A training stopped after epoch 1 and started again adds to its own run, not a new one."""
+    train_in(project, epochs=1)
+    first = client(project).search_runs([client(project).get_experiment_by_name("tests").experiment_id])
+    # the same params again: the checkpoint is complete, the run is reopened rather than duplicated
+    train_in(project, epochs=1)
+    runs = client(project).search_runs([client(project).get_experiment_by_name("tests").experiment_id])
+    assert [r.info.run_id for r in runs] == [first[0].info.run_id]
+    assert runs[0].info.status == "FINISHED"
