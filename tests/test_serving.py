@@ -1,0 +1,76 @@
+"""`mlflow models serve` answers predictions for 28x28 images from the logged pyfunc model."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from synthetic import TINY_NET, write_prepared
+
+from pipeline.files import load_npz
+from pipeline.model_io import load_model
+from pipeline.serving import as_images
+from pipeline.train import train_tracked
+
+
+def test_as_images_accepts_the_usual_shapes_and_scales():
+    image = np.arange(784, dtype=np.float64).reshape(28, 28) % 256
+    assert as_images(image).shape == (1, 28, 28)
+    assert as_images(image.reshape(1, 784)).shape == (1, 28, 28)
+    np.testing.assert_allclose(as_images([image])[0], image / 255, rtol=1e-6)
+    np.testing.assert_allclose(as_images(image[None] / 255)[0], image / 255, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"28x28 or 784 pixels, got an input of shape \(2, 30\)"):
+        as_images(np.zeros((2, 30)))
+
+
+def test_mlflow_models_serve_answers_predictions(tmp_path, monkeypatch):
+    (tmp_path / ".dvc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    prepared = write_prepared(tmp_path / "prepared")
+    params = {"train": {"architecture": TINY_NET, "epochs": 1, "eta": 0.5, "lmbda": 0.0, "steps_per_call": 20}}
+    train_tracked(params=params, prepared_dir=prepared, expanded_dir=None, model_dir=tmp_path / "model",
+                  checkpoint_dir=tmp_path / "checkpoints", metrics_dir=tmp_path / "metrics", progress=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("nndl-chapter6").experiment_id])
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run.info.run_id}/model",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow models serve exited"
+                assert time.monotonic() < deadline, "mlflow models serve did not start"
+                time.sleep(0.5)
+        test = load_npz(prepared / "test.npz")
+        body = json.dumps({"inputs": test["images"][:8].tolist()}).encode()  # 0-255 grey levels, 28x28
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    expected = load_model(tmp_path / "model").predict(test["images"][:8])
+    assert answer["label"] == expected.tolist()
+    probabilities = np.array(answer["probabilities"])
+    assert probabilities.shape == (8, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-5)
