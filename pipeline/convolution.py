@@ -1,5 +1,8 @@
 """Convolution and max-pooling written in the PyTensor graph (PyTensor has no CNN convolution Op).
 
+Used by the PyTensor engines (jax, c); theano-pymc has its own ``conv2d`` and ``pool_2d``, which the
+layers take instead (``pipeline.theano_engine``).
+
 Activations are channels-last, ``(batch, height, width, channels)``. A valid convolution is one
 matrix multiply: the ``kh*kw`` shifted windows of the input are concatenated along the channel axis
 ("im2col", built from plain slices), then multiplied by the filters reshaped to
@@ -13,7 +16,9 @@ flipped-kernel convolutions; with learned, randomly initialised filters the two 
 
 from __future__ import annotations
 
-import pytensor.tensor as pt
+from pipeline.backend import graph
+
+pt = graph.tensor
 
 
 def conv2d_valid(x, w):

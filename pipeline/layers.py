@@ -29,13 +29,17 @@ connected layer flattens whatever it gets to (N, n_in). Weight arrays are stored
 from __future__ import annotations
 
 import numpy as np
-import pytensor
-import pytensor.tensor as pt
 
-from pipeline.convolution import conv2d_valid, max_pool
+from pipeline import convolution
+from pipeline.backend import graph
+
+pt = graph.tensor  # pytensor.tensor or theano.tensor: the engine's environment decides (pipeline.backend)
+# The engine's own convolution and pooling where it has faster ones (theano-pymc), else the graph form.
+conv2d_valid = graph.conv2d_valid or convolution.conv2d_valid
+max_pool = graph.max_pool or convolution.max_pool
 
 ACTIVATIONS = {
-    "sigmoid": pt.sigmoid,
+    "sigmoid": graph.sigmoid,
     "tanh": pt.tanh,
     "relu": lambda z: pt.maximum(z, np.float32(0.0)),  # the book's ReLU: T.maximum(0.0, z)
     "linear": lambda z: z,
@@ -45,8 +49,7 @@ INITS = ("book", "corrected")
 
 def _shared(value: np.ndarray, name: str):
     """A float32 shared variable with a static shape (JAX compiles to fixed shapes)."""
-    value = np.asarray(value, dtype=np.float32)
-    return pytensor.shared(value, name=name, shape=value.shape)
+    return graph.shared(np.asarray(value, dtype=np.float32), name)
 
 
 def _normal(rng: np.random.Generator, shape, variance: float) -> np.ndarray:
@@ -129,7 +132,7 @@ class Softmax:
         return z + self.b
 
     def output(self, x, *, deterministic: bool = True, keep=None):
-        return pt.special.softmax(self.preactivation(x, deterministic=deterministic, keep=keep), axis=-1)
+        return graph.softmax(self.preactivation(x, deterministic=deterministic, keep=keep))
 
     def spec(self) -> dict:
         return {"type": self.kind, "n_in": self.n_in, "n_out": self.n_out, "p_dropout": self.p_dropout}

@@ -69,8 +69,9 @@ def _check_images(images: np.ndarray) -> np.ndarray:
     raise PipelineError(f"predict takes images of shape (N, 28, 28) or (N, 784), got {images.shape}")
 
 
-def load_model(model_dir: str | Path, *, engine: str = "jax", device: str = "cpu") -> Model:
-    """Rebuild a saved model for inference on ``engine``/``device``."""
+def load_model(model_dir: str | Path, *, engine: str | None = None, device: str = "cpu") -> Model:
+    """Rebuild a saved model for inference on ``engine``/``device`` (default: this environment's
+    default engine, jax, or theano-pymc in its own environment; the weights are the same on all)."""
     model_dir = Path(model_dir)
     weights, arch = model_dir / WEIGHTS_FILE, model_dir / ARCHITECTURE_FILE
     for path in (weights, arch):

@@ -19,10 +19,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import pytensor.tensor as pt
 
+from pipeline.backend import graph
 from pipeline.layers import ConvPool, FullyConnected, Softmax
 
+pt = graph.tensor  # pytensor.tensor or theano.tensor (pipeline.backend)
 COSTS = ("log-likelihood", "cross-entropy", "quadratic")
 
 
@@ -99,12 +100,12 @@ class Network:
         last = self.layers[-1]
         onehot = pt.eq(y.dimshuffle(0, "x"), pt.arange(self.n_out).dimshuffle("x", 0))  # (N, n_out) bool
         if cost == "log-likelihood":
-            log_p = pt.special.log_softmax(last.preactivation(h, deterministic=deterministic, keep=keep), axis=1)
+            log_p = graph.log_softmax(last.preactivation(h, deterministic=deterministic, keep=keep))
             per_example = -pt.sum(pt.switch(onehot, log_p, np.float32(0.0)), axis=1)
         elif cost == "cross-entropy":
             # -log(sigmoid(z)) = softplus(-z) and -log(1 - sigmoid(z)) = softplus(z): finite when saturated
             z = last.preactivation(h, deterministic=deterministic, keep=keep)
-            per_example = pt.sum(pt.switch(onehot, pt.softplus(-z), pt.softplus(z)), axis=1)
+            per_example = pt.sum(pt.switch(onehot, graph.softplus(-z), graph.softplus(z)), axis=1)
         else:
             a = last.output(h, deterministic=deterministic, keep=keep)
             per_example = np.float32(0.5) * pt.sum(pt.sqr(a - pt.cast(onehot, a.dtype)), axis=1)
@@ -131,8 +132,9 @@ class Network:
             raise ValueError(f"expected {len(self.params)} arrays, got {len(values)}")
         for p, v in zip(self.params, values):
             v = np.asarray(v, dtype=np.float32)
-            if v.shape != p.type.shape:
-                raise ValueError(f"parameter {p.name} has shape {p.type.shape}, got an array of shape {v.shape}")
+            shape = p.get_value(borrow=True).shape
+            if v.shape != shape:
+                raise ValueError(f"parameter {p.name} has shape {shape}, got an array of shape {v.shape}")
             p.set_value(v)
 
     def param_names(self) -> list[str]:
@@ -143,7 +145,7 @@ class Network:
         return [layer.spec() for layer in self.layers]
 
     def count_params(self) -> int:
-        return int(sum(np.prod(p.type.shape) for p in self.params))
+        return int(sum(p.get_value(borrow=True).size for p in self.params))
 
 
 __all__ = ["COSTS", "Network", "ConvPool", "FullyConnected", "Softmax"]

@@ -81,5 +81,9 @@ def log_pyfunc(run, model_dir: Path, artifact_path: str = "model") -> None:
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}" for name in ("numpy", "scipy", "pytensor", "jax", "jaxlib", "mlflow")]
+    from pipeline.backend import graph
+
+    # the environment that trained the model: PyTensor's, or theano-pymc's own (numpy 1.23)
+    engine = ("theano-pymc",) if graph.library == "theano-pymc" else ("pytensor", "jax", "jaxlib")
+    return [f"{name}=={version(name)}" for name in ("numpy", "scipy", *engine, "mlflow")]
 

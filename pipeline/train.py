@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from pipeline import cli, serving, tracking
 from pipeline.architecture import build, resolve
-from pipeline.backend import DEVICES, ENGINES, Backend
+from pipeline.backend import DEVICES, ENGINES, Backend, engine_unavailable
 from pipeline.config import ConfigError, PipelineError, from_section, load_params, require
 from pipeline.files import load_npz, save_npz, sha256_file, write_bytes, write_json
 from pipeline.layers import INITS
@@ -99,7 +99,9 @@ class TrainConfig:
         require(self.engine in ENGINES, "train.engine", self.engine, f"choose one of {', '.join(ENGINES)}")
         require(self.device in DEVICES, "train.device", self.device, f"choose one of {', '.join(DEVICES)}")
         require(self.device == "cpu" or self.engine == "jax", "train.device", self.device,
-                "a GPU needs train.engine: jax (the C engine runs on the CPU only)")
+                "a GPU needs train.engine: jax (the c and theano-pymc engines run on the CPU only)")
+        # an engine that this environment lacks (theano-pymc lives in its own) fails here, before any data is read
+        require(not engine_unavailable(self.engine), "train.engine", self.engine, engine_unavailable(self.engine))
         require(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1); 0 turns momentum off")
         require(0 < self.lr_decay <= 1, "train.lr_decay", self.lr_decay,
                 "eta is multiplied by this after every epoch; must be in (0, 1], 1 is off")

@@ -1,7 +1,7 @@
 """Compiled training and inference functions for one network on one backend.
 
 The book calls a compiled Theano function once per mini-batch of 10; at that size the per-call
-overhead costs more than the arithmetic. Here one call runs K SGD steps: a ``pytensor.scan`` over
+overhead costs more than the arithmetic. Here one call runs K SGD steps: a ``scan`` over
 K mini-batches carries the parameters (and momentum velocities) from step to step and writes them
 back to the shared variables at the end. Images travel as uint8 and become float32 in [0, 1] inside
 the graph, one mini-batch at a time, so a 250,000-image training set stays 196 MB of uint8.
@@ -15,13 +15,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import pytensor
-import pytensor.tensor as pt
-from pytensor.graph.replace import clone_replace
 
 from pipeline import sgd
-from pipeline.backend import Backend
+from pipeline.backend import Backend, graph
 from pipeline.network import Network
+
+pt = graph.tensor  # pytensor.tensor or theano.tensor (pipeline.backend)
 
 IMAGE_SCALE = np.float32(1.0 / 255.0)
 
@@ -47,7 +46,7 @@ class Trainer:
         self.num_training_batches, self.momentum = num_training_batches, momentum
         self.eval_batch_size = eval_batch_size
         self.velocities = [
-            pytensor.shared(np.zeros(p.type.shape, dtype=np.float32), name=f"{p.name}.velocity", shape=p.type.shape)
+            graph.shared(np.zeros_like(p.get_value(borrow=True)), f"{p.name}.velocity")
             for p in network.params
         ] if momentum else []
         self._train_fns: dict = {}
@@ -57,9 +56,9 @@ class Trainer:
     def _compile_train(self, steps: int | None):
         net, bs = self.network, self.batch_size
         n_params, n_drop = len(net.params), len(net.dropout_layers)
-        xs = pt.tensor("images", dtype="uint8", shape=(steps, bs, net.n_in))  # (K, bs, 784)
-        ys = pt.tensor("labels", dtype="uint8", shape=(steps, bs))  # (K, bs)
-        keeps = [pt.tensor(f"keep{i}", dtype="uint8", shape=(steps, bs, net.layers[i].n_in))
+        xs = graph.variable("images", "uint8", (steps, bs, net.n_in))  # (K, bs, 784)
+        ys = graph.variable("labels", "uint8", (steps, bs))  # (K, bs)
+        keeps = [graph.variable(f"keep{i}", "uint8", (steps, bs, net.layers[i].n_in))
                  for i in net.dropout_layers]  # (K, bs, n_in) each
         eta = pt.scalar("eta", dtype="float32")
 
@@ -70,17 +69,17 @@ class Trainer:
             masks = [pt.cast(k, "float32") for k in keep_now]
             objective = net.objective(x, y, cost=self.cost, lmbda=self.lmbda,
                                       num_training_batches=self.num_training_batches, keeps=masks)
-            grads = pt.grad(objective, net.params)
+            grads = graph.grad(objective, net.params)
             # The graph was built on the shared parameters; run it on this step's state instead.
-            objective, *grads = clone_replace([objective, *grads], replace=dict(zip(net.params, params_now)))
+            objective, *grads = graph.clone_replace([objective, *grads], replace=dict(zip(net.params, params_now)))
             if self.momentum:
                 updates = sgd.momentum(grads, params_now, velocities_now, eta_now, self.momentum)
             else:
                 updates = sgd.sgd(grads, params_now, eta_now)
             return [new for _, new in updates] + [objective]
 
-        outputs = pytensor.scan(step, sequences=[xs, ys, *keeps], outputs_info=[*net.params, *self.velocities, None],
-                                non_sequences=[eta], return_updates=False)
+        outputs = graph.scan(step, sequences=[xs, ys, *keeps], outputs_info=[*net.params, *self.velocities, None],
+                             non_sequences=[eta])
         finals = [out[-1] for out in outputs[:-1]]
         costs = outputs[-1]  # (K,)
         updates = list(zip([*net.params, *self.velocities], finals))
@@ -124,7 +123,7 @@ class Inference:
         Runs in fixed-size batches, the last one padded with zeros, so JAX compiles once.
         """
         if self._fn is None:
-            x = pt.tensor("x", dtype="float32", shape=(self.batch_size, self.network.n_in))
+            x = graph.variable("x", "float32", (self.batch_size, self.network.n_in))
             self._fn = self.backend.function([x], [self.network.output(x, deterministic=True)])
         n, batch = len(images), self.batch_size
         out = np.empty((n, self.network.n_out), dtype=np.float32)

@@ -1,10 +1,16 @@
-"""Benchmark training: the book's two-conv ReLU network on each PyTensor engine and on PyTorch.
+"""Benchmark training: the book's two-conv ReLU network on each engine and on PyTorch.
 
 Trains conv 20x5x5 + pool, conv 40x5x5 + pool, FC 100 (ReLU), softmax with SGD (eta 0.03, the
 book's L2 term) for a fixed number of mini-batches on random images, at each batch size, on the
-JAX and C engines and, when ``torch`` is installed, on PyTorch (CPU) with the identical network
-and batch size, all in one run; prints images per second and the ratios to PyTorch. Each figure is
-the best of ``--repeats`` timed calls after a warm-up call (compilation is not timed).
+JAX and C engines, on theano-pymc and, when ``torch`` is installed, on PyTorch (CPU) with the
+identical network and batch size, all in one run; prints images per second and the ratios to
+PyTorch. Each figure is the best of ``--repeats`` timed calls after a warm-up call (compilation is
+not timed).
+
+theano-pymc lives in its own environment (``pipeline.backend.THEANO_INSTALL``): run from the main
+environment, its column comes from a child process on ``.venv-theano/bin/python`` (or
+``--theano-python``) with the same arguments, and is left out, saying why, when that environment
+does not exist. Run from the theano-pymc environment, only that engine is timed.
 
 ``--conv-lax`` adds a JAX run whose convolutions are a custom Op lowered to
 ``jax.lax.conv_general_dilated`` instead of the im2col graph (``pipeline.convolution``), to show
@@ -14,8 +20,8 @@ why the graph form is the one used. ``--memory`` runs the train stage for one ep
 Goals (issue 3), on the 2-core machine: the default engine at least 1.5x PyTorch at batch sizes 10
 and 64; peak memory training on 250,000 images under 2 GB.
 
-    python -m pipeline.benchmarks.train [--steps 1000] [--batch-sizes 10 64] [--engines jax c]
-                                        [--repeats 3] [--conv-lax] [--memory]
+    python -m pipeline.benchmarks.train [--steps 1000] [--batch-sizes 10 64] [--engines jax c theano-pymc]
+                                        [--repeats 3] [--conv-lax] [--memory] [--theano-python PATH]
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.architecture import build, resolve
-from pipeline.backend import Backend
+from pipeline.backend import ENGINES, THEANO_ENV, Backend, engine_unavailable
 from pipeline.trainer import Trainer
 
 ETA, LMBDA, BATCHES_PER_EPOCH = 0.03, 0.1, 5000  # the book's ReLU run: 50,000 images in batches of 10
+REPO = Path(__file__).resolve().parents[2]
 
 
 def random_batches(steps: int, batch_size: int, seed: int = 0):
@@ -45,7 +52,7 @@ def random_batches(steps: int, batch_size: int, seed: int = 0):
     return images, labels
 
 
-def time_pytensor(engine: str, batch_size: int, steps: int, repeats: int) -> float:
+def time_engine(engine: str, batch_size: int, steps: int, repeats: int) -> float:
     network = build(resolve("conv2_relu"), rng=np.random.default_rng(0))
     trainer = Trainer(network, Backend(engine), batch_size=batch_size, lmbda=LMBDA,
                       num_training_batches=BATCHES_PER_EPOCH)
@@ -57,6 +64,15 @@ def time_pytensor(engine: str, batch_size: int, steps: int, repeats: int) -> flo
         trainer.train_steps(images, labels, [], ETA)
         best = min(best, time.perf_counter() - start)
     return steps * batch_size / best
+
+
+def time_in_theano_env(python: Path, batch_size: int, steps: int, repeats: int) -> float:
+    """theano-pymc's figure from a child process in its own environment (it cannot share this one)."""
+    command = [str(python), "-m", "pipeline.benchmarks.train", "--engines", "theano-pymc", "--json",
+               "--batch-sizes", str(batch_size), "--steps", str(steps), "--repeats", str(repeats)]
+    out = subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    return json.loads(out.splitlines()[-1])[str(batch_size)]["theano-pymc"]
 
 
 def time_torch(batch_size: int, steps: int, repeats: int) -> float:
@@ -97,7 +113,7 @@ def time_jax_lax_conv(batch_size: int, steps: int, repeats: int) -> float:
     original = layers.conv2d_valid
     layers.conv2d_valid = conv2d_lax
     try:
-        return time_pytensor("jax", batch_size, steps, repeats)
+        return time_engine("jax", batch_size, steps, repeats)
     finally:
         layers.conv2d_valid = original
 
@@ -129,39 +145,61 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1000, help="mini-batches per timed call (default 1000)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[10, 64])
-    parser.add_argument("--engines", nargs="+", default=["jax", "c"], choices=["jax", "c"])
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per figure; the best is kept")
     parser.add_argument("--conv-lax", action="store_true", help="also time JAX with a lax.conv convolution Op")
     parser.add_argument("--memory", action="store_true", help="peak RSS of one epoch of the train stage on 250,000 images")
+    parser.add_argument("--theano-python", type=Path, default=REPO / THEANO_ENV / "bin" / "python",
+                        help=f"the theano-pymc environment's python (default: {THEANO_ENV}/bin/python)")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # the child process's answer
     args = parser.parse_args(argv)
-    try:
-        import torch  # noqa: F401
+    engines = []
+    for engine in args.engines:
+        why = engine_unavailable(engine)
+        if not why or (engine == "theano-pymc" and args.theano_python.is_file()):  # the latter in a child process
+            engines.append(engine)
+        elif not args.json:
+            print(f"{engine} not timed: {why}" + (f" (no {args.theano_python})" if engine == "theano-pymc" else ""))
+    has_torch = False
+    if not args.json:
+        try:
+            import torch  # noqa: F401
 
-        has_torch = True
-    except ImportError:
-        has_torch = False
-        print("torch is not installed (pip install '.[bench]'): no PyTorch comparison")
-    print(f"two-conv ReLU network, {args.steps} mini-batches per call, best of {args.repeats}, "
-          f"{os.cpu_count()} CPUs")
+            has_torch = True
+        except ImportError:
+            print("torch is not installed (pip install '.[bench]'): no PyTorch comparison")
+        print(f"two-conv ReLU network, {args.steps} mini-batches per call, best of {args.repeats}, "
+              f"{os.cpu_count()} CPUs")
+    table = {}
     for bs in args.batch_sizes:
         steps = max(args.steps * 10 // bs, 20)  # about the same number of images at every batch size
+        if args.json:  # a child process: the parent already scaled the steps
+            steps = args.steps
         results = {}
-        for engine in args.engines:
-            results[f"pytensor-{engine}"] = time_pytensor(engine, bs, steps, args.repeats)
+        for engine in engines:
+            name = engine if engine == "theano-pymc" else f"pytensor-{engine}"
+            if engine_unavailable(engine):
+                results[name] = time_in_theano_env(args.theano_python, bs, steps, args.repeats)
+            else:
+                results[name] = time_engine(engine, bs, steps, args.repeats)
         if args.conv_lax:
             results["pytensor-jax (lax.conv Op)"] = time_jax_lax_conv(bs, steps, args.repeats)
         if has_torch:
             results["pytorch"] = time_torch(bs, steps, args.repeats)
+        table[str(bs)] = results
+        if args.json:
+            continue
         print(f"\nbatch size {bs} ({steps} mini-batches):")
         for name, rate in results.items():
             ratio = f"  {rate / results['pytorch']:.2f}x pytorch" if has_torch else ""
             print(f"  {name:<28} {rate:>9,.0f} images/s{ratio}")
+    if args.json:
+        print(json.dumps(table))
     if args.memory:
         summary = peak_memory_mb(250_000, 10)
         print(f"\ntrain stage, one epoch on 250,000 images: peak RSS {summary['peak_rss_mb']:.0f} MB "
               f"({summary['images_per_second']:,.0f} images/s, goal: under 2048 MB)")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
