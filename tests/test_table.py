@@ -1,0 +1,179 @@
+"""The chapter 6 table command in quick mode, end to end on small synthetic digits: every book row
+trains, the report has the book's figure and ours for each, the ensembles agree with a plain
+recomputation, the MLflow parent and child runs exist, and a second invocation trains nothing."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import table
+from pipeline.files import load_npz, save_npz
+from pipeline.model_io import load_model
+from synthetic import digit_images
+
+
+def write_set(path: Path, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    save_npz(path, images=digit_images(labels, rng), labels=labels)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("table-data")
+    for name, n, seed in [("prepared/train", 200, 1), ("prepared/validation", 60, 2), ("prepared/test", 60, 3),
+                          ("expanded/train", 200, 4)]:
+        write_set(root / f"{name}.npz", n, seed)
+    (root / "params.yaml").write_text("train:\n  engine: jax\n  device: cpu\n"
+                                      "tracking:\n  experiment: table-test\n  enabled: true\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(data, tmp_path_factory):
+    """The command line once, in quick mode with one repeat (row 8 still gets five seeds)."""
+    out = tmp_path_factory.mktemp("table")
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(out)  # the git tags are looked up in the working directory
+        code = table.main(["--quick", "--repeats", "1", "--params", str(data / "params.yaml"), "--prepared",
+                           str(data / "prepared"), "--expanded", str(data / "expanded"), "--out",
+                           str(out / "table"), "--no-progress"])
+    assert code == 0
+    return out, uri
+
+
+def markdown_rows(report: str) -> dict[str, list[str]]:
+    rows = [line.strip("|").split("|") for line in report.splitlines() if line.startswith("| ") and "---" not in line]
+    return {cells[0].strip(): [c.strip() for c in cells] for cells in rows[1:]}
+
+
+def test_every_book_row_trains_and_is_reported_beside_the_book(first_run):
+    out, _ = first_run
+    report = (out / "table" / "report.md").read_text()
+    assert "QUICK MODE: NOT a reproduction" in report.splitlines()[2]
+    rows = markdown_rows(report)
+    for row in table.ROWS:
+        cells = rows[row.key]
+        if row.book is not None:
+            assert cells[2] == f"{100 * row.book:.2f}%"
+        if row.key.startswith("best"):  # beyond the book and not asked for: listed, never filled in
+            assert cells[3] == "not run"
+            continue
+        assert re.fullmatch(r"\d+\.\d\d%( \(seed \d\))?", cells[3]), cells
+        assert cells[7] == "jax"
+    results = json.loads((out / "table" / "results.json").read_text())
+    lines = {line["row"]: line for line in results["lines"]}
+    assert results["quick"] is True
+    assert lines["1"]["n"] == 1 and lines["8"]["n"] == 5 and lines["9"]["members"] == [1, 2, 3, 4, 5]
+    assert (out / "table" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_figures_are_the_saved_models_test_accuracy_and_the_ensembles_votes(first_run, data):
+    out, _ = first_run
+    lines = {line["row"]: line for line in json.loads((out / "table" / "results.json").read_text())["lines"]}
+    test = load_npz(out / "table" / "quick-data" / "prepared" / "test.npz")
+    labels = test["labels"]
+    assert len(labels) == 60  # the quick subset keeps all of a set smaller than the subset size
+
+    predicted = load_model(out / "table" / "4" / "seed1" / "model").predict(test["images"])
+    assert lines["4"]["ours"] == pytest.approx(np.mean(predicted == labels))
+
+    probabilities = np.stack([load_npz(out / "table" / "8" / f"seed{k}" / "test_probabilities.npz")["probabilities"]
+                              for k in range(1, 6)]).astype(np.float64)  # (5, images, 10)
+    answers = probabilities.argmax(axis=2)
+    vote, average = [], []
+    for i in range(len(labels)):  # plain Python: most votes, ties to the most summed probability, then lowest
+        counts = [list(answers[:, i]).count(d) for d in range(10)]
+        tied = [d for d in range(10) if counts[d] == max(counts)]
+        vote.append(max(tied, key=lambda d: (probabilities[:, i, d].sum(), -d)))
+        average.append(int(np.argmax(probabilities[:, i].mean(axis=0))))
+    assert lines["9"]["ours"] == pytest.approx(np.mean(np.array(vote) == labels))
+    assert lines["9avg"]["ours"] == pytest.approx(np.mean(np.array(average) == labels))
+
+    seeds = lines["8"]["seeds"]
+    best = max(seeds[::-1], key=lambda s: s["best_validation_accuracy"])
+    assert lines["8"]["ours"] == best["test_accuracy"]
+    assert lines["8"]["mean"] == pytest.approx(np.mean([s["test_accuracy"] for s in seeds]))
+    assert lines["8"]["std"] == pytest.approx(np.std([s["test_accuracy"] for s in seeds], ddof=1))
+
+
+def test_mlflow_has_one_parent_run_with_a_child_per_training(first_run):
+    from mlflow.tracking import MlflowClient
+
+    out, uri = first_run
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("table-test")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.tags["table"] == "chapter6" and parent.data.params["quick"] == "True"
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"report.md", "report.png", "results.json"}
+
+    children = {(r.data.tags["row"], int(r.data.tags["seed"])): r for r in runs if r is not parent}
+    results = json.loads((out / "table" / "results.json").read_text())
+    expected = {(line["row"], s["seed"]): s for line in results["lines"] for s in line.get("seeds", [])}
+    assert set(children) == set(expected) and len(children) == len(runs) - 1 == 15  # 10 rows x 1 + row 8 x 5
+    for key, child in children.items():
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED"
+        assert child.data.metrics["test_accuracy"] == pytest.approx(expected[key]["test_accuracy"])
+
+
+def test_a_second_invocation_trains_nothing_and_an_interrupted_seed_resumes(first_run, data, monkeypatch):
+    out, uri = first_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(out)
+    report = (out / "table" / "report.md").read_bytes()
+    results = (out / "table" / "results.json").read_bytes()
+    kwargs = dict(rows=None, repeats=1, quick=True, prepared_dir=data / "prepared", expanded_dir=data / "expanded",
+                  out_dir=out / "table", tracking_config=table.tracking.TrackingConfig(experiment="table-test"),
+                  progress=False)
+
+    again = table.run_table(**kwargs)
+    assert again["trained"] == []
+    assert (out / "table" / "report.md").read_bytes() == report
+    assert (out / "table" / "results.json").read_bytes() == results
+
+    # killed after its last epoch but before its result was written: only that seed runs, from its checkpoint
+    (out / "table" / "3" / "seed1" / "result.json").unlink()
+    resumed = table.run_table(**kwargs)
+    assert resumed["trained"] == [("3", 1)]
+    assert json.loads((out / "table" / "3" / "seed1" / "metrics" / "train.json").read_text())["resumed_from_epoch"] == 1
+    assert _same_but_time(resumed["lines"], json.loads(results)["lines"])
+
+
+def _same_but_time(a: list[dict], b: list[dict]) -> bool:
+    """The figures agree; only the resumed seed's wall time (its test scoring redone) may differ."""
+    def strip(lines):
+        return [{k: v for k, v in line.items() if k not in ("seconds", "seeds")} |
+                {"seeds": [{k: v for k, v in s.items() if k != "seconds"} for s in line.get("seeds", [])]}
+                for line in lines]
+    return strip(a) == strip(b)
+
+
+def test_row_selection_and_seed_counts():
+    assert table.select_rows("1,6") == ["1", "6a", "6b"]
+    assert table.select_rows("9") == ["8", "9", "9avg"]  # the ensemble brings the networks it combines
+    assert table.select_rows(None)[-1] == "9avg" and "best" not in table.select_rows(None)
+    assert table.select_rows("all") == [row.key for row in table.ROWS]
+    assert table.n_seeds(table.BY_KEY["8"], 3) == 5 and table.n_seeds(table.BY_KEY["8"], 7) == 7
+    assert table.n_seeds(table.BY_KEY["4"], 3) == 3
+    with pytest.raises(table.ConfigError, match="Got --rows '10'"):
+        table.select_rows("1,10")
+
+
+def test_the_rows_use_the_books_settings():
+    row5, row8 = table.BY_KEY["5"], table.BY_KEY["8"]
+    assert (row5.preset, row5.settings) == ("conv2_relu", {"epochs": 60, "eta": 0.03, "lmbda": 0.1,
+                                                           "dataset": "expanded"})
+    assert (row8.preset, row8.settings["epochs"], row8.settings["lmbda"]) == ("conv2_relu_dropout", 40, 0.0)
+    config = table.train_config(table.BY_KEY["1"], 2, quick=False, engine="jax", device="cpu", steps_per_call=500)
+    settings = (config.architecture, config.epochs, config.eta, config.batch_size, config.seed)
+    assert settings == ("shallow", 60, 0.1, 10, 2)
