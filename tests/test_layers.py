@@ -3,37 +3,13 @@
 import numpy as np
 import pytensor.tensor as pt
 import pytest
+from reference import np_conv, np_pool, sigmoid
 
 from pipeline.backend import Backend
 from pipeline.convolution import conv2d_valid, max_pool
 from pipeline.layers import ConvPool, FullyConnected, Softmax
 
 JAX = Backend("jax")
-
-
-def np_conv(x, w):
-    """Direct loops: x (N,H,W,C), w (kh,kw,C,F) -> (N,H-kh+1,W-kw+1,F)."""
-    kh, kw, _, f = w.shape
-    n, h, wd, _ = x.shape
-    out = np.zeros((n, h - kh + 1, wd - kw + 1, f))
-    for i in range(h - kh + 1):
-        for j in range(wd - kw + 1):
-            out[:, i, j, :] = np.einsum("nabc,abcf->nf", x[:, i : i + kh, j : j + kw, :], w)
-    return out
-
-
-def np_pool(x, s):
-    n, h, w, c = x.shape
-    oh, ow = h // s, w // s
-    out = np.full((n, oh, ow, c), -np.inf)
-    for a in range(s):
-        for b in range(s):
-            out = np.maximum(out, x[:, a : oh * s : s, b : ow * s : s, :][:, :oh, :ow])
-    return out
-
-
-def sigmoid(z):
-    return 1 / (1 + np.exp(-z))
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 import pytest
+from reference import np_conv, np_pool, sigmoid
 from synthetic import digit_images, write_prepared
 
 from pipeline.backend import THEANO_INSTALL, Backend, graph
@@ -28,33 +29,12 @@ theano_only = pytest.mark.skipif(
     reason=f"theano-pymc is not installed in this environment; make its own with: {THEANO_INSTALL}")
 
 
-# -- NumPy references (float64) -------------------------------------------------------------------
-def np_conv(x, w):
-    """Direct loops: x (N,H,W,C), w (kh,kw,C,F) -> (N,H-kh+1,W-kw+1,F), a cross-correlation."""
-    kh, kw, _, f = w.shape
-    n, h, wd, _ = x.shape
-    out = np.zeros((n, h - kh + 1, wd - kw + 1, f))
-    for i in range(h - kh + 1):
-        for j in range(wd - kw + 1):
-            out[:, i, j, :] = np.einsum("nabc,abcf->nf", x[:, i : i + kh, j : j + kw, :], w)
-    return out
-
-
-def np_pool(x, s):
-    n, h, w, c = x.shape
-    oh, ow = h // s, w // s
-    return x[:, : oh * s, : ow * s, :].reshape(n, oh, s, ow, s, c).max(axis=(2, 4))
-
-
-def np_sigmoid(z):
-    return 1 / (1 + np.exp(-z))
-
-
+# -- NumPy reference (float64) --------------------------------------------------------------------
 def np_objective(params, x, y, keep, lmbda, batches):
     """conv 3x3x3 + pool 2 (ReLU) -> FC 6 (sigmoid, dropout keep) -> softmax, log-likelihood + the book's L2."""
     cw, cb, fw, fb, sw, sb = params
     h = np.maximum(np_pool(np_conv(x.reshape(-1, 8, 8, 1), cw), 2) + cb, 0).reshape(len(x), -1)  # (N, 27)
-    h = np_sigmoid((h * keep) @ fw + fb)  # (N, 6)
+    h = sigmoid((h * keep) @ fw + fb)  # (N, 6)
     z = h @ sw + sb  # (N, 4)
     log_p = z - z.max(axis=1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))

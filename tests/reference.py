@@ -1,0 +1,29 @@
+"""Plain NumPy (float64) references for the layers; NumPy only, so both engines' environments import it."""
+
+import numpy as np
+
+
+def np_conv(x, w):
+    """Direct loops: x (N,H,W,C), w (kh,kw,C,F) -> (N,H-kh+1,W-kw+1,F), a cross-correlation as the book's."""
+    kh, kw, _, f = w.shape
+    n, h, wd, _ = x.shape
+    out = np.zeros((n, h - kh + 1, wd - kw + 1, f))
+    for i in range(h - kh + 1):
+        for j in range(wd - kw + 1):
+            out[:, i, j, :] = np.einsum("nabc,abcf->nf", x[:, i : i + kh, j : j + kw, :], w)
+    return out
+
+
+def np_pool(x, s):
+    """Max over non-overlapping s x s windows, taken one window offset at a time (no reshape trick)."""
+    n, h, w, c = x.shape
+    oh, ow = h // s, w // s
+    out = np.full((n, oh, ow, c), -np.inf)
+    for a in range(s):
+        for b in range(s):
+            out = np.maximum(out, x[:, a : oh * s : s, b : ow * s : s, :][:, :oh, :ow])
+    return out
+
+
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
