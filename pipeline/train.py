@@ -15,7 +15,7 @@ A run that is killed (even with SIGKILL) resumes from its last checkpoint and en
 numbers as an uninterrupted one: every random draw (initial weights, each epoch's shuffle and
 dropout masks) comes from ``train.seed`` and the epoch number. A checkpoint is used only when its
 fingerprint (every train param except ``epochs``, ``early_stopping_patience`` and ``steps_per_call``, plus the sha256
-of both data files) matches; raising ``epochs`` therefore continues a finished run.
+of both data files and of the training code) matches; raising ``epochs`` therefore continues a finished run.
 
 A NaN or infinite training cost stops the run: the best model so far is written and the stage
 fails with a message naming the epoch (try a smaller train.eta).
@@ -57,6 +57,9 @@ CHECKPOINT_FORMAT = 1
 EPOCHS_FILE = "train_epochs.csv"
 SUMMARY_FILE = "train.json"
 EPOCH_FIELDS = ("epoch", "train_cost", "validation_accuracy", "seconds", "images_per_second", "eta")
+PACKAGE_DIR = Path(__file__).resolve().parent
+TRAINING_SOURCES = ("train.py", "trainer.py", "network.py", "layers.py", "convolution.py", "architecture.py",
+                    "backend.py", "theano_engine.py", "sgd.py")
 # Keys that do not change what any single epoch computes, so a checkpoint survives a change to them
 # (steps_per_call only groups the same steps into calls: the weights come out bit for bit the same).
 NOT_FINGERPRINTED = ("epochs", "early_stopping_patience", "steps_per_call")
@@ -140,6 +143,9 @@ def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def fingerprint(config: TrainConfig, train_path: Path, validation_path: Path) -> str:
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_FINGERPRINTED}
     settings.update(format=CHECKPOINT_FORMAT, train=sha256_file(train_path), validation=sha256_file(validation_path))
+    # the code that computes each step: DVC re-runs the stage when it changes, and a resume must not
+    # then continue weights that the old code produced
+    settings.update({f"source:{name}": sha256_file(PACKAGE_DIR / name) for name in TRAINING_SOURCES})
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 

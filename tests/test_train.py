@@ -117,6 +117,23 @@ def test_a_checkpoint_from_other_params_is_not_resumed(tmp_path, data_dir):
     assert summary["resumed_from_epoch"] == 0 and summary["epochs_run"] == 2
 
 
+def test_a_checkpoint_from_other_training_code_is_not_resumed(tmp_path, data_dir, monkeypatch):
+    """DVC re-runs the stage when the code changes; the old code's weights must not be continued."""
+    import shutil
+
+    import pipeline.train
+
+    run(tmp_path, data_dir, config(epochs=1))
+    assert run(tmp_path, data_dir, config(epochs=2))["resumed_from_epoch"] == 1  # same code: resumed
+    edited = tmp_path / "package"
+    shutil.copytree(pipeline.train.PACKAGE_DIR, edited, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(edited / "layers.py", "a") as f:
+        f.write("\n# an edit\n")
+    monkeypatch.setattr(pipeline.train, "PACKAGE_DIR", edited)
+    summary = run(tmp_path, data_dir, config(epochs=2))
+    assert summary["resumed_from_epoch"] == 0 and summary["epochs_run"] == 2
+
+
 def test_resume_after_sigkill_ends_with_the_same_metrics(tmp_path, data_dir):
     """Kill the stage process with SIGKILL just after its first checkpoint, rerun it, compare."""
     epochs = 8
