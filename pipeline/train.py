@@ -168,7 +168,7 @@ def load_checkpoint(path: Path, expected_fingerprint: str, epochs: int):
         log.warning("ignoring unreadable checkpoint %s (%s); starting afresh", path, e)
         return None
     if state.get("fingerprint") != expected_fingerprint:
-        log.info("ignoring checkpoint %s: it was made with other train params or data; starting afresh", path)
+        log.info("ignoring checkpoint %s: it was made with other train params, data or training code; starting afresh", path)
         return None
     if state["epochs_done"] > epochs:
         log.info("ignoring checkpoint %s: it is at epoch %d, beyond train.epochs=%d", path, state["epochs_done"], epochs)
