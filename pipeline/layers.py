@@ -74,6 +74,17 @@ def _dropped(x, p_dropout: float, deterministic: bool, keep):
     return x * keep
 
 
+def _affine(layer, x, deterministic: bool, keep):
+    """``x W + b`` of a dense layer, with the book's dropout: masked inputs in training, outputs
+    scaled by (1 - p) at inference."""
+    x = x.reshape((-1, layer.n_in))  # (N, n_in)
+    x = _dropped(x, layer.p_dropout, deterministic, keep)
+    z = pt.dot(x, layer.w)  # (N, n_out)
+    if deterministic and layer.p_dropout:
+        z = np.float32(1.0 - layer.p_dropout) * z
+    return z + layer.b
+
+
 class FullyConnected:
     """``activation(x W + b)``, with the book's dropout on the input."""
 
@@ -92,12 +103,7 @@ class FullyConnected:
 
     def preactivation(self, x, *, deterministic: bool = True, keep=None):
         """``x W + b`` (the weighted input z), before the activation."""
-        x = x.reshape((-1, self.n_in))  # (N, n_in)
-        x = _dropped(x, self.p_dropout, deterministic, keep)
-        z = pt.dot(x, self.w)  # (N, n_out)
-        if deterministic and self.p_dropout:
-            z = np.float32(1.0 - self.p_dropout) * z
-        return z + self.b
+        return _affine(self, x, deterministic, keep)
 
     def output(self, x, *, deterministic: bool = True, keep=None):
         return ACTIVATIONS[self.activation](self.preactivation(x, deterministic=deterministic, keep=keep))
@@ -124,12 +130,7 @@ class Softmax:
 
     def preactivation(self, x, *, deterministic: bool = True, keep=None):
         """The logits ``x W + b``."""
-        x = x.reshape((-1, self.n_in))  # (N, n_in)
-        x = _dropped(x, self.p_dropout, deterministic, keep)
-        z = pt.dot(x, self.w)  # (N, n_out)
-        if deterministic and self.p_dropout:
-            z = np.float32(1.0 - self.p_dropout) * z
-        return z + self.b
+        return _affine(self, x, deterministic, keep)
 
     def output(self, x, *, deterministic: bool = True, keep=None):
         return graph.softmax(self.preactivation(x, deterministic=deterministic, keep=keep))
