@@ -20,7 +20,7 @@ entries of :class:`Graph`; model code takes ``graph.tensor`` (``pytensor.tensor`
 Everything is float32 (set here, before PyTensor's JAX dispatch reads ``floatX`` on import).
 
 Convolution: on PyTensor, one implementation for both engines, ``pipeline.convolution.conv2d_valid``
-(im2col from slices, then one dot). ``python -m pipeline.bench --conv`` compares it with a custom Op that
+(im2col from slices, then one dot). ``python -m pipeline.benchmarks.train --conv-lax`` compares it with a custom Op that
 JAX lowers to ``lax.conv_general_dilated`` (``pipeline.conv_lax``); on 2 CPU cores the graph form
 was 3-5x faster on JAX (XLA's CPU convolution is slow for these small images, the weight gradient
 especially) and a NumPy ``perform`` for the C engine was slower still. theano-pymc uses its own
