@@ -231,10 +231,7 @@ def train_one(row: Row, seed: int, config: TrainConfig, *, data: Data, test: dic
             if not continuing:
                 run.log_params(tracking.flatten({"train": dataclasses.asdict(config)}))
                 run.log_params({"table.row": row.key, "table.seed": seed, "table.quick": quick})
-
-            def on_epoch(epoch: int, metrics: dict) -> None:
-                if not (metrics["resumed"] and continuing):
-                    run.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "resumed")}, step=epoch)
+            on_epoch = tracking.epoch_logger(run, continuing)
 
         try:
             summary = train(config=config, prepared_dir=data.prepared, expanded_dir=data.expanded, model_dir=model_dir,

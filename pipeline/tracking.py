@@ -301,6 +301,20 @@ def tracked_run(
         retry_locked(lambda: client.set_terminated(run_id, status="FINISHED"))
 
 
+def epoch_logger(run: Run, continuing: bool) -> Callable[[int, dict], None]:
+    """The train worker's ``on_epoch`` callback: logs each epoch's metrics with the epoch as step.
+
+    A continued run logs only the epochs it lacks: a kill between the checkpoint and the MLflow
+    call leaves that epoch unlogged, and the resumed training replays it."""
+    logged = run.logged_steps("validation_accuracy") if continuing else set()
+
+    def log_epoch(epoch: int, metrics: dict) -> None:
+        if epoch not in logged:
+            run.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "resumed")}, step=epoch)
+
+    return log_epoch
+
+
 def remember_run(checkpoint_dir: Path, run: Run, fingerprint: str) -> None:
     """Note which run trains from this checkpoint directory, so a resumed training continues it."""
     write_json(Path(checkpoint_dir) / RUN_FILE, {"run_id": run.run_id, "fingerprint": fingerprint,

@@ -387,18 +387,10 @@ def train_tracked(*, params: dict, source: str = "params.yaml", prepared_dir: Pa
             run.log_dataset(train_path, f"mnist-{config.dataset}-train", "training")
             run.log_dataset(validation_path, "mnist-validation", "validation")
 
-        # a run killed between its checkpoint and its MLflow call misses that epoch: fill in only the gaps
-        logged = run.logged_steps("validation_accuracy") if continuing else set()
-
-        def log_epoch(epoch: int, metrics: dict) -> None:
-            if epoch in logged:
-                return
-            run.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "resumed")}, step=epoch)
-
         try:
             summary = train(config=config, prepared_dir=prepared_dir, expanded_dir=expanded_dir, model_dir=model_dir,
                             checkpoint_dir=checkpoint_dir, metrics_dir=metrics_dir, progress=progress,
-                            on_epoch=log_epoch)
+                            on_epoch=tracking.epoch_logger(run, continuing))
         finally:  # a diverged run still wrote its best model and metrics: keep them with the run
             for path in (Path(metrics_dir) / SUMMARY_FILE, Path(metrics_dir) / EPOCHS_FILE):
                 if path.is_file():
