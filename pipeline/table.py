@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -43,7 +44,7 @@ from pipeline.architecture import BOOK_SETTINGS
 from pipeline.config import ConfigError, PipelineError, from_section, load_params
 from pipeline.files import atomic_path, load_npz, save_npz, sha256_file, write_bytes, write_json
 from pipeline.model_io import load_model
-from pipeline.train import TrainConfig, fingerprint, load_split, train
+from pipeline.train import PACKAGE_DIR, TRAINING_SOURCES, TrainConfig, load_split, train
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +196,36 @@ def jax_compilation_cache(directory: Path) -> Iterator[None]:
 
 # -- one (row, seed) -----------------------------------------------------------------------------
 def _key(config: TrainConfig, data: Data, test_sha: str) -> str | None:
-    """What a finished result must match: the train settings and data (as the checkpoint) and the test set."""
+    """What a finished result must match: its settings and the bytes of its three data sets.
+
+    Not the code: a finished (row, seed) of a table that takes hours is kept across edits to the
+    training code; its result records the code it came from (``code_version``) and the report names
+    rows trained by other code than the current. Delete OUT/<row> to train a row again. (An
+    unfinished one resumes only from a checkpoint of the same code: see train.fingerprint.)"""
     train_path, validation_path = data.train_path(config.dataset), data.prepared / "validation.npz"
     if not train_path.is_file() or not validation_path.is_file():
         return None
-    return hashlib.sha256((fingerprint(config, train_path, validation_path) + test_sha).encode()).hexdigest()
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "steps_per_call"}
+    settings.update(train=_sha256(train_path), validation=_sha256(validation_path), test=test_sha)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_of(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.cache
+def _sha256_of(path: Path, mtime_ns: int, size: int) -> str:
+    return sha256_file(path)  # once per file version: a row's seeds share the 200 MB expanded set
+
+
+def code_version() -> str:
+    """A short hash of the training code (the sources the train stage's checkpoints are keyed on)."""
+    digest = hashlib.sha256()
+    for name in TRAINING_SOURCES:
+        digest.update(sha256_file(PACKAGE_DIR / name).encode())
+    return digest.hexdigest()[:12]
 
 
 def load_result(seed_dir: Path, key: str | None) -> dict | None:
@@ -250,6 +276,7 @@ def train_one(row: Row, seed: int, config: TrainConfig, *, data: Data, test: dic
             # a resumed training adds its earlier epochs' time: the figure is the whole training's
             "seconds": round(seconds + _earlier_seconds(summary), 1), "train_seconds": summary["seconds"],
             "engine": summary["engine"], "device": summary["device"], "run_id": run.run_id if run else None,
+            "code": code_version(),
         }
         if run is not None:
             run.log_metrics({"test_accuracy": test_accuracy, "final_best_validation_accuracy":
@@ -278,7 +305,7 @@ def _line(row: Row, results: list[dict], n_wanted: int) -> dict:
     return {**line, "ours": best["test_accuracy"], "best_seed": best["seed"], "mean": float(tests.mean()),
             "std": float(tests.std(ddof=1)) if len(tests) > 1 else None, "n": len(results),
             "seconds": round(sum(r["seconds"] for r in results), 1), "engine": results[0]["engine"],
-            "device": results[0]["device"]}
+            "device": results[0]["device"], "code": sorted({r.get("code", "unrecorded") for r in results})}
 
 
 def _ensemble_line(row: Row, members: list[dict], probabilities: list[np.ndarray], labels: np.ndarray) -> dict:
@@ -365,7 +392,7 @@ def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Pat
             member_results[row.key] = results
             lines.append(_line(row, results, count))
         results_json = {"quick": quick, "quick_settings": QUICK if quick else None, "repeats": repeats,
-                        "rows_selected": keys, "lines": lines}
+                        "rows_selected": keys, "code": code_version(), "lines": lines}
         write_json(out_dir / "results.json", results_json)
         write_bytes(out_dir / "report.md", report_markdown(results_json).encode())
         plot_report(results_json, out_dir / "report.png")
@@ -428,8 +455,20 @@ def report_markdown(results: dict) -> str:
     trainings = [line for line in results["lines"] if line["kind"] == "training" and line["ours"] is not None]
     total = sum(line["seconds"] for line in trainings)
     lines += ["", f"Total training time of the rows shown: {_duration(total)} "
-                  f"({sum(line['n'] for line in trainings)} networks).", ""]
+                  f"({sum(line['n'] for line in trainings)} networks).", "", _code_note(results, trainings), ""]
     return "\n".join(lines)
+
+
+def _code_note(results: dict, trainings: list[dict]) -> str:
+    current = results["code"]
+    other = {line["row"]: [c for c in line["code"] if c != current] for line in trainings}
+    other = {row: codes for row, codes in other.items() if codes}
+    note = f"Training code: `{current}` (a hash of the training sources)"
+    if not other:
+        return note + "; every row shown was trained by it."
+    listed = "; ".join(f"row {row}: {', '.join(f'`{c}`' for c in codes)}" for row, codes in other.items())
+    return (note + f". Some networks were trained by other versions of it ({listed}); delete OUT/<row> and run "
+            "the command again to retrain a row with the current code.")
 
 
 def plot_report(results: dict, path: Path) -> None:

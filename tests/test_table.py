@@ -149,6 +149,30 @@ def test_a_second_invocation_trains_nothing_and_an_interrupted_seed_resumes(firs
     assert _same_but_time(resumed["lines"], json.loads(results)["lines"])
 
 
+def test_finished_rows_outlive_a_code_change_and_the_report_names_them(first_run, data, monkeypatch):
+    out, uri = first_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(out)
+    trained_by = json.loads((out / "table" / "1" / "seed1" / "result.json").read_text())["code"]
+    assert trained_by == table.code_version() and re.fullmatch(r"[0-9a-f]{12}", trained_by)
+    assert f"Training code: `{trained_by}` (a hash of the training sources); every row shown was trained by it." in (
+        out / "table" / "report.md").read_text()
+
+    monkeypatch.setattr(table, "code_version", lambda: "0123456789ab")  # as after an edit of layers.py
+    again = table.run_table(rows="1,2", repeats=1, quick=True, prepared_dir=data / "prepared",
+                            expanded_dir=data / "expanded", out_dir=out / "table", progress=False)
+    assert again["trained"] == []
+    report = (out / "table" / "report.md").read_text()
+    assert "Training code: `0123456789ab`" in report
+    assert f"row 1: `{trained_by}`; row 2: `{trained_by}`" in report
+
+    # a seed never trained is trained, by the current code
+    more = table.run_table(rows="1", repeats=2, quick=True, prepared_dir=data / "prepared",
+                           expanded_dir=data / "expanded", out_dir=out / "table", progress=False)
+    assert more["trained"] == [("1", 2)]
+    assert json.loads((out / "table" / "1" / "seed2" / "result.json").read_text())["code"] == "0123456789ab"
+
+
 def _same_but_time(a: list[dict], b: list[dict]) -> bool:
     """The figures agree; only the resumed seed's wall time (its test scoring redone) may differ."""
     def strip(lines):
