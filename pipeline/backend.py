@@ -29,8 +29,10 @@ especially) and a NumPy ``perform`` for the C engine was slower still. theano-py
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -186,8 +188,9 @@ class Backend:
             # (our shapes are static and checked when the network is built) and says so.
             warnings.filterwarnings("ignore", message="Skipping .* Op .* as JAX tracing would remove it")
             warnings.filterwarnings("ignore", message="PyTensor could not link to a BLAS installation")
-            fn = pytensor.function(list(inputs), list(outputs), updates=list(updates), mode=self.mode,
-                                   on_unused_input="ignore")
+            with _temporary_files_removed() if self.engine == "jax" else contextlib.nullcontext():
+                fn = pytensor.function(list(inputs), list(outputs), updates=list(updates), mode=self.mode,
+                                       on_unused_input="ignore")
 
         def call(*args) -> list[np.ndarray]:
             with warnings.catch_warnings():
@@ -201,6 +204,25 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"Backend(engine={self.engine!r}, device={self.device!r}: {self.device_name})"
+
+
+@contextlib.contextmanager
+def _temporary_files_removed():
+    """Delete the temporary files made while compiling.
+
+    PyTensor's JAX linker writes the source of every Python function it generates to a temporary
+    file that it never deletes (``pytensor.link.utils.compile_function_src``, so that tracebacks can
+    show the lines): tens per training, thousands in ``/tmp`` after a sweep. While compiling, the
+    process's temporary directory is a private one, removed afterwards.
+    """
+    private = tempfile.mkdtemp(prefix="nndl-compile-")
+    previous = tempfile.tempdir
+    tempfile.tempdir = private
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def _select_jax_device(device: str) -> str:

@@ -1,5 +1,7 @@
 """Engine/device selection, and the same cost and gradients on the JAX and C engines."""
 
+import tempfile
+
 import numpy as np
 import pytensor.tensor as pt
 import pytest
@@ -57,3 +59,13 @@ def test_jax_and_c_give_the_same_cost_and_gradients():
     for name, a, b in zip(["cost", *net.param_names()], jax_out, c_out):
         assert a.dtype == b.dtype == np.float32, name
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_compiling_for_jax_leaves_no_temporary_files(tmp_path, monkeypatch):
+    # PyTensor's JAX linker writes each generated function's source to a temporary file it never deletes
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    x = pt.matrix("x", dtype="float32", shape=(None, 3))
+    f = Backend("jax").function([x], [pt.sigmoid(x).sum(axis=1) * 2])
+    assert np.allclose(f(np.zeros((2, 3), np.float32))[0], [3.0, 3.0])
+    assert list(tmp_path.iterdir()) == []
+    assert tempfile.gettempdir() == str(tmp_path)  # the process's own setting is back
