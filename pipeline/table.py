@@ -12,7 +12,8 @@ and an interrupted one resumes from its last epoch's checkpoint.
 
 A row's figure is, as in the book, the test accuracy (of the epoch with the best validation
 accuracy) of the seed with the best validation accuracy (ties: the lowest seed); the report also
-gives the mean and standard deviation (ddof=1, in percentage points) over the seeds. Row 8 is
+gives the mean and standard deviation (ddof=1, in percentage points) over the seeds (all seeds
+finished on disk, also those of an earlier call with more --repeats). Row 8 is
 trained with at least 5 seeds; row 9 is the plurality vote of its seeds 1-5 (ties: see
 pipeline.ensemble), and row 9avg, beyond the book, averages their probabilities.
 
@@ -373,15 +374,15 @@ def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Pat
                 continue
             count = n_seeds(row, repeats)
             results = []
-            for seed in range(1, count + 1):
+            for seed in range(1, max(count, _last_seed_on_disk(out_dir / row.key)) + 1):
                 seed_dir = out_dir / row.key / f"seed{seed}"
-                if row.key not in keys and not (seed_dir / RESULT_FILE).is_file():
+                if (row.key not in keys or seed > count) and not (seed_dir / RESULT_FILE).is_file():
                     continue  # not asked for and never run: no need to hash its data
                 config = train_config(row, seed, quick=quick, engine=engine, device=device,
                                       steps_per_call=steps_per_call)
                 key = _key(config, data, test_sha)
                 result = load_result(seed_dir, key)
-                if result is None and row.key in keys:
+                if result is None and row.key in keys and seed <= count:
                     log.info("row %s (%s), seed %d of %d", row.key, row.description, seed, count)
                     result = train_one(row, seed, config, data=data, test=test, key=key, seed_dir=seed_dir,
                                        quick=quick, tracking_config=tracking_config,
@@ -402,6 +403,12 @@ def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Pat
             parent.log_metrics({f"row_{line['row']}_test_accuracy": line["ours"] for line in lines
                                 if line["ours"] is not None})
     return {**results_json, "trained": trained, "parent_run_id": parent.run_id if parent else None}
+
+
+def _last_seed_on_disk(row_dir: Path) -> int:
+    """The highest seed of a row with a result on disk (from an earlier call with more repeats), or 0."""
+    seeds = [int(p.parent.name[4:]) for p in row_dir.glob(f"seed*/{RESULT_FILE}") if p.parent.name[4:].isdigit()]
+    return max(seeds, default=0)
 
 
 # -- report --------------------------------------------------------------------------------------

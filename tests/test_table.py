@@ -172,6 +172,13 @@ def test_finished_rows_outlive_a_code_change_and_the_report_names_them(first_run
     assert more["trained"] == [("1", 2)]
     assert json.loads((out / "table" / "1" / "seed2" / "result.json").read_text())["code"] == "0123456789ab"
 
+    # and a later call with fewer repeats still reports every seed finished on disk
+    fewer = table.run_table(rows="2", repeats=1, quick=True, prepared_dir=data / "prepared",
+                            expanded_dir=data / "expanded", out_dir=out / "table", progress=False)
+    row1 = next(line for line in fewer["lines"] if line["row"] == "1")
+    assert fewer["trained"] == [] and [s["seed"] for s in row1["seeds"]] == [1, 2] and row1["n"] == 2
+    assert "| 1 | FC 100, softmax; sigmoid | 97.80% |" in (out / "table" / "report.md").read_text()
+
 
 def _same_but_time(a: list[dict], b: list[dict]) -> bool:
     """The figures agree; only the resumed seed's wall time (its test scoring redone) may differ."""
