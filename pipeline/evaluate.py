@@ -77,7 +77,9 @@ def evaluate(
         write_json(metrics_path, metrics)
 
         if run is not None:
-            run.log_params({f"evaluate.{k}": v for k, v in asdict(config).items()})
+            # tags, not params: evaluate re-runs alone on the same run when only its settings change,
+            # and MLflow refuses to change a param's value
+            run.set_tags({f"evaluate.{k}": v for k, v in asdict(config).items()})
             run.log_metrics({"test_accuracy": metrics["test_accuracy"], "test_errors": metrics["test_errors"]})
             run.log_metrics({f"test_accuracy_digit_{d}": a for d, a in metrics["per_class_accuracy"].items()})
             for name in ("confusion.png", "misclassified.png", "predictions.csv", "confusion.json"):

@@ -301,7 +301,7 @@ def _line(row: Row, results: list[dict], n_wanted: int) -> dict:
                       for r in results]}
     if not results:
         return {**line, "ours": None}
-    best = max(reversed(results), key=lambda r: r["best_validation_accuracy"])  # ties: the lowest seed
+    best = max(results, key=lambda r: r["best_validation_accuracy"])  # ties: the first, the lowest seed
     tests = np.array([r["test_accuracy"] for r in results])
     return {**line, "ours": best["test_accuracy"], "best_seed": best["seed"], "mean": float(tests.mean()),
             "std": float(tests.std(ddof=1)) if len(tests) > 1 else None, "n": len(results),

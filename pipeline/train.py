@@ -366,8 +366,9 @@ def train_tracked(*, params: dict, source: str = "params.yaml", prepared_dir: Pa
     for path in (train_path, validation_path):
         if not path.is_file():
             raise PipelineError(f"{path} not found (run the data stages first: dvc repro)")
-    # continue the interrupted run only when nothing in params.yaml changed (MLflow params are immutable)
-    flat = tracking.flatten(params)
+    # continue the interrupted run only when nothing in params.yaml changed (MLflow params are immutable);
+    # the evaluate section is not training's: evaluate records it on the run as tags
+    flat = tracking.flatten({section: values for section, values in params.items() if section != "evaluate"})
     run_key = hashlib.sha256((fingerprint(config, train_path, validation_path) + json.dumps(flat, sort_keys=True)).encode()).hexdigest()
     resume_id = tracking.resumable_run(checkpoint_dir, run_key)
     preset = config.architecture if isinstance(config.architecture, str) else "custom"

@@ -83,6 +83,15 @@ def test_train_and_evaluate_log_one_complete_run(project):
     assert {"model", "model_files", "metrics", "evaluation"} <= artifacts
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"mnist-prepared-train", "mnist-validation"}
 
+    # evaluate settings are tags: changing one re-runs evaluate alone, on the same run (MLflow params are immutable)
+    assert run.data.tags["evaluate.gallery_size"] == "5" and "evaluate.gallery_size" not in run.data.params
+    evaluate(config=EvaluateConfig(gallery_size=7), model_dir=project / "data/model",
+             test_path=project / "data/prepared/test.npz", out_dir=project / "data/evaluate",
+             metrics_path=project / "data/metrics/evaluate.json",
+             tracking_config=tracking.TrackingConfig(experiment="tests"))
+    again = mlflow_client.get_run(run.info.run_id)
+    assert again.info.status == "FINISHED" and again.data.tags["evaluate.gallery_size"] == "7"
+
     # the pyfunc model, loaded back through MLflow (no pickle), predicts what the pipeline predicts
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     out = pyfunc.predict(test["images"][:50].astype(np.float32))
