@@ -240,7 +240,7 @@ def load_result(seed_dir: Path, key: str | None) -> dict | None:
 
 def train_one(row: Row, seed: int, config: TrainConfig, *, data: Data, test: dict, key: str, seed_dir: Path,
               quick: bool, tracking_config: tracking.TrackingConfig, parent_id: str | None,
-              progress: bool) -> dict:
+              progress: bool, code: str) -> dict:
     """Train (or resume) one network, score it on the test set, write its result.json last."""
     model_dir, checkpoint_dir, metrics_dir = seed_dir / "model", seed_dir / "checkpoints", seed_dir / "metrics"
     tags = {"table": "chapter6", "row": row.key, "seed": seed, "preset": row.preset, "dataset": config.dataset,
@@ -277,7 +277,7 @@ def train_one(row: Row, seed: int, config: TrainConfig, *, data: Data, test: dic
             # a resumed training adds its earlier epochs' time: the figure is the whole training's
             "seconds": round(seconds + _earlier_seconds(summary), 1), "train_seconds": summary["seconds"],
             "engine": summary["engine"], "device": summary["device"], "run_id": run.run_id if run else None,
-            "code": code_version(),
+            "code": code,
         }
         if run is not None:
             run.log_metrics({"test_accuracy": test_accuracy, "final_best_validation_accuracy":
@@ -352,6 +352,9 @@ def run_table(*, rows: Sequence[str] | str | None = None, repeats: int = 3, quic
 
 def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Path, engine: str, device: str,
          steps_per_call: int, tracking_config: tracking.TrackingConfig, progress: bool) -> dict:
+    # the code as this process loaded it (hashed once, at the start): its files may be edited while a
+    # table trains for hours
+    code = code_version()
     test_sha = sha256_file(data.test)
     test_images, test_labels = load_split(data.test)
     test = {"images": test_images, "labels": test_labels}
@@ -386,14 +389,14 @@ def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Pat
                     log.info("row %s (%s), seed %d of %d", row.key, row.description, seed, count)
                     result = train_one(row, seed, config, data=data, test=test, key=key, seed_dir=seed_dir,
                                        quick=quick, tracking_config=tracking_config,
-                                       parent_id=parent.run_id if parent else None, progress=progress)
+                                       parent_id=parent.run_id if parent else None, progress=progress, code=code)
                     trained.append((row.key, seed))
                 if result is not None:
                     results.append(result)
             member_results[row.key] = results
             lines.append(_line(row, results, count))
         results_json = {"quick": quick, "quick_settings": QUICK if quick else None, "repeats": repeats,
-                        "rows_selected": keys, "code": code_version(), "lines": lines}
+                        "rows_selected": keys, "code": code, "lines": lines}
         write_json(out_dir / "results.json", results_json)
         write_bytes(out_dir / "report.md", report_markdown(results_json).encode())
         plot_report(results_json, out_dir / "report.png")
