@@ -17,21 +17,24 @@ def rng():
     return np.random.default_rng(0)
 
 
-def test_conv2d_valid_matches_direct_loops(rng):
-    x_val = rng.normal(size=(3, 7, 6, 2)).astype(np.float32)
-    w_val = rng.normal(size=(3, 2, 2, 4)).astype(np.float32)
-    x = pt.tensor("x", dtype="float32", shape=(None, 7, 6, 2))
-    w = pt.tensor("w", dtype="float32", shape=(3, 2, 2, 4))
-    (y,) = JAX.function([x, w], [conv2d_valid(x, w)])(x_val, w_val)
+@pytest.mark.parametrize("engine", ["jax", "c"])
+@pytest.mark.parametrize("channels", [1, 2])  # one channel builds its windows columns first (convolution.py)
+def test_conv2d_valid_matches_direct_loops(rng, channels, engine):
+    x_val = rng.normal(size=(3, 7, 6, channels)).astype(np.float32)
+    w_val = rng.normal(size=(3, 2, channels, 4)).astype(np.float32)
+    x = pt.tensor("x", dtype="float32", shape=(None, 7, 6, channels))
+    w = pt.tensor("w", dtype="float32", shape=(3, 2, channels, 4))
+    (y,) = Backend(engine).function([x, w], [conv2d_valid(x, w)])(x_val, w_val)
     np.testing.assert_allclose(y, np_conv(x_val, w_val), rtol=1e-5, atol=1e-5)
 
 
-def test_conv2d_gradients_match_numpy(rng):
-    x_val = rng.normal(size=(2, 6, 5, 3)).astype(np.float32)
-    w_val = rng.normal(size=(3, 2, 3, 4)).astype(np.float32)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_conv2d_gradients_match_numpy(rng, channels):
+    x_val = rng.normal(size=(2, 6, 5, channels)).astype(np.float32)
+    w_val = rng.normal(size=(3, 2, channels, 4)).astype(np.float32)
     g_val = rng.normal(size=(2, 4, 4, 4)).astype(np.float32)  # d loss / d output
-    x = pt.tensor("x", dtype="float32", shape=(2, 6, 5, 3))  # JAX needs a static batch to reshape gradients
-    w = pt.tensor("w", dtype="float32", shape=(3, 2, 3, 4))
+    x = pt.tensor("x", dtype="float32", shape=(2, 6, 5, channels))  # JAX needs a static batch to reshape gradients
+    w = pt.tensor("w", dtype="float32", shape=(3, 2, channels, 4))
     loss = pt.sum(conv2d_valid(x, w) * g_val)
     gx, gw = JAX.function([x, w], pt.grad(loss, [x, w]))(x_val, w_val)
     # d/dw[a,b,c,f] = sum_{n,i,j} x[n,i+a,j+b,c] g[n,i,j,f];  d/dx scatters g back through every window
