@@ -18,7 +18,8 @@ why the graph form is the one used. ``--memory`` runs the train stage for one ep
 250,000-image set in a child process and reports its peak RSS.
 
 Goals (issue 3), on the 2-core machine: the default engine at least 1.5x PyTorch at batch sizes 10
-and 64; peak memory training on 250,000 images under 2 GB.
+and 64; peak memory training on 250,000 images under 2 GB. Run it with nothing else on the CPUs:
+PyTorch's threads lose much more to a busy machine than XLA's, and the ratios come out too high.
 
     python -m pipeline.benchmarks.train [--steps 1000] [--batch-sizes 10 64] [--engines jax c theano-pymc]
                                         [--repeats 3] [--conv-lax] [--memory] [--theano-python PATH]
