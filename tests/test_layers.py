@@ -18,7 +18,7 @@ def rng():
 
 
 @pytest.mark.parametrize("engine", ["jax", "c"])
-@pytest.mark.parametrize("channels", [1, 2])  # one channel builds its windows columns first (convolution.py)
+@pytest.mark.parametrize("channels", [1, 2])  # one channel: the first layer's case
 def test_conv2d_valid_matches_direct_loops(rng, channels, engine):
     x_val = rng.normal(size=(3, 7, 6, channels)).astype(np.float32)
     w_val = rng.normal(size=(3, 2, channels, 4)).astype(np.float32)
