@@ -10,6 +10,20 @@ from pipeline.backend import Backend
 from pipeline.config import PipelineError
 from pipeline.layers import ConvPool, FullyConnected, Softmax
 from pipeline.network import Network
+from pipeline.trainer import Trainer
+
+
+def _jax_sees_a_gpu() -> bool:
+    import jax
+
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+# These run where JAX has CUDA and a GPU (the device machine); CI has none, so there they skip.
+requires_gpu = pytest.mark.skipif(not _jax_sees_a_gpu(), reason="JAX sees no GPU (pip install '.[gpu]')")
 
 
 def test_unknown_engine_and_device_are_refused():
@@ -22,13 +36,7 @@ def test_unknown_engine_and_device_are_refused():
 
 
 def test_gpu_without_a_gpu_is_an_error_not_a_fallback():
-    import jax
-
-    try:
-        has_gpu = bool(jax.devices("gpu"))
-    except RuntimeError:
-        has_gpu = False
-    if has_gpu:
+    if _jax_sees_a_gpu():
         assert Backend("jax", "gpu").device_name.startswith("gpu")
     else:
         with pytest.raises(PipelineError, match="JAX sees no GPU"):
@@ -42,7 +50,8 @@ def test_functions_return_numpy_arrays_in_float32():
     np.testing.assert_array_equal(out, [0, 2.5, 5])
 
 
-def test_jax_and_c_give_the_same_cost_and_gradients():
+def _cost_and_gradients(backends: list[Backend]) -> list[list[np.ndarray]]:
+    """One network's cost and gradients (dropout masks given) on a batch, compiled for each backend in turn."""
     rng = np.random.default_rng(11)
     net = Network([ConvPool((1, 8, 8), filters=3, kernel=3, pool=2, activation="relu", rng=rng),
                    FullyConnected(27, 6, "sigmoid", p_dropout=0.5, rng=rng), Softmax(6, 4)])
@@ -54,11 +63,24 @@ def test_jax_and_c_give_the_same_cost_and_gradients():
     outputs = [objective, *pt.grad(objective, net.params)]
     args = (rng.random((5, 64)).astype(np.float32), rng.integers(0, 4, 5).astype(np.uint8),
             (rng.random((5, 27)) > 0.5).astype(np.float32))
-    jax_out = Backend("jax").function([x, y, keep], outputs)(*args)
-    c_out = Backend("c").function([x, y, keep], outputs)(*args)
-    for name, a, b in zip(["cost", *net.param_names()], jax_out, c_out):
+    return [backend.function([x, y, keep], outputs)(*args) for backend in backends]
+
+
+def _assert_same(first: list[np.ndarray], second: list[np.ndarray]) -> None:
+    for name, a, b in zip(["cost", "w0", "b0", "w1", "b1", "w2", "b2"], first, second):
         assert a.dtype == b.dtype == np.float32, name
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_jax_and_c_give_the_same_cost_and_gradients():
+    _assert_same(*_cost_and_gradients([Backend("jax"), Backend("c")]))
+
+
+@requires_gpu
+def test_gpu_and_cpu_give_the_same_cost_and_gradients():
+    # float32 on the GPU means float32: without the backend's "highest" matmul precision, XLA would
+    # use TF32 (10-bit mantissa) on Ampere and later GPUs, and the gradients would differ by ~1e-3
+    _assert_same(*_cost_and_gradients([Backend("jax", "gpu"), Backend("jax", "cpu")]))
 
 
 def test_compiling_for_jax_leaves_no_temporary_files(tmp_path, monkeypatch):
@@ -69,3 +91,37 @@ def test_compiling_for_jax_leaves_no_temporary_files(tmp_path, monkeypatch):
     assert np.allclose(f(np.zeros((2, 3), np.float32))[0], [3.0, 3.0])
     assert list(tmp_path.iterdir()) == []
     assert tempfile.gettempdir() == str(tmp_path)  # the process's own setting is back
+
+
+def _small_conv_net(seed: int) -> Network:
+    rng = np.random.default_rng(seed)
+    return Network([ConvPool((1, 12, 12), filters=4, kernel=5, pool=2, activation="relu", rng=rng),
+                    FullyConnected(64, 16, "relu", p_dropout=0.5, rng=rng), Softmax(16, 10, p_dropout=0.5, rng=rng)])
+
+
+def _train_on(device: str, steps: int = 30) -> tuple[np.ndarray, list[np.ndarray], list]:
+    """30 SGD steps with dropout from the same start; returns costs, final weights and where they live."""
+    net = _small_conv_net(3)
+    trainer = Trainer(net, Backend("jax", device), batch_size=10, lmbda=0.1, num_training_batches=50)
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (steps, 10, 144), dtype=np.uint8)
+    labels = rng.integers(0, 10, (steps, 10)).astype(np.uint8)
+    keeps = [(rng.random((steps, 10, net.layers[i].n_in)) > 0.5).astype(np.uint8) for i in net.dropout_layers]
+    costs = trainer.train_steps(images, labels, keeps, 0.1)
+    raw = [p.get_value(borrow=True) for p in net.params]
+    places = [sorted(d.platform for d in value.devices()) for value in raw if hasattr(value, "devices")]
+    return costs, [np.asarray(value) for value in raw], places
+
+
+@requires_gpu
+def test_gpu_training_repeats_exactly_and_stays_close_to_the_cpu():
+    gpu_costs, gpu_weights, places = _train_on("gpu")
+    assert places and all(p == ["gpu"] for p in places)  # the parameters stay on the GPU between calls
+    again_costs, again_weights, _ = _train_on("gpu")
+    cpu_costs, cpu_weights, _ = _train_on("cpu")
+    np.testing.assert_array_equal(gpu_costs, again_costs)  # same seed, same run
+    for a, b in zip(gpu_weights, again_weights):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(gpu_costs, cpu_costs, rtol=1e-4)
+    for a, b in zip(gpu_weights, cpu_weights):  # 30 steps of SGD amplify float32 rounding differences
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)

@@ -4,7 +4,8 @@ Trains conv 20x5x5 + pool, conv 40x5x5 + pool, FC 100 (ReLU), softmax with SGD (
 book's L2 term) for a fixed number of mini-batches on random images, at each batch size, on the
 JAX and C engines, on theano-pymc and, when ``torch`` is installed, on PyTorch (CPU) with the
 identical network and batch size, all in one run; prints images per second and the ratios to
-PyTorch. Each figure is the best of ``--repeats`` timed calls after a warm-up call (compilation is
+PyTorch. ``--device gpu`` times the JAX engine on the GPU against PyTorch on CUDA (the C engine and
+theano-pymc run on the CPU only, so they are left out). Each figure is the best of ``--repeats`` timed calls after a warm-up call (compilation is
 not timed).
 
 theano-pymc lives in its own environment (``pipeline.backend.THEANO_INSTALL``): run from the main
@@ -22,7 +23,7 @@ and 64; peak memory training on 250,000 images under 2 GB. Run it with nothing e
 PyTorch's threads lose much more to a busy machine than XLA's, and the ratios come out too high.
 
     python -m pipeline.benchmarks.train [--steps 1000] [--batch-sizes 10 64] [--engines jax c theano-pymc]
-                                        [--repeats 3] [--conv-lax] [--memory] [--theano-python PATH]
+                                        [--device cpu|gpu] [--repeats 3] [--conv-lax] [--memory] [--theano-python PATH]
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.architecture import build, resolve
-from pipeline.backend import ENGINES, THEANO_ENV, Backend, engine_unavailable
+from pipeline.backend import DEVICES, ENGINES, THEANO_ENV, Backend, engine_unavailable
+from pipeline.config import PipelineError
 from pipeline.trainer import Trainer
 
 ETA, LMBDA, BATCHES_PER_EPOCH = 0.03, 0.1, 5000  # the book's ReLU run: 50,000 images in batches of 10
@@ -53,9 +55,9 @@ def random_batches(steps: int, batch_size: int, seed: int = 0):
     return images, labels
 
 
-def time_engine(engine: str, batch_size: int, steps: int, repeats: int) -> float:
+def time_engine(engine: str, batch_size: int, steps: int, repeats: int, device: str = "cpu") -> float:
     network = build(resolve("conv2_relu"), rng=np.random.default_rng(0))
-    trainer = Trainer(network, Backend(engine), batch_size=batch_size, lmbda=LMBDA,
+    trainer = Trainer(network, Backend(engine, device), batch_size=batch_size, lmbda=LMBDA,
                       num_training_batches=BATCHES_PER_EPOCH)
     images, labels = random_batches(steps, batch_size)
     trainer.train_steps(images, labels, [], ETA)  # compile + warm up
@@ -76,18 +78,20 @@ def time_in_theano_env(python: Path, batch_size: int, steps: int, repeats: int) 
     return json.loads(out.splitlines()[-1])[str(batch_size)]["theano-pymc"]
 
 
-def time_torch(batch_size: int, steps: int, repeats: int) -> float:
+def time_torch(batch_size: int, steps: int, repeats: int, device: str = "cpu") -> float:
     import torch
 
     torch.manual_seed(0)
+    where = torch.device("cuda" if device == "gpu" else "cpu")
     nn = torch.nn
     # conv -> pool -> ReLU as the book (a per-channel bias commutes with the max-pool)
     net = nn.Sequential(nn.Conv2d(1, 20, 5), nn.MaxPool2d(2), nn.ReLU(), nn.Conv2d(20, 40, 5), nn.MaxPool2d(2),
-                        nn.ReLU(), nn.Flatten(), nn.Linear(640, 100), nn.ReLU(), nn.Linear(100, 10))
+                        nn.ReLU(), nn.Flatten(), nn.Linear(640, 100), nn.ReLU(), nn.Linear(100, 10)).to(where)
     # the book's L2 term 0.5*lmbda*|W|^2/batches has gradient (lmbda/batches)*W: torch's weight_decay
     optimizer = torch.optim.SGD(net.parameters(), lr=ETA, weight_decay=LMBDA / BATCHES_PER_EPOCH)
     images, labels = random_batches(steps, batch_size)
-    images, labels = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+    # on CUDA the whole batch set goes to the GPU first: PyTorch is timed without its transfers
+    images, labels = torch.from_numpy(images).to(where), torch.from_numpy(labels.astype(np.int64)).to(where)
 
     def run():
         for i in range(steps):
@@ -96,6 +100,8 @@ def time_torch(batch_size: int, steps: int, repeats: int) -> float:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        if where.type == "cuda":
+            torch.cuda.synchronize()  # CUDA runs asynchronously: wait for the last step
 
     run()
     best = float("inf")
@@ -106,7 +112,7 @@ def time_torch(batch_size: int, steps: int, repeats: int) -> float:
     return steps * batch_size / best
 
 
-def time_jax_lax_conv(batch_size: int, steps: int, repeats: int) -> float:
+def time_jax_lax_conv(batch_size: int, steps: int, repeats: int, device: str = "cpu") -> float:
     """The JAX engine with convolutions as an Op lowered to lax.conv_general_dilated."""
     import pipeline.layers as layers
     from pipeline.benchmarks.conv_lax import conv2d_lax
@@ -114,7 +120,7 @@ def time_jax_lax_conv(batch_size: int, steps: int, repeats: int) -> float:
     original = layers.conv2d_valid
     layers.conv2d_valid = conv2d_lax
     try:
-        return time_engine("jax", batch_size, steps, repeats)
+        return time_engine("jax", batch_size, steps, repeats, device)
     finally:
         layers.conv2d_valid = original
 
@@ -148,6 +154,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=1000, help="mini-batches per timed call (default 1000)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[10, 64])
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--device", default="cpu", choices=DEVICES,
+                        help="cpu (default) or gpu: the JAX engine on the GPU against PyTorch on CUDA")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per figure; the best is kept")
     parser.add_argument("--conv-lax", action="store_true", help="also time JAX with a lax.conv convolution Op")
     parser.add_argument("--memory", action="store_true", help="peak RSS of one epoch of the train stage on 250,000 images")
@@ -155,9 +163,18 @@ def main(argv=None) -> int:
                         help=f"the theano-pymc environment's python (default: {THEANO_ENV}/bin/python)")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # the child process's answer
     args = parser.parse_args(argv)
+    if args.device == "gpu":
+        try:
+            Backend("jax", "gpu")
+        except PipelineError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     engines = []
     for engine in args.engines:
         why = engine_unavailable(engine)
+        if args.device == "gpu" and engine != "jax":
+            print(f"{engine} not timed: it runs on the CPU only, and --device gpu was asked for")
+            continue
         if not why or (engine == "theano-pymc" and args.theano_python.is_file()):  # the latter in a child process
             engines.append(engine)
         elif not args.json:
@@ -170,8 +187,11 @@ def main(argv=None) -> int:
             has_torch = True
         except ImportError:
             print("torch is not installed (pip install '.[bench]'): no PyTorch comparison")
+        if has_torch and args.device == "gpu" and not torch.cuda.is_available():
+            has_torch = False
+            print("torch sees no CUDA device: no PyTorch comparison on the GPU")
         print(f"two-conv ReLU network, {args.steps} mini-batches per call, best of {args.repeats}, "
-              f"{os.cpu_count()} CPUs")
+              f"{os.cpu_count()} CPUs, device {args.device}")
     table = {}
     for bs in args.batch_sizes:
         steps = max(args.steps * 10 // bs, 20)  # about the same number of images at every batch size
@@ -183,11 +203,11 @@ def main(argv=None) -> int:
             if engine_unavailable(engine):
                 results[name] = time_in_theano_env(args.theano_python, bs, steps, args.repeats)
             else:
-                results[name] = time_engine(engine, bs, steps, args.repeats)
+                results[name] = time_engine(engine, bs, steps, args.repeats, args.device)
         if args.conv_lax:
-            results["pytensor-jax (lax.conv Op)"] = time_jax_lax_conv(bs, steps, args.repeats)
+            results["pytensor-jax (lax.conv Op)"] = time_jax_lax_conv(bs, steps, args.repeats, args.device)
         if has_torch:
-            results["pytorch"] = time_torch(bs, steps, args.repeats)
+            results["pytorch"] = time_torch(bs, steps, args.repeats, args.device)
         table[str(bs)] = results
         if args.json:
             continue
