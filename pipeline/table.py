@@ -45,7 +45,7 @@ from pipeline.architecture import BOOK_SETTINGS
 from pipeline.config import ConfigError, PipelineError, from_section, load_params
 from pipeline.files import atomic_path, load_npz, save_npz, sha256_file, write_bytes, write_json
 from pipeline.model_io import load_model
-from pipeline.train import PACKAGE_DIR, TRAINING_SOURCES, TrainConfig, load_split, train
+from pipeline.train import TrainConfig, load_split, train, training_source_hashes
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +224,8 @@ def _sha256_of(path: Path, mtime_ns: int, size: int) -> str:
 def code_version() -> str:
     """A short hash of the training code (the sources the train stage's checkpoints are keyed on)."""
     digest = hashlib.sha256()
-    for name in TRAINING_SOURCES:
-        digest.update(sha256_file(PACKAGE_DIR / name).encode())
+    for source_digest in training_source_hashes().values():
+        digest.update(source_digest.encode())
     return digest.hexdigest()[:12]
 
 

@@ -145,8 +145,13 @@ def fingerprint(config: TrainConfig, train_path: Path, validation_path: Path) ->
     settings.update(format=CHECKPOINT_FORMAT, train=sha256_file(train_path), validation=sha256_file(validation_path))
     # the code that computes each step: DVC re-runs the stage when it changes, and a resume must not
     # then continue weights that the old code produced
-    settings.update({f"source:{name}": sha256_file(PACKAGE_DIR / name) for name in TRAINING_SOURCES})
+    settings.update({f"source:{name}": digest for name, digest in training_source_hashes().items()})
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def training_source_hashes() -> dict[str, str]:
+    """The sha256 of each file of the training code (``TRAINING_SOURCES``), in that order."""
+    return {name: sha256_file(PACKAGE_DIR / name) for name in TRAINING_SOURCES}
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
