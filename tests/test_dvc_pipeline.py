@@ -61,3 +61,43 @@ def test_dvc_repro_data_stages(tmp_path, mirror):
     assert "didn't change, skipping" in again.stdout
     lock = (project / "dvc.lock").read_text()
     assert all(f"  {stage}:" in lock for stage in ("download", "prepare", "expand"))
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """The pipeline modules ``path`` imports anywhere in it (imports inside functions too), and those
+    it names by file (``"pyfunc_model.py"``, which MLflow runs by path)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".py"):
+            if (path.parent / node.value).is_file():
+                found.add(f"pipeline.{node.value[:-3]}")
+        elif isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+            found.update(f"pipeline.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("pipeline."))
+    return found
+
+
+def test_every_stage_depends_on_every_source_file_it_runs():
+    # so that editing any module a stage imports re-runs that stage (and only the stages that import it)
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        todo, closure = [f"pipeline.{name}"], set()
+        while todo:
+            module = todo.pop()
+            path = root / (module.replace(".", "/") + ".py")
+            if module in closure or not path.is_file():  # a package's own name (pipeline.benchmarks) has no file
+                continue
+            closure.add(module)
+            todo.extend(_imported_modules(path))
+        needed = {module.replace(".", "/") + ".py" for module in closure}
+        deps = {d for d in stage["deps"] if d.startswith("pipeline/")}
+        assert needed <= deps, f"stage {name}: dvc.yaml's deps lack {sorted(needed - deps)}"
+        assert deps <= needed, f"stage {name}: dvc.yaml's deps name files it never imports: {sorted(deps - needed)}"
