@@ -17,6 +17,11 @@ finished on disk, also those of an earlier call with more --repeats). Row 8 is
 trained with at least 5 seeds; row 9 is the plurality vote of its seeds 1-5 (ties: see
 pipeline.ensemble), and row 9avg, beyond the book, averages their probabilities.
 
+--jobs N trains N networks at once, each in its own process (results are the same as one at a
+time). On a 2-core CPU keep 1: one training already uses both cores. A GPU runs one training at
+batch size 10 far below its capacity, so several at once may finish the table sooner there; that
+speed-up has not been measured yet.
+
 Writes OUT/report.md (Markdown table: the book's accuracy beside ours), OUT/report.png and
 OUT/results.json. Engine, device and steps_per_call come from the train section of --params;
 everything else from the row. Each training is an MLflow child run (tags row, seed) of one parent
@@ -25,6 +30,7 @@ run per table (tag table=chapter6), which also gets the report.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -32,7 +38,9 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,11 +334,13 @@ def _ensemble_line(row: Row, members: list[dict], probabilities: list[np.ndarray
 
 def run_table(*, rows: Sequence[str] | str | None = None, repeats: int = 3, quick: bool = False, prepared_dir: Path,
               expanded_dir: Path, out_dir: Path, engine: str = "jax", device: str = "cpu", steps_per_call: int = 500,
-              tracking_config: tracking.TrackingConfig | None = None, progress: bool = True) -> dict:
+              tracking_config: tracking.TrackingConfig | None = None, progress: bool = True, jobs: int = 1) -> dict:
     """Train what is missing of ``rows``, write the report; returns results.json's content plus
     ``trained``, the (row, seed) pairs trained (or resumed) by this call."""
     if repeats < 1:
         raise ConfigError(f"Got --repeats {repeats}: must be at least 1")
+    if jobs < 1:
+        raise ConfigError(f"Got --jobs {jobs}: must be at least 1 (trainings at once)")
     keys = select_rows(rows)
     prepared_dir, expanded_dir, out_dir = Path(prepared_dir), Path(expanded_dir), Path(out_dir)
     tracking_config = tracking_config or tracking.TrackingConfig(enabled=False)
@@ -347,11 +357,11 @@ def run_table(*, rows: Sequence[str] | str | None = None, repeats: int = 3, quic
 
     with jax_compilation_cache(out_dir / ".jax-cache") if engine == "jax" else contextlib.nullcontext():
         return _run(keys=keys, repeats=repeats, quick=quick, data=data, out_dir=out_dir, engine=engine, device=device,
-                    steps_per_call=steps_per_call, tracking_config=tracking_config, progress=progress)
+                    steps_per_call=steps_per_call, tracking_config=tracking_config, progress=progress, jobs=jobs)
 
 
 def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Path, engine: str, device: str,
-         steps_per_call: int, tracking_config: tracking.TrackingConfig, progress: bool) -> dict:
+         steps_per_call: int, tracking_config: tracking.TrackingConfig, progress: bool, jobs: int) -> dict:
     # the code as this process loaded it (hashed once, at the start): its files may be edited while a
     # table trains for hours
     code = code_version()
@@ -360,7 +370,7 @@ def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Pat
     test = {"images": test_images, "labels": test_labels}
     parent_key = f"chapter6-table quick={quick}"
     parent_resume = tracking.resumable_run(out_dir, parent_key)
-    trained, lines, member_results = [], [], {}
+    trained, lines = [], []
     with tracking.tracked_run(tracking_config, run_name="chapter6-table" + (" (quick)" if quick else ""),
                               resume_run_id=parent_resume, tags={"table": "chapter6", "quick": quick}) as parent:
         if parent is not None:
@@ -368,15 +378,13 @@ def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Pat
             if parent.run_id != parent_resume:
                 parent.log_params({"quick": quick})
             parent.set_tags({"rows": ",".join(keys), "repeats": repeats})
-        for row in ROWS:  # an ensemble row comes after the row whose networks it combines
+        # what is on disk already, and what to train
+        found: dict[str, dict[int, dict]] = {row.key: {} for row in ROWS}
+        todo = []
+        for row in ROWS:
             if row.is_ensemble:
-                members = [r for r in member_results[row.ensemble_of] if r["seed"] <= ENSEMBLE_SIZE]
-                probabilities = [load_npz(out_dir / row.ensemble_of / f"seed{m['seed']}" / PROBABILITIES_FILE)
-                                 ["probabilities"] for m in members]
-                lines.append(_ensemble_line(row, members, probabilities, test_labels))
                 continue
             count = n_seeds(row, repeats)
-            results = []
             for seed in range(1, max(count, _last_seed_on_disk(out_dir / row.key)) + 1):
                 seed_dir = out_dir / row.key / f"seed{seed}"
                 if (row.key not in keys or seed > count) and not (seed_dir / RESULT_FILE).is_file():
@@ -385,16 +393,27 @@ def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Pat
                                       steps_per_call=steps_per_call)
                 key = _key(config, data, test_sha)
                 result = load_result(seed_dir, key)
-                if result is None and row.key in keys and seed <= count:
-                    log.info("row %s (%s), seed %d of %d", row.key, row.description, seed, count)
-                    result = train_one(row, seed, config, data=data, test=test, key=key, seed_dir=seed_dir,
-                                       quick=quick, tracking_config=tracking_config,
-                                       parent_id=parent.run_id if parent else None, progress=progress, code=code)
-                    trained.append((row.key, seed))
                 if result is not None:
-                    results.append(result)
-            member_results[row.key] = results
-            lines.append(_line(row, results, count))
+                    found[row.key][seed] = result
+                elif row.key in keys and seed <= count:
+                    todo.append(Job(row.key, seed, count, config, key, seed_dir))
+        common = dict(data=data, quick=quick, tracking_config=tracking_config, code=code,
+                      parent_id=parent.run_id if parent else None)
+        for job, result in _train_all(todo, jobs=jobs, test=test, progress=progress,
+                                      cache_dir=out_dir / ".jax-cache", **common):
+            found[job.row][job.seed] = result
+            trained.append((job.row, job.seed))
+
+        for row in ROWS:  # an ensemble row comes after the row whose networks it combines
+            if row.is_ensemble:
+                members = [found[row.ensemble_of][seed] for seed in sorted(found[row.ensemble_of])
+                           if seed <= ENSEMBLE_SIZE]
+                probabilities = [load_npz(out_dir / row.ensemble_of / f"seed{m['seed']}" / PROBABILITIES_FILE)
+                                 ["probabilities"] for m in members]
+                lines.append(_ensemble_line(row, members, probabilities, test_labels))
+            else:
+                results = [found[row.key][seed] for seed in sorted(found[row.key])]
+                lines.append(_line(row, results, n_seeds(row, repeats)))
         results_json = {"quick": quick, "quick_settings": QUICK if quick else None, "repeats": repeats,
                         "rows_selected": keys, "code": code, "lines": lines}
         write_json(out_dir / "results.json", results_json)
@@ -406,6 +425,58 @@ def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Pat
             parent.log_metrics({f"row_{line['row']}_test_accuracy": line["ours"] for line in lines
                                 if line["ours"] is not None})
     return {**results_json, "trained": trained, "parent_run_id": parent.run_id if parent else None}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (row, seed) to train."""
+
+    row: str
+    seed: int
+    of: int  # the row's seed count, for the log
+    config: TrainConfig
+    key: str
+    seed_dir: Path
+
+
+def _train_all(todo: list[Job], *, jobs: int, test: dict, progress: bool, cache_dir: Path, **common) -> Iterator:
+    """Train every job, ``jobs`` at a time; yields (job, result) as each finishes."""
+    if jobs == 1 or len(todo) <= 1:
+        for job in todo:
+            log.info("row %s (%s), seed %d of %d", job.row, BY_KEY[job.row].description, job.seed, job.of)
+            yield job, train_one(BY_KEY[job.row], job.seed, job.config, test=test, key=job.key,
+                                 seed_dir=job.seed_dir, progress=progress, **common)
+        return
+    # Each JAX process would otherwise take 75% of the GPU's memory at its start, and the second one fail.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    # spawn: a fork would copy this process's JAX runtime and its threads, which JAX does not support
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
+        running = {}
+        for job in todo:
+            log.info("row %s (%s), seed %d of %d: started", job.row, BY_KEY[job.row].description, job.seed, job.of)
+            running[pool.submit(_train_in_process, job, cache_dir=cache_dir, **common)] = job
+        try:
+            for future in concurrent.futures.as_completed(running):
+                job = running[future]
+                result = future.result()
+                log.info("row %s, seed %d: done, test accuracy %s", job.row, job.seed, _pct(result["test_accuracy"]))
+                yield job, result
+        except BaseException:
+            for future in running:  # the trainings not started yet; those running finish their epoch's checkpoint
+                future.cancel()
+            raise
+
+
+def _train_in_process(job: Job, *, cache_dir: Path, data: Data, **common) -> dict:
+    """``train_one`` in a worker process of ``--jobs``: its own logging, test set and compilation cache."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(levelname)s %(name)s [row {job.row} seed {job.seed}]: %(message)s")
+    test_images, test_labels = load_split(data.test)
+    cache = jax_compilation_cache(cache_dir) if job.config.engine == "jax" else contextlib.nullcontext()
+    with cache:
+        return train_one(BY_KEY[job.row], job.seed, job.config, data=data, test={"images": test_images,
+                         "labels": test_labels}, key=job.key, seed_dir=job.seed_dir, progress=False, **common)
 
 
 def _last_seed_on_disk(row_dir: Path) -> int:
@@ -526,6 +597,8 @@ def main(argv=None) -> int:
     parser.add_argument("--expanded", type=Path, default=Path("data/expanded"), help="expanded data directory")
     parser.add_argument("--out", type=Path, default=Path("data/table"), help="output directory (report.md, rows)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="networks trained at once, each in its own process (default 1; keep 1 on a small CPU)")
 
     def run(args):
         params = load_params(args.params)
@@ -534,7 +607,7 @@ def main(argv=None) -> int:
         results = run_table(rows=args.rows, repeats=args.repeats, quick=args.quick, prepared_dir=args.prepared,
                             expanded_dir=args.expanded, out_dir=args.out, engine=train_settings.engine,
                             device=train_settings.device, steps_per_call=train_settings.steps_per_call,
-                            tracking_config=tracking_config, progress=not args.no_progress)
+                            tracking_config=tracking_config, progress=not args.no_progress, jobs=args.jobs)
         print(f"trained {len(results['trained'])} networks; report: {args.out / 'report.md'}")
         for line in results["lines"]:
             if line["ours"] is not None:

@@ -180,6 +180,42 @@ def test_finished_rows_outlive_a_code_change_and_the_report_names_them(first_run
     assert "| 1 | FC 100, softmax; sigmoid | 97.80% |" in (out / "table" / "report.md").read_text()
 
 
+def test_jobs_train_in_parallel_processes_with_the_same_results(first_run, data, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    out, _ = first_run
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the worker processes inherit it
+    monkeypatch.chdir(tmp_path)
+    parallel = table.run_table(rows="1,2", repeats=1, quick=True, prepared_dir=data / "prepared",
+                               expanded_dir=data / "expanded", out_dir=tmp_path / "table", progress=False, jobs=2,
+                               tracking_config=table.tracking.TrackingConfig(experiment="table-jobs"))
+    assert sorted(parallel["trained"]) == [("1", 1), ("2", 1)]
+    for row in ("1", "2"):
+        serial = json.loads((out / "table" / row / "seed1" / "result.json").read_text())
+        result = json.loads((tmp_path / "table" / row / "seed1" / "result.json").read_text())
+        for name in ("key", "best_validation_accuracy", "best_epoch", "test_accuracy"):
+            assert result[name] == serial[name], (row, name)
+        serial_weights = load_npz(out / "table" / row / "seed1" / "model" / "model.npz")
+        weights = load_npz(tmp_path / "table" / row / "seed1" / "model" / "model.npz")
+        assert serial_weights.keys() == weights.keys()
+        for name in weights:
+            np.testing.assert_array_equal(weights[name], serial_weights[name])
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("table-jobs").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if r is not parent]
+    assert sorted((r.data.tags["row"], r.info.status) for r in children) == [("1", "FINISHED"), ("2", "FINISHED")]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+
+
+def test_jobs_must_be_at_least_one(data, tmp_path):
+    with pytest.raises(table.ConfigError, match="Got --jobs 0"):
+        table.run_table(rows="1", quick=True, prepared_dir=data / "prepared", expanded_dir=data / "expanded",
+                        out_dir=tmp_path, jobs=0)
+
+
 def _same_but_time(a: list[dict], b: list[dict]) -> bool:
     """The figures agree; only the resumed seed's wall time (its test scoring redone) may differ."""
     def strip(lines):
