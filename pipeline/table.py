@@ -18,9 +18,9 @@ trained with at least 5 seeds; row 9 is the plurality vote of its seeds 1-5 (tie
 pipeline.ensemble), and row 9avg, beyond the book, averages their probabilities.
 
 --jobs N trains N networks at once, each in its own process (results are the same as one at a
-time). On a 2-core CPU keep 1: one training already uses both cores. A GPU runs one training at
-batch size 10 far below its capacity, so several at once may finish the table sooner there; that
-speed-up has not been measured yet.
+time). On a 2-core CPU keep 1: one training already uses both cores. On a GPU one training at
+batch size 10 leaves room (an H200 trained 3.3x more images per second at batch size 64), so
+several at once may finish the table sooner there; that speed-up has not been measured yet.
 
 Writes OUT/report.md (Markdown table: the book's accuracy beside ours), OUT/report.png and
 OUT/results.json. Engine, device and steps_per_call come from the train section of --params;
