@@ -5,8 +5,8 @@ book's L2 term) for a fixed number of mini-batches on random images, at each bat
 JAX and C engines, on theano-pymc and, when ``torch`` is installed, on PyTorch (CPU) with the
 identical network and batch size, all in one run; prints images per second and the ratios to
 PyTorch. ``--device gpu`` times the JAX engine on the GPU against PyTorch on CUDA (the C engine and
-theano-pymc run on the CPU only, so they are left out). Each figure is the best of ``--repeats`` timed calls after a warm-up call (compilation is
-not timed).
+theano-pymc run on the CPU only, so they are left out). Each figure is the best of ``--repeats``
+timed calls after a warm-up call (compilation is not timed).
 
 theano-pymc lives in its own environment (``pipeline.backend.THEANO_INSTALL``): run from the main
 environment, its column comes from a child process on ``.venv-theano/bin/python`` (or
