@@ -225,15 +225,22 @@ def _temporary_files_removed():
         shutil.rmtree(private, ignore_errors=True)
 
 
+def jax_gpus() -> list:
+    """The GPUs JAX can use (none where JAX has no CUDA or the machine no NVIDIA driver)."""
+    import jax
+
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:
+        return []
+
+
 def _select_jax_device(device: str) -> str:
     """Point JAX's default device at the CPU or the first GPU; refuse a GPU that is not there."""
     import jax
 
     if device == "gpu":
-        try:
-            gpus = jax.devices("gpu")
-        except RuntimeError:
-            gpus = []
+        gpus = jax_gpus()
         if not gpus:
             found = ", ".join(sorted({d.platform for d in jax.devices()}))
             raise PipelineError(

@@ -6,24 +6,15 @@ import numpy as np
 import pytensor.tensor as pt
 import pytest
 
-from pipeline.backend import Backend
+from pipeline.backend import Backend, jax_gpus
 from pipeline.config import PipelineError
 from pipeline.layers import ConvPool, FullyConnected, Softmax
 from pipeline.network import Network
 from pipeline.trainer import Trainer
 
 
-def _jax_sees_a_gpu() -> bool:
-    import jax
-
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
 # These run where JAX has CUDA and a GPU (the device machine); CI has none, so there they skip.
-requires_gpu = pytest.mark.skipif(not _jax_sees_a_gpu(), reason="JAX sees no GPU (pip install '.[gpu]')")
+requires_gpu = pytest.mark.skipif(not jax_gpus(), reason="JAX sees no GPU (pip install '.[gpu]')")
 
 
 def test_unknown_engine_and_device_are_refused():
@@ -36,7 +27,7 @@ def test_unknown_engine_and_device_are_refused():
 
 
 def test_gpu_without_a_gpu_is_an_error_not_a_fallback():
-    if _jax_sees_a_gpu():
+    if jax_gpus():
         assert Backend("jax", "gpu").device_name.startswith("gpu")
     else:
         with pytest.raises(PipelineError, match="JAX sees no GPU"):
@@ -50,8 +41,9 @@ def test_functions_return_numpy_arrays_in_float32():
     np.testing.assert_array_equal(out, [0, 2.5, 5])
 
 
-def _cost_and_gradients(backends: list[Backend]) -> list[list[np.ndarray]]:
-    """One network's cost and gradients (dropout masks given) on a batch, compiled for each backend in turn."""
+def _cost_and_gradients(backends: list[Backend]) -> tuple[list[str], list[list[np.ndarray]]]:
+    """One network's cost and gradients (dropout masks given) on a batch, compiled for each backend in
+    turn; returns the outputs' names and each backend's outputs."""
     rng = np.random.default_rng(11)
     net = Network([ConvPool((1, 8, 8), filters=3, kernel=3, pool=2, activation="relu", rng=rng),
                    FullyConnected(27, 6, "sigmoid", p_dropout=0.5, rng=rng), Softmax(6, 4)])
@@ -63,11 +55,12 @@ def _cost_and_gradients(backends: list[Backend]) -> list[list[np.ndarray]]:
     outputs = [objective, *pt.grad(objective, net.params)]
     args = (rng.random((5, 64)).astype(np.float32), rng.integers(0, 4, 5).astype(np.uint8),
             (rng.random((5, 27)) > 0.5).astype(np.float32))
-    return [backend.function([x, y, keep], outputs)(*args) for backend in backends]
+    return ["cost", *net.param_names()], [backend.function([x, y, keep], outputs)(*args) for backend in backends]
 
 
-def _assert_same(first: list[np.ndarray], second: list[np.ndarray]) -> None:
-    for name, a, b in zip(["cost", "w0", "b0", "w1", "b1", "w2", "b2"], first, second):
+def _assert_same(names: list[str], outputs: list[list[np.ndarray]]) -> None:
+    first, second = outputs
+    for name, a, b in zip(names, first, second, strict=True):
         assert a.dtype == b.dtype == np.float32, name
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
 

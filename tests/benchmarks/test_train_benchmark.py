@@ -2,19 +2,11 @@
 
 import pytest
 
+from pipeline.backend import jax_gpus
 from pipeline.benchmarks import train as bench
 
 
-def _jax_sees_a_gpu() -> bool:
-    import jax
-
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
-@pytest.mark.skipif(_jax_sees_a_gpu(), reason="a GPU is there, so --device gpu would run the benchmark")
+@pytest.mark.skipif(bool(jax_gpus()), reason="a GPU is there, so --device gpu would run the benchmark")
 def test_device_gpu_without_a_gpu_stops_with_the_reason(capsys):
     assert bench.main(["--device", "gpu", "--steps", "20", "--repeats", "1"]) == 2
     err = capsys.readouterr().err
