@@ -46,7 +46,9 @@ def digit_classifier():
 
             self.model = load_model(Path(context.artifacts["model_dir"]))
 
-        def predict(self, context, model_input, params=None):
+        # np.ndarray is the one hint MLflow neither validates nor converts (the tensor signature
+        # already makes serving's JSON an array); without a hint every load warns about it
+        def predict(self, context, model_input: np.ndarray, params=None):
             probabilities = self.model.predict_proba(as_images(model_input))
             return {"label": probabilities.argmax(axis=1), "probabilities": probabilities}
 

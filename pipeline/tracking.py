@@ -24,6 +24,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -196,8 +197,13 @@ class Run:
         from mlflow.entities import DatasetInput, InputTag
 
         arrays = load_npz(path)
-        dataset = mlflow.data.from_numpy(arrays["images"], targets=arrays["labels"], source=Path(path).resolve().as_uri(),
-                                         name=name, digest=sha256_file(path)[:32])
+        with warnings.catch_warnings():
+            # MLflow registers its local artifact store for both "" and "file" URIs, so a file:// source
+            # matches two identical dataset-source classes and it warns on every run; either is right
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+            dataset = mlflow.data.from_numpy(arrays["images"], targets=arrays["labels"],
+                                             source=Path(path).resolve().as_uri(), name=name,
+                                             digest=sha256_file(path)[:32])
         entity = DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])
         retry_locked(lambda: self.client.log_inputs(self.run_id, datasets=[entity]))
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import warnings
 
 import mlflow.pyfunc
 import numpy as np
@@ -120,3 +121,16 @@ def test_resumed_training_continues_the_same_run(project):
     runs = client(project).search_runs([client(project).get_experiment_by_name("tests").experiment_id])
     assert [r.info.run_id for r in runs] == [first[0].info.run_id]
     assert runs[0].info.status == "FINISHED"
+
+
+def test_a_tracked_run_and_loading_its_model_raise_no_mlflow_warnings(project):
+    # warnings that every `dvc repro` printed until MLflow's dataset-source and type-hint quirks were handled
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_in(project, epochs=1)
+        (run,) = client(project).search_runs([client(project).get_experiment_by_name("tests").experiment_id])
+        mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    # DeprecationWarnings (SQLAlchemy's, inside MLflow's store) are hidden from users by default
+    shown = [w for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    from_mlflow = [f"{w.category.__name__}: {w.message}" for w in shown if "mlflow" in w.filename]
+    assert from_mlflow == []
