@@ -210,6 +210,39 @@ def test_jobs_train_in_parallel_processes_with_the_same_results(first_run, data,
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
 
 
+def test_the_best_rows_train_on_their_own_elastic_set_made_once(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    kwargs = dict(rows="best", repeats=1, quick=True, prepared_dir=data / "prepared", expanded_dir=data / "expanded",
+                  out_dir=tmp_path / "table", progress=False)
+    results = table.run_table(**kwargs)
+    assert sorted(results["trained"]) == [("best", seed) for seed in range(1, 6)]  # five, for its ensembles
+
+    # the set: every quick-mode training image (the first 2,000, here all 200), its four one-pixel shifts and
+    # one elastic copy; built from the prepared images, not from --expanded
+    (made,) = (tmp_path / "table" / "datasets").glob("expand-*/train.npz")
+    source = load_npz(tmp_path / "table" / "quick-data" / "prepared" / "train.npz")
+    images, labels = load_npz(made)["images"], load_npz(made)["labels"]
+    assert len(labels) == 6 * len(source["labels"])
+    np.testing.assert_array_equal(np.bincount(labels, minlength=10), 6 * np.bincount(source["labels"], minlength=10))
+    present = {image.tobytes() for image in images}
+    assert all(image.tobytes() in present for image in source["images"])
+    moved_down = np.zeros_like(source["images"])
+    moved_down[:, 1:] = source["images"][:, :-1]  # by hand: every row one pixel down, a blank row on top
+    assert all(image.tobytes() in present for image in moved_down)
+    config = json.loads((tmp_path / "table" / "best" / "seed1" / "result.json").read_text())["settings"]
+    assert (config["dataset"], config["architecture"]) == ("expanded", "conv2_relu_dropout")
+
+    lines = {line["row"]: line for line in results["lines"]}
+    assert lines["best"]["n"] == 5 and lines["best-vote"]["members"] == lines["best-avg"]["members"] == [1, 2, 3, 4, 5]
+    cells = markdown_rows((tmp_path / "table" / "report.md").read_text())
+    for key in ("best", "best-vote", "best-avg"):
+        assert re.fullmatch(r"\d+\.\d\d%( \(seed \d\))?", cells[key][3]), cells[key]
+
+    # again: nothing trained, the set not made again
+    stamp = made.stat().st_mtime_ns
+    assert table.run_table(**kwargs)["trained"] == [] and made.stat().st_mtime_ns == stamp
+
+
 def test_jobs_must_be_at_least_one(data, tmp_path):
     with pytest.raises(table.ConfigError, match="Got --jobs 0"):
         table.run_table(rows="1", quick=True, prepared_dir=data / "prepared", expanded_dir=data / "expanded",
