@@ -12,6 +12,7 @@ STAGES = {
     "expand": ("pipeline.expand", "expand the training set with the book's one-pixel shifts (250,000 images)"),
     "train": ("pipeline.train", "train a network from params.yaml with mini-batch SGD"),
     "evaluate": ("pipeline.evaluate", "evaluate a trained model on the test set"),
+    "ensemble": ("pipeline.ensemble", "combine saved models by plurality vote and averaged probabilities (not a dvc stage)"),
     "table": ("pipeline.table", "rerun the book's chapter 6 results table and ensemble (not a dvc stage; resumable)"),
 }
 

@@ -9,11 +9,32 @@ Without probabilities a tie goes straight to the lowest digit.
 
 Beyond the book, :func:`average_probabilities` answers the digit with the largest mean probability
 over the networks (a "soft" vote); exact ties again go to the lowest digit.
+
+As a command it combines any saved models (the train stage's ``data/model``, a table's
+``data/table/<row>/seed<k>/model``, models of ``dvc exp`` runs) and prints each one's accuracy,
+the vote's and the average's:
+
+    python -m pipeline ensemble data/table/8/seed*/model
+    python -m pipeline ensemble data/table/8/seed*/model data/table/best/seed*/model --out ensemble.json
+    python -m pipeline ensemble m1 m2 m3 --data data/prepared/validation.npz
+
+The models run on ``train.engine`` and ``train.device`` of ``--params``. It is not a dvc stage
+and logs nothing to MLflow (the models' own runs hold their training); ``--out`` writes the
+figures as JSON.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+from tqdm import tqdm
+
+from pipeline import cli
+from pipeline.config import PipelineError, from_section, load_params
+from pipeline.files import load_npz, write_json
+from pipeline.model_io import load_model
+from pipeline.train import TrainConfig
 
 
 def _check_labels(labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -65,3 +86,79 @@ def average_probabilities(probabilities: np.ndarray) -> np.ndarray:
     """The digit with the largest mean probability over the networks, int64 (images,)."""
     probabilities = _check_probabilities(probabilities)
     return np.argmax(probabilities.mean(axis=0), axis=1)
+
+
+# -- the command ---------------------------------------------------------------------------------
+def _load_labelled(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of a prepared set, checked before any model is scored."""
+    if not path.is_file():
+        raise PipelineError(f"no data set at {str(path)!r} (--data; `dvc repro` makes data/prepared/test.npz)")
+    arrays = load_npz(path)
+    missing = [name for name in ("images", "labels") if name not in arrays]
+    if missing:
+        raise PipelineError(f"{path}: no array named {missing[0]!r}; expected a prepared set with images and labels")
+    images, labels = arrays["images"], arrays["labels"]
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise PipelineError(f"{path}: labels of shape {labels.shape} do not match images of shape {images.shape}")
+    return images, labels
+
+
+def ensemble_models(*, model_dirs: list[Path], data_path: Path, out_path: Path | None = None,
+                    engine: str | None = None, device: str = "cpu", progress: bool = True) -> dict:
+    """Score each model in ``model_dirs`` and their plurality vote and averaged probabilities on
+    ``data_path``; returns the figures (also written to ``out_path`` as JSON when given)."""
+    model_dirs = [Path(d) for d in model_dirs]
+    if len(model_dirs) < 2:
+        raise PipelineError(f"an ensemble needs at least two models, got {len(model_dirs)}: "
+                            f"{', '.join(map(str, model_dirs)) or 'none'}")
+    seen = set()
+    for model_dir in model_dirs:
+        if model_dir.resolve() in seen:  # it would cast two votes
+            raise PipelineError(f"model {str(model_dir)!r} is given twice; each model votes once")
+        seen.add(model_dir.resolve())
+    images, labels = _load_labelled(Path(data_path))
+    # every model loads (or fails with a clear error) before the long scoring starts
+    models = [load_model(d, engine=engine, device=device) for d in model_dirs]
+
+    bar = tqdm(models, desc="scoring models", disable=not progress)
+    probabilities = np.stack([model.predict_proba(images) for model in bar])  # (networks, images, 10)
+    answers = probabilities.argmax(axis=2)  # (networks, images)
+    vote = plurality_vote(answers, probabilities)  # (images,)
+    average = average_probabilities(probabilities)  # (images,)
+    result = {
+        "data": str(data_path),
+        "images": int(len(labels)),
+        "members": [{"model": str(d), "accuracy": float(np.mean(a == labels))} for d, a in zip(model_dirs, answers)],
+        "plurality_vote_accuracy": float(np.mean(vote == labels)),
+        "averaged_probabilities_accuracy": float(np.mean(average == labels)),
+    }
+    if out_path is not None:
+        write_json(out_path, result)
+    return result
+
+
+def report(result: dict) -> str:
+    lines = [f"{len(result['members'])} networks on {result['data']} ({result['images']:,} images):"]
+    lines += [f"  {100 * m['accuracy']:6.2f}%  {m['model']}" for m in result["members"]]
+    lines += [f"  {100 * result['plurality_vote_accuracy']:6.2f}%  plurality vote",
+              f"  {100 * result['averaged_probabilities_accuracy']:6.2f}%  averaged probabilities"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = cli.stage_parser("ensemble", __doc__)
+    parser.add_argument("models", nargs="+", type=Path, metavar="MODEL_DIR",
+                        help="saved model directories (model.npz + architecture.json), two or more")
+    parser.add_argument("--data", type=Path, default=Path("data/prepared/test.npz"),
+                        help="labelled images to score (default: data/prepared/test.npz)")
+    parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(args):
+        train_settings = from_section(TrainConfig, load_params(args.params), "train", source=args.params)
+        result = ensemble_models(model_dirs=args.models, data_path=args.data, out_path=args.out,
+                                 engine=train_settings.engine, device=train_settings.device,
+                                 progress=not args.no_progress)
+        print(report(result))
+
+    return cli.run(run, parser, argv)

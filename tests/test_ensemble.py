@@ -1,9 +1,17 @@
-"""Plurality vote and probability averaging against hand-made predictions, ties included."""
+"""Plurality vote and probability averaging against hand-made predictions, ties included; the
+``ensemble`` command against saved models scored by plain NumPy."""
+
+import json
 
 import numpy as np
 import pytest
+from synthetic import TINY_NET, write_prepared
 
-from pipeline.ensemble import average_probabilities, plurality_vote, votes
+from pipeline.architecture import build, resolve
+from pipeline.config import PipelineError
+from pipeline.ensemble import average_probabilities, ensemble_models, main, plurality_vote, votes
+from pipeline.files import load_npz
+from pipeline.model_io import save_model
 
 
 def one_hot_ish(labels, confidence):
@@ -80,3 +88,102 @@ def test_shapes_are_checked():
         plurality_vote(np.array([[1, 2]]), np.zeros((1, 3, 10)))
     with pytest.raises(ValueError, match=r"\(networks, images, classes\)"):
         average_probabilities(np.zeros((4, 10)))
+
+
+# -- the command, on saved models ------------------------------------------------------------------
+def python_vote(probabilities):
+    """The module docstring's rule, one image at a time: most votes, then most summed probability,
+    then the lowest digit."""
+    networks, images, _ = probabilities.shape
+    answers = probabilities.argmax(axis=2)
+    chosen = []
+    for image in range(images):
+        counts = [int(np.sum(answers[:, image] == d)) for d in range(10)]
+        tied = [d for d in range(10) if counts[d] == max(counts)]
+        chosen.append(max(tied, key=lambda d: (probabilities[:, image, d].sum(), -d)))
+    return np.array(chosen)
+
+
+def numpy_probabilities(model_dir, images):
+    """TINY_NET's forward pass in plain NumPy from the saved arrays: sigmoid FC 30, softmax 10."""
+    weights = load_npz(model_dir / "model.npz")
+    x = images.reshape(len(images), 784) / 255.0  # (N, 784)
+    hidden = 1 / (1 + np.exp(-(x @ weights["layer0.w"] + weights["layer0.b"])))  # (N, 30)
+    logits = hidden @ weights["layer1.w"] + weights["layer1.b"]  # (N, 10)
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.fixture
+def saved_models(tmp_path):
+    """Three TINY_NET models, random weights around shared ones (so that they agree on some images
+    and not on others), and a test set."""
+    network = build(resolve(TINY_NET), rng=np.random.default_rng(0))
+    shared = [np.random.default_rng(99).normal(0, 0.3, v.shape) for v in network.get_values()]
+    model_dirs = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        values = [(s + rng.normal(0, 0.2, s.shape)).astype(np.float32) for s in shared]
+        save_model(tmp_path / f"model{seed}", network, values)
+        model_dirs.append(tmp_path / f"model{seed}")
+    data_dir = write_prepared(tmp_path / "prepared", sizes={"test": 300})
+    return model_dirs, data_dir / "test.npz"
+
+
+def test_the_command_scores_each_model_and_both_ensembles_as_plain_numpy(saved_models, tmp_path):
+    model_dirs, test_path = saved_models
+    result = ensemble_models(model_dirs=model_dirs, data_path=test_path, out_path=tmp_path / "out.json",
+                             progress=False)
+
+    test = load_npz(test_path)
+    probabilities = np.stack([numpy_probabilities(d, test["images"]) for d in model_dirs])  # (3, 300, 10)
+    answers = probabilities.argmax(axis=2)
+    three_ways = (answers[0] != answers[1]) & (answers[0] != answers[2]) & (answers[1] != answers[2])
+    majority = ~three_ways & ~np.all(answers == answers[0], axis=0)
+    expected_vote, expected_average = python_vote(probabilities), probabilities.mean(axis=0).argmax(axis=1)
+    # the data exercises ties, 2-1 majorities, and the vote and the average disagreeing
+    assert three_ways.sum() > 5 and majority.sum() > 20 and np.sum(expected_vote != expected_average) > 2
+    for member, model_dir, a in zip(result["members"], model_dirs, answers):
+        assert member == {"model": str(model_dir), "accuracy": pytest.approx(np.mean(a == test["labels"]))}
+    assert result["plurality_vote_accuracy"] == pytest.approx(np.mean(expected_vote == test["labels"]))
+    assert result["averaged_probabilities_accuracy"] == pytest.approx(np.mean(expected_average == test["labels"]))
+    assert result["images"] == 300
+    assert json.loads((tmp_path / "out.json").read_text()) == result
+
+
+def test_the_command_line_prints_every_figure(saved_models, tmp_path, capsys):
+    model_dirs, test_path = saved_models
+    (tmp_path / "params.yaml").write_text("train:\n  engine: jax\n")
+    args = ["--params", str(tmp_path / "params.yaml"), "--data", str(test_path), "--no-progress"]
+    assert main([*map(str, model_dirs), *args, "--out", str(tmp_path / "e.json")]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert printed.splitlines()[0] == f"3 networks on {test_path} (300 images):"
+    for member in result["members"]:
+        assert f"{100 * member['accuracy']:6.2f}%  {member['model']}" in printed
+    assert f"{100 * result['plurality_vote_accuracy']:6.2f}%  plurality vote" in printed
+    assert f"{100 * result['averaged_probabilities_accuracy']:6.2f}%  averaged probabilities" in printed
+
+
+def test_bad_input_is_named_before_any_scoring(saved_models, tmp_path, capsys):
+    model_dirs, test_path = saved_models
+    with pytest.raises(PipelineError, match="at least two models, got 1: .*model0"):
+        ensemble_models(model_dirs=model_dirs[:1], data_path=test_path, progress=False)
+    (tmp_path / "elsewhere").mkdir()
+    again = tmp_path / "elsewhere" / ".." / "model0"  # the same directory, spelled differently
+    with pytest.raises(PipelineError, match=r"model '.*elsewhere/\.\./model0' is given twice"):
+        ensemble_models(model_dirs=[*model_dirs, again], data_path=test_path, progress=False)
+    with pytest.raises(PipelineError, match="no trained model in '.*nowhere'"):
+        ensemble_models(model_dirs=[model_dirs[0], tmp_path / "nowhere"], data_path=test_path, progress=False)
+    with pytest.raises(PipelineError, match="no data set at '.*missing.npz'"):
+        ensemble_models(model_dirs=model_dirs, data_path=tmp_path / "missing.npz", progress=False)
+    np.savez(tmp_path / "unlabelled.npz", images=np.zeros((4, 28, 28), np.uint8))
+    with pytest.raises(PipelineError, match="unlabelled.npz: no array named 'labels'"):
+        ensemble_models(model_dirs=model_dirs, data_path=tmp_path / "unlabelled.npz", progress=False)
+    np.savez(tmp_path / "short.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(3, np.uint8))
+    with pytest.raises(PipelineError, match=r"labels of shape \(3,\) do not match images of shape \(4, 28, 28\)"):
+        ensemble_models(model_dirs=model_dirs, data_path=tmp_path / "short.npz", progress=False)
+    # on the command line: one line naming the problem, exit status 1
+    (tmp_path / "params.yaml").write_text("train: {}\n")
+    assert main([str(model_dirs[0]), "--params", str(tmp_path / "params.yaml"), "--data", str(test_path)]) == 1
+    assert "error: an ensemble needs at least two models" in capsys.readouterr().err
