@@ -22,8 +22,8 @@ time). On a 2-core CPU keep 1: one training already uses both cores. On a GPU on
 batch size 10 leaves room (an H200 trained 3.3x more images per second at batch size 64), so
 several at once may finish the table sooner there; that speed-up has not been measured yet.
 
-Writes OUT/report.md (Markdown table: the book's accuracy beside ours), OUT/report.png and
-OUT/results.json. Engine, device and steps_per_call come from the train section of --params;
+Writes OUT/report.md (Markdown table: the book's accuracy beside ours), OUT/report.png (both
+against the row), OUT/curves.png (each row's validation error per epoch) and OUT/results.json. Engine, device and steps_per_call come from the train section of --params;
 everything else from the row. Each training is an MLflow child run (tags row, seed) of one parent
 run per table (tag table=chapter6), which also gets the report.
 """
@@ -37,7 +37,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import multiprocessing
 import os
 import sys
@@ -52,8 +51,9 @@ from pipeline import cli, ensemble, tracking
 from pipeline.architecture import BOOK_SETTINGS
 from pipeline.config import ConfigError, PipelineError, from_section, load_params
 from pipeline.expand import ExpandConfig, expand
-from pipeline.files import atomic_path, load_npz, save_npz, sha256_file, write_bytes, write_json
+from pipeline.files import load_npz, save_npz, sha256_file, write_json
 from pipeline.model_io import load_model
+from pipeline.table_report import pct, write_report
 from pipeline.train import TrainConfig, load_split, train, training_source_hashes
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,7 @@ RESULT_FILE = "result.json"
 PROBABILITIES_FILE = "test_probabilities.npz"
 ENSEMBLE_SIZE = 5  # the book's five networks
 QUICK = {"epochs": 1, "train_images": 2000, "validation_images": 1000, "test_images": 1000}
-QUICK_BANNER = ("**QUICK MODE: NOT a reproduction.** Every network trained {epochs} epoch(s) on the first "
-                "{train_images:,} training images ({validation_images:,} validation, {test_images:,} test): "
-                "a smoke test of the pipeline, not the book's numbers.")
+
 
 
 @dataclass(frozen=True)
@@ -449,11 +447,10 @@ def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Pat
         results_json = {"quick": quick, "quick_settings": QUICK if quick else None, "repeats": repeats,
                         "rows_selected": keys, "code": code, "lines": lines}
         write_json(out_dir / "results.json", results_json)
-        write_bytes(out_dir / "report.md", report_markdown(results_json).encode())
-        plot_report(results_json, out_dir / "report.png")
+        report_files = write_report(results_json, out_dir)
         if parent is not None:
-            for name in ("report.md", "report.png", "results.json"):
-                parent.log_artifact(out_dir / name)
+            for path in (*report_files, out_dir / "results.json"):
+                parent.log_artifact(path)
             parent.log_metrics({f"row_{line['row']}_test_accuracy": line["ours"] for line in lines
                                 if line["ours"] is not None})
     return {**results_json, "trained": trained, "parent_run_id": parent.run_id if parent else None}
@@ -493,7 +490,7 @@ def _train_all(todo: list[Job], *, jobs: int, test: dict, progress: bool, cache_
             for future in concurrent.futures.as_completed(running):
                 job = running[future]
                 result = future.result()
-                log.info("row %s, seed %d: done, test accuracy %s", job.row, job.seed, _pct(result["test_accuracy"]))
+                log.info("row %s, seed %d: done, test accuracy %s", job.row, job.seed, pct(result["test_accuracy"]))
                 yield job, result
         except BaseException:
             for future in running:  # the trainings not started yet; those running finish their epoch's checkpoint
@@ -516,105 +513,6 @@ def _last_seed_on_disk(row_dir: Path) -> int:
     """The highest seed of a row with a result on disk (from an earlier call with more repeats), or 0."""
     seeds = [int(p.parent.name[4:]) for p in row_dir.glob(f"seed*/{RESULT_FILE}") if p.parent.name[4:].isdigit()]
     return max(seeds, default=0)
-
-
-# -- report --------------------------------------------------------------------------------------
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.2f}%"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def report_markdown(results: dict) -> str:
-    lines = ["# Chapter 6 results table: the book beside this pipeline", ""]
-    if results["quick"]:
-        lines += [QUICK_BANNER.format(**results["quick_settings"]), ""]
-    lines += [
-        "Test accuracy at the epoch of best validation accuracy. *Ours* is the seed with the best validation "
-        "accuracy (as the book: best of its runs); *mean ± std* is over all seeds "
-        "(std with ddof=1, in percentage points). "
-        "Ensembles combine seeds 1-5 of their row. Time is the sum over the row's seeds (for an ensemble: its "
-        "members' training). Rows marked *beyond the book* have no book figure.",
-        "",
-        "| row | network | book | ours (best of seeds by validation) | mean ± std over seeds | Δ vs book (pp) "
-        "| time | engine | device |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for line in results["lines"]:
-        description = line["description"] + (" *(beyond the book)*" if line["beyond_book"] else "")
-        if line["ours"] is None:
-            have = len(line.get("seeds", line.get("members", [])))
-            status = f"not run ({have} of {line['seeds_wanted']} networks)" if have else "not run"
-            empty = " — |" * 5
-            lines.append(f"| {line['row']} | {description} | {_pct(line['book'])} | {status} |{empty}")
-            continue
-        if line["kind"] == "training":
-            ours = f"{_pct(line['ours'])} (seed {line['best_seed']})"
-            spread = _pct(line["mean"]) + (f" ± {100 * line['std']:.2f}" if line["std"] is not None else "")
-            spread += f" (n={line['n']}" + (f" of {line['seeds_wanted']})" if line["n"] < line["seeds_wanted"] else ")")
-        else:
-            ours = _pct(line["ours"])
-            spread = f"— ({line['kind']} of seeds {', '.join(map(str, line['members']))})"
-        diff = "—" if line["book"] is None else f"{100 * (line['ours'] - line['book']):+.2f}"
-        lines.append(f"| {line['row']} | {description} | {_pct(line['book'])} | {ours} | {spread} | {diff} | "
-                     f"{_duration(line['seconds'])} | {line['engine']} | {line['device']} |")
-    trainings = [line for line in results["lines"] if line["kind"] == "training" and line["ours"] is not None]
-    total = sum(line["seconds"] for line in trainings)
-    lines += ["", f"Total training time of the rows shown: {_duration(total)} "
-                  f"({sum(line['n'] for line in trainings)} networks).", "", _code_note(results, trainings), ""]
-    return "\n".join(lines)
-
-
-def _code_note(results: dict, trainings: list[dict]) -> str:
-    current = results["code"]
-    other = {line["row"]: [c for c in line["code"] if c != current] for line in trainings}
-    other = {row: codes for row, codes in other.items() if codes}
-    note = f"Training code: `{current}` (a hash of the training sources)"
-    if not other:
-        return note + "; every row shown was trained by it."
-    listed = "; ".join(f"row {row}: {', '.join(f'`{c}`' for c in codes)}" for row, codes in other.items())
-    return (note + f". Some networks were trained by other versions of it ({listed}); delete OUT/<row> and run "
-            "the command again to retrain a row with the current code.")
-
-
-def plot_report(results: dict, path: Path) -> None:
-    """The book's and our accuracy against the row (Agg backend, written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lines = results["lines"]
-    x = np.arange(len(lines))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(lines) + 2), 4.5))
-    book = [100 * line["book"] if line["book"] is not None else math.nan for line in lines]
-    ours = [100 * line["ours"] if line["ours"] is not None else math.nan for line in lines]
-    ax.plot(x, book, "s", color="tab:gray", label="book", markersize=7)
-    ax.plot(x, ours, "o", color="tab:blue", label="ours (best of seeds by validation)")
-    means = [(i, 100 * line["mean"], 100 * (line["std"] or 0)) for i, line in enumerate(lines)
-             if line.get("mean") is not None]
-    if means:
-        i, mean, std = zip(*means)
-        ax.errorbar(i, mean, yerr=std, fmt="_", color="tab:orange", capsize=3, label="ours: mean ± std over seeds")
-    ax.set_xticks(x, [line["row"] for line in lines], rotation=45)
-    ax.set_xlabel("row")
-    ax.set_ylabel("test accuracy (%)")
-    title = "Chapter 6 table: the book and this pipeline"
-    ax.set_title(title + ("\nQUICK MODE: not a reproduction" if results["quick"] else ""))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -644,6 +542,6 @@ def main(argv=None) -> int:
         print(f"trained {len(results['trained'])} networks; report: {args.out / 'report.md'}")
         for line in results["lines"]:
             if line["ours"] is not None:
-                print(f"  row {line['row']:>9}: ours {_pct(line['ours'])}, book {_pct(line['book'])}")
+                print(f"  row {line['row']:>9}: ours {pct(line['ours'])}, book {pct(line['book'])}")
 
     return cli.run(run, parser, argv)

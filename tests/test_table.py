@@ -70,7 +70,8 @@ def test_every_book_row_trains_and_is_reported_beside_the_book(first_run):
     lines = {line["row"]: line for line in results["lines"]}
     assert results["quick"] is True
     assert lines["1"]["n"] == 1 and lines["8"]["n"] == 5 and lines["9"]["members"] == [1, 2, 3, 4, 5]
-    assert (out / "table" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("report.png", "curves.png"):
+        assert (out / "table" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_figures_are_the_saved_models_test_accuracy_and_the_ensembles_votes(first_run, data):
@@ -114,7 +115,8 @@ def test_mlflow_has_one_parent_run_with_a_child_per_training(first_run):
     parent = parents[0]
     assert parent.data.tags["table"] == "chapter6" and parent.data.params["quick"] == "True"
     assert parent.info.status == "FINISHED"
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"report.md", "report.png", "results.json"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"report.md", "report.png", "curves.png",
+                                                                       "results.json"}
 
     children = {(r.data.tags["row"], int(r.data.tags["seed"])): r for r in runs if r is not parent}
     results = json.loads((out / "table" / "results.json").read_text())

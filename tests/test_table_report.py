@@ -1,0 +1,56 @@
+"""The table's learning-curve plot reads each row's pick, the seed the row's figure comes from."""
+
+import csv
+
+import matplotlib.image
+import pytest
+
+from pipeline.table_report import learning_curves, plot_curves, write_report
+
+
+def write_epochs(path, accuracies):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "train_cost", "validation_accuracy", "seconds", "images_per_second", "eta"])
+        writer.writerows([i + 1, 0.1, a, 1.0, 100.0, 0.1] for i, a in enumerate(accuracies))
+
+
+def line(row, best_seed, ours=0.99, book=0.99):
+    return {"row": row, "description": f"row {row}", "book": book, "beyond_book": False, "kind": "training",
+            "ours": ours, "best_seed": best_seed, "mean": ours, "std": None, "n": 2, "seeds_wanted": 2,
+            "seconds": 10.0, "engine": "jax", "device": "cpu", "code": ["abc"], "seeds": []}
+
+
+@pytest.fixture
+def table_dir(tmp_path):
+    write_epochs(tmp_path / "1" / "seed1" / "metrics" / "train_epochs.csv", [0.5, 0.6, 0.7])
+    write_epochs(tmp_path / "1" / "seed2" / "metrics" / "train_epochs.csv", [0.9, 0.95, 0.97, 0.96])  # the pick
+    write_epochs(tmp_path / "8" / "seed1" / "metrics" / "train_epochs.csv", [0.99, 0.995])
+    results = {"quick": False, "quick_settings": None, "code": "abc", "lines": [
+        line("1", best_seed=2), line("8", best_seed=1),
+        {**line("5", best_seed=None), "ours": None},  # not run: no curve
+        {"row": "9", "description": "vote", "book": 0.9967, "beyond_book": False, "kind": "ensemble (vote)",
+         "ours": 0.996, "members": [1, 2, 3, 4, 5], "seeds_wanted": 5, "n": 5, "seconds": 1.0, "engine": "jax",
+         "device": "cpu"},
+    ]}
+    return tmp_path, results
+
+
+def test_each_row_curve_is_its_picks_validation_accuracy_per_epoch(table_dir):
+    out, results = table_dir
+    assert learning_curves(results, out) == {"1": ([1, 2, 3, 4], [0.9, 0.95, 0.97, 0.96]), "8": ([1, 2], [0.99, 0.995])}
+
+
+def test_the_report_writes_the_table_and_both_plots(table_dir):
+    out, results = table_dir
+    paths = write_report(results, out)
+    assert [p.name for p in paths] == ["report.md", "report.png", "curves.png"]
+    assert "| 1 | row 1 | 99.00% | 99.00% (seed 2) |" in paths[0].read_text()
+    height, width, _ = matplotlib.image.imread(paths[2]).shape
+    assert (width, height) == (900, 550)
+
+
+def test_no_curves_still_make_a_plot(tmp_path):
+    plot_curves({"quick": True, "lines": []}, {}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
