@@ -11,7 +11,7 @@ Beyond the book, :func:`average_probabilities` answers the digit with the larges
 over the networks (a "soft" vote); exact ties again go to the lowest digit.
 
 As a command it combines any saved models (the train stage's ``data/model``, a table's
-``data/table/<row>/seed<k>/model``, models of ``dvc exp`` runs) and prints each one's accuracy,
+``data/table/<row>/seed<k>/model``, any copy of a model directory) and prints each one's accuracy,
 the vote's and the average's:
 
     python -m pipeline ensemble data/table/8/seed*/model
