@@ -23,8 +23,9 @@ batch size 10 leaves room (an H200 trained 3.3x more images per second at batch 
 several at once may finish the table sooner there; that speed-up has not been measured yet.
 
 Writes OUT/report.md (Markdown table: the book's accuracy beside ours), OUT/report.png (both
-against the row), OUT/curves.png (each row's validation error per epoch) and OUT/results.json. Engine, device and steps_per_call come from the train section of --params;
-everything else from the row. Each training is an MLflow child run (tags row, seed) of one parent
+against the row), OUT/curves.png (each row's validation error per epoch) and OUT/results.json.
+Engine, device and steps_per_call come from the train section of --params; everything else from
+the row. Each training is an MLflow child run (tags row, seed) of one parent
 run per table (tag table=chapter6), which also gets the report.
 """
 
@@ -62,7 +63,6 @@ RESULT_FILE = "result.json"
 PROBABILITIES_FILE = "test_probabilities.npz"
 ENSEMBLE_SIZE = 5  # the book's five networks
 QUICK = {"epochs": 1, "train_images": 2000, "validation_images": 1000, "test_images": 1000}
-
 
 
 @dataclass(frozen=True)
