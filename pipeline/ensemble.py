@@ -15,12 +15,13 @@ As a command it combines any saved models (the train stage's ``data/model``, a t
 the vote's and the average's:
 
     python -m pipeline ensemble data/table/8/seed*/model
+    python -m pipeline ensemble data/table/8/seed*/model --gallery errors.png   # the digits the vote gets wrong
     python -m pipeline ensemble data/table/8/seed*/model data/table/best/seed*/model --out ensemble.json
     python -m pipeline ensemble m1 m2 m3 --data data/prepared/validation.npz
 
 The models run on ``train.engine`` and ``train.device`` of ``--params``. It is not a dvc stage
 and logs nothing to MLflow (the models' own runs hold their training); ``--out`` writes the
-figures as JSON.
+figures as JSON, with the indices of the images the vote gets wrong.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from tqdm import tqdm
 
 from pipeline import cli
 from pipeline.config import PipelineError, from_section, load_params
-from pipeline.files import load_npz, write_json
+from pipeline.files import write_json
 from pipeline.model_io import load_model
-from pipeline.train import TrainConfig
+from pipeline.plots import plot_gallery
+from pipeline.train import TrainConfig, load_split
 
 
 def _check_labels(labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -89,24 +91,13 @@ def average_probabilities(probabilities: np.ndarray) -> np.ndarray:
 
 
 # -- the command ---------------------------------------------------------------------------------
-def _load_labelled(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(images, labels) of a prepared set, checked before any model is scored."""
-    if not path.is_file():
-        raise PipelineError(f"no data set at {str(path)!r} (--data; `dvc repro` makes data/prepared/test.npz)")
-    arrays = load_npz(path)
-    missing = [name for name in ("images", "labels") if name not in arrays]
-    if missing:
-        raise PipelineError(f"{path}: no array named {missing[0]!r}; expected a prepared set with images and labels")
-    images, labels = arrays["images"], arrays["labels"]
-    if labels.ndim != 1 or len(labels) != len(images):
-        raise PipelineError(f"{path}: labels of shape {labels.shape} do not match images of shape {images.shape}")
-    return images, labels
-
-
+GALLERY_SIZE = 100  # images drawn at most
 def ensemble_models(*, model_dirs: list[Path], data_path: Path, out_path: Path | None = None,
-                    engine: str | None = None, device: str = "cpu", progress: bool = True) -> dict:
+                    gallery_path: Path | None = None, engine: str | None = None, device: str = "cpu",
+                    progress: bool = True) -> dict:
     """Score each model in ``model_dirs`` and their plurality vote and averaged probabilities on
-    ``data_path``; returns the figures (also written to ``out_path`` as JSON when given)."""
+    ``data_path``; returns the figures (also written to ``out_path`` as JSON when given), and draws
+    the images the vote gets wrong into ``gallery_path`` when given."""
     model_dirs = [Path(d) for d in model_dirs]
     if len(model_dirs) < 2:
         raise PipelineError(f"an ensemble needs at least two models, got {len(model_dirs)}: "
@@ -116,7 +107,7 @@ def ensemble_models(*, model_dirs: list[Path], data_path: Path, out_path: Path |
         if model_dir.resolve() in seen:  # it would cast two votes
             raise PipelineError(f"model {str(model_dir)!r} is given twice; each model votes once")
         seen.add(model_dir.resolve())
-    images, labels = _load_labelled(Path(data_path))
+    images, labels = load_split(Path(data_path))  # checked before any model is scored
     # every model loads (or fails with a clear error) before the long scoring starts
     models = [load_model(d, engine=engine, device=device) for d in model_dirs]
 
@@ -131,9 +122,16 @@ def ensemble_models(*, model_dirs: list[Path], data_path: Path, out_path: Path |
         "members": [{"model": str(d), "accuracy": float(np.mean(a == labels))} for d, a in zip(model_dirs, answers)],
         "plurality_vote_accuracy": float(np.mean(vote == labels)),
         "averaged_probabilities_accuracy": float(np.mean(average == labels)),
+        "plurality_vote_errors": np.flatnonzero(vote != labels).tolist(),  # indices into the data set
     }
     if out_path is not None:
         write_json(out_path, result)
+    if gallery_path is not None:
+        wrong = np.array(result["plurality_vote_errors"], dtype=np.int64)
+        shown = wrong[:GALLERY_SIZE]
+        plot_gallery(images[shown].reshape(len(shown), 28, 28), labels[shown], vote[shown], gallery_path,
+                     f"{len(shown)} of the {len(wrong)} images that the vote of {len(models)} networks gets wrong "
+                     "(true \u2192 answer)")
     return result
 
 
@@ -152,11 +150,14 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=Path("data/prepared/test.npz"),
                         help="labelled images to score (default: data/prepared/test.npz)")
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--gallery", type=Path, metavar="PNG",
+                        help=f"draw the images the vote gets wrong (the first {GALLERY_SIZE}) into this PNG file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args):
         train_settings = from_section(TrainConfig, load_params(args.params), "train", source=args.params)
         result = ensemble_models(model_dirs=args.models, data_path=args.data, out_path=args.out,
+                                 gallery_path=args.gallery,
                                  engine=train_settings.engine, device=train_settings.device,
                                  progress=not args.no_progress)
         print(report(result))

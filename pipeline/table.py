@@ -353,9 +353,12 @@ def _ensemble_line(row: Row, members: list[dict], probabilities: list[np.ndarray
         predicted = ensemble.plurality_vote(stacked.argmax(axis=2), stacked)
     else:
         predicted = ensemble.average_probabilities(stacked)
+    wrong = np.flatnonzero(predicted != labels)
     return {**line, "ours": float(np.mean(predicted == labels)), "n": len(members),
             "seconds": round(sum(m["seconds"] for m in members), 1), "engine": members[0]["engine"],
-            "device": members[0]["device"]}
+            "device": members[0]["device"],
+            # which test images, and the ensemble's answers: the book shows the 33 its ensemble gets wrong
+            "errors": wrong.tolist(), "errors_predicted": predicted[wrong].tolist()}
 
 
 def run_table(*, rows: Sequence[str] | str | None = None, repeats: int = 3, quick: bool = False, prepared_dir: Path,
@@ -447,7 +450,7 @@ def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Pat
         results_json = {"quick": quick, "quick_settings": QUICK if quick else None, "repeats": repeats,
                         "rows_selected": keys, "code": code, "lines": lines}
         write_json(out_dir / "results.json", results_json)
-        report_files = write_report(results_json, out_dir)
+        report_files = write_report(results_json, out_dir, test)
         if parent is not None:
             for path in (*report_files, out_dir / "results.json"):
                 parent.log_artifact(path)

@@ -1,5 +1,6 @@
 """The chapter 6 table's report: ``report.md`` (the book beside ours), ``report.png`` (both
-against the row) and ``curves.png`` (each row's validation accuracy per epoch)."""
+against the row), ``curves.png`` (each row's validation error per epoch) and ``errors-<row>.png``
+(the test digits each ensemble gets wrong)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.files import atomic_path, write_bytes
+from pipeline.plots import plot_gallery
 from pipeline.train import EPOCHS_FILE
 
 QUICK_BANNER = ("**QUICK MODE: NOT a reproduction.** Every network trained {epochs} epoch(s) on the first "
@@ -167,11 +169,24 @@ def plot_curves(results: dict, curves: dict[str, tuple[list[int], list[float]]],
     plt.close(fig)
 
 
-def write_report(results: dict, out_dir: Path) -> list[Path]:
-    """Write report.md, report.png and curves.png into ``out_dir``; returns their paths."""
+def plot_ensemble_errors(line: dict, images: np.ndarray, labels: np.ndarray, path: Path) -> None:
+    """The test digits an ensemble row gets wrong (true -> its answer), as the book shows its 33."""
+    wrong = np.array(line["errors"], dtype=np.int64)
+    title = f"Row {line['row']}, {line['description']}: the {len(wrong)} test digits it gets wrong (true \u2192 answer)"
+    digits = images[wrong].reshape(len(wrong), 28, 28)  # (errors, 28, 28)
+    plot_gallery(digits, labels[wrong], np.array(line["errors_predicted"]), path, title)
+
+
+def write_report(results: dict, out_dir: Path, test: dict[str, np.ndarray] | None = None) -> list[Path]:
+    """Write report.md, report.png and curves.png into ``out_dir``, and with the ``test`` set
+    (images, labels) errors-<row>.png for each ensemble row; returns their paths."""
     out_dir = Path(out_dir)
     paths = [out_dir / "report.md", out_dir / "report.png", out_dir / "curves.png"]
     write_bytes(paths[0], report_markdown(results).encode())
     plot_report(results, paths[1])
     plot_curves(results, learning_curves(results, out_dir), paths[2])
+    for line in results["lines"]:
+        if test is not None and line["kind"].startswith("ensemble") and line["ours"] is not None:
+            paths.append(out_dir / f"errors-{line['row']}.png")
+            plot_ensemble_errors(line, test["images"], test["labels"], paths[-1])
     return paths

@@ -148,6 +148,7 @@ def test_the_command_scores_each_model_and_both_ensembles_as_plain_numpy(saved_m
     assert result["plurality_vote_accuracy"] == pytest.approx(np.mean(expected_vote == test["labels"]))
     assert result["averaged_probabilities_accuracy"] == pytest.approx(np.mean(expected_average == test["labels"]))
     assert result["images"] == 300
+    assert result["plurality_vote_errors"] == np.flatnonzero(expected_vote != test["labels"]).tolist()
     assert json.loads((tmp_path / "out.json").read_text()) == result
 
 
@@ -155,7 +156,8 @@ def test_the_command_line_prints_every_figure(saved_models, tmp_path, capsys):
     model_dirs, test_path = saved_models
     (tmp_path / "params.yaml").write_text("train:\n  engine: jax\n")
     args = ["--params", str(tmp_path / "params.yaml"), "--data", str(test_path), "--no-progress"]
-    assert main([*map(str, model_dirs), *args, "--out", str(tmp_path / "e.json")]) == 0
+    assert main([*map(str, model_dirs), *args, "--out", str(tmp_path / "e.json"), "--gallery",
+                 str(tmp_path / "errors.png")]) == 0
     printed = capsys.readouterr().out
     result = json.loads((tmp_path / "e.json").read_text())
     assert printed.splitlines()[0] == f"3 networks on {test_path} (300 images):"
@@ -163,6 +165,7 @@ def test_the_command_line_prints_every_figure(saved_models, tmp_path, capsys):
         assert f"{100 * member['accuracy']:6.2f}%  {member['model']}" in printed
     assert f"{100 * result['plurality_vote_accuracy']:6.2f}%  plurality vote" in printed
     assert f"{100 * result['averaged_probabilities_accuracy']:6.2f}%  averaged probabilities" in printed
+    assert (tmp_path / "errors.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bad_input_is_named_before_any_scoring(saved_models, tmp_path, capsys):
@@ -175,13 +178,13 @@ def test_bad_input_is_named_before_any_scoring(saved_models, tmp_path, capsys):
         ensemble_models(model_dirs=[*model_dirs, again], data_path=test_path, progress=False)
     with pytest.raises(PipelineError, match="no trained model in '.*nowhere'"):
         ensemble_models(model_dirs=[model_dirs[0], tmp_path / "nowhere"], data_path=test_path, progress=False)
-    with pytest.raises(PipelineError, match="no data set at '.*missing.npz'"):
+    with pytest.raises(PipelineError, match="missing.npz not found"):
         ensemble_models(model_dirs=model_dirs, data_path=tmp_path / "missing.npz", progress=False)
     np.savez(tmp_path / "unlabelled.npz", images=np.zeros((4, 28, 28), np.uint8))
-    with pytest.raises(PipelineError, match="unlabelled.npz: no array named 'labels'"):
+    with pytest.raises(PipelineError, match=r"unlabelled.npz: expected arrays 'images' and 'labels', found \['images'\]"):
         ensemble_models(model_dirs=model_dirs, data_path=tmp_path / "unlabelled.npz", progress=False)
     np.savez(tmp_path / "short.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(3, np.uint8))
-    with pytest.raises(PipelineError, match=r"labels of shape \(3,\) do not match images of shape \(4, 28, 28\)"):
+    with pytest.raises(PipelineError, match=r"short.npz: labels must be N digits 0-9, got shape \(3,\)"):
         ensemble_models(model_dirs=model_dirs, data_path=tmp_path / "short.npz", progress=False)
     # on the command line: one line naming the problem, exit status 1
     (tmp_path / "params.yaml").write_text("train: {}\n")

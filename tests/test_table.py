@@ -95,6 +95,10 @@ def test_the_figures_are_the_saved_models_test_accuracy_and_the_ensembles_votes(
         average.append(int(np.argmax(probabilities[:, i].mean(axis=0))))
     assert lines["9"]["ours"] == pytest.approx(np.mean(np.array(vote) == labels))
     assert lines["9avg"]["ours"] == pytest.approx(np.mean(np.array(average) == labels))
+    assert lines["9"]["errors"] == np.flatnonzero(np.array(vote) != labels).tolist()
+    assert lines["9"]["errors_predicted"] == [vote[i] for i in lines["9"]["errors"]]
+    for row in ("9", "9avg"):  # the digits each ensemble gets wrong, drawn
+        assert (out / "table" / f"errors-{row}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     seeds = lines["8"]["seeds"]
     best = sorted(seeds, key=lambda s: (-s["best_validation_accuracy"], s["seed"]))[0]  # ties: the lowest seed
@@ -116,7 +120,7 @@ def test_mlflow_has_one_parent_run_with_a_child_per_training(first_run):
     assert parent.data.tags["table"] == "chapter6" and parent.data.params["quick"] == "True"
     assert parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"report.md", "report.png", "curves.png",
-                                                                       "results.json"}
+                                                                       "errors-9.png", "results.json"}
 
     children = {(r.data.tags["row"], int(r.data.tags["seed"])): r for r in runs if r is not parent}
     results = json.loads((out / "table" / "results.json").read_text())

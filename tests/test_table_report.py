@@ -3,8 +3,10 @@
 import csv
 
 import matplotlib.image
+import numpy as np
 import pytest
 
+from pipeline import table_report
 from pipeline.table_report import learning_curves, plot_curves, write_report
 
 
@@ -32,7 +34,7 @@ def table_dir(tmp_path):
         {**line("5", best_seed=None), "ours": None},  # not run: no curve
         {"row": "9", "description": "vote", "book": 0.9967, "beyond_book": False, "kind": "ensemble (vote)",
          "ours": 0.996, "members": [1, 2, 3, 4, 5], "seeds_wanted": 5, "n": 5, "seconds": 1.0, "engine": "jax",
-         "device": "cpu"},
+         "device": "cpu", "errors": [1, 3], "errors_predicted": [7, 0]},
     ]}
     return tmp_path, results
 
@@ -45,7 +47,7 @@ def test_each_row_curve_is_its_picks_validation_accuracy_per_epoch(table_dir):
 def test_the_report_writes_the_table_and_both_plots(table_dir):
     out, results = table_dir
     paths = write_report(results, out)
-    assert [p.name for p in paths] == ["report.md", "report.png", "curves.png"]
+    assert [p.name for p in paths] == ["report.md", "report.png", "curves.png"]  # no test set: no error gallery
     assert "| 1 | row 1 | 99.00% | 99.00% (seed 2) |" in paths[0].read_text()
     height, width, _ = matplotlib.image.imread(paths[2]).shape
     assert (width, height) == (900, 550)
@@ -54,3 +56,18 @@ def test_the_report_writes_the_table_and_both_plots(table_dir):
 def test_no_curves_still_make_a_plot(tmp_path):
     plot_curves({"quick": True, "lines": []}, {}, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_ensembles_errors_are_drawn_from_the_test_set(table_dir, monkeypatch):
+    out, results = table_dir
+    images = np.repeat(np.arange(4, dtype=np.uint8)[:, None], 784, axis=1)  # image i is all i
+    labels = np.array([5, 1, 2, 3], np.uint8)
+    drawn = {}
+    monkeypatch.setattr(table_report, "plot_gallery", lambda *args: drawn.update(args=args))
+    paths = write_report(results, out, {"images": images, "labels": labels})
+    assert [p.name for p in paths] == ["report.md", "report.png", "curves.png", "errors-9.png"]
+    digits, actual, predicted, path, title = drawn["args"]
+    assert digits.shape == (2, 28, 28) and digits[:, 5, 5].tolist() == [1, 3]
+    assert actual.tolist() == [1, 3] and predicted.tolist() == [7, 0]
+    assert path == out / "errors-9.png"
+    assert title.startswith("Row 9, vote: the 2 test digits it gets wrong")
