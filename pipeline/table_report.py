@@ -34,7 +34,8 @@ def duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def report_markdown(results: dict) -> str:
+def report_markdown(results: dict, pictures: dict[str, str] | None = None) -> str:
+    """The report; ``pictures`` (file name -> caption) are shown below the table."""
     lines = ["# Chapter 6 results table: the book beside this pipeline", ""]
     if results["quick"]:
         lines += [QUICK_BANNER.format(**results["quick_settings"]), ""]
@@ -71,6 +72,8 @@ def report_markdown(results: dict) -> str:
     total = sum(line["seconds"] for line in trainings)
     lines += ["", f"Total training time of the rows shown: {duration(total)} "
                   f"({sum(line['n'] for line in trainings)} networks).", "", _code_note(results, trainings), ""]
+    for name, caption in (pictures or {}).items():
+        lines += [f"![{caption}]({name})", ""]
     return "\n".join(lines)
 
 
@@ -178,15 +181,17 @@ def plot_ensemble_errors(line: dict, images: np.ndarray, labels: np.ndarray, pat
 
 
 def write_report(results: dict, out_dir: Path, test: dict[str, np.ndarray] | None = None) -> list[Path]:
-    """Write report.md, report.png and curves.png into ``out_dir``, and with the ``test`` set
-    (images, labels) errors-<row>.png for each ensemble row; returns their paths."""
+    """Write report.png, curves.png, with the ``test`` set (images, labels) errors-<row>.png for
+    each ensemble row, and report.md showing them, into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
-    paths = [out_dir / "report.md", out_dir / "report.png", out_dir / "curves.png"]
-    write_bytes(paths[0], report_markdown(results).encode())
-    plot_report(results, paths[1])
-    plot_curves(results, learning_curves(results, out_dir), paths[2])
+    pictures = {"report.png": "The book's accuracy and ours against the row",
+                "curves.png": "Validation error per epoch of each row's pick"}
+    plot_report(results, out_dir / "report.png")
+    plot_curves(results, learning_curves(results, out_dir), out_dir / "curves.png")
     for line in results["lines"]:
         if test is not None and line["kind"].startswith("ensemble") and line["ours"] is not None:
-            paths.append(out_dir / f"errors-{line['row']}.png")
-            plot_ensemble_errors(line, test["images"], test["labels"], paths[-1])
-    return paths
+            name = f"errors-{line['row']}.png"
+            plot_ensemble_errors(line, test["images"], test["labels"], out_dir / name)
+            pictures[name] = f"The {len(line['errors'])} test digits that row {line['row']} gets wrong"
+    write_bytes(out_dir / "report.md", report_markdown(results, pictures).encode())
+    return [out_dir / "report.md", *(out_dir / name for name in pictures)]

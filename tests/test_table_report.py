@@ -48,7 +48,10 @@ def test_the_report_writes_the_table_and_both_plots(table_dir):
     out, results = table_dir
     paths = write_report(results, out)
     assert [p.name for p in paths] == ["report.md", "report.png", "curves.png"]  # no test set: no error gallery
-    assert "| 1 | row 1 | 99.00% | 99.00% (seed 2) |" in paths[0].read_text()
+    report = paths[0].read_text()
+    assert "| 1 | row 1 | 99.00% | 99.00% (seed 2) |" in report
+    assert "![Validation error per epoch of each row's pick](curves.png)" in report  # shown where the report is read
+    assert "errors-9.png" not in report
     height, width, _ = matplotlib.image.imread(paths[2]).shape
     assert (width, height) == (900, 550)
 
@@ -70,4 +73,5 @@ def test_an_ensembles_errors_are_drawn_from_the_test_set(table_dir, monkeypatch)
     assert digits.shape == (2, 28, 28) and digits[:, 5, 5].tolist() == [1, 3]
     assert actual.tolist() == [1, 3] and predicted.tolist() == [7, 0]
     assert path == out / "errors-9.png"
+    assert "![The 2 test digits that row 9 gets wrong](errors-9.png)" in paths[0].read_text()
     assert title.startswith("Row 9, vote: the 2 test digits it gets wrong")
