@@ -18,9 +18,10 @@ trained with at least 5 seeds; row 9 is the plurality vote of its seeds 1-5 (tie
 pipeline.ensemble), and row 9avg, beyond the book, averages their probabilities.
 
 --jobs N trains N networks at once, each in its own process (results are the same as one at a
-time). On a 2-core CPU keep 1: one training already uses both cores. On a GPU one training at
-batch size 10 leaves room (an H200 trained 3.3x more images per second at batch size 64), so
-several at once may finish the table sooner there; that speed-up has not been measured yet.
+time). On a 2-core CPU keep 1: one training already uses both cores (two at once: 1.03x). On a
+GPU one training at batch size 10 leaves room (an H200 trained 3.3x more images per second at
+batch size 64), so several at once may finish the table sooner there; that speed-up has not been
+measured yet (python -m pipeline.benchmarks.jobs --device gpu).
 
 Writes OUT/report.md (Markdown table: the book's accuracy beside ours), OUT/report.png (both
 against the row), OUT/curves.png (each row's validation error per epoch) and OUT/results.json.
