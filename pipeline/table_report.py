@@ -5,6 +5,7 @@ against the row), ``curves.png`` (each row's validation error per epoch) and ``e
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import numpy as np
 from pipeline.files import atomic_path, write_bytes
 from pipeline.plots import plot_gallery
 from pipeline.train import EPOCHS_FILE
+
+log = logging.getLogger(__name__)
 
 QUICK_BANNER = ("**QUICK MODE: NOT a reproduction.** Every network trained {epochs} epoch(s) on the first "
                 "{train_images:,} training images ({validation_images:,} validation, {test_images:,} test): "
@@ -128,6 +131,9 @@ def learning_curves(results: dict, out_dir: Path) -> dict[str, tuple[list[int], 
         if line["kind"] != "training" or line["ours"] is None:
             continue
         path = Path(out_dir) / line["row"] / f"seed{line['best_seed']}" / "metrics" / EPOCHS_FILE
+        if not path.is_file():  # a result copied without its metrics: the report still gets written
+            log.warning("row %s: no %s, so no curve for it", line["row"], path)
+            continue
         with path.open(newline="") as f:
             epochs = list(csv.DictReader(f))
         curves[line["row"]] = ([int(e["epoch"]) for e in epochs], [float(e["validation_accuracy"]) for e in epochs])

@@ -44,6 +44,13 @@ def test_each_row_curve_is_its_picks_validation_accuracy_per_epoch(table_dir):
     assert learning_curves(results, out) == {"1": ([1, 2, 3, 4], [0.9, 0.95, 0.97, 0.96]), "8": ([1, 2], [0.99, 0.995])}
 
 
+def test_a_pick_without_its_metrics_file_has_no_curve_and_a_warning(table_dir, caplog):
+    out, results = table_dir
+    (out / "8" / "seed1" / "metrics" / "train_epochs.csv").unlink()
+    assert list(learning_curves(results, out)) == ["1"]
+    assert "row 8: no " in caplog.text
+
+
 def test_the_report_writes_the_table_and_both_plots(table_dir):
     out, results = table_dir
     paths = write_report(results, out)
