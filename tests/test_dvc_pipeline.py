@@ -1,16 +1,17 @@
-"""End to end: the real `dvc repro` of the data stages in a fresh git repository.
+"""End to end: the real `dvc repro` in a fresh git repository: the data stages, and the whole pipeline.
 
 Runs with small synthetic IDX files as the local mirror, and with the real MNIST from
 ../shared/data/mnist where it exists (a clean clone in CI has it beside the repository).
 """
 
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from project import configure, dvc_env, make_project, sh, synthetic_checksums
-from synthetic import REAL_MNIST, write_mnist
+from synthetic import REAL_MNIST, TINY_NET, write_mnist
 
 from pipeline.files import load_npz
 
@@ -101,3 +102,30 @@ def test_every_stage_depends_on_every_source_file_it_runs():
         deps = {d for d in stage["deps"] if d.startswith("pipeline/")}
         assert needed <= deps, f"stage {name}: dvc.yaml's deps lack {sorted(needed - deps)}"
         assert deps <= needed, f"stage {name}: dvc.yaml's deps name files it never imports: {sorted(deps - needed)}"
+
+
+def test_train_depends_only_on_the_training_set_it_names(tmp_path):
+    """`dvc repro` end to end; then a new expansion retrains no network of the prepared set, and
+    switching train.dataset to the expanded set retrains on it."""
+    project = make_project(tmp_path)
+    write_mnist(tmp_path / "mirror", n_train=120, n_test=30)
+    configure(project, download={"sha256": synthetic_checksums(tmp_path / "mirror")},
+              prepare={"train_size": 90, "validation_size": 30},
+              train={"architecture": TINY_NET, "epochs": 1, "eta": 0.5, "lmbda": 0.0, "steps_per_call": 9,
+                     "dataset": "prepared"},
+              tracking={"enabled": False}, evaluate={"gallery_size": 2})
+    env = dvc_env(tmp_path / "mirror")
+    dvc = (sys.executable, "-m", "dvc")
+    sh(*dvc, "repro", cwd=project, env=env)
+    assert "data/prepared/train.npz" in (project / "dvc.lock").read_text().split("\n  train:")[1]
+
+    configure(project, expand={"elastic_copies": 1})
+    out = sh(*dvc, "repro", cwd=project, env=env).stdout
+    assert "Running stage 'expand'" in out and "Running stage 'train'" not in out, out
+
+    configure(project, train={"dataset": "expanded"})
+    out = sh(*dvc, "repro", cwd=project, env=env).stdout
+    assert "Running stage 'train'" in out, out
+    lock = (project / "dvc.lock").read_text().split("\n  train:")[1].split("\n  evaluate:")[0]
+    assert "data/expanded/train.npz" in lock and "data/prepared/train.npz" not in lock
+    assert json.loads((project / "data/metrics/train.json").read_text())["train_images"] == 90 * 6  # 1 + 4 shifts + 1 elastic
