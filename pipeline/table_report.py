@@ -74,10 +74,20 @@ def report_markdown(results: dict, pictures: dict[str, str] | None = None) -> st
     trainings = [line for line in results["lines"] if line["kind"] == "training" and line["ours"] is not None]
     total = sum(line["seconds"] for line in trainings)
     lines += ["", f"Total training time of the rows shown: {duration(total)} "
-                  f"({sum(line['n'] for line in trainings)} networks).", "", _code_note(results, trainings), ""]
+                  f"({sum(line['n'] for line in trainings)} networks)." + _book_time(results["lines"]), "",
+              _code_note(results, trainings), ""]
     for name, caption in (pictures or {}).items():
         lines += [f"![{caption}]({name})", ""]
     return "\n".join(lines)
+
+
+def _book_time(lines: list[dict]) -> str:
+    """The book's rows alone: how many of their networks are trained, and in what time."""
+    book = [line for line in lines if line["kind"] == "training" and not line["beyond_book"]]
+    done = sum(min(line.get("n", 0), line["seeds_wanted"]) for line in book if line["ours"] is not None)
+    wanted = sum(line["seeds_wanted"] for line in book)
+    seconds = sum(line["seconds"] for line in book if line["ours"] is not None)
+    return f" The book's rows: {done} of their {wanted} networks, {duration(seconds)}."
 
 
 def _code_note(results: dict, trainings: list[dict]) -> str:

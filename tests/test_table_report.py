@@ -57,6 +57,8 @@ def test_the_report_writes_the_table_and_both_plots(table_dir):
     assert [p.name for p in paths] == ["report.md", "report.png", "curves.png"]  # no test set: no error gallery
     report = paths[0].read_text()
     assert "| 1 | row 1 | 99.00% | 99.00% (seed 2) |" in report
+    # rows 1 and 8 have both their seeds, row 5 none; the ensemble row trains nothing of its own
+    assert "(4 networks). The book's rows: 4 of their 6 networks, 20 s." in report
     assert "![Validation error per epoch of each row's pick](curves.png)" in report  # shown where the report is read
     assert "errors-9.png" not in report
     height, width, _ = matplotlib.image.imread(paths[2]).shape
