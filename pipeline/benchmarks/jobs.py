@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import table, tracking
+from pipeline.backend import Backend
 from pipeline.config import PipelineError, from_section, load_params
 from pipeline.files import save_npz
 from pipeline.train import TrainConfig, load_split
@@ -98,6 +99,7 @@ def main(argv=None) -> int:
                 raise PipelineError(f"Got {name} {value}: must be at least {least}")
         settings = from_section(TrainConfig, load_params(args.params), "train", source=args.params)
         engine, device = settings.engine, args.device or settings.device
+        Backend(engine, device)  # a missing GPU or engine is named now, before the data and the workers
         row = table.BY_KEY[args.row]
         with tempfile.TemporaryDirectory(prefix="bench-jobs-") as tmp:
             tmp = Path(tmp)

@@ -3,6 +3,9 @@
 import re
 from pathlib import Path
 
+import pytest
+
+from pipeline.backend import jax_gpus
 from pipeline.benchmarks import jobs as bench
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
@@ -33,3 +36,10 @@ def test_bad_arguments_are_named(capsys):
     assert "Got --row '9': not a training row of the table (1, 2, 3" in capsys.readouterr().err
     assert bench.main(["--params", str(PARAMS), "--networks", "3", "--jobs", "1"]) == 2
     assert "Got --jobs 1: must be at least 2" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(bool(jax_gpus()), reason="a GPU is there, so --device gpu would run the benchmark")
+def test_device_gpu_without_a_gpu_stops_before_any_training(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "make_data", lambda *a: pytest.fail("made data for a GPU that is not there"))
+    assert bench.main(["--params", str(PARAMS), "--device", "gpu"]) == 2
+    assert "device gpu was asked for, but JAX sees no GPU" in capsys.readouterr().err
