@@ -433,7 +433,7 @@ def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Pat
                     todo.append(Job(row.key, seed, count, config, key, seed_dir, rdata))
         common = dict(quick=quick, tracking_config=tracking_config, code=code,
                       parent_id=parent.run_id if parent else None)
-        for job, result in _train_all(todo, jobs=jobs, test=test, progress=progress,
+        for job, result in train_jobs(todo, jobs=jobs, test=test, progress=progress,
                                       cache_dir=out_dir / ".jax-cache", **common):
             found[job.row][job.seed] = result
             trained.append((job.row, job.seed))
@@ -473,7 +473,7 @@ class Job:
     data: Data  # the row's data (see row_data)
 
 
-def _train_all(todo: list[Job], *, jobs: int, test: dict, progress: bool, cache_dir: Path, **common) -> Iterator:
+def train_jobs(todo: list[Job], *, jobs: int, test: dict, progress: bool, cache_dir: Path, **common) -> Iterator:
     """Train every job, ``jobs`` at a time; yields (job, result) as each finishes."""
     if jobs == 1 or len(todo) <= 1:
         for job in todo:

@@ -68,7 +68,7 @@ def run_mode(row: table.Row, *, networks: int, jobs: int, epochs: int, data: tab
     in_here = table.jax_compilation_cache(cache) if engine == "jax" and jobs == 1 else contextlib.nullcontext()
     start = time.perf_counter()
     with in_here:
-        finished = list(table._train_all(todo, jobs=jobs, test={"images": test_images, "labels": test_labels},
+        finished = list(table.train_jobs(todo, jobs=jobs, test={"images": test_images, "labels": test_labels},
                                          progress=False, cache_dir=cache, **common))
     seconds = time.perf_counter() - start
     if len(finished) != networks:
