@@ -20,9 +20,11 @@ def confusion_matrix(actual: np.ndarray, predicted: np.ndarray, classes: int = 1
     return counts
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path, dpi: int = 110, bbox_inches: str | None = "tight") -> None:
+    """Write ``fig`` as a PNG (atomically: a half-written picture never replaces a good one) and close it;
+    ``bbox_inches=None`` keeps the figure's own size."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches=bbox_inches)
     plt.close(fig)
 
 
@@ -46,7 +48,7 @@ def plot_confusion(counts: np.ndarray, path: Path, title: str) -> None:
     ax.set_xlabel("predicted digit")
     ax.set_ylabel("true digit")
     ax.set_title(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_gallery(images: np.ndarray, actual: np.ndarray, predicted: np.ndarray, path: Path, title: str) -> None:
@@ -61,4 +63,4 @@ def plot_gallery(images: np.ndarray, actual: np.ndarray, predicted: np.ndarray, 
         ax.imshow(image, cmap="gray_r", vmin=0, vmax=255)
         ax.set_title(f"{true} \u2192 {guess}", fontsize=9, color="firebrick")
     fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.files import atomic_path, write_bytes
-from pipeline.plots import plot_gallery
+from matplotlib.ticker import FuncFormatter, NullFormatter
+
+from pipeline.files import write_bytes
+from pipeline.plots import plot_gallery, plt, save_figure
 from pipeline.train import EPOCHS_FILE
 
 log = logging.getLogger(__name__)
@@ -104,11 +106,6 @@ def _code_note(results: dict, trainings: list[dict]) -> str:
 
 def plot_report(results: dict, path: Path) -> None:
     """The book's and our accuracy against the row (Agg backend, written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lines = results["lines"]
     x = np.arange(len(lines))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(lines) + 2), 4.5))
@@ -129,9 +126,7 @@ def plot_report(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100, bbox_inches=None)
 
 
 def learning_curves(results: dict, out_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -153,13 +148,6 @@ def learning_curves(results: dict, out_dir: Path) -> dict[str, tuple[list[int], 
 def plot_curves(results: dict, curves: dict[str, tuple[list[int], list[float]]], path: Path) -> None:
     """Validation error per epoch, one line per row, on a log scale (the rows span 10% to 0.3%); a
     dot marks the epoch of best validation accuracy, whose test accuracy is the row's figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
     fig, ax = plt.subplots(figsize=(9, 5.5))
     # strong, distinct colours: neighbouring rows must not look alike
     colours = [*plt.get_cmap("tab10").colors, "black", "darkgoldenrod", "navy", "lime"]
@@ -183,9 +171,7 @@ def plot_curves(results: dict, curves: dict[str, tuple[list[int], list[float]]],
     if curves:
         ax.legend(loc="upper right", ncol=2, fontsize="small")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100, bbox_inches=None)
 
 
 def plot_ensemble_errors(line: dict, images: np.ndarray, labels: np.ndarray, path: Path) -> None:
