@@ -14,14 +14,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 from tqdm import tqdm
 
 from pipeline import cli
+from pipeline.distort import elastic
 from pipeline.config import load_config, require
 from pipeline.files import load_npz, save_npz, write_json
 
-ELASTIC_CHUNK = 2_000  # images distorted at once: bounds the float64 displacement fields to ~50 MB
+ELASTIC_CHUNK = 2_000  # images distorted at once: bounds the float64 temporaries to some 50 MB
 
 
 @dataclass(frozen=True)
@@ -58,18 +58,6 @@ def shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
 def shifts(max_shift: int) -> list[tuple[int, int]]:
     """(dy, dx) in the book's order -- down, up, right, left -- for each distance 1..max_shift."""
     return [move for d in range(1, max_shift + 1) for move in ((d, 0), (-d, 0), (0, d), (0, -d))]
-
-
-def elastic(images: np.ndarray, rng: np.random.Generator, alpha: float, sigma: float) -> np.ndarray:
-    """One elastic distortion of each image (bilinear sampling, zeros outside the image)."""
-    n, rows, cols = images.shape
-    # random displacements in [-1, 1], smoothed within each image (not across images), then scaled
-    field = rng.uniform(-1.0, 1.0, size=(2, n, rows, cols))
-    field = ndimage.gaussian_filter(field, sigma=(0, 0, sigma, sigma), mode="constant") * alpha
-    index, y, x = np.meshgrid(np.arange(n), np.arange(rows), np.arange(cols), indexing="ij")
-    coordinates = np.stack([index, y + field[0], x + field[1]])  # (3, n, rows, cols)
-    warped = ndimage.map_coordinates(images.astype(np.float32), coordinates, order=1, mode="constant", cval=0.0)
-    return np.clip(np.rint(warped), 0, 255).astype(np.uint8)
 
 
 def expand_arrays(

@@ -23,6 +23,7 @@ fails with a message naming the epoch (try a smaller train.eta).
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import dataclasses
 import hashlib
@@ -40,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import cli, serving, tracking
+from pipeline import cli, distort, serving, tracking
 from pipeline.architecture import build, resolve
 from pipeline.backend import DEVICES, ENGINES, Backend, engine_unavailable
 from pipeline.config import ConfigError, PipelineError, from_section, load_params, require
@@ -59,7 +60,7 @@ SUMMARY_FILE = "train.json"
 EPOCH_FIELDS = ("epoch", "train_cost", "validation_accuracy", "seconds", "images_per_second", "eta")
 PACKAGE_DIR = Path(__file__).resolve().parent
 TRAINING_SOURCES = ("train.py", "trainer.py", "network.py", "layers.py", "convolution.py", "architecture.py",
-                    "backend.py", "theano_engine.py", "sgd.py")
+                    "backend.py", "theano_engine.py", "sgd.py", "distort.py")
 # Keys that do not change what any single epoch computes, so a checkpoint survives a change to them
 # (steps_per_call only groups the same steps into calls: the weights come out bit for bit the same).
 NOT_FINGERPRINTED = ("epochs", "early_stopping_patience", "steps_per_call")
@@ -87,6 +88,10 @@ class TrainConfig:
     lr_decay: float = 1.0
     early_stopping_patience: int = 0
     steps_per_call: int = 500
+    distort_rotation: float = 0.0
+    distort_scale: float = 0.0
+    distort_alpha: float = 0.0
+    distort_sigma: float = 4.0
 
     def __post_init__(self):
         require(self.dataset in ("prepared", "expanded"), "train.dataset", self.dataset, "choose prepared or expanded")
@@ -111,6 +116,14 @@ class TrainConfig:
         require(self.early_stopping_patience >= 0, "train.early_stopping_patience", self.early_stopping_patience,
                 "epochs without a better validation accuracy before stopping; 0 is off")
         require(self.steps_per_call >= 1, "train.steps_per_call", self.steps_per_call, "must be at least 1")
+        require(0 <= self.distort_rotation <= 180, "train.distort_rotation", self.distort_rotation,
+                "the largest rotation, in degrees: 0 (off) to 180")
+        require(0 <= self.distort_scale < 1, "train.distort_scale", self.distort_scale,
+                "images are scaled by a factor in [1 - s, 1 + s]: must be in [0, 1), 0 is off")
+        require(self.distort_alpha >= 0, "train.distort_alpha", self.distort_alpha,
+                "the elastic displacement scale, in pixels: must be >= 0, 0 is off")
+        require(self.distort_sigma > 0, "train.distort_sigma", self.distort_sigma,
+                "the width of the Gaussian that smooths the elastic field, in pixels: must be > 0")
         try:
             build(layers, rng=np.random.default_rng(0)).check_cost(self.cost)
         except ValueError as e:
@@ -118,6 +131,13 @@ class TrainConfig:
 
     def layers(self) -> list[dict]:
         return resolve(self.architecture, "train.architecture")
+
+    def distortion(self) -> dict | None:
+        """The settings of :func:`pipeline.distort.distort` for every epoch's images, or None when off."""
+        if not (self.distort_rotation or self.distort_scale or self.distort_alpha):
+            return None
+        return {"rotation": self.distort_rotation, "scale": self.distort_scale, "alpha": self.distort_alpha,
+                "sigma": self.distort_sigma}
 
     def eta_at(self, epoch: int) -> float:
         """The learning rate of 1-based ``epoch``: eta * lr_decay**(epoch - 1)."""
@@ -270,36 +290,47 @@ def train(*, config: TrainConfig, prepared_dir: Path, expanded_dir: Path | None 
 
     n_used = n_batches * bs
     diverged = None
-    for epoch in range(state["epochs_done"] + 1, config.epochs + 1):
-        patience = config.early_stopping_patience
-        if patience and state["improved_epoch"] and epoch - 1 - state["improved_epoch"] >= patience:
-            state["stopped"] = "early_stopping"
-            log.info("stopping early: no better validation accuracy in the %d epochs after epoch %d", patience,
-                     state["improved_epoch"])
-            break
-        eta = config.eta_at(epoch)
-        start = time.perf_counter()
-        cost_sum, diverged = _train_epoch(config, trainer, images, labels, epoch, n_batches, eta, progress)
-        seconds = time.perf_counter() - start
-        if diverged:
-            break
-        accuracy = trainer.accuracy(val_images, val_labels)
-        row = {"epoch": epoch, "train_cost": cost_sum / n_batches, "validation_accuracy": accuracy,
-               "seconds": round(seconds, 3), "images_per_second": round(n_used / seconds, 1), "eta": eta}
-        state["history"].append(row)
-        if state["best_accuracy"] is None or accuracy > state["best_accuracy"]:
-            state["improved_epoch"] = epoch  # early stopping waits for a strict improvement
-        if state["best_accuracy"] is None or accuracy >= state["best_accuracy"]:
-            state["best_accuracy"], state["best_epoch"] = accuracy, epoch  # a tie moves to the later epoch, as the book
-            best_values = network.get_values()
-        state["epochs_done"] = epoch
-        save_checkpoint(checkpoint_path, state, network.get_values(), best_values, trainer.velocity_values())
-        log.info("epoch %d/%d: train cost %.4f, validation accuracy %.2f%% (best %.2f%% at epoch %d), %.1f s, "
-                 "%.0f images/s", epoch, config.epochs, row["train_cost"], 100 * accuracy,
-                 100 * state["best_accuracy"], state["best_epoch"], seconds, n_used / seconds)
-        _notify(on_epoch, row, state, resumed=False)
-    else:
-        state["stopped"] = "completed"
+    # the next epoch's images are made (shuffled, distorted if asked) in a thread while this epoch trains:
+    # NumPy releases the GIL, so distorting costs little more than the cores that training leaves idle
+    prefetch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="next-epoch")
+    first_epoch = state["epochs_done"] + 1
+    upcoming = prefetch.submit(_epoch_images, config, images, first_epoch) if first_epoch <= config.epochs else None
+    try:
+        for epoch in range(first_epoch, config.epochs + 1):
+            patience = config.early_stopping_patience
+            if patience and state["improved_epoch"] and epoch - 1 - state["improved_epoch"] >= patience:
+                state["stopped"] = "early_stopping"
+                log.info("stopping early: no better validation accuracy in the %d epochs after epoch %d", patience,
+                         state["improved_epoch"])
+                break
+            eta = config.eta_at(epoch)
+            start = time.perf_counter()
+            epoch_images, order = upcoming.result()
+            if epoch < config.epochs:
+                upcoming = prefetch.submit(_epoch_images, config, images, epoch + 1)
+            cost_sum, diverged = _train_epoch(config, trainer, epoch_images, order, labels, epoch, n_batches, eta, progress)
+            seconds = time.perf_counter() - start
+            if diverged:
+                break
+            accuracy = trainer.accuracy(val_images, val_labels)
+            row = {"epoch": epoch, "train_cost": cost_sum / n_batches, "validation_accuracy": accuracy,
+                   "seconds": round(seconds, 3), "images_per_second": round(n_used / seconds, 1), "eta": eta}
+            state["history"].append(row)
+            if state["best_accuracy"] is None or accuracy > state["best_accuracy"]:
+                state["improved_epoch"] = epoch  # early stopping waits for a strict improvement
+            if state["best_accuracy"] is None or accuracy >= state["best_accuracy"]:
+                state["best_accuracy"], state["best_epoch"] = accuracy, epoch  # a tie moves to the later epoch, as the book
+                best_values = network.get_values()
+            state["epochs_done"] = epoch
+            save_checkpoint(checkpoint_path, state, network.get_values(), best_values, trainer.velocity_values())
+            log.info("epoch %d/%d: train cost %.4f, validation accuracy %.2f%% (best %.2f%% at epoch %d), %.1f s, "
+                     "%.0f images/s", epoch, config.epochs, row["train_cost"], 100 * accuracy,
+                     100 * state["best_accuracy"], state["best_epoch"], seconds, n_used / seconds)
+            _notify(on_epoch, row, state, resumed=False)
+        else:
+            state["stopped"] = "completed"
+    finally:  # the next epoch's images, if not begun, are not made for a run that stops here
+        prefetch.shutdown(wait=True, cancel_futures=True)
     if diverged:
         state["stopped"] = "diverged"
 
@@ -328,12 +359,24 @@ def _notify(on_epoch, row: dict, state: dict, *, resumed: bool) -> None:
                             "best_epoch": best_row["epoch"], "resumed": resumed})
 
 
-def _train_epoch(config: TrainConfig, trainer: Trainer, images, labels, epoch: int, n_batches: int, eta: float,
-                 progress: bool) -> tuple[float, int | None]:
-    """One epoch in calls of ``steps_per_call`` mini-batches; returns (sum of step costs, epoch if diverged)."""
-    bs = config.batch_size
+def _epoch_images(config: TrainConfig, images: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images, order): the epoch visits ``images[order]``. With ``train.distort_*`` the images are the
+    epoch's own copy of the training set, each image distorted afresh (drawn in visiting order)."""
     order = (np.random.default_rng([config.seed, 1, epoch]).permutation(len(images)) if config.shuffle
              else np.arange(len(images)))
+    distortion = config.distortion()
+    if distortion is None:
+        return images, order
+    distorted = np.empty_like(images)
+    distorted[order] = distort.distort_blocks(images[order], [config.seed, 3, epoch], **distortion)
+    return distorted, order
+
+
+def _train_epoch(config: TrainConfig, trainer: Trainer, images, order, labels, epoch: int, n_batches: int,
+                 eta: float, progress: bool) -> tuple[float, int | None]:
+    """One epoch in calls of ``steps_per_call`` mini-batches; returns (sum of step costs, epoch if diverged).
+    The epoch visits ``images[order]`` (see :func:`_epoch_images`) with the labels ``labels[order]``."""
+    bs = config.batch_size
     # one generator per dropout layer, drawn in step order, so the masks do not depend on steps_per_call
     dropout = [(np.random.default_rng([config.seed, 2, epoch, i]), trainer.network.layers[i].p_dropout,
                 trainer.network.layers[i].n_in) for i in trainer.network.dropout_layers]
