@@ -61,7 +61,7 @@ def test_every_book_row_trains_and_is_reported_beside_the_book(first_run):
         cells = rows[row.key]
         if row.book is not None:
             assert cells[2] == f"{100 * row.book:.2f}%"
-        if row.key.startswith("best"):  # beyond the book and not asked for: listed, never filled in
+        if row.key not in table.BOOK_ROWS:  # beyond the book and not asked for: listed, never filled in
             assert cells[3] == "not run"
             continue
         assert re.fullmatch(r"\d+\.\d\d%( \(seed \d\))?", cells[3]), cells
@@ -273,6 +273,17 @@ def test_row_selection_and_seed_counts():
     assert table.n_seeds(table.BY_KEY["4"], 3) == 3
     with pytest.raises(table.ConfigError, match="Got --rows '10'"):
         table.select_rows("1,10")
+
+
+def test_the_distort_row_is_row_8_with_fresh_distortions_every_epoch():
+    assert table.select_rows("distort") == ["distort", "distort-vote", "distort-avg"]
+    assert table.n_seeds(table.BY_KEY["distort"], 3) == 5  # its ensembles combine five
+    config = table.train_config(table.BY_KEY["distort"], 1, quick=False, engine="jax", device="cpu", steps_per_call=500)
+    row8 = table.train_config(table.BY_KEY["8"], 1, quick=False, engine="jax", device="cpu", steps_per_call=500)
+    assert config.distortion() == {"rotation": 10.0, "scale": 0.1, "alpha": 34.0, "sigma": 5.0}
+    assert row8.distortion() is None
+    same = ("architecture", "dataset", "epochs", "eta", "lmbda", "batch_size")
+    assert [getattr(config, k) for k in same] == [getattr(row8, k) for k in same]
 
 
 def test_the_rows_use_the_books_settings():

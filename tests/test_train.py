@@ -111,6 +111,49 @@ def test_resuming_in_process_matches_an_uninterrupted_run_and_replays_epochs(tmp
         np.testing.assert_array_equal(a[name], b[name])
 
 
+DISTORTED = dict(distort_rotation=10.0, distort_scale=0.1, distort_alpha=20.0, distort_sigma=4.0)
+
+
+def test_each_epoch_distorts_every_image_afresh_and_reproducibly(data_dir):
+    from pipeline.train import _epoch_images
+
+    images = load_npz(data_dir / "prepared" / "train.npz")["images"].reshape(-1, 784)
+    cfg = config(**DISTORTED)
+    one, order = _epoch_images(cfg, images, 1)
+    again, order_again = _epoch_images(cfg, images, 1)
+    two, _ = _epoch_images(cfg, images, 2)
+    np.testing.assert_array_equal(one, again)
+    np.testing.assert_array_equal(order, order_again)
+    assert one.shape == images.shape and one.dtype == np.uint8
+    assert not np.array_equal(one, images) and not np.array_equal(one, two)
+    # image i of the epoch is a distortion of training image i: blurred (the distortion moves pixels by
+    # a pixel or two), nearer to it than to the next one
+    from scipy import ndimage
+
+    blur = lambda a: ndimage.gaussian_filter(a.reshape(-1, 28, 28).astype(float), (0, 1.5, 1.5)).reshape(len(a), -1)
+    distorted, original = blur(one), blur(images)
+    own = np.abs(distorted - original).mean(axis=1)
+    other = np.abs(distorted - np.roll(original, 1, axis=0)).mean(axis=1)
+    assert np.mean(own < other) > 0.95
+    plain, plain_order = _epoch_images(config(), images, 1)
+    assert plain is images  # off: no copy
+    np.testing.assert_array_equal(plain_order, order)  # the shuffle does not depend on distortion
+
+
+def test_distorted_training_resumes_exactly_and_ignores_steps_per_call(tmp_path, data_dir):
+    straight = run(tmp_path / "straight", data_dir, config(epochs=2, **DISTORTED))
+    run(tmp_path / "resumed", data_dir, config(epochs=1, **DISTORTED))
+    resumed = run(tmp_path / "resumed", data_dir, config(epochs=2, **DISTORTED))
+    run(tmp_path / "grouped", data_dir, config(epochs=2, steps_per_call=7, **DISTORTED))
+    run(tmp_path / "plain", data_dir, config(epochs=2))
+    assert resumed["resumed_from_epoch"] == 1 and straight["epochs_run"] == 2
+    a, b, c, plain = (weights(tmp_path / name) for name in ("straight", "resumed", "grouped", "plain"))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+        np.testing.assert_array_equal(a[name], c[name])
+    assert any(not np.array_equal(a[name], plain[name]) for name in a)
+
+
 def test_a_checkpoint_from_other_params_is_not_resumed(tmp_path, data_dir):
     run(tmp_path, data_dir, config(epochs=1))
     summary = run(tmp_path, data_dir, config(epochs=2, lmbda=0.2))
@@ -218,6 +261,10 @@ def test_early_stopping_waits_for_a_strict_improvement(tmp_path, data_dir):
     ({"momentum": 1.0}, r"train.momentum=1.0"),
     ({"lr_decay": 1.5}, r"train.lr_decay=1.5"),
     ({"architecture": [{"type": "softmax", "n_in": 100}]}, r"train.architecture\[0\].n_in=100"),
+    ({"distort_rotation": -5}, r"train.distort_rotation=-5.0: the largest rotation"),
+    ({"distort_scale": 1.0}, r"train.distort_scale=1.0: .*\[0, 1\)"),
+    ({"distort_alpha": -1}, r"train.distort_alpha=-1.0"),
+    ({"distort_sigma": 0}, r"train.distort_sigma=0.0: the width"),
     ({"learning_rate": 0.1}, r"unknown key train.learning_rate"),
 ])
 def test_bad_train_params_are_refused(section, message):
