@@ -78,7 +78,9 @@ def elastic(images: np.ndarray, rng: np.random.Generator, alpha: float, sigma: f
     n = len(images)
     dy, dx = elastic_displacements(rng, n, alpha, sigma)
     grid_y, grid_x = np.mgrid[0:SIDE, 0:SIDE]
-    return to_uint8(bilinear(images, grid_y + dy, grid_x + dx))
+    # rounded to float32 first, as the expand stage's first recipe (map_coordinates on float32 images)
+    # returned it: a value just off a half grey level would otherwise round the other way
+    return to_uint8(bilinear(images, grid_y + dy, grid_x + dx).astype(np.float32))
 
 
 def distort(images: np.ndarray, rng: np.random.Generator, *, rotation: float = 0.0, scale: float = 0.0,

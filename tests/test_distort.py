@@ -36,10 +36,10 @@ def test_bilinear_sampling_equals_scipy_map_coordinates_inside_on_the_edge_and_o
 
 def test_elastic_equals_the_scipy_recipe_it_replaced():
     """pipeline.expand's elastic copies were made with gaussian_filter and map_coordinates: same bytes."""
-    images = digits(50, seed=4)
-    field = np.random.default_rng(5).uniform(-1.0, 1.0, size=(2, 50, 28, 28))
+    images = digits(2000, seed=4)
+    field = np.random.default_rng(5).uniform(-1.0, 1.0, size=(2, 2000, 28, 28))
     field = ndimage.gaussian_filter(field, sigma=(0, 0, 4.0, 4.0), mode="constant") * 34.0
-    index, y, x = np.meshgrid(np.arange(50), np.arange(28), np.arange(28), indexing="ij")
+    index, y, x = np.meshgrid(np.arange(2000), np.arange(28), np.arange(28), indexing="ij")
     warped = ndimage.map_coordinates(images.astype(np.float32), [index, y + field[0], x + field[1]], order=1,
                                      mode="constant", cval=0.0)
     expected = np.clip(np.rint(warped), 0, 255).astype(np.uint8)
