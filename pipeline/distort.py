@@ -15,6 +15,7 @@ neighbours of every target pixel at once; a pixel whose source point lies outsid
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 
 import numpy as np
@@ -107,11 +108,22 @@ def distort(images: np.ndarray, rng: np.random.Generator, *, rotation: float = 0
     return to_uint8(bilinear(images, y, x)).reshape(shape)
 
 
-def distort_blocks(images: np.ndarray, seed: list[int], **settings) -> np.ndarray:
+def distort_blocks(images: np.ndarray, seed: list[int], *, workers: int = 1, **settings) -> np.ndarray:
     """:func:`distort` every image, in blocks of BLOCK with generator ``seed + [block]`` each, so the
-    result does not depend on how a caller splits the work."""
+    result does not depend on how a caller splits the work, nor on ``workers``: the number of
+    threads (NumPy releases the GIL in the heavy loops, so they run in parallel)."""
     out = np.empty_like(images)
-    for b, start in enumerate(range(0, len(images), BLOCK)):
+
+    def block(b: int) -> None:
+        start = b * BLOCK
         rng = np.random.default_rng([*seed, b])
         out[start : start + BLOCK] = distort(images[start : start + BLOCK], rng, **settings)
+
+    blocks = range(-(-len(images) // BLOCK))
+    if workers == 1:
+        for b in blocks:
+            block(b)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(block, blocks))  # list(): re-raise a block's exception here
     return out

@@ -94,7 +94,7 @@ def test_elastic_moves_pixels_by_about_the_expected_amount():
     assert abs(middle.mean()) < 0.05 and dx[:, 10:18, 10:18].std() == pytest.approx(expected, rel=0.05)
 
 
-def test_blocks_do_not_depend_on_how_the_work_is_split():
+def test_blocks_do_not_depend_on_how_the_work_is_split_nor_on_the_threads():
     images = digits(2500, seed=9)
     settings = dict(rotation=10.0, scale=0.1, alpha=34.0, sigma=5.0)
     whole = distort.distort_blocks(images, [1, 2], **settings)
@@ -103,3 +103,5 @@ def test_blocks_do_not_depend_on_how_the_work_is_split():
     np.testing.assert_array_equal(whole[:1000], first)
     other = distort.distort_blocks(images, [1, 3], **settings)
     assert not np.array_equal(whole, other)
+    threaded = distort.distort_blocks(images, [1, 2], workers=3, **settings)
+    np.testing.assert_array_equal(whole, threaded)
