@@ -249,6 +249,21 @@ def test_the_best_rows_train_on_their_own_elastic_set_made_once(data, tmp_path, 
     assert table.run_table(**kwargs)["trained"] == [] and made.stat().st_mtime_ns == stamp
 
 
+def test_the_distort_rows_train_end_to_end_with_their_distortions(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    results = table.run_table(rows="distort", repeats=1, quick=True, prepared_dir=data / "prepared",
+                              expanded_dir=data / "expanded", out_dir=tmp_path / "table", progress=False)
+    assert sorted(results["trained"]) == [("distort", seed) for seed in range(1, 6)]
+    settings = json.loads((tmp_path / "table" / "distort" / "seed1" / "result.json").read_text())["settings"]
+    assert {k: v for k, v in settings.items() if k.startswith("distort_")} == {
+        "distort_rotation": 10.0, "distort_scale": 0.1, "distort_alpha": 34.0, "distort_sigma": 5.0}
+    assert settings["dataset"] == "expanded" and not (tmp_path / "table" / "datasets").exists()  # the book's set
+    cells = markdown_rows((tmp_path / "table" / "report.md").read_text())
+    for key in ("distort", "distort-vote", "distort-avg"):
+        assert re.fullmatch(r"\d+\.\d\d%( \(seed \d\))?", cells[key][3]), cells[key]
+    assert cells["best"][3] == "not run"
+
+
 def test_jobs_must_be_at_least_one(data, tmp_path):
     with pytest.raises(table.ConfigError, match="Got --jobs 0"):
         table.run_table(rows="1", quick=True, prepared_dir=data / "prepared", expanded_dir=data / "expanded",
