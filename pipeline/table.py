@@ -3,7 +3,7 @@
     python -m pipeline table                       # rows 1-9, 3 seeds each (the book's protocol)
     python -m pipeline table --quick               # smoke test: 1 epoch on 2,000 images; NOT a reproduction
     python -m pipeline table --rows 1,2 --repeats 1
-    python -m pipeline table --rows all            # also the "best" rows, beyond the book
+    python -m pipeline table --rows all            # also the "best" and "distort" rows, beyond the book
 
 Every (row, seed) is trained by the train stage's worker into OUT/<row>/seed<k>/ (model,
 checkpoints, metrics, test probabilities, result.json). Run the command again after an
