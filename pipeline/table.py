@@ -101,9 +101,12 @@ BEST_EXPAND = {"max_shift": 1, "elastic_copies": 1}
 # Fresh distortions, the next step after the fixed elastic copy: row 8's network, data and epochs,
 # but every epoch sees every image rotated (up to 10 degrees), scaled (up to 10%) and elastically
 # deformed (alpha 34, sigma 5) afresh, as Simard et al. (2003) and Ciresan et al. (2010) trained.
-# The strengths are a moderate choice within theirs, not tuned here.
-DISTORT_SETTINGS = {"dataset": "expanded", "epochs": 40, "eta": 0.03, "lmbda": 0.0, "distort_rotation": 10.0,
-                    "distort_scale": 0.1, "distort_alpha": 34.0, "distort_sigma": 5.0}
+# The strengths are a moderate choice within theirs, not tuned here. With row 8's constant eta the
+# first try learned the harder images slowly (validation 99.23% to 99.45% at epochs 20 to 28, where
+# row 8 had 99.44% to 99.53%), so eta decays as Ciresan et al.'s: 0.03 times 0.92 per epoch over
+# 30 epochs (0.0027 at the last), some 23 min a seed on 2 CPU cores.
+DISTORT_SETTINGS = {"dataset": "expanded", "epochs": 30, "eta": 0.03, "lr_decay": 0.92, "lmbda": 0.0,
+                    "distort_rotation": 10.0, "distort_scale": 0.1, "distort_alpha": 34.0, "distort_sigma": 5.0}
 
 ROWS: tuple[Row, ...] = (
     _book("1", "shallow", "FC 100, softmax; sigmoid", 0.9780),
@@ -126,7 +129,8 @@ ROWS: tuple[Row, ...] = (
         beyond_book=True),
     Row("best-avg", "averaged probabilities of five 'best' networks", None, ensemble_of="best", method="average",
         beyond_book=True),
-    Row("distort", "row 8 with every image rotated, scaled and elastically deformed afresh every epoch", None,
+    Row("distort", "row 8 with every image rotated, scaled and elastically deformed afresh every epoch; "
+        "eta 0.03 decaying 0.92 per epoch, 30 epochs", None,
         "conv2_relu_dropout", DISTORT_SETTINGS, beyond_book=True),
     Row("distort-vote", "plurality vote of five 'distort' networks", None, ensemble_of="distort", method="vote",
         beyond_book=True),
@@ -243,6 +247,12 @@ def jax_compilation_cache(directory: Path) -> Iterator[None]:
 
 
 # -- one (row, seed) -----------------------------------------------------------------------------
+# TrainConfig fields added after results of the table were first trained: keyed only when not at
+# their default, so that adding a field never retrains a finished row (the train.distort_* fields).
+TRAIN_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+KEYED_WHEN_SET = ("distort_rotation", "distort_scale", "distort_alpha", "distort_sigma")
+
+
 def _key(config: TrainConfig, data: Data, test_sha: str) -> str | None:
     """What a finished result must match: its settings and the bytes of its three data sets.
 
@@ -254,6 +264,9 @@ def _key(config: TrainConfig, data: Data, test_sha: str) -> str | None:
     if not train_path.is_file() or not validation_path.is_file():
         return None
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "steps_per_call"}
+    for name in KEYED_WHEN_SET:  # a field added later is left out at its default: older results still match
+        if settings[name] == TRAIN_DEFAULTS[name]:
+            del settings[name]
     settings.update(train=_sha256(train_path), validation=_sha256(validation_path), test=test_sha)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 

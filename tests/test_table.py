@@ -249,6 +249,23 @@ def test_the_best_rows_train_on_their_own_elastic_set_made_once(data, tmp_path, 
     assert table.run_table(**kwargs)["trained"] == [] and made.stat().st_mtime_ns == stamp
 
 
+def test_a_result_keyed_before_the_distort_fields_existed_still_matches(data):
+    """Results trained before TrainConfig had its distort_* fields must not be trained again."""
+    import dataclasses
+    import hashlib
+
+    sets = table.Data(data / "prepared", data / "expanded", data / "prepared" / "test.npz")
+    config = table.train_config(table.BY_KEY["8"], 1, quick=False, engine="jax", device="cpu", steps_per_call=500)
+    # the key as it was computed then: every field then known, but steps_per_call, plus the data's hashes
+    before = {k: v for k, v in dataclasses.asdict(config).items()
+              if k != "steps_per_call" and not k.startswith("distort_")}
+    before.update(train=table._sha256(data / "expanded" / "train.npz"),
+                  validation=table._sha256(data / "prepared" / "validation.npz"), test="t")
+    assert table._key(config, sets, "t") == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    distorted = dataclasses.replace(config, distort_rotation=5.0)
+    assert table._key(distorted, sets, "t") != table._key(config, sets, "t")
+
+
 def test_the_distort_rows_train_end_to_end_with_their_distortions(data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     results = table.run_table(rows="distort", repeats=1, quick=True, prepared_dir=data / "prepared",
@@ -297,7 +314,8 @@ def test_the_distort_row_is_row_8_with_fresh_distortions_every_epoch():
     row8 = table.train_config(table.BY_KEY["8"], 1, quick=False, engine="jax", device="cpu", steps_per_call=500)
     assert config.distortion() == {"rotation": 10.0, "scale": 0.1, "alpha": 34.0, "sigma": 5.0}
     assert row8.distortion() is None
-    same = ("architecture", "dataset", "epochs", "eta", "lmbda", "batch_size")
+    assert (config.epochs, config.lr_decay, row8.lr_decay) == (30, 0.92, 1.0)
+    same = ("architecture", "dataset", "eta", "lmbda", "batch_size")
     assert [getattr(config, k) for k in same] == [getattr(row8, k) for k in same]
 
 
