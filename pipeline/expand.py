@@ -17,8 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import cli
-from pipeline.distort import elastic
 from pipeline.config import load_config, require
+from pipeline.distort import elastic
 from pipeline.files import load_npz, save_npz, write_json
 
 ELASTIC_CHUNK = 2_000  # images distorted at once: bounds the float64 temporaries to some 50 MB
