@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 from scipy import ndimage
 
 from pipeline import distort
+from pipeline.benchmarks.expand import best_of
 from pipeline.table import DISTORT_SETTINGS
 
 
@@ -31,15 +31,6 @@ def scipy_elastic(images: np.ndarray, rng: np.random.Generator, alpha: float, si
     warped = ndimage.map_coordinates(images.astype(np.float32), [index, y + field[0], x + field[1]], order=1,
                                      mode="constant", cval=0.0)
     return np.clip(np.rint(warped), 0, 255).astype(np.uint8)
-
-
-def best_of(repeats: int, fn) -> tuple[float, np.ndarray]:
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
 
 
 def main(argv=None) -> int:
@@ -57,15 +48,16 @@ def main(argv=None) -> int:
         generator = np.random.default_rng(1)
         return np.concatenate([fn(images[i : i + chunk], generator, 34.0, 4.0) for i in range(0, len(images), chunk)])
 
-    old, old_out = best_of(args.repeats, lambda: by_chunks(scipy_elastic))
-    new, new_out = best_of(args.repeats, lambda: by_chunks(distort.elastic))
+    old = best_of(args.repeats, lambda: by_chunks(scipy_elastic))
+    new = best_of(args.repeats, lambda: by_chunks(distort.elastic))
+    same = np.array_equal(by_chunks(scipy_elastic), by_chunks(distort.elastic))
     settings = {key.removeprefix("distort_"): value for key, value in DISTORT_SETTINGS.items() if key.startswith("distort_")}
-    full, _ = best_of(args.repeats, lambda: distort.distort_blocks(images, [1], **settings))
+    full = best_of(args.repeats, lambda: distort.distort_blocks(images, [1], **settings))
     threads = os.cpu_count() or 1
-    threaded, _ = best_of(args.repeats, lambda: distort.distort_blocks(images, [1], workers=threads, **settings))
+    threaded = best_of(args.repeats, lambda: distort.distort_blocks(images, [1], workers=threads, **settings))
     per_epoch = full * 250_000 / args.images
     print(f"elastic, {args.images} images: scipy recipe {old:.2f} s, pipeline.distort {new:.2f} s: "
-          f"{old / new:.1f}x faster; same bytes: {np.array_equal(old_out, new_out)}")
+          f"{old / new:.1f}x faster; same bytes: {same}")
     print(f"rotation + scaling + elastic ({settings}): {full:.2f} s for {args.images} images, "
           f"{per_epoch:.1f} s per 250,000-image epoch; in {threads} threads {threaded:.2f} s ({full / threaded:.1f}x)")
     return 0
