@@ -4,6 +4,7 @@
     python -m pipeline table --quick               # smoke test: 1 epoch on 2,000 images; NOT a reproduction
     python -m pipeline table --rows 1,2 --repeats 1
     python -m pipeline table --rows all            # also the "best" and "distort" rows, beyond the book
+    python -m pipeline table --rows all --report-only   # the report from what is on disk; trains nothing
 
 Every (row, seed) is trained by the train stage's worker into OUT/<row>/seed<k>/ (model,
 checkpoints, metrics, test probabilities, result.json). Run the command again after an
@@ -393,9 +394,12 @@ def _ensemble_line(row: Row, members: list[dict], probabilities: list[np.ndarray
 
 def run_table(*, rows: Sequence[str] | str | None = None, repeats: int = 3, quick: bool = False, prepared_dir: Path,
               expanded_dir: Path, out_dir: Path, engine: str = "jax", device: str = "cpu", steps_per_call: int = 500,
-              tracking_config: tracking.TrackingConfig | None = None, progress: bool = True, jobs: int = 1) -> dict:
+              tracking_config: tracking.TrackingConfig | None = None, progress: bool = True, jobs: int = 1,
+              report_only: bool = False) -> dict:
     """Train what is missing of ``rows``, write the report; returns results.json's content plus
-    ``trained``, the (row, seed) pairs trained (or resumed) by this call."""
+    ``trained``, the (row, seed) pairs trained (or resumed) by this call, and ``missing``, those
+    still to train (none, unless ``report_only``: then the report shows what is on disk and nothing
+    trains)."""
     if repeats < 1:
         raise ConfigError(f"Got --repeats {repeats}: must be at least 1")
     if jobs < 1:
@@ -416,11 +420,13 @@ def run_table(*, rows: Sequence[str] | str | None = None, repeats: int = 3, quic
 
     with jax_compilation_cache(out_dir / ".jax-cache") if engine == "jax" else contextlib.nullcontext():
         return _run(keys=keys, repeats=repeats, quick=quick, data=data, out_dir=out_dir, engine=engine, device=device,
-                    steps_per_call=steps_per_call, tracking_config=tracking_config, progress=progress, jobs=jobs)
+                    steps_per_call=steps_per_call, tracking_config=tracking_config, progress=progress, jobs=jobs,
+                    report_only=report_only)
 
 
 def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Path, engine: str, device: str,
-         steps_per_call: int, tracking_config: tracking.TrackingConfig, progress: bool, jobs: int) -> dict:
+         steps_per_call: int, tracking_config: tracking.TrackingConfig, progress: bool, jobs: int,
+         report_only: bool) -> dict:
     # the code as this process loaded it (hashed once, at the start): its files may be edited while a
     # table trains for hours
     code = code_version()
@@ -439,26 +445,31 @@ def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Pat
             parent.set_tags({"rows": ",".join(keys), "repeats": repeats})
         # what is on disk already, and what to train
         found: dict[str, dict[int, dict]] = {row.key: {} for row in ROWS}
-        todo = []
+        todo, missing = [], []
         for row in ROWS:
             if row.is_ensemble:
                 continue
             count = n_seeds(row, repeats)
             seeds = range(1, max(count, _last_seed_on_disk(out_dir / row.key)) + 1)
-            wanted = row.key in keys or any((out_dir / row.key / f"seed{seed}" / RESULT_FILE).is_file()
-                                            for seed in seeds)
-            rdata = row_data(row, data, out_dir, progress) if wanted else data
+            on_disk = any((out_dir / row.key / f"seed{seed}" / RESULT_FILE).is_file() for seed in seeds)
+            # (a row's own data, such as best's elastic set, is made only to train it or to match its results)
+            rdata = row_data(row, data, out_dir, progress) if on_disk or (row.key in keys and not report_only) else data
             for seed in seeds:
                 seed_dir = out_dir / row.key / f"seed{seed}"
-                if (row.key not in keys or seed > count) and not (seed_dir / RESULT_FILE).is_file():
-                    continue  # not asked for and never run: no need to hash its data
+                asked = row.key in keys and seed <= count
+                if not (seed_dir / RESULT_FILE).is_file() and (not asked or report_only):
+                    if asked:
+                        missing.append((row.key, seed))
+                    continue  # not to be trained now: no need to hash its data
                 config = train_config(row, seed, quick=quick, engine=engine, device=device,
                                       steps_per_call=steps_per_call)
                 key = _key(config, rdata, test_sha)
                 result = load_result(seed_dir, key)
                 if result is not None:
                     found[row.key][seed] = result
-                elif row.key in keys and seed <= count:
+                elif asked and report_only:  # its result is from other settings, data or code
+                    missing.append((row.key, seed))
+                elif asked:
                     todo.append(Job(row.key, seed, count, config, key, seed_dir, rdata))
         common = dict(quick=quick, tracking_config=tracking_config, code=code,
                       parent_id=parent.run_id if parent else None)
@@ -486,7 +497,7 @@ def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Pat
                 parent.log_artifact(path)
             parent.log_metrics({f"row_{line['row']}_test_accuracy": line["ours"] for line in lines
                                 if line["ours"] is not None})
-    return {**results_json, "trained": trained, "parent_run_id": parent.run_id if parent else None}
+    return {**results_json, "trained": trained, "missing": missing, "parent_run_id": parent.run_id if parent else None}
 
 
 @dataclass(frozen=True)
@@ -548,6 +559,15 @@ def _last_seed_on_disk(row_dir: Path) -> int:
     return max(seeds, default=0)
 
 
+def missing_text(missing: list[tuple[str, int]]) -> str:
+    """"8 (seed 2), best (seeds 1, 2, 3, 4, 5)" from [("8", 2), ("best", 1), ...]."""
+    by_row: dict[str, list[int]] = {}
+    for row, seed in missing:
+        by_row.setdefault(row, []).append(seed)
+    return ", ".join(f"{row} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+                     for row, seeds in by_row.items())
+
+
 def main(argv=None) -> int:
     parser = cli.stage_parser("table", __doc__)
     parser.add_argument("--quick", action="store_true",
@@ -563,6 +583,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--jobs", type=int, default=1,
                         help="networks trained at once, each in its own process (default 1; keep 1 on a small CPU)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the report from the networks already on disk (rows or seeds "
+                             "not yet trained show as not run)")
 
     def run(args):
         params = load_params(args.params)
@@ -571,8 +594,11 @@ def main(argv=None) -> int:
         results = run_table(rows=args.rows, repeats=args.repeats, quick=args.quick, prepared_dir=args.prepared,
                             expanded_dir=args.expanded, out_dir=args.out, engine=train_settings.engine,
                             device=train_settings.device, steps_per_call=train_settings.steps_per_call,
-                            tracking_config=tracking_config, progress=not args.no_progress, jobs=args.jobs)
+                            tracking_config=tracking_config, progress=not args.no_progress, jobs=args.jobs,
+                            report_only=args.report_only)
         print(f"trained {len(results['trained'])} networks; report: {args.out / 'report.md'}")
+        if results["missing"]:
+            print(f"  not trained (--report-only): {missing_text(results['missing'])}")
         for line in results["lines"]:
             if line["ours"] is not None:
                 print(f"  row {line['row']:>9}: ours {pct(line['ours'])}, book {pct(line['book'])}")

@@ -4,6 +4,7 @@ recomputation, the MLflow parent and child runs exist, and a second invocation t
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,30 @@ def test_a_second_invocation_trains_nothing_and_an_interrupted_seed_resumes(firs
     assert resumed["trained"] == [("3", 1)]
     assert json.loads((out / "table" / "3" / "seed1" / "metrics" / "train.json").read_text())["resumed_from_epoch"] == 1
     assert _same_but_time(resumed["lines"], json.loads(results)["lines"])
+
+
+def test_report_only_trains_nothing_and_names_what_is_missing(first_run, data, tmp_path, capsys):
+    out, _ = first_run
+    copy = tmp_path / "table"
+    shutil.copytree(out / "table", copy)
+    (copy / "report.md").unlink()
+    # seed 2 of row 8 interrupted before its result was written; best and distort never trained
+    (copy / "8" / "seed2" / "result.json").unlink()
+    code = table.main(["--quick", "--repeats", "1", "--rows", "all", "--report-only", "--params",
+                       str(data / "params.yaml"), "--prepared", str(data / "prepared"), "--expanded",
+                       str(data / "expanded"), "--out", str(copy), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "trained 0 networks" in printed
+    assert "not trained (--report-only): 8 (seed 2), best (seeds 1, 2, 3, 4, 5), distort (seeds 1, 2, 3, 4, 5)\n" in printed
+    assert not (copy / "best").exists() and not (copy / "datasets").exists()  # nothing made for untrained rows
+    assert not (copy / "8" / "seed2" / "result.json").exists()
+    rows = markdown_rows((copy / "report.md").read_text())
+    assert rows["best"][3] == "not run" and rows["distort"][3] == "not run"
+    assert rows["8"][4].endswith("(n=4 of 5)")  # the four seeds on disk
+    assert rows["9"][3] == "not run (4 of 5 networks)"
+    results = json.loads((copy / "results.json").read_text())
+    assert [s["seed"] for s in next(line for line in results["lines"] if line["row"] == "8")["seeds"]] == [1, 3, 4, 5]
 
 
 def test_finished_rows_outlive_a_code_change_and_the_report_names_them(first_run, data, monkeypatch):
