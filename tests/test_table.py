@@ -169,11 +169,11 @@ def test_report_only_trains_nothing_and_names_what_is_missing(first_run, data, t
     assert code == 0
     printed = capsys.readouterr().out
     assert "trained 0 networks" in printed
-    assert "not trained (--report-only): 8 (seed 2), best (seeds 1, 2, 3, 4, 5), distort (seeds 1, 2, 3, 4, 5)\n" in printed
+    assert "not trained (--report-only): 8 (seed 2), best (seeds 1, 2, 3, 4, 5), distort (seeds 1, 2, 3, 4, 5), deep (seeds 1, 2, 3, 4, 5)\n" in printed
     assert not (copy / "best").exists() and not (copy / "datasets").exists()  # nothing made for untrained rows
     assert not (copy / "8" / "seed2" / "result.json").exists()
     rows = markdown_rows((copy / "report.md").read_text())
-    assert rows["best"][3] == "not run" and rows["distort"][3] == "not run"
+    assert rows["best"][3] == rows["distort"][3] == rows["deep"][3] == "not run"
     assert rows["8"][4].endswith("(n=4 of 5)")  # the four seeds on disk
     assert rows["9"][3] == "not run (4 of 5 networks)"
     results = json.loads((copy / "results.json").read_text())
@@ -304,6 +304,23 @@ def test_the_distort_rows_train_end_to_end_with_their_distortions(data, tmp_path
     for key in ("distort", "distort-vote", "distort-avg"):
         assert re.fullmatch(r"\d+\.\d\d%( \(seed \d\))?", cells[key][3]), cells[key]
     assert cells["best"][3] == "not run"
+
+
+def test_the_deep_rows_train_their_own_layers_end_to_end(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    results = table.run_table(rows="deep", repeats=1, quick=True, prepared_dir=data / "prepared",
+                              expanded_dir=data / "expanded", out_dir=tmp_path / "table", progress=False)
+    assert sorted(results["trained"]) == [("deep", seed) for seed in range(1, 6)]
+    seed1 = tmp_path / "table" / "deep" / "seed1"
+    settings = json.loads((seed1 / "result.json").read_text())["settings"]
+    assert (settings["init"], settings["lr_decay"], settings["distort_rotation"], settings["distort_scale"]) == (
+        "corrected", 0.9, 8.0, 0.08)
+    model = load_model(seed1 / "model")
+    kernels = [layer["kernel"] for layer in model.description["layers"] if layer["type"] == "conv_pool"]
+    assert kernels == [3, 3, 3] and model.network.count_params() == 852_906  # 32*9+32 + 32*32*9+32 + ...
+    cells = markdown_rows((tmp_path / "table" / "report.md").read_text())
+    for key in ("deep", "deep-vote", "deep-avg"):
+        assert re.fullmatch(r"\d+\.\d\d%( \(seed \d\))?", cells[key][3]), cells[key]
 
 
 def test_jobs_must_be_at_least_one(data, tmp_path):
