@@ -597,8 +597,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3,
                         help="seeds per row (default 3, as the book; row 8: at least 5)")
     parser.add_argument("--rows", default=None,
-                        help=f"comma-separated rows: {', '.join(BY_KEY)}; or groups: {', '.join(k for k in GROUPS if k != 'all')} "
-                             "(a row and its ensembles); all is every row (default: the book's rows 1-9)")
+                        help=f"comma-separated rows: {', '.join(BY_KEY)}; or groups: "
+                             + "; ".join(f"{k} ({', '.join(v)})" for k, v in GROUPS.items() if k != "all")
+                             + "; all is every row (default: the book's rows 1-9)")
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"), help="prepared data directory")
     parser.add_argument("--expanded", type=Path, default=Path("data/expanded"), help="expanded data directory")
     parser.add_argument("--out", type=Path, default=Path("data/table"), help="output directory (report.md, rows)")
