@@ -10,7 +10,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from pipeline.files import write_bytes
