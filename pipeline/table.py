@@ -328,7 +328,8 @@ def train_one(row: Row, seed: int, config: TrainConfig, *, data: Data, test: dic
               progress: bool, code: str) -> dict:
     """Train (or resume) one network, score it on the test set, write its result.json last."""
     model_dir, checkpoint_dir, metrics_dir = seed_dir / "model", seed_dir / "checkpoints", seed_dir / "metrics"
-    tags = {"table": "chapter6", "row": row.key, "seed": seed, "preset": row.preset if isinstance(row.preset, str) else "custom", "dataset": config.dataset,
+    preset = row.preset if isinstance(row.preset, str) else "custom"  # a row's own list of layers
+    tags = {"table": "chapter6", "row": row.key, "seed": seed, "preset": preset, "dataset": config.dataset,
             "engine": config.engine, "device": config.device, "quick": quick, "stage": "table"}
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id  # MLflow shows the run nested under the table's run
