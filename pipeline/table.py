@@ -115,7 +115,8 @@ DISTORT_SETTINGS = {"dataset": "expanded", "epochs": 30, "eta": 0.03, "lr_decay"
 # dropout 0.25 on the FC input and 0.5 on the softmax input, weights N(0, 1/n_in) (init: corrected).
 # It trains on the book's shifted set, every image also rotated (up to 8 degrees) and scaled (up to
 # 8%) afresh every epoch, eta 0.03 decaying 0.9 per epoch over 20 epochs: some 30 min a seed on 2 CPU
-# cores (0.85 M parameters, about 85 s an epoch against row 8's 33 s). Its first seed: README.
+# cores (0.85 M parameters, about 85 s an epoch against row 8's 33 s). Seeds 1-3 reached 99.57%,
+# 99.67% and 99.63% test (mean 99.62%, as row 8's 99.60%): README.
 DEEP_LAYERS = [
     {"type": "conv_pool", "input": [1, 28, 28], "filters": 32, "kernel": 3, "pool": 1, "activation": "relu"},
     {"type": "conv_pool", "input": [32, 26, 26], "filters": 32, "kernel": 3, "pool": 2, "activation": "relu"},
