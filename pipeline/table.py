@@ -481,10 +481,12 @@ def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Pat
             for seed in seeds:
                 seed_dir = out_dir / row.key / f"seed{seed}"
                 asked = row.key in keys and seed <= count
-                if not (seed_dir / RESULT_FILE).is_file() and (not asked or report_only):
-                    if asked:
-                        missing.append((row.key, seed))
-                    continue  # not to be trained now: no need to hash its data
+                finished = (seed_dir / RESULT_FILE).is_file()
+                if not finished and not asked:
+                    continue  # never run and not asked for: no need to hash its data
+                if not finished and report_only:
+                    missing.append((row.key, seed))
+                    continue
                 config = train_config(row, seed, quick=quick, engine=engine, device=device,
                                       steps_per_call=steps_per_call)
                 key = _key(config, rdata, test_sha)

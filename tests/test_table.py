@@ -169,7 +169,8 @@ def test_report_only_trains_nothing_and_names_what_is_missing(first_run, data, t
     assert code == 0
     printed = capsys.readouterr().out
     assert "trained 0 networks" in printed
-    assert "not trained (--report-only): 8 (seed 2), best (seeds 1, 2, 3, 4, 5), distort (seeds 1, 2, 3, 4, 5), deep (seeds 1, 2, 3, 4, 5)\n" in printed
+    assert ("not trained (--report-only): 8 (seed 2), best (seeds 1, 2, 3, 4, 5), distort (seeds 1, 2, 3, 4, 5), "
+            "deep (seeds 1, 2, 3, 4, 5)\n") in printed
     assert not (copy / "best").exists() and not (copy / "datasets").exists()  # nothing made for untrained rows
     assert not (copy / "8" / "seed2" / "result.json").exists()
     rows = markdown_rows((copy / "report.md").read_text())
