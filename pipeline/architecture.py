@@ -6,7 +6,14 @@ A layer dict names its ``type`` and the book's constructor arguments::
     {type: fully_connected, n_in: 640, n_out: 100, activation: relu, p_dropout: 0.0}
     {type: softmax, n_in: 100, n_out: 10, p_dropout: 0.0}
 
-``input`` is (channels, height, width). Sizes are explicit, as in network3.py, and checked when
+and, beyond the book, batch normalization of the layer before, which then has ``activation: linear``
+and hands its activation to the normalization (``pipeline.layers.BatchNorm``)::
+
+    {type: conv_pool, input: [1, 28, 28], filters: 32, kernel: 3, pool: 1, activation: linear}
+    {type: batch_norm, shape: [32, 26, 26], activation: relu}
+
+``input`` is (channels, height, width); a batch_norm ``shape`` is the layer before's output,
+(channels, height, width) after a conv layer or (units,) after a dense one. Sizes are explicit, as in network3.py, and checked when
 params are loaded: a layer whose input does not match the previous layer's output is refused with
 a message naming both sizes, before anything is compiled.
 
@@ -21,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import ConfigError
-from pipeline.layers import ACTIVATIONS, ConvPool, FullyConnected, Softmax
+from pipeline.layers import ACTIVATIONS, BatchNorm, ConvPool, FullyConnected, Softmax
 from pipeline.network import Network
 
 IMAGE_SHAPE = (1, 28, 28)
@@ -33,6 +40,7 @@ LAYER_KEYS: dict[str, dict[str, Any]] = {
     "conv_pool": {"input": None, "filters": None, "kernel": 5, "pool": 2, "activation": "sigmoid"},
     "fully_connected": {"n_in": None, "n_out": None, "activation": "sigmoid", "p_dropout": 0.0},
     "softmax": {"n_in": None, "n_out": N_CLASSES, "p_dropout": 0.0},
+    "batch_norm": {"shape": None, "activation": "linear"},
 }
 
 
@@ -116,6 +124,10 @@ def _layer(raw: Any, where: str) -> dict:
             if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v) and v > 0 for v in value)):
                 raise ConfigError(f"Got {name}={value!r}: expected [channels, height, width], three positive integers")
             value = [int(v) for v in value]
+        elif key == "shape":
+            if not (isinstance(value, (list, tuple)) and len(value) in (1, 3) and all(_is_int(v) and v > 0 for v in value)):
+                raise ConfigError(f"Got {name}={value!r}: expected [units] or [channels, height, width], positive integers")
+            value = [int(v) for v in value]
         elif key == "activation":
             if value not in ACTIVATIONS:
                 raise ConfigError(f"Got {name}={value!r}: choose one of {', '.join(ACTIVATIONS)}")
@@ -132,6 +144,8 @@ def _layer(raw: Any, where: str) -> dict:
 
 
 def _output_shape(layer: dict, where: str) -> tuple[int, ...]:
+    if layer["type"] == "batch_norm":
+        return tuple(layer["shape"])
     if layer["type"] != "conv_pool":
         return (layer["n_out"],)
     channels, height, width = layer["input"]
@@ -167,6 +181,9 @@ def resolve(architecture: str | list, key: str = "train.architecture") -> list[d
             if wanted != previous and (len(previous) == 3 or int(np.prod(wanted)) != previous[0]):
                 raise ConfigError(f"Got {where}.input={list(wanted)}: {previous_name} outputs "
                                   f"{list(previous)} ({int(np.prod(previous))} values)")
+        elif layer["type"] == "batch_norm":
+            if tuple(layer["shape"]) != previous:
+                raise ConfigError(f"Got {where}.shape={layer['shape']}: {previous_name} outputs {list(previous)}")
         else:
             size = int(np.prod(previous))
             if layer["n_in"] != size:
@@ -190,6 +207,8 @@ def build(layers: list[dict], *, rng: np.random.Generator, init: str = "book") -
         elif spec["type"] == "fully_connected":
             built.append(FullyConnected(spec["n_in"], spec["n_out"], spec["activation"], spec["p_dropout"],
                                         rng=rng, init=init, name=name))
+        elif spec["type"] == "batch_norm":
+            built.append(BatchNorm(spec["shape"], spec["activation"], rng=rng, init=init, name=name))
         else:
             built.append(Softmax(spec["n_in"], spec["n_out"], spec["p_dropout"], rng=rng, init=init, name=name))
     return Network(built)

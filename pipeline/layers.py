@@ -1,4 +1,5 @@
-"""The book's three layer types (network3.py): FullyConnected, ConvPool and Softmax.
+"""The book's three layer types (network3.py): FullyConnected, ConvPool and Softmax; and, beyond the
+book, BatchNorm.
 
 Every layer has the same interface:
 
@@ -6,7 +7,9 @@ Every layer has the same interface:
   ``init`` choice, and creates its parameters as float32 shared variables;
 * ``output(x, deterministic=True, keep=None)`` maps a symbolic input batch to the output batch;
 * ``params`` (what SGD updates), ``weights`` (what L2 decays: the weights, not the biases),
-  ``n_in`` / ``n_out`` (values per example) and ``spec()`` (the dict that rebuilds the layer).
+  ``statistics`` (values a model keeps that SGD does not train: BatchNorm's population mean and
+  variance; empty for the book's layers), ``n_in`` / ``n_out`` (values per example) and ``spec()``
+  (the dict that rebuilds the layer).
 
 **Initialisation.** The book draws weights from N(0, 1/n_out) (for a conv layer n_out =
 filters*kh*kw/pool**2) and biases from N(0, 1); its own footnote calls the 1/n_out scale a mistake
@@ -89,6 +92,7 @@ class FullyConnected:
     """``activation(x W + b)``, with the book's dropout on the input."""
 
     kind = "fully_connected"
+    statistics = ()
 
     def __init__(self, n_in: int, n_out: int, activation: str = "sigmoid", p_dropout: float = 0.0,
                  *, rng: np.random.Generator, init: str = "book", name: str = "fc"):
@@ -118,6 +122,7 @@ class Softmax:
 
     kind = "softmax"
     activation = "softmax"
+    statistics = ()
 
     def __init__(self, n_in: int, n_out: int, p_dropout: float = 0.0,
                  *, rng: np.random.Generator | None = None, init: str = "book", name: str = "softmax"):
@@ -149,6 +154,7 @@ class ConvPool:
 
     kind = "conv_pool"
     p_dropout = 0.0
+    statistics = ()
 
     def __init__(self, input_shape, filters: int, kernel: int = 5, pool: int = 2, activation: str = "sigmoid",
                  *, rng: np.random.Generator, init: str = "book", name: str = "conv"):
@@ -178,3 +184,66 @@ class ConvPool:
     def spec(self) -> dict:
         return {"type": self.kind, "input": list(self.input_shape), "filters": self.filters,
                 "kernel": self.kernel, "pool": self.pool, "activation": self.activation}
+
+
+class BatchNorm:
+    """Batch normalization (Ioffe and Szegedy 2015), beyond the book: ``activation(gamma * x_hat + beta)``
+    with ``x_hat = (x - mean) / sqrt(var + EPSILON)`` per unit of a dense layer's output (``shape`` =
+    (units,)) or per channel of a conv layer's (``shape`` = (channels, height, width); the mean and
+    variance run over the batch, height and width).
+
+    Put it after a layer with ``activation: linear`` and give it that layer's activation, so the
+    normalization comes before the nonlinearity, as the paper does. While training, a batch is
+    normalized by its own mean and variance (the gradient flows through both). At inference it is
+    normalized by ``mean`` and ``var``, the ``statistics``: SGD does not train them; the trainer sets
+    them after every epoch from a pass over training images (``Network.batch_moments``), so they
+    describe the network as it is, not an average over the epoch's changing weights.
+    """
+
+    kind = "batch_norm"
+    p_dropout = 0.0
+    EPSILON = np.float32(1e-5)
+
+    def __init__(self, shape, activation: str = "linear", *, rng: np.random.Generator | None = None,
+                 init: str = "book", name: str = "bn"):
+        _check(activation, 0.0, init)
+        self.shape = tuple(int(v) for v in shape)
+        if len(self.shape) not in (1, 3) or min(self.shape) < 1:
+            raise ValueError(f"Got shape={list(shape)!r} for a batch_norm layer: expected [units] or "
+                             "[channels, height, width], positive integers")
+        self.activation = activation
+        self.n_in = self.n_out = int(np.prod(self.shape))
+        units = self.shape[0]  # what is normalized separately: dense units, or conv channels
+        self.gamma = _shared(np.ones(units), f"{name}.gamma")
+        self.beta = _shared(np.zeros(units), f"{name}.beta")
+        self.mean = _shared(np.zeros(units), f"{name}.mean")
+        self.var = _shared(np.ones(units), f"{name}.var")
+        self.params = [self.gamma, self.beta]
+        self.weights = []  # gamma and beta are not decayed, as biases
+        self.statistics = [self.mean, self.var]
+
+    def _units_last(self, x):
+        """``x`` with the normalized units on the last axis, and the axes the moments run over."""
+        if len(self.shape) == 3:
+            channels, height, width = self.shape
+            return x.reshape((-1, height, width, channels)), (0, 1, 2)  # (N, H, W, C)
+        return x.reshape((-1, self.n_in)), (0,)  # (N, units)
+
+    def moments(self, x):
+        """The batch's mean and (biased) variance per unit, each (units,)."""
+        x, axes = self._units_last(x)
+        return pt.mean(x, axis=axes), pt.var(x, axis=axes)
+
+    def normalize(self, x, mean, var):
+        """``activation(gamma * (x - mean) / sqrt(var + EPSILON) + beta)``, units last."""
+        x, _ = self._units_last(x)
+        x_hat = (x - mean) / pt.sqrt(var + self.EPSILON)
+        return ACTIVATIONS[self.activation](self.gamma * x_hat + self.beta)
+
+    def output(self, x, *, deterministic: bool = True, keep=None):
+        if deterministic:
+            return self.normalize(x, self.mean, self.var)
+        return self.normalize(x, *self.moments(x))
+
+    def spec(self) -> dict:
+        return {"type": self.kind, "shape": list(self.shape), "activation": self.activation}

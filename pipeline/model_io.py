@@ -2,7 +2,7 @@
 
 ``architecture.json`` holds the layer dicts (``pipeline.architecture`` format), the cost and a
 description of the array layout; ``model.npz`` holds one float32 array per parameter, named
-``layer{i}.w`` / ``layer{i}.b``. Conv filters are stored (kh, kw, in_channels, filters) and dense
+``layer{i}.w`` / ``layer{i}.b`` (a batch_norm layer's ``layer{i}.gamma`` / ``.beta`` / ``.mean`` / ``.var``). Conv filters are stored (kh, kw, in_channels, filters) and dense
 weights (n_in, n_out), with activations flattened channels-last (height, width, channels).
 
     model = load_model("data/model")
@@ -34,7 +34,7 @@ LAYOUT = ("conv filters (kh, kw, in_channels, filters); dense weights (n_in, n_o
 
 def save_model(model_dir: str | Path, network: Network, values: list[np.ndarray] | None = None, *,
                cost: str = "log-likelihood", metadata: dict[str, Any] | None = None) -> None:
-    """Write ``network``'s parameters (or ``values``, in ``network.params`` order) and architecture."""
+    """Write ``network``'s parameters (or ``values``, in ``network.param_names()`` order) and architecture."""
     model_dir = Path(model_dir)
     values = network.get_values() if values is None else values
     arrays = dict(zip(network.param_names(), values, strict=True))

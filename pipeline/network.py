@@ -21,14 +21,15 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.backend import graph
-from pipeline.layers import ConvPool, FullyConnected, Softmax
+from pipeline.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 
 pt = graph.tensor  # pytensor.tensor or theano.tensor (pipeline.backend)
 COSTS = ("log-likelihood", "cross-entropy", "quadratic")
 
 
 class Network:
-    """Layers applied in order; ``params`` concatenates the layers' parameters in that order."""
+    """Layers applied in order; ``params`` concatenates the layers' parameters in that order, and
+    ``statistics`` their untrained values (BatchNorm's mean and variance)."""
 
     def __init__(self, layers: Sequence):
         self.layers = list(layers)
@@ -43,6 +44,7 @@ class Network:
                 )
         self.params = [p for layer in self.layers for p in layer.params]
         self.weights = [w for layer in self.layers for w in layer.weights]
+        self.statistics = [s for layer in self.layers for s in layer.statistics]
         # Layers that drop inputs while training; each needs a keep mask of shape (batch, layer.n_in).
         self.dropout_layers = [i for i, layer in enumerate(self.layers) if layer.p_dropout > 0]
         self.n_in = self.layers[0].n_in
@@ -71,6 +73,21 @@ class Network:
     def predictions(self, x):
         """The most likely class of each example, at inference (no dropout)."""
         return pt.argmax(self.output(x, deterministic=True), axis=1)
+
+    def batch_moments(self, x):
+        """Each BatchNorm layer's mean and variance over the batch ``x``: [mean, var, mean, var, ...] in
+        ``statistics`` order. The other layers run as at inference (no dropout); each BatchNorm layer
+        normalizes by the moments it just measured, so with a large batch every layer sees what it
+        will see at inference once its statistics are set."""
+        moments = []
+        for layer in self.layers:
+            if not layer.statistics:
+                x = layer.output(x, deterministic=True)
+                continue
+            mean, var = layer.moments(x)
+            moments += [mean, var]
+            x = layer.normalize(x, mean, var)
+        return moments
 
     def accuracy(self, x, y):
         """The fraction of examples whose prediction equals the label."""
@@ -123,14 +140,19 @@ class Network:
         return data + np.float32(0.5 * lmbda / num_training_batches) * self.l2_norm_squared()
 
     # -- parameters ------------------------------------------------------------------------------
+    def _values(self) -> list:
+        """What a saved model holds: the parameters, then the statistics."""
+        return [*self.params, *self.statistics]
+
     def get_values(self) -> list[np.ndarray]:
-        """Copies of the parameters as float32 NumPy arrays, in ``params`` order."""
-        return [np.array(p.get_value(), dtype=np.float32) for p in self.params]
+        """Copies of the parameters and statistics as float32 NumPy arrays, in ``param_names`` order."""
+        return [np.array(p.get_value(), dtype=np.float32) for p in self._values()]
 
     def set_values(self, values: Sequence[np.ndarray]) -> None:
-        if len(values) != len(self.params):
-            raise ValueError(f"expected {len(self.params)} arrays, got {len(values)}")
-        for p, v in zip(self.params, values):
+        targets = self._values()
+        if len(values) != len(targets):
+            raise ValueError(f"expected {len(targets)} arrays, got {len(values)}")
+        for p, v in zip(targets, values):
             v = np.asarray(v, dtype=np.float32)
             shape = p.get_value(borrow=True).shape
             if v.shape != shape:
@@ -138,14 +160,16 @@ class Network:
             p.set_value(v)
 
     def param_names(self) -> list[str]:
-        return [p.name for p in self.params]
+        """The names of ``get_values``' arrays (``layer{i}.w``, ``layer{i}.mean``, ...)."""
+        return [p.name for p in self._values()]
 
     def spec(self) -> list[dict]:
         """The layer dicts that rebuild this architecture (see ``pipeline.architecture``)."""
         return [layer.spec() for layer in self.layers]
 
     def count_params(self) -> int:
+        """The number of trained values (statistics not included)."""
         return int(sum(p.get_value(borrow=True).size for p in self.params))
 
 
-__all__ = ["COSTS", "Network", "ConvPool", "FullyConnected", "Softmax"]
+__all__ = ["COSTS", "Network", "BatchNorm", "ConvPool", "FullyConnected", "Softmax"]

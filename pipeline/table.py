@@ -3,7 +3,7 @@
     python -m pipeline table                       # rows 1-9, 3 seeds each (the book's protocol)
     python -m pipeline table --quick               # smoke test: 1 epoch on 2,000 images; NOT a reproduction
     python -m pipeline table --rows 1,2 --repeats 1
-    python -m pipeline table --rows all            # also the "best", "distort" and "deep" rows, beyond the book
+    python -m pipeline table --rows all            # also the "best", "distort", "deep" and "bn" rows, beyond the book
     python -m pipeline table --rows all --report-only   # the report from what is on disk; trains nothing
 
 Every (row, seed) is trained by the train stage's worker into OUT/<row>/seed<k>/ (model,
@@ -126,6 +126,25 @@ DEEP_LAYERS = [
 ]
 DEEP_SETTINGS = {"dataset": "expanded", "epochs": 20, "eta": 0.03, "lr_decay": 0.9, "lmbda": 0.0, "init": "corrected",
                  "distort_rotation": 8.0, "distort_scale": 0.08}
+# The deep row's network with batch normalization (Ioffe and Szegedy 2015), a layer beyond the
+# book's: each conv layer is linear and a BatchNorm layer normalizes its output, then applies the
+# ReLU; the dense layers are the deep row's (dropout, no normalization: at mini-batches of 10 a
+# unit's batch mean and variance would rest on 10 numbers). Normalized, it learns faster: on the
+# 50,000 prepared images with the deep row's distortions it reached 99.04% validation accuracy after 2
+# epochs at eta 0.03 and 99.09% at eta 0.1, where the deep row's network had 98.74% at eta 0.03. So
+# eta starts at 0.1 and decays 0.8 per epoch over 12 epochs (0.0086 at the last); an epoch takes
+# about as long as the deep row's.
+BN_LAYERS = [
+    {"type": "conv_pool", "input": [1, 28, 28], "filters": 32, "kernel": 3, "pool": 1, "activation": "linear"},
+    {"type": "batch_norm", "shape": [32, 26, 26], "activation": "relu"},
+    {"type": "conv_pool", "input": [32, 26, 26], "filters": 32, "kernel": 3, "pool": 2, "activation": "linear"},
+    {"type": "batch_norm", "shape": [32, 12, 12], "activation": "relu"},
+    {"type": "conv_pool", "input": [32, 12, 12], "filters": 64, "kernel": 3, "pool": 2, "activation": "linear"},
+    {"type": "batch_norm", "shape": [64, 5, 5], "activation": "relu"},
+    {"type": "fully_connected", "n_in": 1600, "n_out": 512, "activation": "relu", "p_dropout": 0.25},
+    {"type": "softmax", "n_in": 512, "n_out": 10, "p_dropout": 0.5},
+]
+BN_SETTINGS = {**DEEP_SETTINGS, "epochs": 12, "eta": 0.1, "lr_decay": 0.8}
 
 ROWS: tuple[Row, ...] = (
     _book("1", "shallow", "FC 100, softmax; sigmoid", 0.9780),
@@ -162,13 +181,18 @@ ROWS: tuple[Row, ...] = (
         beyond_book=True),
     Row("deep-avg", "averaged probabilities of five 'deep' networks", None, ensemble_of="deep", method="average",
         beyond_book=True),
+    Row("bn", "the deep row's network with batch normalization after each conv layer; eta 0.1 decaying 0.8 per "
+        "epoch, 12 epochs", None, BN_LAYERS, BN_SETTINGS, beyond_book=True),
+    Row("bn-vote", "plurality vote of five 'bn' networks", None, ensemble_of="bn", method="vote", beyond_book=True),
+    Row("bn-avg", "averaged probabilities of five 'bn' networks", None, ensemble_of="bn", method="average",
+        beyond_book=True),
 )
 BY_KEY = {row.key: row for row in ROWS}
 BOOK_ROWS = tuple(row.key for row in ROWS if not row.beyond_book or row.key == "9avg")
 # --rows accepts the book's row numbers: "6" is 6a and 6b, "9" both ensembles of row 8
 GROUPS = {"6": ("6a", "6b"), "7": ("7a", "7b", "7c"), "9": ("9", "9avg"), "best": ("best", "best-vote", "best-avg"),
           "distort": ("distort", "distort-vote", "distort-avg"), "deep": ("deep", "deep-vote", "deep-avg"),
-          "all": tuple(BY_KEY)}
+          "bn": ("bn", "bn-vote", "bn-avg"), "all": tuple(BY_KEY)}
 
 
 def select_rows(spec: str | Sequence[str] | None) -> list[str]:

@@ -57,6 +57,7 @@ CHECKPOINT_FILE = "checkpoint.npz"
 CHECKPOINT_FORMAT = 1
 EPOCHS_FILE = "train_epochs.csv"
 SUMMARY_FILE = "train.json"
+STATISTICS_IMAGES = 10_000  # the training images that set BatchNorm's statistics after every epoch
 EPOCH_FIELDS = ("epoch", "train_cost", "validation_accuracy", "seconds", "images_per_second", "eta")
 PACKAGE_DIR = Path(__file__).resolve().parent
 TRAINING_SOURCES = ("train.py", "trainer.py", "network.py", "layers.py", "convolution.py", "architecture.py",
@@ -313,6 +314,7 @@ def train(*, config: TrainConfig, prepared_dir: Path, expanded_dir: Path | None 
             seconds = time.perf_counter() - start
             if diverged:
                 break
+            trainer.set_statistics(images[:STATISTICS_IMAGES])  # BatchNorm's, for inference; undistorted
             accuracy = trainer.accuracy(val_images, val_labels)
             row = {"epoch": epoch, "train_cost": cost_sum / n_batches, "validation_accuracy": accuracy,
                    "seconds": round(seconds, 3), "images_per_second": round(n_used / seconds, 1), "eta": eta}

@@ -50,6 +50,7 @@ class Trainer:
             for p in network.params
         ] if momentum else []
         self._train_fns: dict = {}
+        self._moments_fn = None
         self.inference = Inference(network, backend, batch_size=eval_batch_size)
 
     # -- training --------------------------------------------------------------------------------
@@ -94,6 +95,34 @@ class Trainer:
             self._train_fns[key] = self._compile_train(key)
         (costs,) = self._train_fns[key](images, labels.astype(np.uint8, copy=False), *keeps, np.float32(eta))
         return costs
+
+    def set_statistics(self, images: np.ndarray) -> None:
+        """Set every BatchNorm layer's mean and variance to those of its input over ``images``,
+        measured in batches of ``eval_batch_size`` (fewer if there are fewer images; a last partial
+        batch is left out) by ``Network.batch_moments``. Nothing to do for a network without BatchNorm."""
+        net = self.network
+        if not net.statistics:
+            return
+        if self._moments_fn is None:
+            if len(images) == 0:
+                raise ValueError("setting the batch-norm statistics needs images, got none")
+            self._moments_batch = min(self.eval_batch_size, len(images))
+            x = graph.variable("x", "float32", (self._moments_batch, net.n_in))
+            self._moments_fn = self.backend.function([x], net.batch_moments(x))
+        batch = self._moments_batch
+        n_batches = len(images) // batch
+        if n_batches == 0:
+            raise ValueError(f"setting the batch-norm statistics needs at least {batch} images, got {len(images)}")
+        batches = [self._moments_fn(as_float_images(images[start:start + batch]))
+                   for start in range(0, n_batches * batch, batch)]
+        values = []
+        for i in range(0, len(net.statistics), 2):
+            means = np.stack([moments[i] for moments in batches]).astype(np.float64)  # (n_batches, units)
+            variances = np.stack([moments[i + 1] for moments in batches]).astype(np.float64)
+            # over all the images: the mean within-batch variance plus the variance of the batch means
+            values += [means.mean(axis=0), variances.mean(axis=0) + means.var(axis=0)]
+        for statistic, value in zip(net.statistics, values, strict=True):
+            statistic.set_value(value.astype(np.float32))
 
     def velocity_values(self) -> list[np.ndarray]:
         return [np.array(v.get_value(), dtype=np.float32) for v in self.velocities]

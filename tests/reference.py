@@ -27,3 +27,12 @@ def np_pool(x, s):
 
 def sigmoid(z):
     return 1 / (1 + np.exp(-z))
+
+
+def np_batch_norm(x, gamma, beta, mean=None, var=None, eps=1e-5):
+    """Batch normalization of x (..., units) per unit (the last axis): by the batch's own mean and
+    biased variance over every other axis, or by the given ``mean`` and ``var``."""
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axis=axes) if mean is None else mean
+    var = x.var(axis=axes) if var is None else var
+    return gamma * (x - mean) / np.sqrt(var + eps) + beta

@@ -3,11 +3,11 @@
 import numpy as np
 import pytensor.tensor as pt
 import pytest
-from reference import np_conv, np_pool, sigmoid
+from reference import np_batch_norm, np_conv, np_pool, sigmoid
 
 from pipeline.backend import Backend
 from pipeline.convolution import conv2d_valid, max_pool
-from pipeline.layers import ConvPool, FullyConnected, Softmax
+from pipeline.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 
 JAX = Backend("jax")
 
@@ -124,6 +124,60 @@ def test_bad_layer_arguments_are_refused(rng):
         FullyConnected(3, 2, rng=rng, init="xavier")
     with pytest.raises(ValueError, match="do not fit"):
         ConvPool((1, 4, 4), filters=2, kernel=5, rng=rng)
+
+
+def _bn_layer(shape, activation, rng):
+    layer = BatchNorm(shape, activation, name="bn")
+    units = shape[0]
+    layer.gamma.set_value(rng.uniform(0.5, 2.0, units).astype(np.float32))
+    layer.beta.set_value(rng.normal(size=units).astype(np.float32))
+    layer.mean.set_value(rng.normal(size=units).astype(np.float32))
+    layer.var.set_value(rng.uniform(0.5, 3.0, units).astype(np.float32))
+    return layer
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5), (6,)])  # after a conv layer (per channel) and a dense one (per unit)
+@pytest.mark.parametrize("activation, fn", [("relu", lambda z: np.maximum(z, 0)), ("linear", lambda z: z)])
+def test_batch_norm_uses_the_batch_moments_in_training_and_its_statistics_at_inference(rng, shape, activation, fn):
+    layer = _bn_layer(shape, activation, rng)
+    assert layer.n_in == layer.n_out == int(np.prod(shape))
+    x_val = rng.normal(2.0, 3.0, size=(8, layer.n_in)).astype(np.float32)
+    x = pt.matrix("x", dtype="float32")
+    training, inference = JAX.function([x], [layer.output(x, deterministic=False), layer.output(x)])(x_val)
+    units_last = x_val.reshape(8, *shape[1:], shape[0]).astype(np.float64)  # channels-last, as the layers flow
+    gamma, beta = layer.gamma.get_value(), layer.beta.get_value()
+    np.testing.assert_allclose(training.reshape(units_last.shape), fn(np_batch_norm(units_last, gamma, beta)),
+                               rtol=1e-4, atol=1e-4)
+    stored = fn(np_batch_norm(units_last, gamma, beta, mean=layer.mean.get_value(), var=layer.var.get_value()))
+    np.testing.assert_allclose(inference.reshape(units_last.shape), stored, rtol=1e-4, atol=1e-4)
+    assert layer.params == [layer.gamma, layer.beta] and layer.statistics == [layer.mean, layer.var]
+    assert layer.weights == [] and layer.spec() == {"type": "batch_norm", "shape": list(shape), "activation": activation}
+
+
+def test_batch_norm_gradients_match_the_papers_backward_pass(rng):
+    layer = _bn_layer((3, 2, 2), "linear", rng)
+    x_val = rng.normal(1.0, 2.0, size=(5, 12)).astype(np.float32)
+    g_val = rng.normal(size=(5, 2, 2, 3)).astype(np.float32)  # d loss / d output, channels-last
+    x = pt.tensor("x", dtype="float32", shape=(5, 12))
+    loss = pt.sum(layer.output(x, deterministic=False) * g_val)
+    gx, ggamma, gbeta = JAX.function([x], pt.grad(loss, [x, layer.gamma, layer.beta]))(x_val)
+    # Ioffe and Szegedy (2015), section 3, over the m = N*H*W values of each channel
+    xs = x_val.reshape(5, 2, 2, 3).reshape(-1, 3).astype(np.float64)
+    dy = g_val.reshape(-1, 3).astype(np.float64)
+    m, gamma = len(xs), layer.gamma.get_value().astype(np.float64)
+    mu, var = xs.mean(axis=0), xs.var(axis=0)
+    x_hat = (xs - mu) / np.sqrt(var + 1e-5)
+    ref_gx = gamma / np.sqrt(var + 1e-5) / m * (m * dy - dy.sum(axis=0) - x_hat * (dy * x_hat).sum(axis=0))
+    np.testing.assert_allclose(ggamma, (dy * x_hat).sum(axis=0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gbeta, dy.sum(axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx.reshape(-1, 3), ref_gx, rtol=1e-3, atol=1e-4)
+
+
+def test_batch_norm_refuses_a_shape_that_is_not_units_or_an_image():
+    with pytest.raises(ValueError, match=r"Got shape=\[4, 5\] for a batch_norm layer"):
+        BatchNorm([4, 5])
+    with pytest.raises(ValueError, match="activation"):
+        BatchNorm([4], "swish")
 
 
 def test_the_benchmarks_lax_convolution_op_agrees_with_the_graph_form(rng):

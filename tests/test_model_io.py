@@ -84,3 +84,32 @@ def test_loading_a_missing_or_mismatched_model_is_a_clear_error(saved, tmp_path)
     np.savez(tmp_path / "model.npz", other=np.zeros(3, np.float32))
     with pytest.raises(PipelineError, match="no array named 'layer0.w'"):
         load_model(tmp_path)
+
+
+def test_a_batch_norm_model_keeps_its_statistics_and_predicts_with_them(tmp_path):
+    layers = resolve([
+        {"type": "conv_pool", "input": [1, 28, 28], "filters": 2, "kernel": 5, "pool": 4, "activation": "linear"},
+        {"type": "batch_norm", "shape": [2, 6, 6], "activation": "relu"},
+        {"type": "softmax", "n_in": 72, "n_out": 10},
+    ])
+    rng = np.random.default_rng(6)
+    net = build(layers, rng=rng)
+    values = [rng.normal(size=v.shape).astype(np.float32) for v in net.get_values()]
+    values[-1] = np.abs(values[-1])  # the variance
+    net.set_values(values)
+    save_model(tmp_path, net)
+    with np.load(tmp_path / "model.npz", allow_pickle=False) as arrays:
+        assert {"layer1.gamma", "layer1.beta", "layer1.mean", "layer1.var"} <= set(arrays.files)
+    images = rng.integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    conv_w, conv_b, gamma, beta, soft_w, soft_b, mean, var = (v.astype(np.float64) for v in values)
+    x = images.reshape(-1, 28, 28, 1) / 255
+    y = np.zeros((7, 24, 24, 2))
+    for i in range(5):
+        for j in range(5):
+            y += np.einsum("nhwc,cf->nhwf", x[:, i : i + 24, j : j + 24, :], conv_w[i, j])
+    y = y.reshape(7, 6, 4, 6, 4, 2).max(axis=(2, 4)) + conv_b
+    h = np.maximum(gamma * (y - mean) / np.sqrt(var + 1e-5) + beta, 0).reshape(7, -1)
+    z = h @ soft_w + soft_b
+    reference = np.exp(z - z.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(load_model(tmp_path).predict_proba(images), reference / reference.sum(axis=1, keepdims=True),
+                               rtol=1e-4, atol=1e-6)

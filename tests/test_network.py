@@ -1,12 +1,15 @@
-"""Network costs, L2 term, predictions, shape checks, and a finite-difference gradient check."""
+"""Network costs, L2 term, predictions, shape checks, a finite-difference gradient check, and batch-norm
+statistics (measured, saved with the parameters, used by the trainer)."""
 
 import numpy as np
 import pytensor.tensor as pt
 import pytest
+from reference import np_batch_norm, np_conv
 
 from pipeline.backend import Backend
-from pipeline.layers import ConvPool, FullyConnected, Softmax
+from pipeline.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 from pipeline.network import Network
+from pipeline.trainer import Trainer
 
 JAX = Backend("jax")
 
@@ -119,3 +122,59 @@ def test_gradients_match_finite_differences():
             param.set_value(value)
             numeric = (shifted[0] - shifted[1]) / (2 * eps)
             assert grad[index] == pytest.approx(numeric, rel=2e-2, abs=2e-3), (param.name, index)
+
+
+def bn_net(rng):
+    """conv (linear) -> batch norm (relu) -> dense (linear) -> batch norm (tanh) -> softmax"""
+    net = Network([ConvPool((1, 6, 6), filters=2, kernel=3, pool=1, activation="linear", rng=rng, name="c"),
+                   BatchNorm((2, 4, 4), "relu", name="n1"), FullyConnected(32, 4, "linear", rng=rng, name="f"),
+                   BatchNorm((4,), "tanh", name="n2"), Softmax(4, 3, name="s")])
+    net.layers[1].gamma.set_value(np.float32([1.5, 0.5]))
+    net.layers[3].beta.set_value(np.float32([0.1, -0.2, 0.3, 0.0]))
+    return net
+
+
+def test_batch_norm_statistics_are_saved_after_the_parameters_but_not_trained_or_counted():
+    net = bn_net(np.random.default_rng(0))
+    assert net.param_names() == ["c.w", "c.b", "n1.gamma", "n1.beta", "f.w", "f.b", "n2.gamma", "n2.beta", "s.w", "s.b",
+                                 "n1.mean", "n1.var", "n2.mean", "n2.var"]
+    assert net.statistics == [net.layers[1].mean, net.layers[1].var, net.layers[3].mean, net.layers[3].var]
+    assert net.count_params() == 2 * 9 + 2 + 2 * 2 + 32 * 4 + 4 + 2 * 4 + 4 * 3 + 3  # no mean, no var
+    values = [np.full_like(v, i) for i, v in enumerate(net.get_values())]
+    net.set_values(values)
+    assert net.layers[3].var.get_value().tolist() == [13.0] * 4
+
+
+def test_batch_moments_normalize_each_layer_by_the_moments_just_measured():
+    rng = np.random.default_rng(1)
+    net = bn_net(rng)
+    x_val = rng.random((7, 36)).astype(np.float32)
+    x = pt.matrix("x", dtype="float32")
+    moments = JAX.function([x], net.batch_moments(x))(x_val)
+    conv = np_conv(x_val.reshape(7, 6, 6, 1).astype(np.float64), net.layers[0].w.get_value()) + net.layers[0].b.get_value()
+    assert len(moments) == 4
+    np.testing.assert_allclose(moments[0], conv.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(moments[1], conv.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+    first = np.maximum(np_batch_norm(conv, net.layers[1].gamma.get_value(), net.layers[1].beta.get_value()), 0)
+    dense = first.reshape(7, 32) @ net.layers[2].w.get_value() + net.layers[2].b.get_value()
+    np.testing.assert_allclose(moments[2], dense.mean(axis=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(moments[3], dense.var(axis=0), rtol=1e-4, atol=1e-5)
+
+
+def test_the_trainer_sets_the_statistics_to_the_moments_over_all_the_images():
+    """Measured in batches of 50 over 130 images: the last 30 are left out; over the 100 used, the mean
+    and the variance are those of all 100 at once, not an average of the batches' variances."""
+    rng = np.random.default_rng(2)
+    net = Network([ConvPool((1, 6, 6), filters=3, kernel=3, pool=2, activation="linear", rng=rng),
+                   BatchNorm((3, 2, 2), "relu"), Softmax(12, 3)])
+    images = rng.integers(0, 256, (130, 36), dtype=np.uint8)
+    images[:50] //= 4  # batches that differ: the variance of the batch means matters
+    trainer = Trainer(net, JAX, batch_size=10, eval_batch_size=50)
+    trainer.set_statistics(images)
+    x = images[:100].reshape(100, 6, 6, 1) / 255.0
+    pooled = np_conv(x, net.layers[0].w.get_value())[:, :4, :4].reshape(100, 2, 2, 2, 2, 3).max(axis=(2, 4))
+    pooled = pooled + net.layers[0].b.get_value()
+    np.testing.assert_allclose(net.layers[1].mean.get_value(), pooled.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.layers[1].var.get_value(), pooled.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="at least 50 images, got 49"):
+        trainer.set_statistics(images[:49])

@@ -170,11 +170,11 @@ def test_report_only_trains_nothing_and_names_what_is_missing(first_run, data, t
     printed = capsys.readouterr().out
     assert "trained 0 networks" in printed
     assert ("not trained (--report-only): 8 (seed 2), best (seeds 1, 2, 3, 4, 5), distort (seeds 1, 2, 3, 4, 5), "
-            "deep (seeds 1, 2, 3, 4, 5)\n") in printed
+            "deep (seeds 1, 2, 3, 4, 5), bn (seeds 1, 2, 3, 4, 5)\n") in printed
     assert not (copy / "best").exists() and not (copy / "datasets").exists()  # nothing made for untrained rows
     assert not (copy / "8" / "seed2" / "result.json").exists()
     rows = markdown_rows((copy / "report.md").read_text())
-    assert rows["best"][3] == rows["distort"][3] == rows["deep"][3] == "not run"
+    assert rows["best"][3] == rows["distort"][3] == rows["deep"][3] == rows["bn"][3] == "not run"
     assert rows["8"][4].endswith("(n=4 of 5)")  # the four seeds on disk
     assert rows["9"][3] == "not run (4 of 5 networks)"
     results = json.loads((copy / "results.json").read_text())
@@ -307,20 +307,28 @@ def test_the_distort_rows_train_end_to_end_with_their_distortions(data, tmp_path
     assert cells["best"][3] == "not run"
 
 
-def test_the_deep_rows_train_their_own_layers_end_to_end(data, tmp_path, monkeypatch):
+# deep: 32*9+32 + 32*32*9+32 + 64*32*9+64 + 1600*512+512 + 512*10+10; bn: plus gamma and beta per channel
+@pytest.mark.parametrize("row, eta, decay, batch_norms, parameters", [
+    ("deep", 0.03, 0.9, [], 852_906),
+    ("bn", 0.1, 0.8, [[32, 26, 26], [32, 12, 12], [64, 5, 5]], 852_906 + 2 * (32 + 32 + 64)),
+])
+def test_the_deep_rows_train_their_own_layers_end_to_end(data, tmp_path, monkeypatch, row, eta, decay, batch_norms,
+                                                         parameters):
     monkeypatch.chdir(tmp_path)
-    results = table.run_table(rows="deep", repeats=1, quick=True, prepared_dir=data / "prepared",
+    results = table.run_table(rows=row, repeats=1, quick=True, prepared_dir=data / "prepared",
                               expanded_dir=data / "expanded", out_dir=tmp_path / "table", progress=False)
-    assert sorted(results["trained"]) == [("deep", seed) for seed in range(1, 6)]
-    seed1 = tmp_path / "table" / "deep" / "seed1"
+    assert sorted(results["trained"]) == [(row, seed) for seed in range(1, 6)]
+    seed1 = tmp_path / "table" / row / "seed1"
     settings = json.loads((seed1 / "result.json").read_text())["settings"]
-    assert (settings["init"], settings["lr_decay"], settings["distort_rotation"], settings["distort_scale"]) == (
-        "corrected", 0.9, 8.0, 0.08)
+    assert (settings["init"], settings["eta"], settings["lr_decay"], settings["distort_rotation"],
+            settings["distort_scale"]) == ("corrected", eta, decay, 8.0, 0.08)
     model = load_model(seed1 / "model")
-    kernels = [layer["kernel"] for layer in model.description["layers"] if layer["type"] == "conv_pool"]
-    assert kernels == [3, 3, 3] and model.network.count_params() == 852_906  # 32*9+32 + 32*32*9+32 + ...
+    layers = model.description["layers"]
+    assert [layer["kernel"] for layer in layers if layer["type"] == "conv_pool"] == [3, 3, 3]
+    assert [layer["shape"] for layer in layers if layer["type"] == "batch_norm"] == batch_norms
+    assert model.network.count_params() == parameters
     cells = markdown_rows((tmp_path / "table" / "report.md").read_text())
-    for key in ("deep", "deep-vote", "deep-avg"):
+    for key in (row, f"{row}-vote", f"{row}-avg"):
         assert re.fullmatch(r"\d+\.\d\d%( \(seed \d\))?", cells[key][3]), cells[key]
 
 

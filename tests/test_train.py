@@ -111,6 +111,39 @@ def test_resuming_in_process_matches_an_uninterrupted_run_and_replays_epochs(tmp
         np.testing.assert_array_equal(a[name], b[name])
 
 
+BN_NET = [
+    {"type": "conv_pool", "input": [1, 28, 28], "filters": 4, "kernel": 5, "pool": 4, "activation": "linear"},
+    {"type": "batch_norm", "shape": [4, 6, 6], "activation": "relu"},
+    {"type": "fully_connected", "n_in": 144, "n_out": 20, "activation": "linear", "p_dropout": 0.2},
+    {"type": "batch_norm", "shape": [20], "activation": "relu"},
+    {"type": "softmax", "n_in": 20, "n_out": 10, "p_dropout": 0.1},
+]
+
+
+def test_a_batch_norm_network_learns_saves_its_best_epochs_statistics_and_resumes_exactly(tmp_path, data_dir):
+    cfg = dict(architecture=BN_NET, lmbda=0.0, init="corrected")
+    straight = run(tmp_path / "straight", data_dir, config(epochs=3, **cfg))
+    assert straight["best_validation_accuracy"] > 0.9
+    # the saved statistics are the best epoch's network's own: measured again from its weights, the same
+    model = load_model(tmp_path / "straight" / "model")
+    val = load_npz(data_dir / "prepared" / "validation.npz")
+    assert np.mean(model.predict(val["images"]) == val["labels"]) == pytest.approx(straight["best_validation_accuracy"])
+    saved = model.network.get_values()
+    assert not np.allclose(model.network.layers[1].mean.get_value(), 0)  # not the initial mean
+    train_images = load_npz(data_dir / "prepared" / "train.npz")["images"]
+    Trainer(model.network, model.backend, batch_size=10).set_statistics(train_images)
+    for name, before, after in zip(model.network.param_names(), saved, model.network.get_values()):
+        np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6, err_msg=name)
+    # a run stopped after epoch 2 and resumed ends where the straight one did
+    run(tmp_path / "resumed", data_dir, config(epochs=2, **cfg))
+    resumed = run(tmp_path / "resumed", data_dir, config(epochs=3, **cfg))
+    assert resumed["resumed_from_epoch"] == 2
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert {"layer1.mean", "layer1.var", "layer3.mean", "layer3.var"} <= set(a)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
 DISTORTED = dict(distort_rotation=10.0, distort_scale=0.1, distort_alpha=20.0, distort_sigma=4.0)
 
 
