@@ -13,14 +13,15 @@ import json
 
 import numpy as np
 import pytest
-from reference import np_conv, np_pool, sigmoid
+from reference import np_batch_norm, np_conv, np_pool, sigmoid
 from synthetic import digit_images, write_prepared
 
 from pipeline.backend import THEANO_INSTALL, Backend, graph
 from pipeline.config import ConfigError, PipelineError
-from pipeline.layers import ConvPool, FullyConnected, Softmax
+from pipeline.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 from pipeline.network import Network
 from pipeline.train import TrainConfig
+from pipeline.trainer import Trainer
 
 # theano-pymc 1.1.2 builds graphs with NumPy aliases deprecated since numpy 1.20 (np.complex)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:theano.*")
@@ -103,6 +104,27 @@ def test_same_weights_and_batch_give_numpys_cost_and_gradients():
     for name, g, ref in zip(net.param_names(), grads, central_differences(f, params)):
         assert g.dtype == np.float32 and g.shape == ref.shape, name
         np.testing.assert_allclose(g, ref, rtol=1e-3, atol=1e-5, err_msg=name)
+
+
+@theano_only
+def test_batch_norm_trains_on_batch_moments_and_infers_with_the_statistics_the_trainer_sets():
+    rng = np.random.default_rng(12)
+    net = Network([ConvPool((1, 8, 8), filters=3, kernel=3, pool=2, activation="linear", rng=rng),
+                   BatchNorm((3, 3, 3), "relu"), Softmax(27, 4)])
+    net.layers[1].gamma.set_value(np.float32([0.5, 1.0, 2.0]))
+    x_val = rng.random((6, 64)).astype(np.float32)
+    x = graph.variable("x", "float32", (6, 64))
+    hidden = net.layers[0].output(x)
+    conv, training, inference = Backend("theano-pymc").function(
+        [x], [hidden, net.layers[1].output(hidden, deterministic=False), net.layers[1].output(hidden)])(x_val)
+    gamma = net.layers[1].gamma.get_value()
+    np.testing.assert_allclose(training, np.maximum(np_batch_norm(conv.astype(np.float64), gamma, 0.0), 0),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(inference, np.maximum(gamma * conv / np.sqrt(1 + 1e-5), 0), rtol=1e-5, atol=1e-6)
+    # set from 6 images in one batch, the statistics are their moments: inference then equals training
+    Trainer(net, Backend("theano-pymc"), batch_size=2, eval_batch_size=6).set_statistics(x_val)
+    np.testing.assert_allclose(net.layers[1].mean.get_value(), conv.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.layers[1].var.get_value(), conv.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
 
 
 @theano_only
