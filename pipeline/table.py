@@ -132,8 +132,9 @@ DEEP_SETTINGS = {"dataset": "expanded", "epochs": 20, "eta": 0.03, "lr_decay": 0
 # unit's batch mean and variance would rest on 10 numbers). Normalized, it learns faster: on the
 # 50,000 prepared images with the deep row's distortions it reached 99.04% validation accuracy after 2
 # epochs at eta 0.03 and 99.09% at eta 0.1, where the deep row's network had 98.74% at eta 0.03. So
-# eta starts at 0.1 and decays 0.8 per epoch over 12 epochs (0.0086 at the last); an epoch takes
-# about as long as the deep row's.
+# eta starts at 0.1 and decays 0.8 per epoch over 12 epochs (0.0086 at the last): some 20 min a seed
+# on 2 CPU cores (about 90 s an epoch). Seeds 1-5 reached 99.59% to 99.67% test (mean 99.64%; the
+# pick, seed 5: 99.63%) and together 99.72% by vote, 99.73% averaged: README.
 BN_LAYERS = [
     {"type": "conv_pool", "input": [1, 28, 28], "filters": 32, "kernel": 3, "pool": 1, "activation": "linear"},
     {"type": "batch_norm", "shape": [32, 26, 26], "activation": "relu"},
