@@ -3,7 +3,7 @@
     python -m pipeline table                       # rows 1-9, 3 seeds each (the book's protocol)
     python -m pipeline table --quick               # smoke test: 1 epoch on 2,000 images; NOT a reproduction
     python -m pipeline table --rows 1,2 --repeats 1
-    python -m pipeline table --rows all            # also the "best", "distort", "deep" and "bn" rows, beyond the book
+    python -m pipeline table --rows all            # also the rows beyond the book: best, distort, deep, bn, bn-elastic
     python -m pipeline table --rows all --report-only   # the report from what is on disk; trains nothing
 
 Every (row, seed) is trained by the train stage's worker into OUT/<row>/seed<k>/ (model,
@@ -146,6 +146,13 @@ BN_LAYERS = [
     {"type": "softmax", "n_in": 512, "n_out": 10, "p_dropout": 0.5},
 ]
 BN_SETTINGS = {**DEEP_SETTINGS, "epochs": 12, "eta": 0.1, "lr_decay": 0.8}
+# The bn row's network and settings with one change: every image is also deformed elastically afresh
+# every epoch (alpha 34, sigma 5, the distort row's strength), as Simard et al. (2003) trained. The
+# bn networks fit their training images almost exactly (training cost 0.008 at epoch 12), so they
+# have room for harder ones: on the 50,000 prepared images, 3 epochs reached 99.30% validation
+# accuracy with the deformations and 99.11% without. The deformations are made in a thread beside
+# the training, so an epoch takes about as long as bn's.
+BN_ELASTIC_SETTINGS = {**BN_SETTINGS, "distort_alpha": 34.0, "distort_sigma": 5.0}
 
 ROWS: tuple[Row, ...] = (
     _book("1", "shallow", "FC 100, softmax; sigmoid", 0.9780),
@@ -187,13 +194,20 @@ ROWS: tuple[Row, ...] = (
     Row("bn-vote", "plurality vote of five 'bn' networks", None, ensemble_of="bn", method="vote", beyond_book=True),
     Row("bn-avg", "averaged probabilities of five 'bn' networks", None, ensemble_of="bn", method="average",
         beyond_book=True),
+    Row("bn-elastic", "the bn row with every image also deformed elastically afresh every epoch (alpha 34, "
+        "sigma 5)", None, BN_LAYERS, BN_ELASTIC_SETTINGS, beyond_book=True),
+    Row("bn-elastic-vote", "plurality vote of five 'bn-elastic' networks", None, ensemble_of="bn-elastic",
+        method="vote", beyond_book=True),
+    Row("bn-elastic-avg", "averaged probabilities of five 'bn-elastic' networks", None, ensemble_of="bn-elastic",
+        method="average", beyond_book=True),
 )
 BY_KEY = {row.key: row for row in ROWS}
 BOOK_ROWS = tuple(row.key for row in ROWS if not row.beyond_book or row.key == "9avg")
 # --rows accepts the book's row numbers: "6" is 6a and 6b, "9" both ensembles of row 8
 GROUPS = {"6": ("6a", "6b"), "7": ("7a", "7b", "7c"), "9": ("9", "9avg"), "best": ("best", "best-vote", "best-avg"),
           "distort": ("distort", "distort-vote", "distort-avg"), "deep": ("deep", "deep-vote", "deep-avg"),
-          "bn": ("bn", "bn-vote", "bn-avg"), "all": tuple(BY_KEY)}
+          "bn": ("bn", "bn-vote", "bn-avg"), "bn-elastic": ("bn-elastic", "bn-elastic-vote", "bn-elastic-avg"),
+          "all": tuple(BY_KEY)}
 
 
 def select_rows(spec: str | Sequence[str] | None) -> list[str]:

@@ -170,11 +170,12 @@ def test_report_only_trains_nothing_and_names_what_is_missing(first_run, data, t
     printed = capsys.readouterr().out
     assert "trained 0 networks" in printed
     assert ("not trained (--report-only): 8 (seed 2), best (seeds 1, 2, 3, 4, 5), distort (seeds 1, 2, 3, 4, 5), "
-            "deep (seeds 1, 2, 3, 4, 5), bn (seeds 1, 2, 3, 4, 5)\n") in printed
+            "deep (seeds 1, 2, 3, 4, 5), bn (seeds 1, 2, 3, 4, 5), bn-elastic (seeds 1, 2, 3, 4, 5)\n") in printed
     assert not (copy / "best").exists() and not (copy / "datasets").exists()  # nothing made for untrained rows
     assert not (copy / "8" / "seed2" / "result.json").exists()
     rows = markdown_rows((copy / "report.md").read_text())
-    assert rows["best"][3] == rows["distort"][3] == rows["deep"][3] == rows["bn"][3] == "not run"
+    for key in ("best", "distort", "deep", "bn", "bn-elastic"):
+        assert rows[key][3] == "not run", key
     assert rows["8"][4].endswith("(n=4 of 5)")  # the four seeds on disk
     assert rows["9"][3] == "not run (4 of 5 networks)"
     results = json.loads((copy / "results.json").read_text())
@@ -308,12 +309,16 @@ def test_the_distort_rows_train_end_to_end_with_their_distortions(data, tmp_path
 
 
 # deep: 32*9+32 + 32*32*9+32 + 64*32*9+64 + 1600*512+512 + 512*10+10; bn: plus gamma and beta per channel
-@pytest.mark.parametrize("row, eta, decay, batch_norms, parameters", [
-    ("deep", 0.03, 0.9, [], 852_906),
-    ("bn", 0.1, 0.8, [[32, 26, 26], [32, 12, 12], [64, 5, 5]], 852_906 + 2 * (32 + 32 + 64)),
+BN_SHAPES = [[32, 26, 26], [32, 12, 12], [64, 5, 5]]
+
+
+@pytest.mark.parametrize("row, eta, decay, elastic, batch_norms, parameters", [
+    ("deep", 0.03, 0.9, (0.0, 4.0), [], 852_906),
+    ("bn", 0.1, 0.8, (0.0, 4.0), BN_SHAPES, 852_906 + 2 * (32 + 32 + 64)),
+    ("bn-elastic", 0.1, 0.8, (34.0, 5.0), BN_SHAPES, 852_906 + 2 * (32 + 32 + 64)),
 ])
-def test_the_deep_rows_train_their_own_layers_end_to_end(data, tmp_path, monkeypatch, row, eta, decay, batch_norms,
-                                                         parameters):
+def test_the_deep_rows_train_their_own_layers_end_to_end(data, tmp_path, monkeypatch, row, eta, decay, elastic,
+                                                         batch_norms, parameters):
     monkeypatch.chdir(tmp_path)
     results = table.run_table(rows=row, repeats=1, quick=True, prepared_dir=data / "prepared",
                               expanded_dir=data / "expanded", out_dir=tmp_path / "table", progress=False)
@@ -322,6 +327,7 @@ def test_the_deep_rows_train_their_own_layers_end_to_end(data, tmp_path, monkeyp
     settings = json.loads((seed1 / "result.json").read_text())["settings"]
     assert (settings["init"], settings["eta"], settings["lr_decay"], settings["distort_rotation"],
             settings["distort_scale"]) == ("corrected", eta, decay, 8.0, 0.08)
+    assert (settings["distort_alpha"], settings["distort_sigma"]) == elastic
     model = load_model(seed1 / "model")
     layers = model.description["layers"]
     assert [layer["kernel"] for layer in layers if layer["type"] == "conv_pool"] == [3, 3, 3]
