@@ -205,10 +205,11 @@ ROWS: tuple[Row, ...] = (
 )
 BY_KEY = {row.key: row for row in ROWS}
 BOOK_ROWS = tuple(row.key for row in ROWS if not row.beyond_book or row.key == "9avg")
-# --rows accepts the book's row numbers: "6" is 6a and 6b, "9" both ensembles of row 8
-GROUPS = {"6": ("6a", "6b"), "7": ("7a", "7b", "7c"), "9": ("9", "9avg"), "best": ("best", "best-vote", "best-avg"),
-          "distort": ("distort", "distort-vote", "distort-avg"), "deep": ("deep", "deep-vote", "deep-avg"),
-          "bn": ("bn", "bn-vote", "bn-avg"), "bn-elastic": ("bn-elastic", "bn-elastic-vote", "bn-elastic-avg"),
+# --rows accepts the book's row numbers: "6" is 6a and 6b, "9" both ensembles of row 8; a training
+# row beyond the book names itself and its ensembles ("bn" is bn, bn-vote and bn-avg)
+GROUPS = {"6": ("6a", "6b"), "7": ("7a", "7b", "7c"), "9": ("9", "9avg"),
+          **{row.key: (row.key, *(other.key for other in ROWS if other.ensemble_of == row.key))
+             for row in ROWS if row.beyond_book and not row.is_ensemble},
           "all": tuple(BY_KEY)}
 
 

@@ -310,12 +310,13 @@ def test_the_distort_rows_train_end_to_end_with_their_distortions(data, tmp_path
 
 # deep: 32*9+32 + 32*32*9+32 + 64*32*9+64 + 1600*512+512 + 512*10+10; bn: plus gamma and beta per channel
 BN_SHAPES = [[32, 26, 26], [32, 12, 12], [64, 5, 5]]
+BN_PARAMETERS = 852_906 + 2 * (32 + 32 + 64)
 
 
 @pytest.mark.parametrize("row, eta, decay, elastic, batch_norms, parameters", [
     ("deep", 0.03, 0.9, (0.0, 4.0), [], 852_906),
-    ("bn", 0.1, 0.8, (0.0, 4.0), BN_SHAPES, 852_906 + 2 * (32 + 32 + 64)),
-    ("bn-elastic", 0.1, 0.8, (34.0, 5.0), BN_SHAPES, 852_906 + 2 * (32 + 32 + 64)),
+    ("bn", 0.1, 0.8, (0.0, 4.0), BN_SHAPES, BN_PARAMETERS),
+    ("bn-elastic", 0.1, 0.8, (34.0, 5.0), BN_SHAPES, BN_PARAMETERS),
 ])
 def test_the_deep_rows_train_their_own_layers_end_to_end(data, tmp_path, monkeypatch, row, eta, decay, elastic,
                                                          batch_norms, parameters):
