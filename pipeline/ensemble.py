@@ -18,6 +18,7 @@ the vote's and the average's:
     python -m pipeline ensemble data/table/8/seed*/model --gallery errors.png   # the digits the vote gets wrong
     python -m pipeline ensemble data/table/8/seed*/model data/table/best/seed*/model --out ensemble.json
     python -m pipeline ensemble m1 m2 m3 --data data/prepared/validation.npz
+    python -m pipeline ensemble data/table/bn/seed*/model --test-time-shifts 1  # each network: 5 views of an image
 
 The models run on ``train.engine`` and ``train.device`` of ``--params``. It is not a dvc stage
 and logs nothing to MLflow (the models' own runs hold their training); ``--out`` writes the
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from pipeline import cli
 from pipeline.config import PipelineError, from_section, load_params
+from pipeline.evaluate import MAX_TEST_TIME_SHIFTS, shifted_probabilities
 from pipeline.files import write_json
 from pipeline.model_io import load_model
 from pipeline.plots import plot_gallery
@@ -94,10 +96,12 @@ def average_probabilities(probabilities: np.ndarray) -> np.ndarray:
 GALLERY_SIZE = 100  # images drawn at most
 def ensemble_models(*, model_dirs: list[Path], data_path: Path, out_path: Path | None = None,
                     gallery_path: Path | None = None, engine: str | None = None, device: str = "cpu",
-                    progress: bool = True) -> dict:
+                    test_time_shifts: int = 0, progress: bool = True) -> dict:
     """Score each model in ``model_dirs`` and their plurality vote and averaged probabilities on
     ``data_path``; returns the figures (also written to ``out_path`` as JSON when given), and draws
-    the images the vote gets wrong into ``gallery_path`` when given."""
+    the images the vote gets wrong into ``gallery_path`` when given. With ``test_time_shifts`` k,
+    each network answers from the image and its copies shifted by 1..k pixels
+    (:func:`pipeline.evaluate.shifted_probabilities`)."""
     model_dirs = [Path(d) for d in model_dirs]
     if len(model_dirs) < 2:
         raise PipelineError(f"an ensemble needs at least two models, got {len(model_dirs)}: "
@@ -107,18 +111,22 @@ def ensemble_models(*, model_dirs: list[Path], data_path: Path, out_path: Path |
         if model_dir.resolve() in seen:  # it would cast two votes
             raise PipelineError(f"model {str(model_dir)!r} is given twice; each model votes once")
         seen.add(model_dir.resolve())
+    if not 0 <= test_time_shifts <= MAX_TEST_TIME_SHIFTS:
+        raise PipelineError(f"Got --test-time-shifts {test_time_shifts}: must be 0..{MAX_TEST_TIME_SHIFTS} pixels")
     images, labels = load_split(Path(data_path))  # checked before any model is scored
     # every model loads (or fails with a clear error) before the long scoring starts
     models = [load_model(d, engine=engine, device=device) for d in model_dirs]
 
     bar = tqdm(models, desc="scoring models", disable=not progress)
-    probabilities = np.stack([model.predict_proba(images) for model in bar])  # (networks, images, 10)
+    probabilities = np.stack([shifted_probabilities(model, images, test_time_shifts)
+                              for model in bar])  # (networks, images, 10)
     answers = probabilities.argmax(axis=2)  # (networks, images)
     vote = plurality_vote(answers, probabilities)  # (images,)
     average = average_probabilities(probabilities)  # (images,)
     result = {
         "data": str(data_path),
         "images": int(len(labels)),
+        "test_time_shifts": test_time_shifts,
         "members": [{"model": str(d), "accuracy": float(np.mean(a == labels))} for d, a in zip(model_dirs, answers)],
         "plurality_vote_accuracy": float(np.mean(vote == labels)),
         "averaged_probabilities_accuracy": float(np.mean(average == labels)),
@@ -136,7 +144,9 @@ def ensemble_models(*, model_dirs: list[Path], data_path: Path, out_path: Path |
 
 
 def report(result: dict) -> str:
-    lines = [f"{len(result['members'])} networks on {result['data']} ({result['images']:,} images):"]
+    k = result.get("test_time_shifts", 0)
+    views = f", each answering from {1 + 4 * k} views of an image (test-time shifts {k})" if k else ""
+    lines = [f"{len(result['members'])} networks on {result['data']} ({result['images']:,} images){views}:"]
     lines += [f"  {100 * m['accuracy']:6.2f}%  {m['model']}" for m in result["members"]]
     lines += [f"  {100 * result['plurality_vote_accuracy']:6.2f}%  plurality vote",
               f"  {100 * result['averaged_probabilities_accuracy']:6.2f}%  averaged probabilities"]
@@ -152,6 +162,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--gallery", type=Path, metavar="PNG",
                         help=f"draw the images the vote gets wrong (the first {GALLERY_SIZE}) into this PNG file")
+    parser.add_argument("--test-time-shifts", type=int, default=0, metavar="K",
+                        help="beyond the book: each network answers by the mean of its probabilities over the "
+                             "image and its copies shifted by 1..K pixels (default 0: the image alone)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args):
@@ -159,7 +172,7 @@ def main(argv=None) -> int:
         result = ensemble_models(model_dirs=args.models, data_path=args.data, out_path=args.out,
                                  gallery_path=args.gallery,
                                  engine=train_settings.engine, device=train_settings.device,
-                                 progress=not args.no_progress)
+                                 test_time_shifts=args.test_time_shifts, progress=not args.no_progress)
         print(report(result))
 
     return cli.run(run, parser, argv)

@@ -3,7 +3,7 @@
     python -m pipeline table                       # rows 1-9, 3 seeds each (the book's protocol)
     python -m pipeline table --quick               # smoke test: 1 epoch on 2,000 images; NOT a reproduction
     python -m pipeline table --rows 1,2 --repeats 1
-    python -m pipeline table --rows all            # also the rows beyond the book: best, distort, deep, bn, bn-elastic
+    python -m pipeline table --rows all            # also the rows beyond the book: best, distort, deep, bn, ...
     python -m pipeline table --rows all --report-only   # the report from what is on disk; trains nothing
 
 Every (row, seed) is trained by the train stage's worker into OUT/<row>/seed<k>/ (model,
@@ -16,7 +16,10 @@ accuracy) of the seed with the best validation accuracy (ties: the lowest seed);
 gives the mean and standard deviation (ddof=1, in percentage points) over the seeds (all seeds
 finished on disk, also those of an earlier call with more --repeats). Row 8 is
 trained with at least 5 seeds; row 9 is the plurality vote of its seeds 1-5 (ties: see
-pipeline.ensemble), and row 9avg, beyond the book, averages their probabilities.
+pipeline.ensemble), and row 9avg, beyond the book, averages their probabilities. The rows
+bn-shifts and bn-elastic-shifts train nothing: they score their row's networks with test-time
+shifts (pipeline.evaluate.shifted_probabilities), on the validation set to pick a seed as above and
+on the test set, once per network (kept in OUT/<row>/seed<k>/test-time-shifts-1.json).
 
 --jobs N trains N networks at once, each in its own process (results are the same as one at a
 time). On a 2-core CPU keep 1: one training already uses both cores (two at once: 1.03x). On a
@@ -49,10 +52,12 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from pipeline import cli, ensemble, tracking
 from pipeline.architecture import BOOK_SETTINGS
 from pipeline.config import ConfigError, PipelineError, from_section, load_params
+from pipeline.evaluate import shifted_probabilities
 from pipeline.expand import ExpandConfig, expand
 from pipeline.files import load_npz, save_npz, sha256_file, write_json
 from pipeline.model_io import load_model
@@ -80,10 +85,21 @@ class Row:
     method: str = "vote"  # vote (the book) or average (probabilities)
     beyond_book: bool = False
     expand: dict | None = None  # ExpandConfig fields: the row makes its own training set (dataset "expanded")
+    shifted_of: str | None = None  # key of the row whose networks answer with test-time shifts
+    test_time_shifts: int = 0  # ... by 1..k pixels (pipeline.evaluate.shifted_probabilities)
 
     @property
     def is_ensemble(self) -> bool:
         return self.ensemble_of is not None
+
+    @property
+    def source(self) -> str | None:
+        """The row whose networks this row uses instead of training its own."""
+        return self.ensemble_of or self.shifted_of
+
+    @property
+    def trains(self) -> bool:
+        return self.source is None
 
 
 def _book(key: str, preset: str, description: str, book: float, **changes) -> Row:
@@ -202,19 +218,28 @@ ROWS: tuple[Row, ...] = (
         method="vote", beyond_book=True),
     Row("bn-elastic-avg", "averaged probabilities of five 'bn-elastic' networks", None, ensemble_of="bn-elastic",
         method="average", beyond_book=True),
+    # Test-time shifts: no training, the bn rows' own networks, each answering from an image and its
+    # four one-pixel shifts (the copies the expanded set trains on). Its seeds are picked by their
+    # validation accuracy with the same shifts.
+    Row("bn-shifts", "the bn row's networks, each answering by the mean of its probabilities over the image "
+        "and its four one-pixel shifts", None, beyond_book=True, shifted_of="bn", test_time_shifts=1),
+    Row("bn-elastic-shifts", "the bn-elastic row's networks, with the same test-time shifts", None,
+        beyond_book=True, shifted_of="bn-elastic", test_time_shifts=1),
 )
 BY_KEY = {row.key: row for row in ROWS}
 BOOK_ROWS = tuple(row.key for row in ROWS if not row.beyond_book or row.key == "9avg")
 # --rows accepts the book's row numbers: "6" is 6a and 6b, "9" both ensembles of row 8; a training
-# row beyond the book names itself and its ensembles ("bn" is bn, bn-vote and bn-avg)
+# row beyond the book names itself and the rows made of its networks ("bn" is bn, bn-vote, bn-avg
+# and bn-shifts)
 GROUPS = {"6": ("6a", "6b"), "7": ("7a", "7b", "7c"), "9": ("9", "9avg"),
-          **{row.key: (row.key, *(other.key for other in ROWS if other.ensemble_of == row.key))
-             for row in ROWS if row.beyond_book and not row.is_ensemble},
+          **{row.key: (row.key, *(other.key for other in ROWS if other.source == row.key))
+             for row in ROWS if row.beyond_book and row.trains},
           "all": tuple(BY_KEY)}
 
 
 def select_rows(spec: str | Sequence[str] | None) -> list[str]:
-    """Row keys in table order from "1,2,6" / ["9"] / None (the book's rows); an ensemble brings its members."""
+    """Row keys in table order from "1,2,6" / ["9"] / None (the book's rows); a row made of another
+    row's networks (an ensemble, test-time shifts) brings that row."""
     if spec is None:
         return list(BOOK_ROWS)
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
@@ -224,7 +249,7 @@ def select_rows(spec: str | Sequence[str] | None) -> list[str]:
         if keys is None:
             raise ConfigError(f"Got --rows {name!r}: rows are {', '.join(BY_KEY)} (or the groups {', '.join(GROUPS)})")
         wanted.update(keys)
-    wanted.update(BY_KEY[k].ensemble_of for k in list(wanted) if BY_KEY[k].is_ensemble)
+    wanted.update(BY_KEY[k].source for k in list(wanted) if not BY_KEY[k].trains)
     return [row.key for row in ROWS if row.key in wanted]
 
 
@@ -458,6 +483,50 @@ def _ensemble_line(row: Row, members: list[dict], probabilities: list[np.ndarray
             "errors": wrong.tolist(), "errors_predicted": predicted[wrong].tolist()}
 
 
+def _shifted_line(row: Row, results: list[dict], n_wanted: int, *, out_dir: Path, data: Data, test: dict,
+                  engine: str, device: str, progress: bool) -> dict:
+    """A row of another row's networks answering with test-time shifts: each seed's validation and
+    test accuracy with the shifts, the seed with the best validation accuracy picked as for a training."""
+    source = BY_KEY[row.shifted_of]
+    line = {"row": row.key, "description": row.description, "book": row.book, "beyond_book": row.beyond_book,
+            "kind": f"test-time shifts ({row.test_time_shifts})", "shifted_of": source.key,
+            "seeds_wanted": n_wanted}
+    if not results:
+        return {**line, "ours": None, "seeds": []}
+    validation = load_split(data.prepared / "validation.npz")
+    seeds = []
+    for result in tqdm(results, desc=f"row {row.key}: scoring", disable=not progress):
+        seed_dir = out_dir / source.key / f"seed{result['seed']}"
+        scores = _shifted_scores(seed_dir, result, row.test_time_shifts, validation=validation, test=test,
+                                 engine=engine, device=device)
+        seeds.append({"seed": result["seed"], "best_validation_accuracy": scores["validation_accuracy"],
+                      "test_accuracy": scores["test_accuracy"], "seconds": result["seconds"]})
+    best = max(seeds, key=lambda s: s["best_validation_accuracy"])  # ties: the first, the lowest seed
+    tests = np.array([s["test_accuracy"] for s in seeds])
+    return {**line, "seeds": seeds, "ours": best["test_accuracy"], "best_seed": best["seed"],
+            "mean": float(tests.mean()), "std": float(tests.std(ddof=1)) if len(tests) > 1 else None,
+            "n": len(seeds), "seconds": round(sum(r["seconds"] for r in results), 1),
+            "engine": results[0]["engine"], "device": results[0]["device"]}
+
+
+def _shifted_scores(seed_dir: Path, result: dict, shifts: int, *, validation: tuple, test: dict, engine: str,
+                    device: str) -> dict:
+    """The validation and test accuracy of the network in ``seed_dir`` with ``shifts`` test-time
+    shifts; kept in seed_dir/test-time-shifts-<k>.json for as long as the network's result matches."""
+    path = seed_dir / f"test-time-shifts-{shifts}.json"
+    if path.is_file():
+        scores = json.loads(path.read_text())
+        if scores.get("key") == result["key"]:
+            return scores
+    model = load_model(seed_dir / "model", engine=engine, device=device)
+    accuracies = [float(np.mean(shifted_probabilities(model, images, shifts).argmax(axis=1) == labels))
+                  for images, labels in (validation, (test["images"], test["labels"]))]
+    scores = {"key": result["key"], "test_time_shifts": shifts, "validation_accuracy": accuracies[0],
+              "test_accuracy": accuracies[1]}
+    write_json(path, scores)
+    return scores
+
+
 def run_table(*, rows: Sequence[str] | str | None = None, repeats: int = 3, quick: bool = False, prepared_dir: Path,
               expanded_dir: Path, out_dir: Path, engine: str = "jax", device: str = "cpu", steps_per_call: int = 500,
               tracking_config: tracking.TrackingConfig | None = None, progress: bool = True, jobs: int = 1,
@@ -480,7 +549,7 @@ def run_table(*, rows: Sequence[str] | str | None = None, repeats: int = 3, quic
             raise PipelineError(f"{path} not found (run the data stages first: dvc repro)")
     for key in keys:
         row = BY_KEY[key]
-        if not row.is_ensemble and not _source_of(row, data).is_file():
+        if row.trains and not _source_of(row, data).is_file():
             raise PipelineError(f"row {key} needs {_source_of(row, data)}, which is missing "
                                 "(run the data stages first: dvc repro)")
 
@@ -513,7 +582,7 @@ def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Pat
         found: dict[str, dict[int, dict]] = {row.key: {} for row in ROWS}
         todo, missing = [], []
         for row in ROWS:
-            if row.is_ensemble:
+            if not row.trains:
                 continue
             count = n_seeds(row, repeats)
             seeds = range(1, max(count, _last_seed_on_disk(out_dir / row.key)) + 1)
@@ -546,8 +615,12 @@ def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Pat
             found[job.row][job.seed] = result
             trained.append((job.row, job.seed))
 
-        for row in ROWS:  # an ensemble row comes after the row whose networks it combines
-            if row.is_ensemble:
+        for row in ROWS:  # a row made of another row's networks comes after that row
+            if row.shifted_of:
+                results = [found[row.shifted_of][seed] for seed in sorted(found[row.shifted_of])]
+                lines.append(_shifted_line(row, results, n_seeds(BY_KEY[row.shifted_of], repeats), out_dir=out_dir,
+                                           data=data, test=test, engine=engine, device=device, progress=progress))
+            elif row.is_ensemble:
                 members = [found[row.ensemble_of][seed] for seed in sorted(found[row.ensemble_of])
                            if seed <= ENSEMBLE_SIZE]
                 probabilities = [load_npz(out_dir / row.ensemble_of / f"seed{m['seed']}" / PROBABILITIES_FILE)

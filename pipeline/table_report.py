@@ -62,7 +62,7 @@ def report_markdown(results: dict, pictures: dict[str, str] | None = None) -> st
             empty = " — |" * 5
             lines.append(f"| {line['row']} | {description} | {pct(line['book'])} | {status} |{empty}")
             continue
-        if line["kind"] == "training":
+        if "best_seed" in line:  # a training, or a training's networks with test-time shifts
             ours = f"{pct(line['ours'])} (seed {line['best_seed']})"
             spread = pct(line["mean"]) + (f" ± {100 * line['std']:.2f}" if line["std"] is not None else "")
             spread += f" (n={line['n']}" + (f" of {line['seeds_wanted']})" if line["n"] < line["seeds_wanted"] else ")")

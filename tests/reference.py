@@ -36,3 +36,10 @@ def np_batch_norm(x, gamma, beta, mean=None, var=None, eps=1e-5):
     mean = x.mean(axis=axes) if mean is None else mean
     var = x.var(axis=axes) if var is None else var
     return gamma * (x - mean) / np.sqrt(var + eps) + beta
+
+
+def np_shift(images, dy, dx):
+    """(N, 28, 28) images moved dy pixels down and dx right, zeros coming in: a one-pixel zero border,
+    then the 28x28 window that starts dy rows above and dx columns left of the original one."""
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1)))  # (N, 30, 30)
+    return padded[:, 1 - dy : 29 - dy, 1 - dx : 29 - dx]

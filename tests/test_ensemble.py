@@ -5,11 +5,12 @@ import json
 
 import numpy as np
 import pytest
+from reference import np_shift
 from synthetic import TINY_NET, write_prepared
 
 from pipeline.architecture import build, resolve
 from pipeline.config import PipelineError
-from pipeline.ensemble import average_probabilities, ensemble_models, main, plurality_vote, votes
+from pipeline.ensemble import average_probabilities, ensemble_models, main, plurality_vote, report, votes
 from pipeline.files import load_npz
 from pipeline.model_io import save_model
 
@@ -190,3 +191,33 @@ def test_bad_input_is_named_before_any_scoring(saved_models, tmp_path, capsys):
     (tmp_path / "params.yaml").write_text("train: {}\n")
     assert main([str(model_dirs[0]), "--params", str(tmp_path / "params.yaml"), "--data", str(test_path)]) == 1
     assert "error: an ensemble needs at least two models" in capsys.readouterr().err
+
+
+def test_test_time_shifts_average_each_networks_five_views_as_plain_numpy(saved_models, tmp_path):
+    model_dirs, test_path = saved_models
+    result = ensemble_models(model_dirs=model_dirs, data_path=test_path, test_time_shifts=1, progress=False)
+
+    test = load_npz(test_path)
+    views = [test["images"], *(np_shift(test["images"], dy, dx) for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)))]
+    probabilities = np.stack([np.mean([numpy_probabilities(d, v) for v in views], axis=0)
+                              for d in model_dirs])  # (3, 300, 10)
+    plain = np.stack([numpy_probabilities(d, test["images"]) for d in model_dirs])
+    assert np.sum(probabilities.argmax(axis=2) != plain.argmax(axis=2)) > 10  # the shifts change answers
+    for member, answers in zip(result["members"], probabilities.argmax(axis=2)):
+        assert member["accuracy"] == pytest.approx(np.mean(answers == test["labels"]))
+    assert result["plurality_vote_accuracy"] == pytest.approx(np.mean(python_vote(probabilities) == test["labels"]))
+    average = probabilities.mean(axis=0).argmax(axis=1)
+    assert result["averaged_probabilities_accuracy"] == pytest.approx(np.mean(average == test["labels"]))
+    assert result["test_time_shifts"] == 1
+    report_line = report(result).splitlines()[0]
+    assert report_line.endswith("(300 images), each answering from 5 views of an image (test-time shifts 1):")
+
+
+def test_bad_test_time_shifts_are_named_before_any_scoring(saved_models, tmp_path, capsys):
+    model_dirs, test_path = saved_models
+    with pytest.raises(PipelineError, match="Got --test-time-shifts 14: must be 0..13 pixels"):
+        ensemble_models(model_dirs=model_dirs, data_path=test_path, test_time_shifts=14, progress=False)
+    (tmp_path / "params.yaml").write_text("train: {}\n")
+    args = [*map(str, model_dirs), "--params", str(tmp_path / "params.yaml"), "--test-time-shifts", "-1"]
+    assert main(args) == 1
+    assert "Got --test-time-shifts -1" in capsys.readouterr().err

@@ -8,12 +8,15 @@ import mlflow.pyfunc
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from reference import np_shift
 from synthetic import TINY_NET, write_prepared
 
 from pipeline import tracking
-from pipeline.evaluate import EvaluateConfig, evaluate
+from pipeline.architecture import build, resolve
+from pipeline.config import ConfigError, PipelineError
+from pipeline.evaluate import EvaluateConfig, evaluate, shifted_probabilities
 from pipeline.files import load_npz
-from pipeline.model_io import load_model
+from pipeline.model_io import load_model, save_model
 from pipeline.train import TrainingDiverged, train_tracked
 
 
@@ -134,3 +137,63 @@ def test_a_tracked_run_and_loading_its_model_raise_no_mlflow_warnings(project):
     shown = [w for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
     from_mlflow = [f"{w.category.__name__}: {w.message}" for w in shown if "mlflow" in w.filename]
     assert from_mlflow == []
+
+
+class WherePixel:
+    """A stand-in network that answers from where an image's one lit pixel is: half its probability
+    on (row mod 10), half on (column mod 10); a blank image (the pixel shifted out) gets 0.1 each."""
+
+    def predict_proba(self, images):
+        images = np.asarray(images).reshape(len(images), 28, 28)
+        out = np.full((len(images), 10), 0.1)
+        for i, image in enumerate(images):
+            lit = np.argwhere(image)
+            if len(lit):
+                (row, col), = lit
+                out[i] = 0
+                out[i, row % 10] += 0.5
+                out[i, col % 10] += 0.5
+        return out
+
+
+def test_test_time_shifts_average_the_image_and_its_four_one_pixel_shifts():
+    images = np.zeros((2, 28, 28), np.uint8)
+    images[0, 5, 7] = 255  # views at rows 5, 6, 4, 5, 5 and columns 7, 7, 7, 8, 6
+    images[1, 0, 3] = 255  # its up-shift is blank; the others at rows 0, 1, 0, 0 and columns 3, 3, 4, 2
+    expected = np.array([
+        # digits:  0     1     2     3     4     5     6     7     8     9
+        [0.00, 0.00, 0.00, 0.00, 0.10, 0.30, 0.20, 0.30, 0.10, 0.00],  # 6 is a row and a column
+        [0.32, 0.12, 0.12, 0.22, 0.12, 0.02, 0.02, 0.02, 0.02, 0.02],  # the blank view adds 0.1 / 5 to each
+    ])
+    np.testing.assert_allclose(shifted_probabilities(WherePixel(), images, 1), expected, atol=1e-6)
+    np.testing.assert_allclose(shifted_probabilities(WherePixel(), images.reshape(2, 784), 1), expected, atol=1e-6)
+    np.testing.assert_allclose(shifted_probabilities(WherePixel(), images, 0), WherePixel().predict_proba(images))
+    with pytest.raises(PipelineError, match="Got test_time_shifts=14: must be 0..13 pixels"):
+        shifted_probabilities(WherePixel(), images, 14)
+
+
+def test_bad_test_time_shifts_are_named():
+    for bad in (-1, 14):
+        with pytest.raises(ConfigError, match=f"Got evaluate.test_time_shifts={bad}: must be 0..13 pixels"):
+            EvaluateConfig(test_time_shifts=bad)
+
+
+def test_evaluate_with_test_time_shifts_answers_from_five_views(project):
+    # random weights: a trained network is so sure of the synthetic digits that no shift changes an answer
+    network = build(resolve(TINY_NET), rng=np.random.default_rng(0))
+    rng = np.random.default_rng(99)
+    save_model(project / "data/model", network, [rng.normal(0, 0.3, v.shape).astype(np.float32)
+                                                 for v in network.get_values()])
+    metrics = evaluate(config=EvaluateConfig(gallery_size=5, test_time_shifts=1), model_dir=project / "data/model",
+                       test_path=project / "data/prepared/test.npz", out_dir=project / "data/evaluate",
+                       metrics_path=project / "data/metrics/evaluate.json")
+
+    test, model = load_npz(project / "data/prepared/test.npz"), load_model(project / "data/model")
+    views = [test["images"], *(np_shift(test["images"], dy, dx) for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)))]
+    expected = np.mean([model.predict_proba(v) for v in views], axis=0).argmax(axis=1)
+    assert np.sum(expected != model.predict(test["images"])) > 0  # the views change some answers
+    with open(project / "data/evaluate/predictions.csv") as f:
+        predicted = np.array([int(r["predicted"]) for r in csv.DictReader(f)])
+    np.testing.assert_array_equal(predicted, expected)
+    assert metrics["test_accuracy"] == pytest.approx(np.mean(expected == test["labels"]))
+    assert metrics["test_time_shifts"] == 1
