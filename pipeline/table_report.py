@@ -47,7 +47,7 @@ def report_markdown(results: dict, pictures: dict[str, str] | None = None) -> st
         "Test accuracy at the epoch of best validation accuracy. *Ours* is the seed with the best validation "
         "accuracy (as the book: best of its runs); *mean ± std* is over all seeds "
         "(std with ddof=1, in percentage points). "
-        "Ensembles combine seeds 1-5 of their row. Time is the sum over the row's seeds (for an ensemble: its "
+        "Ensembles combine seeds 1-5 of their row (a committee of ten: seeds 1-10). Time is the sum over the row's seeds (for an ensemble: its "
         "members' training). Rows marked *beyond the book* have no book figure.",
         "",
         "| row | network | book | ours (best of seeds by validation) | mean ± std over seeds | Δ vs book (pp) "

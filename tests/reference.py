@@ -43,3 +43,16 @@ def np_shift(images, dy, dx):
     then the 28x28 window that starts dy rows above and dx columns left of the original one."""
     padded = np.pad(images, ((0, 0), (1, 1), (1, 1)))  # (N, 30, 30)
     return padded[:, 1 - dy : 29 - dy, 1 - dx : 29 - dx]
+
+
+def python_vote(probabilities):
+    """pipeline.ensemble's plurality vote, one image at a time in plain Python: most votes, then most
+    summed probability, then the lowest digit. ``probabilities``: (networks, images, classes)."""
+    networks, images, _ = probabilities.shape
+    answers = probabilities.argmax(axis=2)
+    chosen = []
+    for image in range(images):
+        counts = [int(np.sum(answers[:, image] == d)) for d in range(10)]
+        tied = [d for d in range(10) if counts[d] == max(counts)]
+        chosen.append(max(tied, key=lambda d: (probabilities[:, image, d].sum(), -d)))
+    return np.array(chosen)

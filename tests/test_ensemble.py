@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from reference import np_shift
+from reference import np_shift, python_vote
 from synthetic import TINY_NET, write_prepared
 
 from pipeline.architecture import build, resolve
@@ -92,19 +92,6 @@ def test_shapes_are_checked():
 
 
 # -- the command, on saved models ------------------------------------------------------------------
-def python_vote(probabilities):
-    """The module docstring's rule, one image at a time: most votes, then most summed probability,
-    then the lowest digit."""
-    networks, images, _ = probabilities.shape
-    answers = probabilities.argmax(axis=2)
-    chosen = []
-    for image in range(images):
-        counts = [int(np.sum(answers[:, image] == d)) for d in range(10)]
-        tied = [d for d in range(10) if counts[d] == max(counts)]
-        chosen.append(max(tied, key=lambda d: (probabilities[:, image, d].sum(), -d)))
-    return np.array(chosen)
-
-
 def numpy_probabilities(model_dir, images):
     """TINY_NET's forward pass in plain NumPy from the saved arrays: sigmoid FC 30, softmax 10."""
     weights = load_npz(model_dir / "model.npz")

@@ -13,7 +13,7 @@ import pytest
 from pipeline import table
 from pipeline.files import load_npz, save_npz
 from pipeline.model_io import load_model
-from reference import np_shift
+from reference import np_shift, python_vote
 from synthetic import digit_images
 
 
@@ -171,7 +171,8 @@ def test_report_only_trains_nothing_and_names_what_is_missing(first_run, data, t
     printed = capsys.readouterr().out
     assert "trained 0 networks" in printed
     assert ("not trained (--report-only): 8 (seed 2), best (seeds 1, 2, 3, 4, 5), distort (seeds 1, 2, 3, 4, 5), "
-            "deep (seeds 1, 2, 3, 4, 5), bn (seeds 1, 2, 3, 4, 5), bn-elastic (seeds 1, 2, 3, 4, 5)\n") in printed
+            "deep (seeds 1, 2, 3, 4, 5), bn (seeds 1, 2, 3, 4, 5, 6, 7, 8, 9, 10), bn-elastic (seeds 1, 2, 3, 4, 5)\n"
+            ) in printed  # all rows: bn-10's committee wants ten bn networks
     assert not (copy / "best").exists() and not (copy / "datasets").exists()  # nothing made for untrained rows
     assert not (copy / "8" / "seed2" / "result.json").exists()
     rows = markdown_rows((copy / "report.md").read_text())
@@ -395,6 +396,10 @@ def test_row_selection_and_seed_counts():
     assert table.select_rows("all") == [row.key for row in table.ROWS]
     assert table.select_rows("bn-shifts") == ["bn", "bn-shifts"]  # test-time shifts bring the networks they score
     assert table.select_rows("bn") == ["bn", "bn-vote", "bn-avg", "bn-shifts"]
+    # the committee of ten is asked for by name: only then does bn train ten seeds
+    assert table.select_rows("bn-10") == ["bn", "bn-10-vote", "bn-10-avg"]
+    assert table.n_seeds(table.BY_KEY["bn"], 3) == 5 and table.n_seeds(table.BY_KEY["bn"], 3, ["bn-10-avg"]) == 10
+    assert table.n_seeds(table.BY_KEY["bn"], 12, ["bn-10-avg"]) == 12
     assert table.n_seeds(table.BY_KEY["8"], 3) == 5 and table.n_seeds(table.BY_KEY["8"], 7) == 7
     assert table.n_seeds(table.BY_KEY["4"], 3) == 3
     with pytest.raises(table.ConfigError, match="Got --rows '10'"):
@@ -434,3 +439,18 @@ def test_a_row_takes_the_seed_with_the_best_validation_accuracy_ties_to_the_lowe
     line = table._line(row, [result(1, 0.97, 0.97), result(2, 0.96, 0.99)], 3)
     assert (line["best_seed"], line["ours"], line["n"]) == (1, 0.97, 2)
     assert line["mean"] == pytest.approx(0.98) and line["std"] == pytest.approx(np.std([0.97, 0.99], ddof=1))
+
+
+def test_a_committee_of_ten_combines_seeds_1_to_10_and_waits_for_all_ten():
+    rng = np.random.default_rng(5)
+    probabilities = rng.dirichlet(np.ones(10) * 0.3, size=(10, 400))  # (networks, images, classes)
+    labels = rng.integers(0, 10, 400)
+    members = [{"seed": seed, "seconds": 60.0, "engine": "jax", "device": "cpu"} for seed in range(1, 11)]
+    for key, expected in (("bn-10-avg", probabilities.mean(axis=0).argmax(axis=1)),
+                          ("bn-10-vote", python_vote(probabilities))):
+        line = table._ensemble_line(table.BY_KEY[key], members, list(probabilities), labels)
+        assert line["ours"] == pytest.approx(np.mean(expected == labels))
+        assert line["errors"] == np.flatnonzero(expected != labels).tolist()
+        assert (line["members"], line["seeds_wanted"], line["seconds"]) == (list(range(1, 11)), 10, 600.0)
+        nine = table._ensemble_line(table.BY_KEY[key], members[:9], list(probabilities[:9]), labels)
+        assert (nine["ours"], nine["seeds_wanted"]) == (None, 10)
