@@ -23,6 +23,9 @@ QUICK_BANNER = ("**QUICK MODE: NOT a reproduction.** Every network trained {epoc
                 "a smoke test of the pipeline, not the book's numbers.")
 
 
+ZERO_ERROR = 0.01  # percent: where curves.png draws a validation error of 0 (1 image in 10,000)
+
+
 # -- report --------------------------------------------------------------------------------------
 def pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.2f}%"
@@ -152,14 +155,17 @@ def plot_curves(results: dict, curves: dict[str, tuple[list[int], list[float]]],
     colours = [*plt.get_cmap("tab10").colors, "black", "darkgoldenrod", "navy", "lime"]
     lowest, highest = math.inf, 0.0
     for i, (row, (epochs, accuracies)) in enumerate(curves.items()):
-        error = 100 * (1 - np.array(accuracies))  # (epochs,) in percent
+        # (epochs,) in percent; a perfect epoch (quick mode on a few images) is drawn at the floor,
+        # since a log scale has no 0
+        error = np.maximum(100 * (1 - np.array(accuracies)), ZERO_ERROR)
         lowest, highest = min(lowest, error.min()), max(highest, error.max())
         colour = colours[i % len(colours)]
         ax.plot(epochs, error, "-" if len(epochs) > 1 else "o", color=colour, label=f"row {row}")
         best = int(np.argmax(accuracies))  # the epoch whose test accuracy is the row's figure
         ax.plot(epochs[best], error[best], "o", color=colour, markersize=4)
     ax.set_yscale("log")
-    ax.set_yticks([t for t in (0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10, 20, 50) if lowest / 1.2 <= t <= highest * 1.2])
+    ax.set_yticks([t for t in (ZERO_ERROR, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10, 20, 50)
+                   if lowest / 1.2 <= t <= highest * 1.2])
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("epoch")

@@ -1,6 +1,7 @@
 """The table's learning-curve plot reads each row's pick, the seed the row's figure comes from."""
 
 import csv
+import warnings
 
 import matplotlib.image
 import numpy as np
@@ -68,6 +69,24 @@ def test_the_report_writes_the_table_and_both_plots(table_dir):
 def test_no_curves_still_make_a_plot(tmp_path):
     plot_curves({"quick": True, "lines": []}, {}, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_perfect_epoch_is_drawn_at_the_floor_of_the_log_scale(tmp_path):
+    curves = {"1": ([1, 2], [1.0, 1.0])}  # quick mode on a few images can reach 100%
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns of a log scale with no positive values
+        plot_curves({"quick": True, "lines": [line("1", best_seed=1)]}, curves, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_row_with_test_time_shifts_shows_its_pick_and_is_not_counted_as_training(table_dir):
+    out, results = table_dir
+    shifted = {**line("bn-shifts", best_seed=2, ours=0.9966), "kind": "test-time shifts (1)", "shifted_of": "1",
+               "beyond_book": True, "book": None}
+    paths = write_report({**results, "lines": [*results["lines"], shifted]}, out)
+    report = paths[0].read_text()
+    assert "| bn-shifts | row bn-shifts *(beyond the book)* | — | 99.66% (seed 2) | 99.66% (n=2) | — |" in report
+    assert "(4 networks)." in report  # its networks are row 1's, counted there
 
 
 def test_an_ensembles_errors_are_drawn_from_the_test_set(table_dir, monkeypatch):
