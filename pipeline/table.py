@@ -49,7 +49,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -514,7 +514,8 @@ def _shifted_line(row: Row, results: list[dict], n_wanted: int, *, out_dir: Path
             "seeds_wanted": n_wanted}
     if not results:
         return {**line, "ours": None, "seeds": []}
-    validation = load_split(data.prepared / "validation.npz")
+    # read only when a network has to be scored: the scores are usually cached
+    validation = functools.cache(lambda: load_split(data.prepared / "validation.npz"))
     seeds = []
     for result in tqdm(results, desc=f"row {row.key}: scoring", disable=not progress):
         seed_dir = out_dir / source.key / f"seed{result['seed']}"
@@ -526,10 +527,11 @@ def _shifted_line(row: Row, results: list[dict], n_wanted: int, *, out_dir: Path
             "engine": results[0]["engine"], "device": results[0]["device"]}
 
 
-def _shifted_scores(seed_dir: Path, result: dict, shifts: int, *, validation: tuple, test: dict, engine: str,
-                    device: str) -> dict:
+def _shifted_scores(seed_dir: Path, result: dict, shifts: int, *, validation: Callable[[], tuple], test: dict,
+                    engine: str, device: str) -> dict:
     """The validation and test accuracy of the network in ``seed_dir`` with ``shifts`` test-time
-    shifts; kept in seed_dir/test-time-shifts-<k>.json for as long as the network's result matches."""
+    shifts; kept in seed_dir/test-time-shifts-<k>.json for as long as the network's result matches.
+    ``validation`` returns the (images, labels) of the validation set."""
     path = seed_dir / f"test-time-shifts-{shifts}.json"
     if path.is_file():
         scores = json.loads(path.read_text())
@@ -537,7 +539,7 @@ def _shifted_scores(seed_dir: Path, result: dict, shifts: int, *, validation: tu
             return scores
     model = load_model(seed_dir / "model", engine=engine, device=device)
     accuracies = [float(np.mean(shifted_probabilities(model, images, shifts).argmax(axis=1) == labels))
-                  for images, labels in (validation, (test["images"], test["labels"]))]
+                  for images, labels in (validation(), (test["images"], test["labels"]))]
     scores = {"key": result["key"], "test_time_shifts": shifts, "validation_accuracy": accuracies[0],
               "test_accuracy": accuracies[1]}
     write_json(path, scores)

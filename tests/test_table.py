@@ -13,6 +13,7 @@ import pytest
 from pipeline import table
 from pipeline.files import load_npz, save_npz
 from pipeline.model_io import load_model
+from pipeline.train import load_split
 from reference import np_shift, python_vote
 from synthetic import digit_images
 
@@ -368,10 +369,13 @@ def assert_shifted_row(results: dict, key: str, out: Path, data: Path, monkeypat
     def no_scoring(*args, **kwargs):
         raise AssertionError("scored again")
 
+    read = []
     monkeypatch.setattr(table, "shifted_probabilities", no_scoring)
+    monkeypatch.setattr(table, "load_split", lambda path: read.append(Path(path).name) or load_split(path))
     again = table.run_table(rows=key, repeats=1, quick=True, prepared_dir=data / "prepared",
                             expanded_dir=data / "expanded", out_dir=out, progress=False, report_only=True)
     assert next(line for line in again["lines"] if line["row"] == key) == line
+    assert "test.npz" in read and "validation.npz" not in read  # nothing to score: validation is not read
 
 
 def test_jobs_must_be_at_least_one(data, tmp_path):
