@@ -465,10 +465,15 @@ def _earlier_seconds(summary: dict) -> float:
 
 
 # -- the table -----------------------------------------------------------------------------------
+def _head(row: Row, kind: str) -> dict:
+    """What every line of results.json starts with: the row, as ROWS describes it."""
+    return {"row": row.key, "description": row.description, "book": row.book, "beyond_book": row.beyond_book,
+            "kind": kind}
+
+
 def _line(row: Row, results: list[dict], n_wanted: int) -> dict:
     """A training row's figures from its seeds' results."""
-    line = {"row": row.key, "description": row.description, "book": row.book, "beyond_book": row.beyond_book,
-            "kind": "training", "preset": row.preset, "settings": row.settings, "seeds_wanted": n_wanted,
+    line = {**_head(row, "training"), "preset": row.preset, "settings": row.settings, "seeds_wanted": n_wanted,
             "seeds": [{k: r[k] for k in ("seed", "best_validation_accuracy", "best_epoch", "test_accuracy", "seconds")}
                       for r in results]}
     if not results:
@@ -488,8 +493,7 @@ def _pick(seeds: list[dict]) -> dict:
 
 
 def _ensemble_line(row: Row, members: list[dict], probabilities: list[np.ndarray], labels: np.ndarray) -> dict:
-    line = {"row": row.key, "description": row.description, "book": row.book, "beyond_book": row.beyond_book,
-            "kind": f"ensemble ({row.method})", "members": [m["seed"] for m in members], "seeds_wanted": row.size}
+    line = {**_head(row, f"ensemble ({row.method})"), "members": [m["seed"] for m in members], "seeds_wanted": row.size}
     if len(members) < row.size:
         return {**line, "ours": None}
     stacked = np.stack(probabilities)  # (networks, images, classes)
@@ -510,8 +514,7 @@ def _shifted_line(row: Row, results: list[dict], n_wanted: int, *, out_dir: Path
     """A row of another row's networks answering with test-time shifts: each seed's validation and
     test accuracy with the shifts, the seed with the best validation accuracy picked as for a training."""
     source = BY_KEY[row.shifted_of]
-    line = {"row": row.key, "description": row.description, "book": row.book, "beyond_book": row.beyond_book,
-            "kind": f"test-time shifts ({row.test_time_shifts})", "shifted_of": source.key,
+    line = {**_head(row, f"test-time shifts ({row.test_time_shifts})"), "shifted_of": source.key,
             "seeds_wanted": n_wanted}
     if not results:
         return {**line, "ours": None, "seeds": []}
