@@ -46,7 +46,7 @@ def np_shift(images, dy, dx):
 
 
 def python_vote(probabilities):
-    """pipeline.ensemble's plurality vote, one image at a time in plain Python: most votes, then most
+    """pipeline.evaluation.ensemble's plurality vote, one image at a time in plain Python: most votes, then most
     summed probability, then the lowest digit. ``probabilities``: (networks, images, classes)."""
     networks, images, _ = probabilities.shape
     answers = probabilities.argmax(axis=2)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.idx import write_idx
-from pipeline.prepare import SOURCES
+from pipeline.data.idx import write_idx
+from pipeline.data.prepare import SOURCES
 
 REAL_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 

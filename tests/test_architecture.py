@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.architecture import BOOK_SETTINGS, PRESETS, build, resolve
-from pipeline.config import ConfigError
+from pipeline.nn.architecture import BOOK_SETTINGS, PRESETS, build, resolve
+from pipeline.core.config import ConfigError
 
 
 def n_params(layers):

@@ -6,11 +6,11 @@ import numpy as np
 import pytensor.tensor as pt
 import pytest
 
-from pipeline.backend import Backend, jax_gpus
-from pipeline.config import PipelineError
-from pipeline.layers import ConvPool, FullyConnected, Softmax
-from pipeline.network import Network
-from pipeline.trainer import Trainer
+from pipeline.nn.backend import Backend, jax_gpus
+from pipeline.core.config import PipelineError
+from pipeline.nn.layers import ConvPool, FullyConnected, Softmax
+from pipeline.nn.network import Network
+from pipeline.nn.trainer import Trainer
 
 
 # These run where JAX has CUDA and a GPU (the device machine); CI has none, so there they skip.

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline import distort
+from pipeline.data import distort
 
 
 def digits(n: int, seed: int = 0) -> np.ndarray:
@@ -35,7 +35,7 @@ def test_bilinear_sampling_equals_scipy_map_coordinates_inside_on_the_edge_and_o
 
 
 def test_elastic_equals_the_scipy_recipe_it_replaced():
-    """pipeline.expand's elastic copies were made with gaussian_filter and map_coordinates: same bytes."""
+    """pipeline.data.expand's elastic copies were made with gaussian_filter and map_coordinates: same bytes."""
     images = digits(2000, seed=4)
     field = np.random.default_rng(5).uniform(-1.0, 1.0, size=(2, 2000, 28, 28))
     field = ndimage.gaussian_filter(field, sigma=(0, 0, 4.0, 4.0), mode="constant") * 34.0

@@ -16,8 +16,9 @@ import pytest
 import yaml
 from synthetic import REAL_MNIST, write_mnist
 
-from pipeline.config import ConfigError, from_section, load_config
-from pipeline.download import MNIST_SHA256, DownloadConfig, DownloadError, download, main
+from pipeline.core.config import ConfigError, from_section, load_config
+from pipeline.data.download import MNIST_SHA256, DownloadConfig, DownloadError, download
+from pipeline.stages.download import main
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = [f"{name}.gz" for name in MNIST_SHA256]
@@ -154,7 +155,7 @@ def test_good_mirror(tmp_path, synthetic, mirror, slash):
     ],
 )
 def test_bad_mirror_is_skipped_with_a_warning(tmp_path, synthetic, mirror, caplog, mode, why):
-    with caplog.at_level(logging.WARNING, logger="pipeline.download"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.download"):
         summary = download(config=config(mirror.url(mode), mirror.url("good"), sha256=synthetic[2]), out_dir=tmp_path, progress=False)
     assert_verified(tmp_path, synthetic)
     assert set(summary["files"].values()) == {mirror.url("good") + name for name in NAMES}
@@ -168,7 +169,7 @@ def test_bad_mirror_is_skipped_with_a_warning(tmp_path, synthetic, mirror, caplo
 
 @pytest.mark.parametrize("mode, why", [("drop", "connection closed after"), ("stall", "timed out")])
 def test_dropped_or_stalled_connection_is_resumed_with_range(tmp_path, synthetic, mirror, caplog, mode, why):
-    with caplog.at_level(logging.WARNING, logger="pipeline.download"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.download"):
         download(config=config(mirror.url(mode), timeout=0.2, sha256=synthetic[2]), out_dir=tmp_path, progress=False)
     assert_verified(tmp_path, synthetic)
     for name in NAMES:
@@ -212,7 +213,7 @@ def test_unreachable_mirror_is_not_tried_for_the_other_files(tmp_path, synthetic
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         refused = f"http://127.0.0.1:{s.getsockname()[1]}/"
-    with caplog.at_level(logging.WARNING, logger="pipeline.download"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.download"):
         download(config=config(refused, mirror.url("good"), sha256=synthetic[2]), out_dir=tmp_path, progress=False)
     assert_verified(tmp_path, synthetic)
     assert [r.getMessage() for r in caplog.records if refused in r.getMessage()] == [
@@ -241,7 +242,7 @@ def test_bad_mnist_mirror_is_refused_naming_the_variable(tmp_path, monkeypatch, 
 def test_present_files_are_not_fetched_again(tmp_path, synthetic, mirror, caplog):
     download(config=config(mirror.url("good"), sha256=synthetic[2]), out_dir=tmp_path, progress=False)
     mirror.requests.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.download"):
+    with caplog.at_level(logging.INFO, logger="pipeline.data.download"):
         summary = download(config=config(mirror.url("good"), sha256=synthetic[2]), out_dir=tmp_path, progress=False)
     assert mirror.requests == []
     assert summary["files"] == {name: "already present" for name in NAMES}

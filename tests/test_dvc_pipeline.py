@@ -13,7 +13,7 @@ import pytest
 from project import configure, dvc_env, make_project, sh, synthetic_checksums
 from synthetic import REAL_MNIST, TINY_NET, write_mnist
 
-from pipeline.files import load_npz
+from pipeline.core.files import load_npz
 
 # digits 0-9 in the real MNIST (shared/data/mnist/README.md)
 REAL_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -29,6 +29,9 @@ def mirror(request, tmp_path):
         return REAL_MNIST, True
     write_mnist(tmp_path / "mirror", n_train=200, n_test=40)
     return tmp_path / "mirror", False
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_dvc_repro_data_stages(tmp_path, mirror):
@@ -69,39 +72,47 @@ def _imported_modules(path: Path) -> set[str]:
     it names by file (``"pyfunc_model.py"``, which MLflow runs by path)."""
     import ast
 
+    package = ".".join(path.parent.relative_to(ROOT).parts)
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".py"):
             if (path.parent / node.value).is_file():
-                found.add(f"pipeline.{node.value[:-3]}")
-        elif isinstance(node, ast.ImportFrom) and node.module == "pipeline":
-            found.update(f"pipeline.{alias.name}" for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+                found.add(f"{package}.{node.value[:-3]}")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline"):
             found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)  # a module imported from a package
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.startswith("pipeline."))
     return found
 
 
-def test_every_stage_depends_on_every_source_file_it_runs():
-    # so that editing any module a stage imports re-runs that stage (and only the stages that import it)
+def import_closure(module: str) -> set[str]:
+    """The files of every pipeline module ``module`` imports, directly or not, relative to the root."""
+    todo, closure = [module], set()
+    while todo:
+        module = todo.pop()
+        path = ROOT / (module.replace(".", "/") + ".py")
+        if module in closure or not path.is_file():  # a package, or a name imported from a module
+            continue
+        closure.add(module)
+        todo.extend(_imported_modules(path))
+    return {module.replace(".", "/") + ".py" for module in closure}
+
+
+def test_every_stage_depends_on_the_library_folders_it_runs():
+    # so that editing any module a stage imports re-runs that stage: its entry module and whole folders
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
-    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
-        todo, closure = [f"pipeline.{name}"], set()
-        while todo:
-            module = todo.pop()
-            path = root / (module.replace(".", "/") + ".py")
-            if module in closure or not path.is_file():  # a package's own name (pipeline.benchmarks) has no file
-                continue
-            closure.add(module)
-            todo.extend(_imported_modules(path))
-        needed = {module.replace(".", "/") + ".py" for module in closure}
+        needed = import_closure(f"pipeline.stages.{name}") - {"pipeline/__init__.py"}
+        needed = {path for path in needed if not path.endswith("/__init__.py")}
         deps = {d for d in stage["deps"] if d.startswith("pipeline/")}
-        assert needed <= deps, f"stage {name}: dvc.yaml's deps lack {sorted(needed - deps)}"
-        assert deps <= needed, f"stage {name}: dvc.yaml's deps name files it never imports: {sorted(deps - needed)}"
+        uncovered = {path for path in needed if not any(path == d or path.startswith(d + "/") for d in deps)}
+        assert not uncovered, f"stage {name}: dvc.yaml's deps lack {sorted(uncovered)}"
+        unused = {d for d in deps if not any(path == d or path.startswith(d + "/") for path in needed)}
+        assert not unused, f"stage {name}: dvc.yaml's deps name what it never imports: {sorted(unused)}"
+        assert f"pipeline/stages/{name}.py" in deps
 
 
 def test_train_depends_only_on_the_training_set_it_names(tmp_path):

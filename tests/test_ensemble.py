@@ -8,11 +8,12 @@ import pytest
 from reference import np_shift, python_vote
 from synthetic import TINY_NET, write_prepared
 
-from pipeline.architecture import build, resolve
-from pipeline.config import PipelineError
-from pipeline.ensemble import average_probabilities, ensemble_models, main, plurality_vote, report, votes
-from pipeline.files import load_npz
-from pipeline.model_io import save_model
+from pipeline.nn.architecture import build, resolve
+from pipeline.core.config import PipelineError
+from pipeline.evaluation.ensemble import average_probabilities, ensemble_models, plurality_vote, report, votes
+from pipeline.stages.ensemble import main
+from pipeline.core.files import load_npz
+from pipeline.nn.model_io import save_model
 
 
 def one_hot_ish(labels, confidence):
@@ -202,9 +203,9 @@ def test_test_time_shifts_average_each_networks_five_views_as_plain_numpy(saved_
 
 def test_bad_test_time_shifts_are_named_before_any_scoring(saved_models, tmp_path, capsys):
     model_dirs, test_path = saved_models
-    with pytest.raises(PipelineError, match="Got --test-time-shifts 14: must be 0..13 pixels"):
+    with pytest.raises(PipelineError, match="Got --test-time-shifts=14: must be 0..13 pixels"):
         ensemble_models(model_dirs=model_dirs, data_path=test_path, test_time_shifts=14, progress=False)
     (tmp_path / "params.yaml").write_text("train: {}\n")
     args = [*map(str, model_dirs), "--params", str(tmp_path / "params.yaml"), "--test-time-shifts", "-1"]
     assert main(args) == 1
-    assert "Got --test-time-shifts -1" in capsys.readouterr().err
+    assert "Got --test-time-shifts=-1" in capsys.readouterr().err

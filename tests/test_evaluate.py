@@ -11,13 +11,14 @@ from mlflow.tracking import MlflowClient
 from reference import np_shift
 from synthetic import TINY_NET, write_prepared
 
-from pipeline import tracking
-from pipeline.architecture import build, resolve
-from pipeline.config import ConfigError, PipelineError
-from pipeline.evaluate import EvaluateConfig, evaluate, shifted_probabilities
-from pipeline.files import load_npz
-from pipeline.model_io import load_model, save_model
-from pipeline.train import TrainingDiverged, train_tracked
+from pipeline.tracking import store as tracking
+from pipeline.nn.architecture import build, resolve
+from pipeline.core.config import ConfigError, PipelineError
+from pipeline.evaluation.evaluate import EvaluateConfig, evaluate, shifted_probabilities
+from pipeline.core.files import load_npz
+from pipeline.nn.model_io import load_model, save_model
+from pipeline.nn.training import TrainingDiverged
+from pipeline.tracking.training import stage_training, train_tracked
 
 
 @pytest.fixture
@@ -38,9 +39,9 @@ def params(**train):
 
 
 def train_in(project, **train):
-    return train_tracked(params=params(**train), prepared_dir=project / "data/prepared", expanded_dir=None,
+    return train_tracked(stage_training(params=params(**train), prepared_dir=project / "data/prepared", expanded_dir=None,
                          model_dir=project / "data/model", checkpoint_dir=project / "data/checkpoints",
-                         metrics_dir=project / "data/metrics", progress=False)
+                         metrics_dir=project / "data/metrics", progress=False))
 
 
 def client(project):

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError, from_section
-from pipeline.expand import ExpandConfig, elastic, expand, expand_arrays, shift
-from pipeline.files import load_npz, save_npz
+from pipeline.core.config import ConfigError, from_section
+from pipeline.data.expand import ExpandConfig, elastic, expand, expand_arrays, shift
+from pipeline.core.files import load_npz, save_npz
 
 
 def hand_made():

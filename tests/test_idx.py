@@ -4,7 +4,7 @@ import struct
 import numpy as np
 import pytest
 
-from pipeline.idx import IdxError, read_images, read_labels, read_pair, write_idx
+from pipeline.data.idx import IdxError, read_images, read_labels, read_pair, write_idx
 
 
 def header(magic, *dims):

@@ -5,9 +5,9 @@ import pytensor.tensor as pt
 import pytest
 from reference import np_batch_norm, np_conv, np_pool, sigmoid
 
-from pipeline.backend import Backend
-from pipeline.convolution import conv2d_valid, max_pool
-from pipeline.layers import BatchNorm, ConvPool, FullyConnected, Softmax
+from pipeline.nn.backend import Backend
+from pipeline.nn.convolution import conv2d_valid, max_pool
+from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 
 JAX = Backend("jax")
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from reference import np_conv, np_pool
 
-from pipeline.architecture import build, resolve
-from pipeline.config import PipelineError
-from pipeline.model_io import load_model, save_model
+from pipeline.nn.architecture import build, resolve
+from pipeline.core.config import PipelineError
+from pipeline.nn.model_io import load_model, save_model
 
 LAYERS = [
     {"type": "conv_pool", "input": [1, 28, 28], "filters": 3, "kernel": 5, "pool": 4, "activation": "tanh"},

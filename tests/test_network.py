@@ -6,10 +6,10 @@ import pytensor.tensor as pt
 import pytest
 from reference import np_batch_norm, np_conv
 
-from pipeline.backend import Backend
-from pipeline.layers import BatchNorm, ConvPool, FullyConnected, Softmax
-from pipeline.network import Network
-from pipeline.trainer import Trainer
+from pipeline.nn.backend import Backend
+from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
+from pipeline.nn.network import Network
+from pipeline.nn.trainer import Trainer
 
 JAX = Backend("jax")
 

@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipeline.plots import confusion_matrix, plot_confusion, plot_gallery
+from pipeline.evaluation.plots import confusion_matrix, plot_confusion, plot_gallery
 
 
 def test_confusion_matrix_counts_by_hand():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from synthetic import write_mnist
 
-from pipeline.config import ConfigError, from_section
-from pipeline.files import load_npz
-from pipeline.prepare import PrepareConfig, prepare
+from pipeline.core.config import ConfigError, from_section
+from pipeline.core.files import load_npz
+from pipeline.data.prepare import PrepareConfig, prepare
 
 
 def test_split_is_first_train_and_last_validation(tmp_path):

@@ -14,10 +14,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from synthetic import TINY_NET, write_prepared
 
-from pipeline.files import load_npz
-from pipeline.model_io import load_model
-from pipeline.serving import as_images
-from pipeline.train import train_tracked
+from pipeline.core.files import load_npz
+from pipeline.nn.model_io import load_model
+from pipeline.tracking.serving import as_images
+from pipeline.tracking.training import stage_training, train_tracked
 
 
 def test_as_images_accepts_the_usual_shapes_and_scales():
@@ -37,8 +37,8 @@ def test_mlflow_models_serve_answers_predictions(tmp_path, monkeypatch):
     monkeypatch.delenv("DVC_ROOT", raising=False)
     prepared = write_prepared(tmp_path / "prepared")
     params = {"train": {"architecture": TINY_NET, "epochs": 1, "eta": 0.5, "lmbda": 0.0, "steps_per_call": 20}}
-    train_tracked(params=params, prepared_dir=prepared, expanded_dir=None, model_dir=tmp_path / "model",
-                  checkpoint_dir=tmp_path / "checkpoints", metrics_dir=tmp_path / "metrics", progress=False)
+    train_tracked(stage_training(params=params, prepared_dir=prepared, expanded_dir=None, model_dir=tmp_path / "model",
+                  checkpoint_dir=tmp_path / "checkpoints", metrics_dir=tmp_path / "metrics", progress=False))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("nndl-chapter6").experiment_id])

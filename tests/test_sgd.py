@@ -5,8 +5,8 @@ import pytensor
 import pytensor.tensor as pt
 import pytest
 
-from pipeline import sgd
-from pipeline.backend import Backend
+from pipeline.nn import sgd
+from pipeline.nn.backend import Backend
 
 
 def test_sgd_subtracts_eta_times_gradient():

@@ -10,10 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import table
-from pipeline.files import load_npz, save_npz
-from pipeline.model_io import load_model
-from pipeline.train import load_split
+from pipeline.core.config import ConfigError
+from pipeline.stages import table as table_stage
+from pipeline.table import cache, runner
+from pipeline.table import lines as table_lines
+from pipeline.table import rows as table_rows
+from pipeline.table.data import Data
+from pipeline.tracking.store import TrackingConfig
+from pipeline.core.files import load_npz, save_npz
+from pipeline.nn.model_io import load_model
+from pipeline.data.splits import load_split
 from reference import np_shift, python_vote
 from synthetic import digit_images
 
@@ -43,7 +49,7 @@ def first_run(data, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(out)  # the git tags are looked up in the working directory
-        code = table.main(["--quick", "--repeats", "1", "--params", str(data / "params.yaml"), "--prepared",
+        code = table_stage.main(["--quick", "--repeats", "1", "--params", str(data / "params.yaml"), "--prepared",
                            str(data / "prepared"), "--expanded", str(data / "expanded"), "--out",
                            str(out / "table"), "--no-progress"])
     assert code == 0
@@ -60,11 +66,11 @@ def test_every_book_row_trains_and_is_reported_beside_the_book(first_run):
     report = (out / "table" / "report.md").read_text()
     assert "QUICK MODE: NOT a reproduction" in report.splitlines()[2]
     rows = markdown_rows(report)
-    for row in table.ROWS:
+    for row in table_rows.ROWS:
         cells = rows[row.key]
         if row.book is not None:
             assert cells[2] == f"{100 * row.book:.2f}%"
-        if row.key not in table.BOOK_ROWS:  # beyond the book and not asked for: listed, never filled in
+        if row.key not in table_rows.BOOK_ROWS:  # beyond the book and not asked for: listed, never filled in
             assert cells[3] == "not run"
             continue
         assert re.fullmatch(r"\d+\.\d\d%( \(seed \d\))?", cells[3]), cells
@@ -142,17 +148,17 @@ def test_a_second_invocation_trains_nothing_and_an_interrupted_seed_resumes(firs
     report = (out / "table" / "report.md").read_bytes()
     results = (out / "table" / "results.json").read_bytes()
     kwargs = dict(rows=None, repeats=1, quick=True, prepared_dir=data / "prepared", expanded_dir=data / "expanded",
-                  out_dir=out / "table", tracking_config=table.tracking.TrackingConfig(experiment="table-test"),
+                  out_dir=out / "table", tracking_config=TrackingConfig(experiment="table-test"),
                   progress=False)
 
-    again = table.run_table(**kwargs)
+    again = runner.run_table(**kwargs)
     assert again["trained"] == []
     assert (out / "table" / "report.md").read_bytes() == report
     assert (out / "table" / "results.json").read_bytes() == results
 
     # killed after its last epoch but before its result was written: only that seed runs, from its checkpoint
     (out / "table" / "3" / "seed1" / "result.json").unlink()
-    resumed = table.run_table(**kwargs)
+    resumed = runner.run_table(**kwargs)
     assert resumed["trained"] == [("3", 1)]
     assert json.loads((out / "table" / "3" / "seed1" / "metrics" / "train.json").read_text())["resumed_from_epoch"] == 1
     assert _same_but_time(resumed["lines"], json.loads(results)["lines"])
@@ -165,7 +171,7 @@ def test_report_only_trains_nothing_and_names_what_is_missing(first_run, data, t
     (copy / "report.md").unlink()
     # seed 2 of row 8 interrupted before its result was written; best and distort never trained
     (copy / "8" / "seed2" / "result.json").unlink()
-    code = table.main(["--quick", "--repeats", "1", "--rows", "all", "--report-only", "--params",
+    code = table_stage.main(["--quick", "--repeats", "1", "--rows", "all", "--report-only", "--params",
                        str(data / "params.yaml"), "--prepared", str(data / "prepared"), "--expanded",
                        str(data / "expanded"), "--out", str(copy), "--no-progress"])
     assert code == 0
@@ -190,12 +196,12 @@ def test_finished_rows_outlive_a_code_change_and_the_report_names_them(first_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(out)
     trained_by = json.loads((out / "table" / "1" / "seed1" / "result.json").read_text())["code"]
-    assert trained_by == table.code_version() and re.fullmatch(r"[0-9a-f]{12}", trained_by)
+    assert trained_by == cache.code_version() and re.fullmatch(r"[0-9a-f]{12}", trained_by)
     assert f"Training code: `{trained_by}` (a hash of the training sources); every row shown was trained by it." in (
         out / "table" / "report.md").read_text()
 
-    monkeypatch.setattr(table, "code_version", lambda: "0123456789ab")  # as after an edit of layers.py
-    again = table.run_table(rows="1,2", repeats=1, quick=True, prepared_dir=data / "prepared",
+    monkeypatch.setattr(runner, "code_version", lambda: "0123456789ab")  # as after an edit of layers.py
+    again = runner.run_table(rows="1,2", repeats=1, quick=True, prepared_dir=data / "prepared",
                             expanded_dir=data / "expanded", out_dir=out / "table", progress=False)
     assert again["trained"] == []
     report = (out / "table" / "report.md").read_text()
@@ -203,13 +209,13 @@ def test_finished_rows_outlive_a_code_change_and_the_report_names_them(first_run
     assert f"row 1: `{trained_by}`; row 2: `{trained_by}`" in report
 
     # a seed never trained is trained, by the current code
-    more = table.run_table(rows="1", repeats=2, quick=True, prepared_dir=data / "prepared",
+    more = runner.run_table(rows="1", repeats=2, quick=True, prepared_dir=data / "prepared",
                            expanded_dir=data / "expanded", out_dir=out / "table", progress=False)
     assert more["trained"] == [("1", 2)]
     assert json.loads((out / "table" / "1" / "seed2" / "result.json").read_text())["code"] == "0123456789ab"
 
     # and a later call with fewer repeats still reports every seed finished on disk
-    fewer = table.run_table(rows="2", repeats=1, quick=True, prepared_dir=data / "prepared",
+    fewer = runner.run_table(rows="2", repeats=1, quick=True, prepared_dir=data / "prepared",
                             expanded_dir=data / "expanded", out_dir=out / "table", progress=False)
     row1 = next(line for line in fewer["lines"] if line["row"] == "1")
     assert fewer["trained"] == [] and [s["seed"] for s in row1["seeds"]] == [1, 2] and row1["n"] == 2
@@ -223,9 +229,9 @@ def test_jobs_train_in_parallel_processes_with_the_same_results(first_run, data,
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the worker processes inherit it
     monkeypatch.chdir(tmp_path)
-    parallel = table.run_table(rows="1,2", repeats=1, quick=True, prepared_dir=data / "prepared",
+    parallel = runner.run_table(rows="1,2", repeats=1, quick=True, prepared_dir=data / "prepared",
                                expanded_dir=data / "expanded", out_dir=tmp_path / "table", progress=False, jobs=2,
-                               tracking_config=table.tracking.TrackingConfig(experiment="table-jobs"))
+                               tracking_config=TrackingConfig(experiment="table-jobs"))
     assert sorted(parallel["trained"]) == [("1", 1), ("2", 1)]
     for row in ("1", "2"):
         serial = json.loads((out / "table" / row / "seed1" / "result.json").read_text())
@@ -250,7 +256,7 @@ def test_the_best_rows_train_on_their_own_elastic_set_made_once(data, tmp_path, 
     monkeypatch.chdir(tmp_path)
     kwargs = dict(rows="best", repeats=1, quick=True, prepared_dir=data / "prepared", expanded_dir=data / "expanded",
                   out_dir=tmp_path / "table", progress=False)
-    results = table.run_table(**kwargs)
+    results = runner.run_table(**kwargs)
     assert sorted(results["trained"]) == [("best", seed) for seed in range(1, 6)]  # five, for its ensembles
 
     # the set: every quick-mode training image (the first 2,000, here all 200), its four one-pixel shifts and
@@ -276,7 +282,7 @@ def test_the_best_rows_train_on_their_own_elastic_set_made_once(data, tmp_path, 
 
     # again: nothing trained, the set not made again
     stamp = made.stat().st_mtime_ns
-    assert table.run_table(**kwargs)["trained"] == [] and made.stat().st_mtime_ns == stamp
+    assert runner.run_table(**kwargs)["trained"] == [] and made.stat().st_mtime_ns == stamp
 
 
 def test_a_result_keyed_before_the_distort_fields_existed_still_matches(data):
@@ -284,21 +290,21 @@ def test_a_result_keyed_before_the_distort_fields_existed_still_matches(data):
     import dataclasses
     import hashlib
 
-    sets = table.Data(data / "prepared", data / "expanded", data / "prepared" / "test.npz")
-    config = table.train_config(table.BY_KEY["8"], 1, quick=False, engine="jax", device="cpu", steps_per_call=500)
+    sets = Data(data / "prepared", data / "expanded", data / "prepared" / "test.npz")
+    config = table_rows.train_config(table_rows.BY_KEY["8"], 1, quick=False, engine="jax", device="cpu", steps_per_call=500)
     # the key as it was computed then: every field then known, but steps_per_call, plus the data's hashes
     before = {k: v for k, v in dataclasses.asdict(config).items()
               if k != "steps_per_call" and not k.startswith("distort_")}
-    before.update(train=table._sha256(data / "expanded" / "train.npz"),
-                  validation=table._sha256(data / "prepared" / "validation.npz"), test="t")
-    assert table._key(config, sets, "t") == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    before.update(train=cache.file_sha256(data / "expanded" / "train.npz"),
+                  validation=cache.file_sha256(data / "prepared" / "validation.npz"), test="t")
+    assert cache.result_key(config, sets, "t") == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
     distorted = dataclasses.replace(config, distort_rotation=5.0)
-    assert table._key(distorted, sets, "t") != table._key(config, sets, "t")
+    assert cache.result_key(distorted, sets, "t") != cache.result_key(config, sets, "t")
 
 
 def test_the_distort_rows_train_end_to_end_with_their_distortions(data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    results = table.run_table(rows="distort", repeats=1, quick=True, prepared_dir=data / "prepared",
+    results = runner.run_table(rows="distort", repeats=1, quick=True, prepared_dir=data / "prepared",
                               expanded_dir=data / "expanded", out_dir=tmp_path / "table", progress=False)
     assert sorted(results["trained"]) == [("distort", seed) for seed in range(1, 6)]
     settings = json.loads((tmp_path / "table" / "distort" / "seed1" / "result.json").read_text())["settings"]
@@ -324,7 +330,7 @@ BN_PARAMETERS = 852_906 + 2 * (32 + 32 + 64)
 def test_the_deep_rows_train_their_own_layers_end_to_end(data, tmp_path, monkeypatch, row, eta, decay, elastic,
                                                          batch_norms, parameters):
     monkeypatch.chdir(tmp_path)
-    results = table.run_table(rows=row, repeats=1, quick=True, prepared_dir=data / "prepared",
+    results = runner.run_table(rows=row, repeats=1, quick=True, prepared_dir=data / "prepared",
                               expanded_dir=data / "expanded", out_dir=tmp_path / "table", progress=False)
     assert sorted(results["trained"]) == [(row, seed) for seed in range(1, 6)]
     seed1 = tmp_path / "table" / row / "seed1"
@@ -340,7 +346,7 @@ def test_the_deep_rows_train_their_own_layers_end_to_end(data, tmp_path, monkeyp
     cells = markdown_rows((tmp_path / "table" / "report.md").read_text())
     for key in (row, f"{row}-vote", f"{row}-avg"):
         assert re.fullmatch(r"\d+\.\d\d%( \(seed \d\))?", cells[key][3]), cells[key]
-    if f"{row}-shifts" in table.BY_KEY:
+    if f"{row}-shifts" in table_rows.BY_KEY:
         assert_shifted_row(results, f"{row}-shifts", tmp_path / "table", data, monkeypatch)
 
 
@@ -348,7 +354,7 @@ def assert_shifted_row(results: dict, key: str, out: Path, data: Path, monkeypat
     """Each seed's accuracies are its network's mean over five hand-shifted views; the pick is the
     best validation accuracy; the report shows it; a second call reuses the scores."""
     line = next(line for line in results["lines"] if line["row"] == key)
-    source = table.BY_KEY[key].shifted_of
+    source = table_rows.BY_KEY[key].shifted_of
     expected = []
     for seed in range(1, 6):
         model = load_model(out / source / f"seed{seed}" / "model")
@@ -370,17 +376,17 @@ def assert_shifted_row(results: dict, key: str, out: Path, data: Path, monkeypat
         raise AssertionError("scored again")
 
     read = []
-    monkeypatch.setattr(table, "shifted_probabilities", no_scoring)
-    monkeypatch.setattr(table, "load_split", lambda path: read.append(Path(path).name) or load_split(path))
-    again = table.run_table(rows=key, repeats=1, quick=True, prepared_dir=data / "prepared",
+    monkeypatch.setattr(table_lines, "shifted_probabilities", no_scoring)
+    monkeypatch.setattr(table_lines, "load_split", lambda path: read.append(Path(path).name) or load_split(path))
+    again = runner.run_table(rows=key, repeats=1, quick=True, prepared_dir=data / "prepared",
                             expanded_dir=data / "expanded", out_dir=out, progress=False, report_only=True)
     assert next(line for line in again["lines"] if line["row"] == key) == line
     assert "test.npz" in read and "validation.npz" not in read  # nothing to score: validation is not read
 
 
 def test_jobs_must_be_at_least_one(data, tmp_path):
-    with pytest.raises(table.ConfigError, match="Got --jobs 0"):
-        table.run_table(rows="1", quick=True, prepared_dir=data / "prepared", expanded_dir=data / "expanded",
+    with pytest.raises(ConfigError, match="Got --jobs 0"):
+        runner.run_table(rows="1", quick=True, prepared_dir=data / "prepared", expanded_dir=data / "expanded",
                         out_dir=tmp_path, jobs=0)
 
 
@@ -394,27 +400,27 @@ def _same_but_time(a: list[dict], b: list[dict]) -> bool:
 
 
 def test_row_selection_and_seed_counts():
-    assert table.select_rows("1,6") == ["1", "6a", "6b"]
-    assert table.select_rows("9") == ["8", "9", "9avg"]  # the ensemble brings the networks it combines
-    assert table.select_rows(None)[-1] == "9avg" and "best" not in table.select_rows(None)
-    assert table.select_rows("all") == [row.key for row in table.ROWS]
-    assert table.select_rows("bn-shifts") == ["bn", "bn-shifts"]  # test-time shifts bring the networks they score
-    assert table.select_rows("bn") == ["bn", "bn-vote", "bn-avg", "bn-shifts"]
+    assert table_rows.select_rows("1,6") == ["1", "6a", "6b"]
+    assert table_rows.select_rows("9") == ["8", "9", "9avg"]  # the ensemble brings the networks it combines
+    assert table_rows.select_rows(None)[-1] == "9avg" and "best" not in table_rows.select_rows(None)
+    assert table_rows.select_rows("all") == [row.key for row in table_rows.ROWS]
+    assert table_rows.select_rows("bn-shifts") == ["bn", "bn-shifts"]  # test-time shifts bring the networks they score
+    assert table_rows.select_rows("bn") == ["bn", "bn-vote", "bn-avg", "bn-shifts"]
     # the committee of ten is asked for by name: only then does bn train ten seeds
-    assert table.select_rows("bn-10") == ["bn", "bn-10-vote", "bn-10-avg"]
-    assert table.n_seeds(table.BY_KEY["bn"], 3) == 5 and table.n_seeds(table.BY_KEY["bn"], 3, ["bn-10-avg"]) == 10
-    assert table.n_seeds(table.BY_KEY["bn"], 12, ["bn-10-avg"]) == 12
-    assert table.n_seeds(table.BY_KEY["8"], 3) == 5 and table.n_seeds(table.BY_KEY["8"], 7) == 7
-    assert table.n_seeds(table.BY_KEY["4"], 3) == 3
-    with pytest.raises(table.ConfigError, match="Got --rows '10'"):
-        table.select_rows("1,10")
+    assert table_rows.select_rows("bn-10") == ["bn", "bn-10-vote", "bn-10-avg"]
+    assert table_rows.n_seeds(table_rows.BY_KEY["bn"], 3) == 5 and table_rows.n_seeds(table_rows.BY_KEY["bn"], 3, ["bn-10-avg"]) == 10
+    assert table_rows.n_seeds(table_rows.BY_KEY["bn"], 12, ["bn-10-avg"]) == 12
+    assert table_rows.n_seeds(table_rows.BY_KEY["8"], 3) == 5 and table_rows.n_seeds(table_rows.BY_KEY["8"], 7) == 7
+    assert table_rows.n_seeds(table_rows.BY_KEY["4"], 3) == 3
+    with pytest.raises(ConfigError, match="Got --rows '10'"):
+        table_rows.select_rows("1,10")
 
 
 def test_the_distort_row_is_row_8_with_fresh_distortions_every_epoch():
-    assert table.select_rows("distort") == ["distort", "distort-vote", "distort-avg"]
-    assert table.n_seeds(table.BY_KEY["distort"], 3) == 5  # its ensembles combine five
-    config = table.train_config(table.BY_KEY["distort"], 1, quick=False, engine="jax", device="cpu", steps_per_call=500)
-    row8 = table.train_config(table.BY_KEY["8"], 1, quick=False, engine="jax", device="cpu", steps_per_call=500)
+    assert table_rows.select_rows("distort") == ["distort", "distort-vote", "distort-avg"]
+    assert table_rows.n_seeds(table_rows.BY_KEY["distort"], 3) == 5  # its ensembles combine five
+    config = table_rows.train_config(table_rows.BY_KEY["distort"], 1, quick=False, engine="jax", device="cpu", steps_per_call=500)
+    row8 = table_rows.train_config(table_rows.BY_KEY["8"], 1, quick=False, engine="jax", device="cpu", steps_per_call=500)
     assert config.distortion() == {"rotation": 10.0, "scale": 0.1, "alpha": 34.0, "sigma": 5.0}
     assert row8.distortion() is None
     assert (config.epochs, config.lr_decay, row8.lr_decay) == (30, 0.92, 1.0)
@@ -423,11 +429,11 @@ def test_the_distort_row_is_row_8_with_fresh_distortions_every_epoch():
 
 
 def test_the_rows_use_the_books_settings():
-    row5, row8 = table.BY_KEY["5"], table.BY_KEY["8"]
+    row5, row8 = table_rows.BY_KEY["5"], table_rows.BY_KEY["8"]
     assert (row5.preset, row5.settings) == ("conv2_relu", {"epochs": 60, "eta": 0.03, "lmbda": 0.1,
                                                            "dataset": "expanded"})
     assert (row8.preset, row8.settings["epochs"], row8.settings["lmbda"]) == ("conv2_relu_dropout", 40, 0.0)
-    config = table.train_config(table.BY_KEY["1"], 2, quick=False, engine="jax", device="cpu", steps_per_call=500)
+    config = table_rows.train_config(table_rows.BY_KEY["1"], 2, quick=False, engine="jax", device="cpu", steps_per_call=500)
     settings = (config.architecture, config.epochs, config.eta, config.batch_size, config.seed)
     assert settings == ("shallow", 60, 0.1, 10, 2)
 
@@ -437,10 +443,10 @@ def test_a_row_takes_the_seed_with_the_best_validation_accuracy_ties_to_the_lowe
         return {"seed": seed, "best_validation_accuracy": validation, "best_epoch": 1, "test_accuracy": test,
                 "seconds": 1.0, "engine": "jax", "device": "cpu", "code": "c"}
 
-    row = table.BY_KEY["4"]
-    line = table._line(row, [result(1, 0.98, 0.97), result(2, 0.99, 0.96), result(3, 0.99, 0.95)], 3)
+    row = table_rows.BY_KEY["4"]
+    line = table_lines.training_line(row, [result(1, 0.98, 0.97), result(2, 0.99, 0.96), result(3, 0.99, 0.95)], 3)
     assert (line["best_seed"], line["ours"]) == (2, 0.96)
-    line = table._line(row, [result(1, 0.97, 0.97), result(2, 0.96, 0.99)], 3)
+    line = table_lines.training_line(row, [result(1, 0.97, 0.97), result(2, 0.96, 0.99)], 3)
     assert (line["best_seed"], line["ours"], line["n"]) == (1, 0.97, 2)
     assert line["mean"] == pytest.approx(0.98) and line["std"] == pytest.approx(np.std([0.97, 0.99], ddof=1))
 
@@ -452,9 +458,9 @@ def test_a_committee_of_ten_combines_seeds_1_to_10_and_waits_for_all_ten():
     members = [{"seed": seed, "seconds": 60.0, "engine": "jax", "device": "cpu"} for seed in range(1, 11)]
     for key, expected in (("bn-10-avg", probabilities.mean(axis=0).argmax(axis=1)),
                           ("bn-10-vote", python_vote(probabilities))):
-        line = table._ensemble_line(table.BY_KEY[key], members, list(probabilities), labels)
+        line = table_lines.ensemble_line(table_rows.BY_KEY[key], members, list(probabilities), labels)
         assert line["ours"] == pytest.approx(np.mean(expected == labels))
         assert line["errors"] == np.flatnonzero(expected != labels).tolist()
         assert (line["members"], line["seeds_wanted"], line["seconds"]) == (list(range(1, 11)), 10, 600.0)
-        nine = table._ensemble_line(table.BY_KEY[key], members[:9], list(probabilities[:9]), labels)
+        nine = table_lines.ensemble_line(table_rows.BY_KEY[key], members[:9], list(probabilities[:9]), labels)
         assert (nine["ours"], nine["seeds_wanted"]) == (None, 10)

@@ -7,8 +7,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from pipeline import table_report
-from pipeline.table_report import learning_curves, plot_curves, write_report
+from pipeline.table import report as table_report
+from pipeline.table.report import learning_curves, plot_curves, write_report
 
 
 def write_epochs(path, accuracies):

@@ -16,12 +16,12 @@ import pytest
 from reference import np_batch_norm, np_conv, np_pool, sigmoid
 from synthetic import digit_images, write_prepared
 
-from pipeline.backend import THEANO_INSTALL, Backend, graph
-from pipeline.config import ConfigError, PipelineError
-from pipeline.layers import BatchNorm, ConvPool, FullyConnected, Softmax
-from pipeline.network import Network
-from pipeline.train import TrainConfig
-from pipeline.trainer import Trainer
+from pipeline.nn.backend import THEANO_INSTALL, Backend, graph
+from pipeline.core.config import ConfigError, PipelineError
+from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
+from pipeline.nn.network import Network
+from pipeline.nn.config import TrainConfig
+from pipeline.nn.trainer import Trainer
 
 # theano-pymc 1.1.2 builds graphs with NumPy aliases deprecated since numpy 1.20 (np.complex)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:theano.*")
@@ -129,7 +129,7 @@ def test_batch_norm_trains_on_batch_moments_and_infers_with_the_statistics_the_t
 
 @theano_only
 def test_a_small_conv_network_learns_the_synthetic_digits():
-    from pipeline.trainer import Trainer
+    from pipeline.nn.trainer import Trainer
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 800).astype(np.uint8)
@@ -148,10 +148,10 @@ def test_a_small_conv_network_learns_the_synthetic_digits():
 def test_the_train_stage_mlflow_and_evaluate_work_with_the_engine(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from pipeline import tracking
-    from pipeline.evaluate import EvaluateConfig, evaluate
-    from pipeline.model_io import load_model
-    from pipeline.train import train_tracked
+    from pipeline.tracking import store as tracking
+    from pipeline.evaluation.evaluate import EvaluateConfig, evaluate
+    from pipeline.nn.model_io import load_model
+    from pipeline.tracking.training import stage_training, train_tracked
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     write_prepared(tmp_path / "prepared")
@@ -159,9 +159,9 @@ def test_the_train_stage_mlflow_and_evaluate_work_with_the_engine(tmp_path, monk
                     {"type": "softmax", "n_in": 30, "n_out": 10}]
     params = {"train": {"architecture": architecture, "epochs": 2, "eta": 0.5, "lmbda": 0.1, "seed": 3,
                         "steps_per_call": 25, "engine": "theano-pymc"}, "tracking": {"experiment": "theano"}}
-    summary = train_tracked(params=params, prepared_dir=tmp_path / "prepared", expanded_dir=None,
+    summary = train_tracked(stage_training(params=params, prepared_dir=tmp_path / "prepared", expanded_dir=None,
                             model_dir=tmp_path / "model", checkpoint_dir=tmp_path / "checkpoints",
-                            metrics_dir=tmp_path / "metrics", progress=False)
+                            metrics_dir=tmp_path / "metrics", progress=False))
     assert summary["engine"] == "theano-pymc" and summary["device"].startswith("cpu (theano-pymc 1.1.2")
     assert summary["best_validation_accuracy"] > 0.8
     metrics = evaluate(config=EvaluateConfig(gallery_size=3), model_dir=tmp_path / "model",

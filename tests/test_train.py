@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import ConfigError, from_section
-from pipeline.files import load_npz
-from pipeline.model_io import load_model
-from pipeline.train import TrainConfig, TrainingDiverged, train
-from pipeline.trainer import Trainer
+from pipeline.core.config import ConfigError, from_section
+from pipeline.core.files import load_npz
+from pipeline.nn.model_io import load_model
+from pipeline.nn.config import TrainConfig, TrainPaths
+from pipeline.nn.training import TrainingDiverged, train
+from pipeline.nn.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_NET = [
@@ -57,8 +58,9 @@ def config(**overrides) -> TrainConfig:
 
 
 def run(tmp: Path, data_dir: Path, cfg: TrainConfig, **kwargs) -> dict:
-    return train(config=cfg, prepared_dir=data_dir / "prepared", model_dir=tmp / "model",
-                 checkpoint_dir=tmp / "checkpoints", metrics_dir=tmp / "metrics", progress=False, **kwargs)
+    paths = TrainPaths.of(cfg, prepared=data_dir / "prepared", expanded=None, model=tmp / "model",
+                          checkpoints=tmp / "checkpoints", metrics=tmp / "metrics")
+    return train(cfg, paths, progress=False, **kwargs)
 
 
 def weights(tmp: Path) -> dict:
@@ -148,7 +150,7 @@ DISTORTED = dict(distort_rotation=10.0, distort_scale=0.1, distort_alpha=20.0, d
 
 
 def test_each_epoch_distorts_every_image_afresh_and_reproducibly(data_dir):
-    from pipeline.train import _epoch_images
+    from pipeline.nn.training import _epoch_images
 
     images = load_npz(data_dir / "prepared" / "train.npz")["images"].reshape(-1, 784)
     cfg = config(**DISTORTED)
@@ -197,15 +199,15 @@ def test_a_checkpoint_from_other_training_code_is_not_resumed(tmp_path, data_dir
     """DVC re-runs the stage when the code changes; the old code's weights must not be continued."""
     import shutil
 
-    import pipeline.train
+    from pipeline.nn import checkpoint
 
     run(tmp_path, data_dir, config(epochs=1))
     assert run(tmp_path, data_dir, config(epochs=2))["resumed_from_epoch"] == 1  # same code: resumed
     edited = tmp_path / "package"
-    shutil.copytree(pipeline.train.PACKAGE_DIR, edited, ignore=shutil.ignore_patterns("__pycache__"))
-    with open(edited / "layers.py", "a") as f:
+    shutil.copytree(checkpoint.PACKAGE_DIR, edited, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(edited / "nn" / "layers.py", "a") as f:
         f.write("\n# an edit\n")
-    monkeypatch.setattr(pipeline.train, "PACKAGE_DIR", edited)
+    monkeypatch.setattr(checkpoint, "PACKAGE_DIR", edited)
     summary = run(tmp_path, data_dir, config(epochs=2))
     assert summary["resumed_from_epoch"] == 0 and summary["epochs_run"] == 2
 

@@ -1,6 +1,6 @@
 """A convolution Op that JAX lowers to ``jax.lax.conv_general_dilated`` (benchmark comparison only).
 
-Same contract as ``pipeline.convolution.conv2d_valid``: x (N, H, W, C), w (kh, kw, C, F), valid
+Same contract as ``pipeline.nn.convolution.conv2d_valid``: x (N, H, W, C), w (kh, kw, C, F), valid
 cross-correlation. Its gradients are the same Op on padded/transposed arguments. Measured slower
 than the im2col graph on CPU (XLA's CPU convolution is slow for these shapes), so the pipeline
 does not use it; ``python -m pipeline.benchmarks.train --conv-lax`` reproduces the comparison.

@@ -1,4 +1,4 @@
-"""Benchmark the distortions: pipeline.distort versus the SciPy recipe it replaced, side by side.
+"""Benchmark the distortions: pipeline.data.distort versus the SciPy recipe it replaced, side by side.
 
 The train stage's ``train.distort_*`` distorts every training image every epoch, so an epoch of
 the 250,000-image set costs that many distortions on top of its training. This prints the time
@@ -17,9 +17,9 @@ import os
 import numpy as np
 from scipy import ndimage
 
-from pipeline import distort
+from pipeline.data import distort
 from pipeline.benchmarks.expand import best_of
-from pipeline.table import DISTORT_SETTINGS
+from pipeline.table.rows import DISTORT_SETTINGS
 
 
 def scipy_elastic(images: np.ndarray, rng: np.random.Generator, alpha: float, sigma: float) -> np.ndarray:
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     threads = os.cpu_count() or 1
     threaded = best_of(args.repeats, lambda: distort.distort_blocks(images, [1], workers=threads, **settings))
     per_epoch = full * 250_000 / args.images
-    print(f"elastic, {args.images} images: scipy recipe {old:.2f} s, pipeline.distort {new:.2f} s: "
+    print(f"elastic, {args.images} images: scipy recipe {old:.2f} s, pipeline.data.distort {new:.2f} s: "
           f"{old / new:.1f}x faster; same bytes: {same}")
     print(f"rotation + scaling + elastic ({settings}): {full:.2f} s for {args.images} images, "
           f"{per_epoch:.1f} s per 250,000-image epoch; in {threads} threads {threaded:.2f} s ({full / threaded:.1f}x)")

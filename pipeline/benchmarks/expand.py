@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from pipeline.expand import ExpandConfig, expand_arrays
+from pipeline.data.expand import ExpandConfig, expand_arrays
 
 
 def book_expand(images: np.ndarray, labels: np.ndarray, seed: int) -> list:

@@ -28,11 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import table, tracking
-from pipeline.backend import Backend
-from pipeline.config import PipelineError, from_section, load_params
-from pipeline.files import save_npz
-from pipeline.train import TrainConfig, load_split
+from pipeline.table import runner
+from pipeline.table.data import Data
+from pipeline.table.rows import BY_KEY, ROWS, Row, train_config
+from pipeline.tracking import store as tracking
+from pipeline.nn.backend import Backend
+from pipeline.core.config import PipelineError, from_section, load_params
+from pipeline.core.files import save_npz
+from pipeline.data.splits import load_split
+from pipeline.nn.config import TrainConfig
 
 
 def synthetic_set(path: Path, n: int, rng: np.random.Generator) -> None:
@@ -44,31 +48,31 @@ def synthetic_set(path: Path, n: int, rng: np.random.Generator) -> None:
     save_npz(path, images=images, labels=labels)
 
 
-def make_data(root: Path, images: int) -> table.Data:
+def make_data(root: Path, images: int) -> Data:
     rng = np.random.default_rng(1)
     for name, n in (("prepared/train", images), ("prepared/validation", 10_000), ("prepared/test", 10_000),
                     ("expanded/train", images)):
         synthetic_set(root / f"{name}.npz", n, rng)
-    return table.Data(root / "prepared", root / "expanded", root / "prepared" / "test.npz")
+    return Data(root / "prepared", root / "expanded", root / "prepared" / "test.npz")
 
 
-def run_mode(row: table.Row, *, networks: int, jobs: int, epochs: int, data: table.Data, out: Path, engine: str,
+def run_mode(row: Row, *, networks: int, jobs: int, epochs: int, data: Data, out: Path, engine: str,
              device: str) -> float:
     """Wall seconds to train ``networks`` seeds of ``row``, ``jobs`` at a time, from an empty cache."""
     test_images, test_labels = load_split(data.test)
     todo = []
     for seed in range(1, networks + 1):
-        config = table.train_config(row, seed, quick=False, engine=engine, device=device, steps_per_call=500)
+        config = train_config(row, seed, quick=False, engine=engine, device=device, steps_per_call=500)
         config = dataclasses.replace(config, epochs=epochs)
-        todo.append(table.Job(row.key, seed, networks, config, f"benchmark-{seed}", out / f"seed{seed}", data))
+        todo.append(runner.Job(row.key, seed, networks, config, f"benchmark-{seed}", out / f"seed{seed}", data))
     common = dict(quick=False, tracking_config=tracking.TrackingConfig(enabled=False), code="benchmark",
                   parent_id=None)
     cache = out / ".jax-cache"
     # --jobs 1 trains in this process, where the table opens the cache around it; workers open their own
-    in_here = table.jax_compilation_cache(cache) if engine == "jax" and jobs == 1 else contextlib.nullcontext()
+    in_here = runner.jax_compilation_cache(cache) if engine == "jax" and jobs == 1 else contextlib.nullcontext()
     start = time.perf_counter()
     with in_here:
-        finished = list(table.train_jobs(todo, jobs=jobs, test={"images": test_images, "labels": test_labels},
+        finished = list(runner.train_jobs(todo, jobs=jobs, test={"images": test_images, "labels": test_labels},
                                          progress=False, cache_dir=cache, **common))
     seconds = time.perf_counter() - start
     if len(finished) != networks:
@@ -90,9 +94,9 @@ def main(argv=None) -> int:
     jobs = args.networks if args.jobs is None else args.jobs
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
-        if args.row not in table.BY_KEY or table.BY_KEY[args.row].is_ensemble:
+        if args.row not in BY_KEY or BY_KEY[args.row].is_ensemble:
             raise PipelineError(f"Got --row {args.row!r}: not a training row of the table "
-                                f"({', '.join(r.key for r in table.ROWS if not r.is_ensemble)})")
+                                f"({', '.join(r.key for r in ROWS if not r.is_ensemble)})")
         for name, value, least in (("--networks", args.networks, 1), ("--jobs", jobs, 2), ("--epochs", args.epochs, 1),
                                    ("--images", args.images, 10)):
             if value < least:
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
         settings = from_section(TrainConfig, load_params(args.params), "train", source=args.params)
         engine, device = settings.engine, args.device or settings.device
         Backend(engine, device)  # a missing GPU or engine is named now, before the data and the workers
-        row = table.BY_KEY[args.row]
+        row = BY_KEY[args.row]
         with tempfile.TemporaryDirectory(prefix="bench-jobs-") as tmp:
             tmp = Path(tmp)
             data = make_data(tmp / "data", args.images)

@@ -8,13 +8,13 @@ PyTorch. ``--device gpu`` times the JAX engine on the GPU against PyTorch on CUD
 theano-pymc run on the CPU only, so they are left out). Each figure is the best of ``--repeats``
 timed calls after a warm-up call (compilation is not timed).
 
-theano-pymc lives in its own environment (``pipeline.backend.THEANO_INSTALL``): run from the main
+theano-pymc lives in its own environment (``pipeline.nn.backend.THEANO_INSTALL``): run from the main
 environment, its column comes from a child process on ``.venv-theano/bin/python`` (or
 ``--theano-python``) with the same arguments, and is left out, saying why, when that environment
 does not exist. Run from the theano-pymc environment, only that engine is timed.
 
 ``--conv-lax`` adds a JAX run whose convolutions are a custom Op lowered to
-``jax.lax.conv_general_dilated`` instead of the im2col graph (``pipeline.convolution``), to show
+``jax.lax.conv_general_dilated`` instead of the im2col graph (``pipeline.nn.convolution``), to show
 why the graph form is the one used. ``--memory`` runs the train stage for one epoch on a synthetic
 250,000-image set in a child process and reports its peak RSS.
 
@@ -39,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.architecture import build, resolve
-from pipeline.backend import DEVICES, ENGINES, THEANO_ENV, Backend, engine_unavailable
-from pipeline.config import PipelineError
-from pipeline.trainer import Trainer
+from pipeline.nn.architecture import build, resolve
+from pipeline.nn.backend import DEVICES, ENGINES, THEANO_ENV, Backend, engine_unavailable
+from pipeline.core.config import PipelineError
+from pipeline.nn.trainer import Trainer
 
 ETA, LMBDA, BATCHES_PER_EPOCH = 0.03, 0.1, 5000  # the book's ReLU run: 50,000 images in batches of 10
 REPO = Path(__file__).resolve().parents[2]
@@ -114,7 +114,7 @@ def time_torch(batch_size: int, steps: int, repeats: int, device: str = "cpu") -
 
 def time_jax_lax_conv(batch_size: int, steps: int, repeats: int, device: str = "cpu") -> float:
     """The JAX engine with convolutions as an Op lowered to lax.conv_general_dilated."""
-    import pipeline.layers as layers
+    import pipeline.nn.layers as layers
     from pipeline.benchmarks.conv_lax import conv2d_lax
 
     original = layers.conv2d_valid

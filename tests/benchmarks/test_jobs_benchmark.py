@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.backend import jax_gpus
+from pipeline.nn.backend import jax_gpus
 from pipeline.benchmarks import jobs as bench
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"

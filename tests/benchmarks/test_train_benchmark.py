@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.backend import jax_gpus
+from pipeline.nn.backend import jax_gpus
 from pipeline.benchmarks import train as bench
 
 

@@ -1,0 +1,103 @@
+"""Strict reader and writer for the IDX format of the MNIST files (optionally gzip-compressed).
+
+An IDX file is a big-endian header -- two zero bytes, a type code, the number of dimensions, then
+one uint32 per dimension -- followed by the data. MNIST uses type 0x08 (unsigned byte): images
+are 3-dimensional (count, rows, cols) with magic 2051, labels 1-dimensional with magic 2049.
+Every check names the file and says what is wrong, so a corrupt or mixed-up download is caught
+before any training starts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.config import PipelineError
+from pipeline.core.files import write_bytes
+
+IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
+LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
+
+
+class IdxError(PipelineError, ValueError):
+    """A file that is not a well-formed MNIST IDX file."""
+
+
+def _read_bytes(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    try:
+        if gzipped:
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError) as e:  # a truncated or corrupt gzip stream
+        raise IdxError(f"{path}: cannot decompress: {e}") from None
+
+
+def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
+    """Read one IDX file of unsigned bytes, checking magic number, dimensions and size."""
+    path = Path(path)
+    data = _read_bytes(path)
+    if len(data) < 4:
+        raise IdxError(f"{path}: {len(data)} bytes is too short for an IDX header")
+    magic = struct.unpack(">I", data[:4])[0]
+    if magic != expected_magic:
+        raise IdxError(
+            f"{path}: magic number {magic:#010x}, expected {expected_magic:#010x} "
+            f"({'images' if expected_magic == IMAGES_MAGIC else 'labels'})"
+        )
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise IdxError(f"{path}: {len(data)} bytes is too short for a {ndim}-dimensional IDX header")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    expected = int(np.prod(shape))
+    actual = len(data) - header
+    if actual != expected:
+        raise IdxError(
+            f"{path}: header declares shape {shape} = {expected} bytes of data, but the file has {actual}"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def read_images(path: str | Path) -> np.ndarray:
+    """Images as uint8 of shape (count, rows, cols)."""
+    return read_idx(path, IMAGES_MAGIC)
+
+
+def read_labels(path: str | Path) -> np.ndarray:
+    """Labels as uint8 of shape (count,), each checked to be a digit 0-9."""
+    labels = read_idx(path, LABELS_MAGIC)
+    bad = np.flatnonzero(labels > 9)
+    if bad.size:
+        raise IdxError(f"{path}: label {labels[bad[0]]} at index {bad[0]} is not a digit 0-9 ({bad.size} such labels)")
+    return labels
+
+
+def read_pair(images_path: str | Path, labels_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels whose counts must agree."""
+    images = read_images(images_path)
+    labels = read_labels(labels_path)
+    if len(images) != len(labels):
+        raise IdxError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+    return images, labels
+
+
+def write_idx(path: str | Path, array: np.ndarray, compress: bool | None = None) -> None:
+    """Write ``array`` (uint8) as IDX, gzip-compressed when ``compress`` or the name ends in .gz."""
+    path = Path(path)
+    array = np.ascontiguousarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"IDX writing supports uint8 only, got {array.dtype}")
+    header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.tobytes()
+    if compress is None:
+        compress = path.suffix == ".gz"
+    if compress:
+        payload = gzip.compress(payload, mtime=0)
+    write_bytes(path, payload)
+

@@ -1,0 +1,28 @@
+"""The data format every stage after ``prepare`` reads: ``.npz`` files of uint8 ``images`` (N, 28, 28)
+and ``labels`` (N,), checked on load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.config import PipelineError
+from pipeline.core.files import load_npz
+
+
+def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 (N, 784) and labels uint8 (N,) from a data-format .npz."""
+    if not path.is_file():
+        raise PipelineError(f"{path} not found (run the prepare/expand stages first: dvc repro)")
+    arrays = load_npz(path)
+    images, labels = arrays.get("images"), arrays.get("labels")
+    if images is None or labels is None:
+        raise PipelineError(f"{path}: expected arrays 'images' and 'labels', found {sorted(arrays)}")
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise PipelineError(f"{path}: images must be uint8 (N, 28, 28), got {images.dtype} {images.shape}")
+    if labels.shape != (len(images),) or labels.size and labels.max() > 9:
+        raise PipelineError(f"{path}: labels must be N digits 0-9, got shape {labels.shape}")
+    return images.reshape(len(images), 784), labels.astype(np.uint8, copy=False)
+
+

@@ -1,0 +1,171 @@
+"""Compiled training and inference functions for one network on one backend.
+
+The book calls a compiled Theano function once per mini-batch of 10; at that size the per-call
+overhead costs more than the arithmetic. Here one call runs K SGD steps: a ``scan`` over
+K mini-batches carries the parameters (and momentum velocities) from step to step and writes them
+back to the shared variables at the end. Images travel as uint8 and become float32 in [0, 1] inside
+the graph, one mini-batch at a time, so a 250,000-image training set stays 196 MB of uint8.
+
+Dropout keep masks are inputs (uint8, one per dropout layer and step) drawn by the caller with
+NumPy, so a run is the same on every engine and can be resumed exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.nn import sgd
+from pipeline.nn.backend import Backend, graph
+from pipeline.nn.network import Network
+
+pt = graph.tensor  # pytensor.tensor or theano.tensor (pipeline.nn.backend)
+
+IMAGE_SCALE = np.float32(1.0 / 255.0)
+
+
+def as_float_images(images: np.ndarray) -> np.ndarray:
+    """Flatten a batch of images to float32 (N, n_in) in [0, 1]: uint8 is divided by 255, floats kept."""
+    images = np.asarray(images)
+    flat = images.reshape(len(images), -1)
+    if flat.dtype == np.uint8:
+        return flat.astype(np.float32) * IMAGE_SCALE
+    return flat.astype(np.float32, copy=False)
+
+
+class Trainer:
+    """``train_steps`` (K SGD steps in one call) and ``probabilities`` (inference) for ``network``."""
+
+    def __init__(self, network: Network, backend: Backend, *, batch_size: int, cost: str = "log-likelihood",
+                 lmbda: float = 0.0, num_training_batches: int = 1, momentum: float = 0.0,
+                 eval_batch_size: int = 500):
+        network.check_cost(cost)
+        self.network, self.backend = network, backend
+        self.batch_size, self.cost, self.lmbda = batch_size, cost, lmbda
+        self.num_training_batches, self.momentum = num_training_batches, momentum
+        self.eval_batch_size = eval_batch_size
+        self.velocities = [
+            graph.shared(np.zeros_like(p.get_value(borrow=True)), f"{p.name}.velocity")
+            for p in network.params
+        ] if momentum else []
+        self._train_fns: dict = {}
+        self._moments_fn = None
+        self.inference = Inference(network, backend, batch_size=eval_batch_size)
+
+    # -- training --------------------------------------------------------------------------------
+    def _compile_train(self, steps: int | None):
+        net, bs = self.network, self.batch_size
+        n_params, n_drop = len(net.params), len(net.dropout_layers)
+        xs = graph.variable("images", "uint8", (steps, bs, net.n_in))  # (K, bs, 784)
+        ys = graph.variable("labels", "uint8", (steps, bs))  # (K, bs)
+        keeps = [graph.variable(f"keep{i}", "uint8", (steps, bs, net.layers[i].n_in))
+                 for i in net.dropout_layers]  # (K, bs, n_in) each
+        eta = pt.scalar("eta", dtype="float32")
+
+        def step(x_u8, y, *rest):
+            keep_now, state, eta_now = rest[:n_drop], rest[n_drop:-1], rest[-1]
+            params_now, velocities_now = state[:n_params], state[n_params:]
+            x = pt.cast(x_u8, "float32") * IMAGE_SCALE  # (bs, 784) in [0, 1]
+            masks = [pt.cast(k, "float32") for k in keep_now]
+            objective = net.objective(x, y, cost=self.cost, lmbda=self.lmbda,
+                                      num_training_batches=self.num_training_batches, keeps=masks)
+            grads = graph.grad(objective, net.params)
+            # The graph was built on the shared parameters; run it on this step's state instead.
+            objective, *grads = graph.clone_replace([objective, *grads], replace=dict(zip(net.params, params_now)))
+            if self.momentum:
+                updates = sgd.momentum(grads, params_now, velocities_now, eta_now, self.momentum)
+            else:
+                updates = sgd.sgd(grads, params_now, eta_now)
+            return [new for _, new in updates] + [objective]
+
+        outputs = graph.scan(step, sequences=[xs, ys, *keeps], outputs_info=[*net.params, *self.velocities, None],
+                             non_sequences=[eta])
+        finals = [out[-1] for out in outputs[:-1]]
+        costs = outputs[-1]  # (K,)
+        updates = list(zip([*net.params, *self.velocities], finals))
+        return self.backend.function([xs, ys, *keeps, eta], [costs], updates=updates)
+
+    def train_steps(self, images: np.ndarray, labels: np.ndarray, keeps: Sequence[np.ndarray], eta: float) -> np.ndarray:
+        """Run one SGD step per mini-batch: images uint8 (K, bs, n_in), labels (K, bs), keeps uint8
+        (K, bs, n_in) per dropout layer. Updates the network's parameters; returns the K step costs."""
+        steps = len(images)
+        key = steps if self.backend.static_shapes else None
+        if key not in self._train_fns:
+            self._train_fns[key] = self._compile_train(key)
+        (costs,) = self._train_fns[key](images, labels.astype(np.uint8, copy=False), *keeps, np.float32(eta))
+        return costs
+
+    def set_statistics(self, images: np.ndarray) -> None:
+        """Set every BatchNorm layer's mean and variance to those of its input over ``images``,
+        measured in batches of ``eval_batch_size`` (fewer if there are fewer images; a last partial
+        batch is left out) by ``Network.batch_moments``. Nothing to do for a network without BatchNorm."""
+        net = self.network
+        if not net.statistics:
+            return
+        if self._moments_fn is None:
+            if len(images) == 0:
+                raise ValueError("setting the batch-norm statistics needs images, got none")
+            self._moments_batch = min(self.eval_batch_size, len(images))
+            x = graph.variable("x", "float32", (self._moments_batch, net.n_in))
+            self._moments_fn = self.backend.function([x], net.batch_moments(x))
+        batch = self._moments_batch
+        n_batches = len(images) // batch
+        if n_batches == 0:
+            raise ValueError(f"setting the batch-norm statistics needs at least {batch} images, got {len(images)}")
+        batches = [self._moments_fn(as_float_images(images[start:start + batch]))
+                   for start in range(0, n_batches * batch, batch)]
+        values = []
+        for i in range(0, len(net.statistics), 2):
+            means = np.stack([moments[i] for moments in batches]).astype(np.float64)  # (n_batches, units)
+            variances = np.stack([moments[i + 1] for moments in batches]).astype(np.float64)
+            # over all the images: the mean within-batch variance plus the variance of the batch means
+            values += [means.mean(axis=0), variances.mean(axis=0) + means.var(axis=0)]
+        for statistic, value in zip(net.statistics, values, strict=True):
+            statistic.set_value(value.astype(np.float32))
+
+    def velocity_values(self) -> list[np.ndarray]:
+        return [np.array(v.get_value(), dtype=np.float32) for v in self.velocities]
+
+    def set_velocity_values(self, values: Sequence[np.ndarray]) -> None:
+        for v, value in zip(self.velocities, values, strict=True):
+            v.set_value(np.asarray(value, dtype=np.float32))
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        return self.inference.probabilities(images)
+
+    def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
+        return self.inference.accuracy(images, labels)
+
+
+class Inference:
+    """The network's outputs at inference (no dropout) for any number of images."""
+
+    def __init__(self, network: Network, backend: Backend, *, batch_size: int = 500):
+        self.network, self.backend, self.batch_size = network, backend, batch_size
+        self._fn = None
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Outputs (class probabilities for a softmax network), float32 (N, n_out).
+
+        ``images``: uint8 (values 0-255) or float (already in [0, 1]), shape (N, 28, 28) or (N, 784).
+        Runs in fixed-size batches, the last one padded with zeros, so JAX compiles once.
+        """
+        if self._fn is None:
+            x = graph.variable("x", "float32", (self.batch_size, self.network.n_in))
+            self._fn = self.backend.function([x], [self.network.output(x, deterministic=True)])
+        n, batch = len(images), self.batch_size
+        out = np.empty((n, self.network.n_out), dtype=np.float32)
+        for start in range(0, n, batch):
+            x = as_float_images(images[start : start + batch])
+            real = len(x)
+            if real < batch:
+                x = np.concatenate([x, np.zeros((batch - real, x.shape[1]), dtype=np.float32)])
+            (p,) = self._fn(x)
+            out[start : start + real] = p[:real]
+        return out
+
+    def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
+        """Fraction of ``images`` whose most likely class equals ``labels``."""
+        predictions = self.probabilities(images).argmax(axis=1)
+        return float(np.mean(predictions == np.asarray(labels)))

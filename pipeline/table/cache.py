@@ -1,0 +1,83 @@
+"""What a finished (row, seed) is kept by: its ``result.json``, keyed on its settings and the bytes of
+its data, and stamped with the training code that made it."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.core.files import sha256_file
+from pipeline.nn.checkpoint import training_source_hashes
+from pipeline.nn.config import TrainConfig
+
+if TYPE_CHECKING:
+    from pipeline.table.data import Data
+
+
+RESULT_FILE = "result.json"
+
+
+PROBABILITIES_FILE = "test_probabilities.npz"
+
+
+# TrainConfig fields added after results of the table were first trained: keyed only when not at
+# their default, so that adding a field never retrains a finished row (the train.distort_* fields).
+TRAIN_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+
+
+KEYED_WHEN_SET = ("distort_rotation", "distort_scale", "distort_alpha", "distort_sigma")
+
+
+def result_key(config: TrainConfig, data: Data, test_sha: str) -> str | None:
+    """What a finished result must match: its settings and the bytes of its three data sets.
+
+    Not the code: a finished (row, seed) of a table that takes hours is kept across edits to the
+    training code; its result records the code it came from (``code_version``) and the report names
+    rows trained by other code than the current. Delete OUT/<row> to train a row again. (An
+    unfinished one resumes only from a checkpoint of the same code: see train.fingerprint.)"""
+    train_path, validation_path = data.train_path(config.dataset), data.prepared / "validation.npz"
+    if not train_path.is_file() or not validation_path.is_file():
+        return None
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "steps_per_call"}
+    for name in KEYED_WHEN_SET:  # a field added later is left out at its default: older results still match
+        if settings[name] == TRAIN_DEFAULTS[name]:
+            del settings[name]
+    settings.update(train=file_sha256(train_path), validation=file_sha256(validation_path), test=test_sha)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_of(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.cache
+def _sha256_of(path: Path, mtime_ns: int, size: int) -> str:
+    return sha256_file(path)  # once per file version: a row's seeds share the 200 MB expanded set
+
+
+def code_version() -> str:
+    """A short hash of the training code (the sources the train stage's checkpoints are keyed on)."""
+    digest = hashlib.sha256()
+    for source_digest in training_source_hashes().values():
+        digest.update(source_digest.encode())
+    return digest.hexdigest()[:12]
+
+
+def load_result(seed_dir: Path, key: str | None) -> dict | None:
+    """The finished result in ``seed_dir`` if it was made with these settings and data."""
+    path = seed_dir / RESULT_FILE
+    if key is None or not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("key") == key else None
+
+
+def last_seed_on_disk(row_dir: Path) -> int:
+    """The highest seed of a row with a result on disk (from an earlier call with more repeats), or 0."""
+    seeds = [int(p.parent.name[4:]) for p in row_dir.glob(f"seed*/{RESULT_FILE}") if p.parent.name[4:].isdigit()]
+    return max(seeds, default=0)

@@ -1,0 +1,350 @@
+"""MLflow tracking for every run, however it was started (``dvc repro``, ``dvc exp run``, by hand).
+
+Where runs go: ``$MLFLOW_TRACKING_URI`` if set (a server, or any store MLflow knows); otherwise a
+SQLite file ``mlflow.db`` at the root of the repository, by absolute path, with artifacts beside
+it in ``mlartifacts/``. "The root" is ``$DVC_ROOT`` when DVC runs the stage -- DVC points it at
+the user's repository even when ``dvc exp run --queue`` or ``--temp`` executes the stage in a
+temporary copy under ``.dvc/tmp/exps`` -- so queued runs are not lost when the copy is deleted.
+
+One MLflow run per training: the train stage opens it and logs params, tags, per-epoch metrics and
+the model; the evaluate stage reopens the same run (its id is saved beside the model) and adds the
+test metrics and plots. Whatever ends a stage early -- an error, NaN, Ctrl-C, SIGTERM -- marks the
+run FAILED with the reason as a tag, so nothing is left "running".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from pipeline.core.config import PipelineError, require
+from pipeline.core.files import load_npz, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+ENV_URI = "MLFLOW_TRACKING_URI"
+DB_NAME = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+RUN_FILE = "mlflow_run.json"  # beside the model: the run evaluate continues; beside checkpoints: the run a resume continues
+# SQLite waits this long for a lock held by another writer (two queue workers) before failing
+SQLITE_TIMEOUT_S = 60
+LOCK_RETRIES = 8
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """The ``tracking`` section of params.yaml."""
+
+    experiment: str = "nndl-chapter6"
+    enabled: bool = True
+
+    def __post_init__(self):
+        require(bool(self.experiment.strip()), "tracking.experiment", self.experiment, "must not be empty")
+
+
+class TrackingError(PipelineError):
+    """The tracking store cannot be reached or written."""
+
+
+def project_root() -> Path:
+    """The user's repository: $DVC_ROOT under DVC, else the nearest parent with a .dvc directory."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = Path.cwd().resolve()
+    for directory in (here, *here.parents):
+        if (directory / ".dvc").is_dir():
+            return directory
+    return here
+
+
+def tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, or the repository's SQLite store by absolute path."""
+    uri = os.environ.get(ENV_URI, "").strip()
+    if uri:
+        return uri
+    return f"sqlite:///{project_root() / DB_NAME}?timeout={SQLITE_TIMEOUT_S}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: beside a local store; a server decides for itself."""
+    if uri.startswith("sqlite:///") or uri.startswith("file:") or "://" not in uri:
+        return (project_root() / ARTIFACTS_DIR).as_uri()
+    return None
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail early, naming the URI, when the store cannot be used: before any training starts."""
+    source = f"{ENV_URI}={uri!r}" if os.environ.get(ENV_URI) else f"the default store {uri!r}"
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                response.read()
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingError(
+                f"MLflow tracking server unreachable ({source}): {reason}. Start it "
+                f"(`mlflow server --backend-store-uri sqlite:///$PWD/mlflow.db --port 5000`), fix the URI, "
+                f"or unset {ENV_URI} to use the repository's SQLite store"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        directory = Path(uri.removeprefix("sqlite:///").split("?")[0]).parent
+        if not directory.is_dir() or not os.access(directory, os.W_OK):
+            raise TrackingError(f"MLflow store {source}: directory {str(directory)!r} does not exist or is not writable")
+
+
+def retry_locked(call: Callable[[], Any]) -> Any:
+    """Run ``call``, retrying with jittered backoff while SQLite says another process holds the lock."""
+    for attempt in range(LOCK_RETRIES):
+        try:
+            return call()
+        except Exception as e:  # MlflowException wraps sqlalchemy's OperationalError
+            if "database is locked" not in str(e) or attempt == LOCK_RETRIES - 1:
+                raise
+            delay = 0.2 * 2**attempt * (1 + random.random())
+            log.warning("MLflow store is locked by another process; retrying in %.1f s", delay)
+            time.sleep(delay)
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{'train': {'eta': 0.1}} -> {'train.eta': '0.1'}; lists become JSON (MLflow params are strings)."""
+    flat = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = json.dumps(value)
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def _git(*args: str) -> str | None:
+    try:
+        result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def source_tags() -> dict[str, str]:
+    """Git commit and dirtiness of the working copy; DVC experiment name and baseline when set."""
+    tags = {}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["git.commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+        tags["git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc.baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    return tags
+
+
+class Run:
+    """One MLflow run, logged through a client so that every call can be retried on a locked store."""
+
+    def __init__(self, client, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            retry_locked(lambda chunk=items[i : i + 100]: self.client.log_batch(self.run_id, params=chunk))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        retry_locked(lambda: self.client.log_batch(self.run_id, metrics=items))
+
+    def logged_steps(self, metric: str) -> set[int]:
+        """The steps at which ``metric`` was already logged (a resumed run fills in only the gaps)."""
+        return {m.step for m in retry_locked(lambda: self.client.get_metric_history(self.run_id, metric))}
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        retry_locked(lambda: self.client.log_batch(self.run_id, tags=items))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        retry_locked(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        retry_locked(lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path))
+
+    def log_dataset(self, path: Path, name: str, context: str) -> None:
+        """Record a data-format .npz as an MLflow dataset input, with the sha256 of the file as digest."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        arrays = load_npz(path)
+        with warnings.catch_warnings():
+            # MLflow registers its local artifact store for both "" and "file" URIs, so a file:// source
+            # matches two identical dataset-source classes and it warns on every run; either is right
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+            dataset = mlflow.data.from_numpy(arrays["images"], targets=arrays["labels"],
+                                             source=Path(path).resolve().as_uri(), name=name,
+                                             digest=sha256_file(path)[:32])
+        entity = DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])
+        retry_locked(lambda: self.client.log_inputs(self.run_id, datasets=[entity]))
+
+
+def _client(uri: str):
+    """A client whose store exists: the first process to touch a new SQLite file creates its schema
+    while holding a file lock, since two workers migrating one new database at once collide."""
+    from mlflow.tracking import MlflowClient
+
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    from filelock import FileLock
+
+    database = uri.removeprefix("sqlite:///").split("?")[0]
+    with FileLock(database + ".lock", timeout=SQLITE_TIMEOUT_S):
+        client = MlflowClient(tracking_uri=uri)
+        retry_locked(lambda: client.search_experiments(max_results=1))
+    return client
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    experiment = retry_locked(lambda: client.get_experiment_by_name(name))
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return retry_locked(lambda: client.create_experiment(name, artifact_location=artifact_location(uri)))
+    except Exception as e:  # another worker created it between our two calls
+        if "already exists" not in str(e).lower() and "unique constraint" not in str(e).lower():
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+class _Terminated(BaseException):
+    """SIGTERM (``dvc queue kill``, a scheduler) raised in the main thread so the run is closed."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    def handler(signum, frame):
+        raise _Terminated(f"terminated by signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def tracked_run(
+    config: TrackingConfig,
+    *,
+    run_name: str | None = None,
+    resume_run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    finish: bool = True,
+) -> Iterator[Run | None]:
+    """Open (or reopen) a run; mark it FINISHED on success when ``finish``, FAILED on any exception.
+
+    Yields None when ``config.enabled`` is false. The store is checked before anything else, so an
+    unreachable server fails the stage before training starts.
+    """
+    if not config.enabled:
+        yield None
+        return
+    uri = tracking_uri()
+    check_reachable(uri)
+    client = _client(uri)
+    run_id = None
+    if resume_run_id:
+        try:
+            run_id = retry_locked(lambda: client.get_run(resume_run_id)).info.run_id
+            retry_locked(lambda: client.update_run(run_id, status="RUNNING"))
+        except Exception as e:
+            log.warning("MLflow run %s not found in %s (%s); starting a new run", resume_run_id, uri, e)
+            run_id = None
+    if run_id is None:
+        experiment_id = _experiment_id(client, config.experiment, uri)
+        all_tags = {**source_tags(), **(tags or {})}
+        run_id = retry_locked(lambda: client.create_run(experiment_id, run_name=run_name, tags=all_tags)).info.run_id
+    elif tags:
+        Run(client, run_id).set_tags({**source_tags(), **tags})
+    run = Run(client, run_id)
+    try:
+        with _sigterm_raises():
+            yield run
+    except BaseException as e:
+        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        with contextlib.suppress(Exception):
+            run.set_tags({"failure_reason": reason[:5000]})
+        with contextlib.suppress(Exception):
+            retry_locked(lambda: client.set_terminated(run_id, status="FAILED"))
+        if isinstance(e, _Terminated):
+            raise KeyboardInterrupt(str(e)) from None
+        raise
+    if finish:
+        retry_locked(lambda: client.set_terminated(run_id, status="FINISHED"))
+
+
+def epoch_logger(run: Run, continuing: bool) -> Callable[[int, dict], None]:
+    """The train worker's ``on_epoch`` callback: logs each epoch's metrics with the epoch as step.
+
+    A continued run logs only the epochs it lacks: a kill between the checkpoint and the MLflow
+    call leaves that epoch unlogged, and the resumed training replays it."""
+    logged = run.logged_steps("validation_accuracy") if continuing else set()
+
+    def log_epoch(epoch: int, metrics: dict) -> None:
+        if epoch not in logged:
+            run.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "resumed")}, step=epoch)
+
+    return log_epoch
+
+
+def remember_run(checkpoint_dir: Path, run: Run, fingerprint: str) -> None:
+    """Note which run trains from this checkpoint directory, so a resumed training continues it."""
+    write_json(Path(checkpoint_dir) / RUN_FILE, {"run_id": run.run_id, "fingerprint": fingerprint,
+                                                 "tracking_uri": tracking_uri()})
+
+
+def resumable_run(checkpoint_dir: Path, fingerprint: str) -> str | None:
+    """The run to continue: the one that trained the checkpoint with these very params, in this store."""
+    path = Path(checkpoint_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    same = saved.get("fingerprint") == fingerprint and saved.get("tracking_uri") == tracking_uri()
+    return saved.get("run_id") if same else None
+
+
+def save_run_reference(model_dir: Path, run: Run | None) -> None:
+    """Record, beside the model, which run it belongs to (the evaluate stage continues that run)."""
+    if run is not None:
+        write_json(Path(model_dir) / RUN_FILE, {"run_id": run.run_id, "tracking_uri": tracking_uri()})
+
+
+def load_run_reference(model_dir: Path) -> str | None:
+    path = Path(model_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("run_id")

@@ -1,0 +1,110 @@
+"""One tracked, resumable training: :func:`pipeline.nn.training.train` inside an MLflow run.
+
+Used by the train stage and by every (row, seed) of the table. The steps, in order: find the run a
+killed training left (its id is kept beside the checkpoints with a key of everything that defines
+the run), open or reopen it, log its params once (MLflow params are immutable), log each epoch's
+metrics (a reopened run only the epochs it lacks), train, then log the final metrics, the metrics
+files and the model. Whatever ends the training early marks the run FAILED (``tracked_run``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from pipeline.core.config import from_section
+from pipeline.nn.config import TrainConfig, TrainPaths
+from pipeline.nn.training import EPOCHS_FILE, SUMMARY_FILE, train
+from pipeline.nn.checkpoint import fingerprint
+from pipeline.tracking import serving
+from pipeline.tracking.store import (Run, TrackingConfig, epoch_logger, flatten, remember_run, resumable_run,
+                                     save_run_reference, tracked_run)
+
+
+@dataclass(frozen=True)
+class TrackedTraining:
+    """A training and the MLflow run that records it."""
+
+    config: TrainConfig
+    paths: TrainPaths
+    tracking: TrackingConfig
+    run_name: str
+    run_key: str  # a run left by a killed training is continued only by a training with the same key
+    tags: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)  # logged once, when the run is new
+    log_datasets: bool = False  # the training and validation sets as MLflow dataset inputs
+    log_pyfunc: bool = False  # the model in MLflow's pyfunc format too, for `mlflow models serve`
+    progress: bool = True
+
+
+def train_tracked(job: TrackedTraining, after: Callable[[Run | None, dict], None] | None = None) -> dict:
+    """Train ``job`` inside its run; returns the training's summary with ``run_id``.
+
+    ``after(run, summary)`` runs inside the run once the model is written (the table scores the test
+    set there); ``run`` is None when tracking is off."""
+    job.paths.require_data()
+    resume_id = resumable_run(job.paths.checkpoints, job.run_key)
+    with tracked_run(job.tracking, run_name=job.run_name, resume_run_id=resume_id, tags=job.tags) as run:
+        on_epoch = None
+        if run is not None:
+            remember_run(job.paths.checkpoints, run, job.run_key)
+            continuing = run.run_id == resume_id
+            if not continuing:
+                _log_inputs(run, job)
+            on_epoch = epoch_logger(run, continuing)
+        try:
+            summary = train(job.config, job.paths, progress=job.progress, on_epoch=on_epoch)
+        finally:  # a diverged run still wrote its best model and metrics: keep them with the run
+            if run is not None:
+                for path in (job.paths.metrics / SUMMARY_FILE, job.paths.metrics / EPOCHS_FILE):
+                    if path.is_file():
+                        run.log_artifact(path, "metrics")
+        if run is not None:
+            _log_outputs(run, job, summary)
+        if after is not None:
+            after(run, summary)
+    return {**summary, "run_id": run.run_id if run else None}
+
+
+def _log_inputs(run: Run, job: TrackedTraining) -> None:
+    run.log_params(job.params)
+    if job.log_datasets:
+        run.log_dataset(job.paths.train, f"mnist-{job.config.dataset}-train", "training")
+        run.log_dataset(job.paths.validation, "mnist-validation", "validation")
+
+
+def _log_outputs(run: Run, job: TrackedTraining, summary: dict) -> None:
+    save_run_reference(job.paths.model, run)
+    run.log_metrics({"final_best_validation_accuracy": summary["best_validation_accuracy"],
+                     "final_best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
+                     "peak_rss_mb": summary["peak_rss_mb"]})
+    run.log_artifacts(job.paths.model, "model_files")
+    if job.log_pyfunc:
+        serving.log_pyfunc(run, job.paths.model)
+
+
+def stage_training(*, params: dict, source: str = "params.yaml", prepared_dir: Path, expanded_dir: Path | None, model_dir: Path,
+                   checkpoint_dir: Path, metrics_dir: Path, progress: bool = True) -> TrackedTraining:
+    """The train stage's training from a params.yaml: every value of it as a param (but the evaluate
+    section's, which evaluate records as tags), the resolved architecture, the datasets and the
+    pyfunc model."""
+    config = from_section(TrainConfig, params, "train", source=source)
+    paths = TrainPaths.of(config, prepared=prepared_dir, expanded=expanded_dir, model=model_dir,
+                          checkpoints=checkpoint_dir, metrics=metrics_dir)
+    paths.require_data()
+    flat = flatten({section: values for section, values in params.items() if section != "evaluate"})
+    # continue an interrupted run only when nothing in params.yaml changed (MLflow params are immutable)
+    run_key = hashlib.sha256((fingerprint(config, paths.train, paths.validation)
+                              + json.dumps(flat, sort_keys=True)).encode()).hexdigest()
+    preset = config.architecture if isinstance(config.architecture, str) else "custom"
+    return TrackedTraining(
+        config=config, paths=paths, tracking=from_section(TrackingConfig, params, "tracking", source=source),
+        run_name=os.environ.get("DVC_EXP_NAME") or f"{preset}-{config.epochs}ep", run_key=run_key,
+        tags={"engine": config.engine, "device": config.device, "preset": preset, "dataset": config.dataset,
+              "stage": "train"},
+        params={**flat, "architecture.resolved": json.dumps(config.layers())},
+        log_datasets=True, log_pyfunc=True, progress=progress)

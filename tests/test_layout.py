@@ -1,0 +1,66 @@
+"""The package's layout is its architecture: library folders never import a stage module, and
+dependencies between the folders point one way (core <- data <- nn <- tracking <- evaluation <- table)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
+# what each library folder may import from the package (besides itself)
+ALLOWED = {
+    "core": set(),
+    "data": {"core"},
+    "nn": {"core", "data"},
+    "tracking": {"core", "data", "nn"},
+    "evaluation": {"core", "data", "nn", "tracking"},
+    "table": {"core", "data", "nn", "tracking", "evaluation"},
+    "benchmarks": {"core", "data", "nn", "tracking", "evaluation", "table"},
+}
+MAX_LINES = 400
+
+
+def imported(path: Path) -> set[str]:
+    """Every ``pipeline...`` module or name that ``path`` imports, inside functions too."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "pipeline":
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names if alias.name.split(".")[0] == "pipeline")
+    return names
+
+
+def library_modules() -> list[Path]:
+    return sorted(path for folder in ALLOWED for path in (PACKAGE / folder).rglob("*.py"))
+
+
+def test_every_library_folder_is_known():
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert folders == set(ALLOWED) | {"stages"}
+
+
+@pytest.mark.parametrize("path", library_modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_library_code_imports_no_stage_and_only_the_folders_below_it(path):
+    folder = path.relative_to(PACKAGE).parts[0]
+    for name in imported(path):
+        parts = name.split(".")
+        assert parts[1] != "stages" and name != "pipeline.__main__", f"{path} imports the stage module {name}"
+        assert parts[1] in ALLOWED[folder] | {folder}, (
+            f"{path} imports {name}: {folder}/ may import only from {sorted(ALLOWED[folder])}")
+
+
+def test_the_layout_check_sees_an_import_of_a_stage(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from pipeline.stages import train\n")
+    assert "pipeline.stages.train" in imported(module)
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_is_long_without_a_reason(path):
+    lines = len(path.read_text().splitlines())
+    docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+    assert lines <= MAX_LINES or "Longer than" in docstring, (
+        f"{path} has {lines} lines: split it, or say in its docstring why it is longer than {MAX_LINES} lines")
