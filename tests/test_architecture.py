@@ -74,3 +74,19 @@ def test_batch_norm_layers_take_the_shape_before_them_and_add_two_parameters_per
 def test_bad_architectures_are_refused(layers, message):
     with pytest.raises(ConfigError, match=message):
         resolve(layers)
+
+
+def test_every_preset_is_named_in_the_help_and_the_docs_and_no_other(capsys):
+    import re
+    from pathlib import Path
+
+    from pipeline.stages.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = capsys.readouterr().out
+    assert all(name in shown for name in PRESETS)
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    section = docs.split("## The network: presets")[1].split("\n## ")[0]
+    named = {name for name in re.findall(r"`(\w+)`", section) if re.fullmatch(r"shallow|conv\w*|chapter\d", name)}
+    assert named == set(PRESETS)

@@ -9,7 +9,7 @@ from reference import np_batch_norm, np_conv
 from pipeline.nn.backend import Backend
 from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 from pipeline.nn.network import Network
-from pipeline.nn.trainer import Trainer
+from pipeline.nn.trainer import Inference, Trainer
 
 JAX = Backend("jax")
 
@@ -71,13 +71,16 @@ def test_l2_term_is_the_books_weights_only_formula(data):
     assert decayed - plain == pytest.approx(0.5 * 0.7 * squares / 40, rel=1e-4)
 
 
-def test_predictions_and_accuracy(data):
+def test_inference_output_and_accuracy(data):
     rng, x, y = data
     net = dense_net(rng)
-    xs, ys = pt.matrix("x", dtype="float32"), pt.vector("y", dtype="uint8")
-    pred, acc = JAX.function([xs, ys], [net.predictions(xs), net.accuracy(xs, ys)])(x, y)
-    np.testing.assert_array_equal(pred, np_forward(net, x).argmax(axis=1))
-    assert acc == pytest.approx(np.mean(pred == y))
+    xs = pt.matrix("x", dtype="float32")
+    (out,) = JAX.function([xs], [net.output(xs, deterministic=True)])(x)
+    logits = np_forward(net, x)
+    softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(out, softmax / softmax.sum(axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
+    inference = Inference(net, JAX, batch_size=7)  # a last partial batch too
+    assert inference.accuracy(x, y) == pytest.approx(np.mean(np_forward(net, x).argmax(axis=1) == y))
 
 
 def test_costs_that_do_not_fit_the_output_layer_are_refused(data):

@@ -42,6 +42,9 @@ def test_mlflow_models_serve_answers_predictions(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("nndl-chapter6").experiment_id])
+    # the model carries the whole package, so it loads where the pipeline is not installed
+    carried = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model/code/pipeline")}
+    assert {"core", "data", "nn", "tracking"} <= carried, carried
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -208,6 +208,13 @@ def test_finished_rows_outlive_a_code_change_and_the_report_names_them(first_run
     assert "Training code: `0123456789ab`" in report
     assert f"row 1: `{trained_by}`; row 2: `{trained_by}`" in report
 
+    # code shown to train the same weights as the current code is re-stamped, not named as other code
+    monkeypatch.setitem(cache.SAME_WEIGHTS_AS, trained_by, "0123456789ab")
+    runner.run_table(rows="1,2", repeats=1, quick=True, prepared_dir=data / "prepared",
+                     expanded_dir=data / "expanded", out_dir=out / "table", progress=False)
+    assert "every row shown was trained by it" in (out / "table" / "report.md").read_text()
+    monkeypatch.delitem(cache.SAME_WEIGHTS_AS, trained_by)
+
     # a seed never trained is trained, by the current code
     more = runner.run_table(rows="1", repeats=2, quick=True, prepared_dir=data / "prepared",
                            expanded_dir=data / "expanded", out_dir=out / "table", progress=False)

@@ -1,7 +1,9 @@
 """The table's learning-curve plot reads each row's pick, the seed the row's figure comes from."""
 
 import csv
+import json
 import warnings
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
@@ -103,3 +105,18 @@ def test_an_ensembles_errors_are_drawn_from_the_test_set(table_dir, monkeypatch)
     assert path == out / "errors-9.png"
     assert "![The 2 test digits that row 9 gets wrong](errors-9.png)" in paths[0].read_text()
     assert title.startswith("Row 9, vote: the 2 test digits it gets wrong")
+
+
+def test_the_docs_results_page_is_generated_from_its_results_json(tmp_path):
+    """docs/results.md is what the report code makes of docs/results.json, so the two cannot drift."""
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    copy = tmp_path / "results.json"
+    copy.write_bytes((docs / "results.json").read_bytes())
+    table_report.write_results_page(copy)
+    assert (tmp_path / "results.md").read_text() == (docs / "results.md").read_text(), (
+        "docs/results.md is stale: run python -m pipeline.table.report docs/results.json")
+    results = json.loads(copy.read_text())
+    page = (docs / "results.md").read_text()
+    for line in results["lines"]:  # every measured figure is on the page
+        if line["ours"] is not None:
+            assert f"| {line['row']} | " in page and table_report.pct(line["ours"]) in page

@@ -21,7 +21,7 @@ Everything is float32 (set here, before PyTensor's JAX dispatch reads ``floatX``
 
 Convolution: on PyTensor, one implementation for both engines, ``pipeline.nn.convolution.conv2d_valid``
 (im2col from slices, then one dot). ``python -m pipeline.benchmarks.train --conv-lax`` compares it with a custom Op that
-JAX lowers to ``lax.conv_general_dilated`` (``pipeline.conv_lax``); on 2 CPU cores the graph form
+JAX lowers to ``lax.conv_general_dilated`` (``pipeline.benchmarks.conv_lax``); on 2 CPU cores the graph form
 was 3-5x faster on JAX (XLA's CPU convolution is slow for these small images, the weight gradient
 especially) and a NumPy ``perform`` for the C engine was slower still. theano-pymc uses its own
 ``conv2d`` and ``pool_2d`` (``graph.conv2d_valid``/``graph.max_pool``; see ``pipeline.nn.theano_engine``).
@@ -179,7 +179,6 @@ class Backend:
             def call(*args) -> list[np.ndarray]:
                 return [np.asarray(out) for out in fn(*args)]
 
-            call.compiled = fn
             return call
         import pytensor
 
@@ -199,7 +198,6 @@ class Backend:
                 warnings.filterwarnings("ignore", message="Explicitly requested dtype (float|int)64")
                 return [np.asarray(out) for out in fn(*args)]
 
-        call.compiled = fn
         return call
 
     def __repr__(self) -> str:

@@ -70,10 +70,6 @@ class Network:
         h, keep = self._hidden(x, deterministic, keeps)
         return self.layers[-1].output(h, deterministic=deterministic, keep=keep)
 
-    def predictions(self, x):
-        """The most likely class of each example, at inference (no dropout)."""
-        return pt.argmax(self.output(x, deterministic=True), axis=1)
-
     def batch_moments(self, x):
         """Each BatchNorm layer's mean and variance over the batch ``x``: [mean, var, mean, var, ...] in
         ``statistics`` order. The other layers run as at inference (no dropout); each BatchNorm layer
@@ -88,10 +84,6 @@ class Network:
             moments += [mean, var]
             x = layer.normalize(x, mean, var)
         return moments
-
-    def accuracy(self, x, y):
-        """The fraction of examples whose prediction equals the label."""
-        return pt.mean(pt.eq(self.predictions(x), y))
 
     # -- costs -----------------------------------------------------------------------------------
     def check_cost(self, cost: str) -> None:

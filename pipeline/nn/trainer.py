@@ -131,9 +131,6 @@ class Trainer:
         for v, value in zip(self.velocities, values, strict=True):
             v.set_value(np.asarray(value, dtype=np.float32))
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        return self.inference.probabilities(images)
-
     def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
         return self.inference.accuracy(images, labels)
 

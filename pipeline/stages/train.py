@@ -8,11 +8,13 @@ from pathlib import Path
 from pipeline.core import cli
 from pipeline.core.config import load_params
 from pipeline.nn import training
+from pipeline.nn.architecture import PRESETS
 from pipeline.tracking.training import stage_training, train_tracked
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.stage_parser("train", training.__doc__)
+    parser.epilog = f"train.architecture presets (the book's networks): {', '.join(PRESETS)}"
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"), help="prepared data directory")
     parser.add_argument("--expanded", type=Path, default=Path("data/expanded"), help="expanded data directory")
     parser.add_argument("--model", type=Path, default=Path("data/model"), help="output directory for the model")

@@ -68,13 +68,26 @@ def code_version() -> str:
     return digest.hexdigest()[:12]
 
 
-def load_result(seed_dir: Path, key: str | None) -> dict | None:
-    """The finished result in ``seed_dir`` if it was made with these settings and data."""
+# Versions of the training code shown to train the same weights, bit for bit, as a later version:
+# a result stamped with a key counts as trained by the value's code. fe47bddc4df5 is the code before
+# the package was laid out in folders (pipeline/*.py): that version and the one after it trained the
+# default `dvc repro` network and quick `bn` and row-8 tables to identical model.npz files
+# (docs/table.md, "Resume").
+SAME_WEIGHTS_AS = {"fe47bddc4df5": "CODE_AFTER_REDESIGN"}
+
+
+def load_result(seed_dir: Path, key: str | None, code: str) -> dict | None:
+    """The finished result in ``seed_dir`` if it was made with these settings and data; its ``code``
+    is re-stamped as ``code`` when its own version is known to train the same weights."""
     path = seed_dir / RESULT_FILE
     if key is None or not path.is_file():
         return None
     result = json.loads(path.read_text())
-    return result if result.get("key") == key else None
+    if result.get("key") != key:
+        return None
+    if SAME_WEIGHTS_AS.get(result.get("code")) == code:
+        result = {**result, "code": code, "restamped_from": result["code"]}
+    return result
 
 
 def last_seed_on_disk(row_dir: Path) -> int:

@@ -5,7 +5,9 @@ against the row), ``curves.png`` (each row's validation error per epoch) and ``e
 from __future__ import annotations
 
 import csv
+import json
 import logging
+import sys
 import math
 from pathlib import Path
 
@@ -46,24 +48,35 @@ def report_markdown(results: dict, pictures: dict[str, str] | None = None) -> st
     lines = ["# Chapter 6 results table: the book beside this pipeline", ""]
     if results["quick"]:
         lines += [QUICK_BANNER.format(**results["quick_settings"]), ""]
-    lines += [
-        "Test accuracy at the epoch of best validation accuracy. *Ours* is the seed with the best validation "
-        "accuracy (as the book: best of its runs); *mean ± std* is over all seeds "
-        "(std with ddof=1, in percentage points). "
-        "Ensembles combine seeds 1-5 of their row (a committee of ten: seeds 1-10). Time is the sum over the row's seeds (for an ensemble: its "
-        "members' training). Rows marked *beyond the book* have no book figure.",
-        "",
-        "| row | network | book | ours (best of seeds by validation) | mean ± std over seeds | Δ vs book (pp) "
-        "| time | engine | device |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for line in results["lines"]:
+    lines += [TABLE_INTRO, "", *table_markdown(results["lines"])]
+    trainings = [line for line in results["lines"] if line["kind"] == "training" and line["ours"] is not None]
+    total = sum(line["seconds"] for line in trainings)
+    lines += ["", f"Total training time of the rows shown: {duration(total)} "
+                  f"({sum(line['n'] for line in trainings)} networks)." + _book_time(results["lines"]), "",
+              _code_note(results, trainings), ""]
+    for name, caption in (pictures or {}).items():
+        lines += [f"![{caption}]({name})", ""]
+    return "\n".join(lines)
+
+
+TABLE_INTRO = (
+    "Test accuracy at the epoch of best validation accuracy. *Ours* is the seed with the best validation "
+    "accuracy (as the book: best of its runs); *mean ± std* is over all seeds (std with ddof=1, in percentage "
+    "points). Ensembles combine seeds 1-5 of their row (a committee of ten: seeds 1-10). Time is the sum over "
+    "the row's seeds (for an ensemble: its members' training). Rows marked *beyond the book* have no book figure.")
+
+
+def table_markdown(lines: list[dict]) -> list[str]:
+    """The Markdown table of results.json's ``lines``, the book's figure beside ours, a row each."""
+    out = ["| row | network | book | ours (best of seeds by validation) | mean ± std over seeds | Δ vs book (pp) "
+           "| time | engine | device |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for line in lines:
         description = line["description"] + (" *(beyond the book)*" if line["beyond_book"] else "")
         if line["ours"] is None:
             have = len(line.get("seeds", line.get("members", [])))
             status = f"not run ({have} of {line['seeds_wanted']} networks)" if have else "not run"
-            empty = " — |" * 5
-            lines.append(f"| {line['row']} | {description} | {pct(line['book'])} | {status} |{empty}")
+            out.append(f"| {line['row']} | {description} | {pct(line['book'])} | {status} |" + " — |" * 5)
             continue
         if "best_seed" in line:  # a training, or a training's networks with test-time shifts
             ours = f"{pct(line['ours'])} (seed {line['best_seed']})"
@@ -73,16 +86,31 @@ def report_markdown(results: dict, pictures: dict[str, str] | None = None) -> st
             ours = pct(line["ours"])
             spread = f"— ({line['kind']} of seeds {', '.join(map(str, line['members']))})"
         diff = "—" if line["book"] is None else f"{100 * (line['ours'] - line['book']):+.2f}"
-        lines.append(f"| {line['row']} | {description} | {pct(line['book'])} | {ours} | {spread} | {diff} | "
-                     f"{duration(line['seconds'])} | {line['engine']} | {line['device']} |")
-    trainings = [line for line in results["lines"] if line["kind"] == "training" and line["ours"] is not None]
-    total = sum(line["seconds"] for line in trainings)
-    lines += ["", f"Total training time of the rows shown: {duration(total)} "
-                  f"({sum(line['n'] for line in trainings)} networks)." + _book_time(results["lines"]), "",
-              _code_note(results, trainings), ""]
-    for name, caption in (pictures or {}).items():
-        lines += [f"![{caption}]({name})", ""]
-    return "\n".join(lines)
+        time = duration(line["seconds"]) + line.get("footnote", "").replace("*", "\\*")
+        out.append(f"| {line['row']} | {description} | {pct(line['book'])} | {ours} | {spread} | {diff} | "
+                   f"{time} | {line['engine']} | {line['device']} |")
+    return out
+
+
+def results_page(results: dict) -> str:
+    """docs/results.md: the measured table of a results.json merged from several tables' runs."""
+    return "\n".join([
+        "# Measured results", "",
+        "<!-- Generated by `python -m pipeline.table.report docs/results.json`: edit the JSON, not this page. -->", "",
+        results["source"], "", TABLE_INTRO, "", *table_markdown(results["lines"]), "",
+        "The marks in the time column are explained in [table.md](table.md#what-the-measurements-say), with "
+        "what the figures say and what else was tried.", "",
+        "![The book's accuracy and ours against the row](results.png)", ""])
+
+
+def write_results_page(json_path: Path) -> list[Path]:
+    """Write results.md and results.png beside ``json_path`` (docs/results.json)."""
+    json_path = Path(json_path)
+    results = json.loads(json_path.read_text())
+    page, picture = json_path.with_suffix(".md"), json_path.with_suffix(".png")
+    write_bytes(page, results_page(results).encode())
+    plot_report(results, picture)
+    return [page, picture]
 
 
 def _book_time(lines: list[dict]) -> str:
@@ -202,3 +230,8 @@ def write_report(results: dict, out_dir: Path, test: dict[str, np.ndarray] | Non
             pictures[name] = f"The {len(line['errors'])} test digits that row {line['row']} gets wrong"
     write_bytes(out_dir / "report.md", report_markdown(results, pictures).encode())
     return [out_dir / "report.md", *(out_dir / name for name in pictures)]
+
+
+if __name__ == "__main__":  # python -m pipeline.table.report docs/results.json
+    for written in write_results_page(Path(sys.argv[1])):
+        print(written)

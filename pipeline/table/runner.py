@@ -141,7 +141,7 @@ def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Pat
                 config = train_config(row, seed, quick=quick, engine=engine, device=device,
                                       steps_per_call=steps_per_call)
                 key = result_key(config, rdata, test_sha)
-                result = load_result(seed_dir, key)
+                result = load_result(seed_dir, key, code)
                 if result is not None:
                     found[row.key][seed] = result
                 elif asked and report_only:  # its result is from other settings, data or code

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # pipeline/: the model carries the whole package
 
 
 def as_images(model_input) -> np.ndarray:
@@ -70,7 +70,7 @@ def log_pyfunc(run, model_dir: Path, artifact_path: str = "model") -> None:
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.pyfunc.save_model(
             path=Path(tmp) / artifact_path,
-            python_model=str(PACKAGE_DIR / "pyfunc_model.py"),
+            python_model=str(PACKAGE_DIR / "tracking" / "pyfunc_model.py"),
             artifacts={"model_dir": str(model_dir)},
             code_paths=[str(PACKAGE_DIR)],
             signature=signature,
