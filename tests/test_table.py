@@ -384,7 +384,8 @@ def assert_shifted_row(results: dict, key: str, out: Path, data: Path, monkeypat
 
     read = []
     monkeypatch.setattr(table_lines, "shifted_probabilities", no_scoring)
-    monkeypatch.setattr(table_lines, "load_split", lambda path: read.append(Path(path).name) or load_split(path))
+    for module in (runner, table_lines):  # the test set is read by the runner, the validation set by the line
+        monkeypatch.setattr(module, "load_split", lambda path: read.append(Path(path).name) or load_split(path))
     again = runner.run_table(rows=key, repeats=1, quick=True, prepared_dir=data / "prepared",
                             expanded_dir=data / "expanded", out_dir=out, progress=False, report_only=True)
     assert next(line for line in again["lines"] if line["row"] == key) == line

@@ -31,7 +31,6 @@ import numpy as np
 from pipeline.table import runner
 from pipeline.table.data import Data
 from pipeline.table.rows import BY_KEY, ROWS, Row, train_config
-from pipeline.tracking import store as tracking
 from pipeline.nn.backend import Backend
 from pipeline.core.config import PipelineError, from_section, load_params
 from pipeline.core.files import save_npz
@@ -65,15 +64,14 @@ def run_mode(row: Row, *, networks: int, jobs: int, epochs: int, data: Data, out
         config = train_config(row, seed, quick=False, engine=engine, device=device, steps_per_call=500)
         config = dataclasses.replace(config, epochs=epochs)
         todo.append(runner.Job(row.key, seed, networks, config, f"benchmark-{seed}", out / f"seed{seed}", data))
-    common = dict(quick=False, tracking_config=tracking.TrackingConfig(enabled=False), code="benchmark",
-                  parent_id=None)
+    table = runner.TableRun(keys=(row.key,), engine=engine, device=device, jobs=jobs, progress=False)
     cache = out / ".jax-cache"
     # --jobs 1 trains in this process, where the table opens the cache around it; workers open their own
     in_here = runner.jax_compilation_cache(cache) if engine == "jax" and jobs == 1 else contextlib.nullcontext()
     start = time.perf_counter()
     with in_here:
-        finished = list(runner.train_jobs(todo, jobs=jobs, test={"images": test_images, "labels": test_labels},
-                                         progress=False, cache_dir=cache, **common))
+        finished = list(runner.train_jobs(todo, table, test={"images": test_images, "labels": test_labels},
+                                          code="benchmark", parent_id=None, cache_dir=cache))
     seconds = time.perf_counter() - start
     if len(finished) != networks:
         raise PipelineError(f"--jobs {jobs}: {len(finished)} of {networks} trainings finished")

@@ -67,111 +67,83 @@ from pipeline.tracking.training import TrackedTraining, train_tracked
 log = logging.getLogger(__name__)
 
 
-def run_table(*, rows: Sequence[str] | str | None = None, repeats: int = 3, quick: bool = False, prepared_dir: Path,
-              expanded_dir: Path, out_dir: Path, engine: str = "jax", device: str = "cpu", steps_per_call: int = 500,
-              tracking_config: tracking.TrackingConfig | None = None, progress: bool = True, jobs: int = 1,
-              report_only: bool = False) -> dict:
+@dataclass(frozen=True)
+class TableRun:
+    """One call of the table command: what to train and report, and how; validated where it is built."""
+
+    keys: tuple[str, ...]  # the selected rows, in table order (rows.select_rows)
+    repeats: int = 3
+    quick: bool = False
+    engine: str = "jax"
+    device: str = "cpu"
+    steps_per_call: int = 500
+    tracking: tracking.TrackingConfig = dataclasses.field(default_factory=lambda: tracking.TrackingConfig(enabled=False))
+    jobs: int = 1
+    report_only: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.repeats < 1:
+            raise ConfigError(f"Got --repeats {self.repeats}: must be at least 1")
+        if self.jobs < 1:
+            raise ConfigError(f"Got --jobs {self.jobs}: must be at least 1 (trainings at once)")
+
+    def seeds_wanted(self, row: Row) -> int:
+        return n_seeds(row, self.repeats, self.keys)
+
+
+def run_table(*, rows: Sequence[str] | str | None = None, prepared_dir: Path, expanded_dir: Path, out_dir: Path,
+              tracking_config: tracking.TrackingConfig | None = None, **settings) -> dict:
     """Train what is missing of ``rows``, write the report; returns results.json's content plus
     ``trained``, the (row, seed) pairs trained (or resumed) by this call, and ``missing``, those
     still to train (none, unless ``report_only``: then the report shows what is on disk and nothing
-    trains)."""
-    if repeats < 1:
-        raise ConfigError(f"Got --repeats {repeats}: must be at least 1")
-    if jobs < 1:
-        raise ConfigError(f"Got --jobs {jobs}: must be at least 1 (trainings at once)")
-    keys = select_rows(rows)
+    trains). ``settings`` are the other fields of :class:`TableRun`."""
+    table = TableRun(keys=tuple(select_rows(rows)), tracking=tracking_config or tracking.TrackingConfig(enabled=False),
+                     **settings)
     prepared_dir, expanded_dir, out_dir = Path(prepared_dir), Path(expanded_dir), Path(out_dir)
-    tracking_config = tracking_config or tracking.TrackingConfig(enabled=False)
-    data = (quick_data(prepared_dir, expanded_dir, out_dir) if quick
+    data = (quick_data(prepared_dir, expanded_dir, out_dir) if table.quick
             else Data(prepared_dir, expanded_dir, prepared_dir / "test.npz"))
+    _require_data(table, data)
+    with jax_compilation_cache(out_dir / ".jax-cache") if table.engine == "jax" else contextlib.nullcontext():
+        return _run(table, data, out_dir)
+
+
+def _require_data(table: TableRun, data: Data) -> None:
+    """Fail before anything trains when a data set the selected rows need is missing."""
     for path in (data.prepared / "validation.npz", data.test):
         if not path.is_file():
             raise PipelineError(f"{path} not found (run the data stages first: dvc repro)")
-    for key in keys:
+    for key in table.keys:
         row = BY_KEY[key]
         if row.trains and not source_of(row, data).is_file():
             raise PipelineError(f"row {key} needs {source_of(row, data)}, which is missing "
                                 "(run the data stages first: dvc repro)")
 
-    with jax_compilation_cache(out_dir / ".jax-cache") if engine == "jax" else contextlib.nullcontext():
-        return _run(keys=keys, repeats=repeats, quick=quick, data=data, out_dir=out_dir, engine=engine, device=device,
-                    steps_per_call=steps_per_call, tracking_config=tracking_config, progress=progress, jobs=jobs,
-                    report_only=report_only)
 
-
-def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Path, engine: str, device: str,
-         steps_per_call: int, tracking_config: tracking.TrackingConfig, progress: bool, jobs: int,
-         report_only: bool) -> dict:
+def _run(table: TableRun, data: Data, out_dir: Path) -> dict:
     # the code as this process loaded it (hashed once, at the start): its files may be edited while a
     # table trains for hours
     code = code_version()
-    test_sha = sha256_file(data.test)
     test_images, test_labels = load_split(data.test)
     test = {"images": test_images, "labels": test_labels}
-    parent_key = f"chapter6-table quick={quick}"
+    parent_key = f"chapter6-table quick={table.quick}"
     parent_resume = tracking.resumable_run(out_dir, parent_key)
-    trained, lines = [], []
-    with tracking.tracked_run(tracking_config, run_name="chapter6-table" + (" (quick)" if quick else ""),
-                              resume_run_id=parent_resume, tags={"table": "chapter6", "quick": quick}) as parent:
+    with tracking.tracked_run(table.tracking, run_name="chapter6-table" + (" (quick)" if table.quick else ""),
+                              resume_run_id=parent_resume, tags={"table": "chapter6", "quick": table.quick}) as parent:
         if parent is not None:
             tracking.remember_run(out_dir, parent, parent_key)
             if parent.run_id != parent_resume:
-                parent.log_params({"quick": quick})
-            parent.set_tags({"rows": ",".join(keys), "repeats": repeats})
-        # what is on disk already, and what to train
-        found: dict[str, dict[int, dict]] = {row.key: {} for row in ROWS}
-        todo, missing = [], []
-        for row in ROWS:
-            if not row.trains:
-                continue
-            count = n_seeds(row, repeats, keys)
-            seeds = range(1, max(count, last_seed_on_disk(out_dir / row.key)) + 1)
-            on_disk = any((out_dir / row.key / f"seed{seed}" / RESULT_FILE).is_file() for seed in seeds)
-            # (a row's own data, such as best's elastic set, is made only to train it or to match its results)
-            rdata = row_data(row, data, out_dir, progress) if on_disk or (row.key in keys and not report_only) else data
-            for seed in seeds:
-                seed_dir = out_dir / row.key / f"seed{seed}"
-                asked = row.key in keys and seed <= count
-                finished = (seed_dir / RESULT_FILE).is_file()
-                if not finished and not asked:
-                    continue  # never run and not asked for: no need to hash its data
-                if not finished and report_only:
-                    missing.append((row.key, seed))
-                    continue
-                config = train_config(row, seed, quick=quick, engine=engine, device=device,
-                                      steps_per_call=steps_per_call)
-                key = result_key(config, rdata, test_sha)
-                result = load_result(seed_dir, key, code)
-                if result is not None:
-                    found[row.key][seed] = result
-                elif asked and report_only:  # its result is from other settings, data or code
-                    missing.append((row.key, seed))
-                elif asked:
-                    todo.append(Job(row.key, seed, count, config, key, seed_dir, rdata))
-        common = dict(quick=quick, tracking_config=tracking_config, code=code,
-                      parent_id=parent.run_id if parent else None)
-        for job, result in train_jobs(todo, jobs=jobs, test=test, progress=progress,
-                                      cache_dir=out_dir / ".jax-cache", **common):
+                parent.log_params({"quick": table.quick})
+            parent.set_tags({"rows": ",".join(table.keys), "repeats": table.repeats})
+        found, todo, missing = _plan(table, data, out_dir, code, sha256_file(data.test))
+        trained = []
+        for job, result in train_jobs(todo, table, test=test, code=code, parent_id=parent.run_id if parent else None,
+                                      cache_dir=out_dir / ".jax-cache"):
             found[job.row][job.seed] = result
             trained.append((job.row, job.seed))
-
-        for row in ROWS:  # a row made of another row's networks comes after that row
-            if row.shifted_of:
-                results = [found[row.shifted_of][seed] for seed in sorted(found[row.shifted_of])]
-                n_wanted = n_seeds(BY_KEY[row.shifted_of], repeats, keys)
-                lines.append(shifted_line(row, results, n_wanted, out_dir=out_dir, data=data, test=test,
-                                           engine=engine, device=device, progress=progress))
-            elif row.is_ensemble:
-                members = [found[row.ensemble_of][seed] for seed in sorted(found[row.ensemble_of])
-                           if seed <= row.size]
-                probabilities = [load_npz(out_dir / row.ensemble_of / f"seed{m['seed']}" / PROBABILITIES_FILE)
-                                 ["probabilities"] for m in members]
-                lines.append(ensemble_line(row, members, probabilities, test_labels))
-            else:
-                results = [found[row.key][seed] for seed in sorted(found[row.key])]
-                lines.append(training_line(row, results, n_seeds(row, repeats, keys)))
-        results_json = {"quick": quick, "quick_settings": QUICK if quick else None, "repeats": repeats,
-                        "rows_selected": keys, "code": code, "lines": lines}
+        lines = _lines(table, found, data, out_dir, test)
+        results_json = {"quick": table.quick, "quick_settings": QUICK if table.quick else None,
+                        "repeats": table.repeats, "rows_selected": list(table.keys), "code": code, "lines": lines}
         write_json(out_dir / "results.json", results_json)
         report_files = write_report(results_json, out_dir, test)
         if parent is not None:
@@ -180,6 +152,58 @@ def _run(*, keys: list[str], repeats: int, quick: bool, data: Data, out_dir: Pat
             parent.log_metrics({f"row_{line['row']}_test_accuracy": line["ours"] for line in lines
                                 if line["ours"] is not None})
     return {**results_json, "trained": trained, "missing": missing, "parent_run_id": parent.run_id if parent else None}
+
+
+def _plan(table: TableRun, data: Data, out_dir: Path, code: str, test_sha: str) -> tuple[dict, list, list]:
+    """What is on disk already and what to train: (found {row: {seed: result}}, the jobs to train,
+    the (row, seed) pairs missing from a report-only call)."""
+    found: dict[str, dict[int, dict]] = {row.key: {} for row in ROWS}
+    todo, missing = [], []
+    for row in (row for row in ROWS if row.trains):
+        count = table.seeds_wanted(row)
+        seeds = range(1, max(count, last_seed_on_disk(out_dir / row.key)) + 1)
+        on_disk = any((out_dir / row.key / f"seed{seed}" / RESULT_FILE).is_file() for seed in seeds)
+        asked_row = row.key in table.keys
+        # (a row's own data, such as best's elastic set, is made only to train it or to match its results)
+        rdata = row_data(row, data, out_dir, table.progress) if on_disk or (asked_row and not table.report_only) else data
+        for seed in seeds:
+            seed_dir = out_dir / row.key / f"seed{seed}"
+            asked, finished = asked_row and seed <= count, (seed_dir / RESULT_FILE).is_file()
+            if not finished and (not asked or table.report_only):
+                if asked:
+                    missing.append((row.key, seed))
+                continue  # never run and not asked for: no need to hash its data
+            config = train_config(row, seed, quick=table.quick, engine=table.engine, device=table.device,
+                                  steps_per_call=table.steps_per_call)
+            key = result_key(config, rdata, test_sha)
+            result = load_result(seed_dir, key, code)
+            if result is not None:
+                found[row.key][seed] = result
+            elif asked and table.report_only:  # its result is from other settings, data or code
+                missing.append((row.key, seed))
+            elif asked:
+                todo.append(Job(row.key, seed, count, config, key, seed_dir, rdata))
+    return found, todo, missing
+
+
+def _lines(table: TableRun, found: dict, data: Data, out_dir: Path, test: dict) -> list[dict]:
+    """results.json's lines, in table order; a row made of another row's networks comes after that row."""
+    lines = []
+    for row in ROWS:
+        if row.shifted_of:
+            results = [found[row.shifted_of][seed] for seed in sorted(found[row.shifted_of])]
+            lines.append(shifted_line(row, results, table.seeds_wanted(BY_KEY[row.shifted_of]), out_dir=out_dir,
+                                      data=data, test=test, engine=table.engine, device=table.device,
+                                      progress=table.progress))
+        elif row.is_ensemble:
+            members = [found[row.ensemble_of][seed] for seed in sorted(found[row.ensemble_of]) if seed <= row.size]
+            probabilities = [load_npz(out_dir / row.ensemble_of / f"seed{m['seed']}" / PROBABILITIES_FILE)
+                             ["probabilities"] for m in members]
+            lines.append(ensemble_line(row, members, probabilities, test["labels"]))
+        else:
+            results = [found[row.key][seed] for seed in sorted(found[row.key])]
+            lines.append(training_line(row, results, table.seeds_wanted(row)))
+    return lines
 
 
 @dataclass(frozen=True)
@@ -195,23 +219,24 @@ class Job:
     data: Data  # the row's data (see row_data)
 
 
-def train_jobs(todo: list[Job], *, jobs: int, test: dict, progress: bool, cache_dir: Path, **common) -> Iterator:
-    """Train every job, ``jobs`` at a time; yields (job, result) as each finishes."""
-    if jobs == 1 or len(todo) <= 1:
+def train_jobs(todo: list[Job], table: TableRun, *, test: dict, code: str, parent_id: str | None,
+               cache_dir: Path) -> Iterator:
+    """Train every job, ``table.jobs`` at a time; yields (job, result) as each finishes."""
+    if table.jobs == 1 or len(todo) <= 1:
         for job in todo:
             log.info("row %s (%s), seed %d of %d", job.row, BY_KEY[job.row].description, job.seed, job.of)
-            yield job, train_one(BY_KEY[job.row], job.seed, job.config, data=job.data, test=test, key=job.key,
-                                 seed_dir=job.seed_dir, progress=progress, **common)
+            yield job, train_one(job, table, test=test, code=code, parent_id=parent_id)
         return
     # Each JAX process would otherwise take 75% of the GPU's memory at its start, and the second one fail.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     # spawn: a fork would copy this process's JAX runtime and its threads, which JAX does not support
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(table.jobs, len(todo)), mp_context=context) as pool:
         running = {}
         for job in todo:
             log.info("row %s (%s), seed %d of %d: started", job.row, BY_KEY[job.row].description, job.seed, job.of)
-            running[pool.submit(_train_in_process, job, cache_dir=cache_dir, **common)] = job
+            running[pool.submit(_train_in_process, job, table, code=code, parent_id=parent_id,
+                                cache_dir=cache_dir)] = job
         try:
             for future in concurrent.futures.as_completed(running):
                 job = running[future]
@@ -224,40 +249,37 @@ def train_jobs(todo: list[Job], *, jobs: int, test: dict, progress: bool, cache_
             raise
 
 
-def _train_in_process(job: Job, *, cache_dir: Path, **common) -> dict:
+def _train_in_process(job: Job, table: TableRun, *, code: str, parent_id: str | None, cache_dir: Path) -> dict:
     """``train_one`` in a worker process of ``--jobs``: its own logging, test set and compilation cache."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(levelname)s %(name)s [row {job.row} seed {job.seed}]: %(message)s")
     test_images, test_labels = load_split(job.data.test)
     cache = jax_compilation_cache(cache_dir) if job.config.engine == "jax" else contextlib.nullcontext()
     with cache:
-        return train_one(BY_KEY[job.row], job.seed, job.config, data=job.data, test={"images": test_images,
-                         "labels": test_labels}, key=job.key, seed_dir=job.seed_dir, progress=False, **common)
+        return train_one(job, dataclasses.replace(table, progress=False),
+                         test={"images": test_images, "labels": test_labels}, code=code, parent_id=parent_id)
 
 
-def train_one(row: Row, seed: int, config: TrainConfig, *, data: Data, test: dict, key: str, seed_dir: Path,
-              quick: bool, tracking_config: tracking.TrackingConfig, parent_id: str | None,
-              progress: bool, code: str) -> dict:
+def train_one(job: Job, table: TableRun, *, test: dict, code: str, parent_id: str | None) -> dict:
     """Train (or resume) one network, score it on the test set, write its result.json last."""
     start = time.perf_counter()
-    job = _tracked_training(row, seed, config, data=data, key=key, seed_dir=seed_dir, quick=quick,
-                            tracking_config=tracking_config, parent_id=parent_id, progress=progress)
-    scores = {}
+    training = _tracked_training(job, table, parent_id)
+    config, scores = job.config, {}
 
     def score_test_set(run, summary):
-        probabilities = load_model(job.paths.model, engine=config.engine,
-                                   device=config.device).predict_proba(test["images"])
+        model = load_model(training.paths.model, engine=config.engine, device=config.device)
+        probabilities = model.predict_proba(test["images"])
         scores["test_accuracy"] = float(np.mean(probabilities.argmax(axis=1) == test["labels"]))
-        save_npz(seed_dir / PROBABILITIES_FILE, probabilities=probabilities)
+        save_npz(job.seed_dir / PROBABILITIES_FILE, probabilities=probabilities)
         if run is not None:
             run.log_metrics({"test_accuracy": scores["test_accuracy"]})
 
     try:
-        summary = train_tracked(job, after=score_test_set)
+        summary = train_tracked(training, after=score_test_set)
     except PipelineError as e:
-        raise PipelineError(f"row {row.key}, seed {seed}: {e}") from None
+        raise PipelineError(f"row {job.row}, seed {job.seed}: {e}") from None
     result = {
-        "row": row.key, "seed": seed, "key": key, "settings": dataclasses.asdict(config),
+        "row": job.row, "seed": job.seed, "key": job.key, "settings": dataclasses.asdict(config),
         "best_validation_accuracy": summary["best_validation_accuracy"], "best_epoch": summary["best_epoch"],
         "epochs_run": summary["epochs_run"], "stopped": summary["stopped"], "test_accuracy": scores["test_accuracy"],
         # a resumed training adds its earlier epochs' time: the figure is the whole training's
@@ -265,27 +287,28 @@ def train_one(row: Row, seed: int, config: TrainConfig, *, data: Data, test: dic
         "train_seconds": summary["seconds"], "engine": summary["engine"], "device": summary["device"],
         "run_id": summary["run_id"], "code": code,
     }
-    write_json(seed_dir / RESULT_FILE, result)
+    write_json(job.seed_dir / RESULT_FILE, result)
     return result
 
 
-def _tracked_training(row: Row, seed: int, config: TrainConfig, *, data: Data, key: str, seed_dir: Path,
-                      quick: bool, tracking_config: tracking.TrackingConfig, parent_id: str | None,
-                      progress: bool) -> TrackedTraining:
+def _tracked_training(job: Job, table: TableRun, parent_id: str | None) -> TrackedTraining:
     """A (row, seed)'s training, a child run of the table's run (tags row and seed)."""
+    row, config = BY_KEY[job.row], job.config
     preset = row.preset if isinstance(row.preset, str) else "custom"  # a row's own list of layers
-    tags = {"table": "chapter6", "row": row.key, "seed": seed, "preset": preset, "dataset": config.dataset,
-            "engine": config.engine, "device": config.device, "quick": quick, "stage": "table"}
+    tags = {"table": "chapter6", "row": row.key, "seed": job.seed, "preset": preset, "dataset": config.dataset,
+            "engine": config.engine, "device": config.device, "quick": table.quick, "stage": "table"}
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id  # MLflow shows the run nested under the table's run
     params = {**tracking.flatten({"train": dataclasses.asdict(config)}),
-              "table.row": row.key, "table.seed": seed, "table.quick": quick}
+              "table.row": row.key, "table.seed": job.seed, "table.quick": table.quick}
     if row.expand:  # the row's own training set
         params.update(tracking.flatten({"expand": dataclasses.asdict(ExpandConfig(**row.expand))}))
-    paths = TrainPaths.of(config, prepared=data.prepared, expanded=data.expanded, model=seed_dir / "model",
-                          checkpoints=seed_dir / "checkpoints", metrics=seed_dir / "metrics")
-    return TrackedTraining(config=config, paths=paths, tracking=tracking_config, run_name=f"row{row.key}-seed{seed}",
-                           run_key=key, tags=tags, params=params, progress=progress)
+    paths = TrainPaths.of(config, prepared=job.data.prepared, expanded=job.data.expanded,
+                          model=job.seed_dir / "model", checkpoints=job.seed_dir / "checkpoints",
+                          metrics=job.seed_dir / "metrics")
+    return TrackedTraining(config=config, paths=paths, tracking=table.tracking,
+                           run_name=f"row{row.key}-seed{job.seed}", run_key=job.key, tags=tags, params=params,
+                           progress=table.progress)
 
 
 def _earlier_seconds(summary: dict) -> float:
