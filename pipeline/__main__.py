@@ -8,12 +8,21 @@ import sys
 # stage name -> (module, one-line summary); modules are imported only when their stage runs.
 STAGES = {
     "download": ("pipeline.stages.download", "fetch the four MNIST files from the mirrors, verifying their sha256"),
-    "prepare": ("pipeline.stages.prepare", "parse the IDX files and split 50,000 train / 10,000 validation / 10,000 test"),
+    "prepare": (
+        "pipeline.stages.prepare",
+        "parse the IDX files and split 50,000 train / 10,000 validation / 10,000 test",
+    ),
     "expand": ("pipeline.stages.expand", "expand the training set with the book's one-pixel shifts (250,000 images)"),
     "train": ("pipeline.stages.train", "train a network from params.yaml with mini-batch SGD"),
     "evaluate": ("pipeline.stages.evaluate", "evaluate a trained model on the test set"),
-    "ensemble": ("pipeline.stages.ensemble", "combine saved models by plurality vote and averaged probabilities (not a dvc stage)"),
-    "table": ("pipeline.stages.table", "rerun the book's chapter 6 results table and ensemble (not a dvc stage; resumable)"),
+    "ensemble": (
+        "pipeline.stages.ensemble",
+        "combine saved models by plurality vote and averaged probabilities (not a dvc stage)",
+    ),
+    "table": (
+        "pipeline.stages.table",
+        "rerun the book's chapter 6 results table and ensemble (not a dvc stage; resumable)",
+    ),
 }
 
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.nn.architecture import BOOK_SETTINGS, PRESETS, build, resolve
 from pipeline.core.config import ConfigError
+from pipeline.nn.architecture import BOOK_SETTINGS, PRESETS, build, resolve
 
 
 def n_params(layers):
@@ -35,42 +35,63 @@ def test_a_layer_list_gets_defaults():
 
 
 def test_batch_norm_layers_take_the_shape_before_them_and_add_two_parameters_per_unit():
-    layers = resolve([
-        {"type": "conv_pool", "input": [1, 28, 28], "filters": 4, "kernel": 5, "pool": 2, "activation": "linear"},
-        {"type": "batch_norm", "shape": [4, 12, 12], "activation": "relu"},
-        {"type": "conv_pool", "input": [4, 12, 12], "filters": 6, "kernel": 5, "pool": 2, "activation": "relu"},
-        {"type": "fully_connected", "n_in": 96, "n_out": 20, "activation": "linear"},
-        {"type": "batch_norm", "shape": [20]},
-        {"type": "softmax", "n_in": 20},
-    ])
+    layers = resolve(
+        [
+            {"type": "conv_pool", "input": [1, 28, 28], "filters": 4, "kernel": 5, "pool": 2, "activation": "linear"},
+            {"type": "batch_norm", "shape": [4, 12, 12], "activation": "relu"},
+            {"type": "conv_pool", "input": [4, 12, 12], "filters": 6, "kernel": 5, "pool": 2, "activation": "relu"},
+            {"type": "fully_connected", "n_in": 96, "n_out": 20, "activation": "linear"},
+            {"type": "batch_norm", "shape": [20]},
+            {"type": "softmax", "n_in": 20},
+        ]
+    )
     assert layers[4] == {"type": "batch_norm", "shape": [20], "activation": "linear"}
     net = build(layers, rng=np.random.default_rng(0))
     assert net.spec() == layers
     assert net.count_params() == (100 + 4) + 2 * 4 + (4 * 25 * 6 + 6) + (96 * 20 + 20) + 2 * 20 + (20 * 10 + 10)
 
 
-@pytest.mark.parametrize("layers, message", [
-    ([{"type": "fully_connected", "n_in": 784, "n_out": 100}, {"type": "softmax", "n_in": 30}],
-     r"Got train.architecture\[1\].n_in=30: train.architecture\[0\] \(fully_connected\) outputs 100 values"),
-    ([{"type": "conv_pool", "input": [1, 28, 28], "filters": 20},
-      {"type": "conv_pool", "input": [20, 14, 14], "filters": 40}],
-     r"Got train.architecture\[1\].input=\[20, 14, 14\]: train.architecture\[0\] \(conv_pool\) outputs \[20, 12, 12\]"),
-    ([{"type": "fully_connected", "n_in": 100, "n_out": 10}], r"n_in=100: the input image outputs 784 values"),
-    ([{"type": "fully_connected", "n_in": 784, "n_out": 30}], r"must have n_out=10"),
-    ([{"type": "dense", "n_in": 784}], r"Got train.architecture\[0\].type='dense'"),
-    ([{"type": "softmax", "n_in": 784, "size": 3}], r"unknown key train.architecture\[0\].size \(value 3\)"),
-    ([{"type": "softmax"}], r"train.architecture\[0\] \(softmax\) is missing the required key 'n_in'"),
-    ([{"type": "fully_connected", "n_in": 784, "n_out": 10, "activation": "elu"}], r"activation='elu'"),
-    ([{"type": "softmax", "n_in": 784, "p_dropout": 1.5}], r"p_dropout=1.5"),
-    ([{"type": "softmax", "n_in": "784"}], r"n_in='784': expected a positive integer"),
-    ([{"type": "conv_pool", "input": [1, 28, 28], "filters": 4, "pool": 2, "activation": "linear"},
-      {"type": "batch_norm", "shape": [4, 24, 24]}, {"type": "softmax", "n_in": 576}],
-     r"Got train.architecture\[1\].shape=\[4, 24, 24\]: train.architecture\[0\] \(conv_pool\) outputs \[4, 12, 12\]"),
-    ([{"type": "batch_norm", "shape": [784, 1]}], r"Got train.architecture\[0\].shape=\[784, 1\]: expected \[units\]"),
-    ([{"type": "batch_norm"}], r"train.architecture\[0\] \(batch_norm\) is missing the required key 'shape'"),
-    ("conv3", r"Got train.architecture='conv3': not a preset"),
-    ([], r"expected a preset name or a non-empty list"),
-])
+@pytest.mark.parametrize(
+    "layers, message",
+    [
+        (
+            [{"type": "fully_connected", "n_in": 784, "n_out": 100}, {"type": "softmax", "n_in": 30}],
+            r"Got train.architecture\[1\].n_in=30: train.architecture\[0\] \(fully_connected\) outputs 100 values",
+        ),
+        (
+            [
+                {"type": "conv_pool", "input": [1, 28, 28], "filters": 20},
+                {"type": "conv_pool", "input": [20, 14, 14], "filters": 40},
+            ],
+            r"Got train.architecture\[1\].input=\[20, 14, 14\]: "
+            r"train.architecture\[0\] \(conv_pool\) outputs \[20, 12, 12\]",
+        ),
+        ([{"type": "fully_connected", "n_in": 100, "n_out": 10}], r"n_in=100: the input image outputs 784 values"),
+        ([{"type": "fully_connected", "n_in": 784, "n_out": 30}], r"must have n_out=10"),
+        ([{"type": "dense", "n_in": 784}], r"Got train.architecture\[0\].type='dense'"),
+        ([{"type": "softmax", "n_in": 784, "size": 3}], r"unknown key train.architecture\[0\].size \(value 3\)"),
+        ([{"type": "softmax"}], r"train.architecture\[0\] \(softmax\) is missing the required key 'n_in'"),
+        ([{"type": "fully_connected", "n_in": 784, "n_out": 10, "activation": "elu"}], r"activation='elu'"),
+        ([{"type": "softmax", "n_in": 784, "p_dropout": 1.5}], r"p_dropout=1.5"),
+        ([{"type": "softmax", "n_in": "784"}], r"n_in='784': expected a positive integer"),
+        (
+            [
+                {"type": "conv_pool", "input": [1, 28, 28], "filters": 4, "pool": 2, "activation": "linear"},
+                {"type": "batch_norm", "shape": [4, 24, 24]},
+                {"type": "softmax", "n_in": 576},
+            ],
+            r"Got train.architecture\[1\].shape=\[4, 24, 24\]: "
+            r"train.architecture\[0\] \(conv_pool\) outputs \[4, 12, 12\]",
+        ),
+        (
+            [{"type": "batch_norm", "shape": [784, 1]}],
+            r"Got train.architecture\[0\].shape=\[784, 1\]: expected \[units\]",
+        ),
+        ([{"type": "batch_norm"}], r"train.architecture\[0\] \(batch_norm\) is missing the required key 'shape'"),
+        ("conv3", r"Got train.architecture='conv3': not a preset"),
+        ([], r"expected a preset name or a non-empty list"),
+    ],
+)
 def test_bad_architectures_are_refused(layers, message):
     with pytest.raises(ConfigError, match=message):
         resolve(layers)

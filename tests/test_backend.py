@@ -6,12 +6,11 @@ import numpy as np
 import pytensor.tensor as pt
 import pytest
 
-from pipeline.nn.backend import Backend, jax_gpus
 from pipeline.core.config import PipelineError
+from pipeline.nn.backend import Backend, jax_gpus
 from pipeline.nn.layers import ConvPool, FullyConnected, Softmax
 from pipeline.nn.network import Network
 from pipeline.nn.trainer import Trainer
-
 
 # These run where JAX has CUDA and a GPU (the device machine); CI has none, so there they skip.
 requires_gpu = pytest.mark.skipif(not jax_gpus(), reason="JAX sees no GPU (pip install '.[gpu]')")
@@ -45,16 +44,24 @@ def _cost_and_gradients(backends: list[Backend]) -> tuple[list[str], list[list[n
     """One network's cost and gradients (dropout masks given) on a batch, compiled for each backend in
     turn; returns the outputs' names and each backend's outputs."""
     rng = np.random.default_rng(11)
-    net = Network([ConvPool((1, 8, 8), filters=3, kernel=3, pool=2, activation="relu", rng=rng),
-                   FullyConnected(27, 6, "sigmoid", p_dropout=0.5, rng=rng), Softmax(6, 4)])
+    net = Network(
+        [
+            ConvPool((1, 8, 8), filters=3, kernel=3, pool=2, activation="relu", rng=rng),
+            FullyConnected(27, 6, "sigmoid", p_dropout=0.5, rng=rng),
+            Softmax(6, 4),
+        ]
+    )
     net.layers[-1].w.set_value(rng.normal(size=(6, 4)).astype(np.float32))
     x = pt.tensor("x", dtype="float32", shape=(5, 64))
     y = pt.vector("y", dtype="uint8")
     keep = pt.tensor("keep", dtype="float32", shape=(5, 27))
     objective = net.objective(x, y, cost="log-likelihood", lmbda=0.2, num_training_batches=3, keeps=[keep])
     outputs = [objective, *pt.grad(objective, net.params)]
-    args = (rng.random((5, 64)).astype(np.float32), rng.integers(0, 4, 5).astype(np.uint8),
-            (rng.random((5, 27)) > 0.5).astype(np.float32))
+    args = (
+        rng.random((5, 64)).astype(np.float32),
+        rng.integers(0, 4, 5).astype(np.uint8),
+        (rng.random((5, 27)) > 0.5).astype(np.float32),
+    )
     return ["cost", *net.param_names()], [backend.function([x, y, keep], outputs)(*args) for backend in backends]
 
 
@@ -88,8 +95,13 @@ def test_compiling_for_jax_leaves_no_temporary_files(tmp_path, monkeypatch):
 
 def _small_conv_net(seed: int) -> Network:
     rng = np.random.default_rng(seed)
-    return Network([ConvPool((1, 12, 12), filters=4, kernel=5, pool=2, activation="relu", rng=rng),
-                    FullyConnected(64, 16, "relu", p_dropout=0.5, rng=rng), Softmax(16, 10, p_dropout=0.5, rng=rng)])
+    return Network(
+        [
+            ConvPool((1, 12, 12), filters=4, kernel=5, pool=2, activation="relu", rng=rng),
+            FullyConnected(64, 16, "relu", p_dropout=0.5, rng=rng),
+            Softmax(16, 10, p_dropout=0.5, rng=rng),
+        ]
+    )
 
 
 def _train_on(device: str, steps: int = 30) -> tuple[np.ndarray, list[np.ndarray], list]:

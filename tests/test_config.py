@@ -23,7 +23,9 @@ class Example:
 
 
 def test_defaults_and_coercion():
-    config = from_section(Example, {"example": {"rate": 1, "items": ["a", "b"], "choice": "all", "maybe": 2}}, "example")
+    config = from_section(
+        Example, {"example": {"rate": 1, "items": ["a", "b"], "choice": "all", "maybe": 2}}, "example"
+    )
     assert config.rate == 1.0 and isinstance(config.rate, float)
     assert config.items == ["a", "b"] and config.choice == "all" and config.maybe == 2.0
     assert from_section(Example, {}, "example") == Example()
@@ -73,8 +75,14 @@ def test_repository_params_yaml_is_valid():
     from pipeline.nn.config import TrainConfig
     from pipeline.tracking.store import TrackingConfig
 
-    sections = {"download": DownloadConfig, "prepare": PrepareConfig, "expand": ExpandConfig, "train": TrainConfig,
-                "evaluate": EvaluateConfig, "tracking": TrackingConfig}
+    sections = {
+        "download": DownloadConfig,
+        "prepare": PrepareConfig,
+        "expand": ExpandConfig,
+        "train": TrainConfig,
+        "evaluate": EvaluateConfig,
+        "tracking": TrackingConfig,
+    }
     params = load_params(ROOT / "params.yaml")
     assert set(params) == set(sections)
     for section, cls in sections.items():

@@ -40,8 +40,9 @@ def test_elastic_equals_the_scipy_recipe_it_replaced():
     field = np.random.default_rng(5).uniform(-1.0, 1.0, size=(2, 2000, 28, 28))
     field = ndimage.gaussian_filter(field, sigma=(0, 0, 4.0, 4.0), mode="constant") * 34.0
     index, y, x = np.meshgrid(np.arange(2000), np.arange(28), np.arange(28), indexing="ij")
-    warped = ndimage.map_coordinates(images.astype(np.float32), [index, y + field[0], x + field[1]], order=1,
-                                     mode="constant", cval=0.0)
+    warped = ndimage.map_coordinates(
+        images.astype(np.float32), [index, y + field[0], x + field[1]], order=1, mode="constant", cval=0.0
+    )
     expected = np.clip(np.rint(warped), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(distort.elastic(images, np.random.default_rng(5), 34.0, 4.0), expected)
 
@@ -56,8 +57,9 @@ def test_rotation_and_scaling_equal_scipy_affine_transform_with_the_same_draws()
     for image, angle, factor, got in zip(images, angles, factors, out):
         # the target pixel p reads the source point centre + inverse @ (p - centre)
         inverse = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) / factor
-        expected = ndimage.affine_transform(image.astype(np.float64), inverse, offset=centre - inverse @ centre,
-                                            order=1, mode="constant", cval=0.0)
+        expected = ndimage.affine_transform(
+            image.astype(np.float64), inverse, offset=centre - inverse @ centre, order=1, mode="constant", cval=0.0
+        )
         difference = np.abs(got.astype(int) - np.clip(np.rint(expected), 0, 255))
         assert difference.max() <= 1 and np.count_nonzero(difference) <= 2  # rounding of .5 only
 

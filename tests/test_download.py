@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from synthetic import REAL_MNIST, write_mnist
 
 from pipeline.core.config import ConfigError, from_section, load_config
 from pipeline.data.download import MNIST_SHA256, DownloadConfig, DownloadError, download
 from pipeline.stages.download import main
+
+from synthetic import REAL_MNIST, write_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = [f"{name}.gz" for name in MNIST_SHA256]
@@ -31,7 +32,8 @@ class Mirror:
     Modes: good (Content-Length, ETag, Range -> 206), missing (404), wrong (valid gzip of other
     bytes), html (an HTML page with status 200), truncated (the first half of the gzip, as if whole),
     drop (the first request for each file is cut off half-way; later ones honour Range), stall (the
-    same, but it goes silent for a second before closing), error (always 503). Every request is recorded as (segment, file, headers).
+    same, but it goes silent for a second before closing), error (always 503). Every request is
+    recorded as (segment, file, headers).
     """
 
     def __init__(self, files: dict[str, bytes]):
@@ -89,8 +91,14 @@ class Mirror:
         wanted = h.headers.get("Range")
         if wanted and h.headers.get("If-Range") in (None, self.etag(name)):
             start = int(wanted.removeprefix("bytes=").removesuffix("-"))
-        self.send(h, 206 if start else 200, data[start:], "application/gzip", self.etag(name),
-                  f"bytes {start}-{len(data) - 1}/{len(data)}" if start else None)
+        self.send(
+            h,
+            206 if start else 200,
+            data[start:],
+            "application/gzip",
+            self.etag(name),
+            f"bytes {start}-{len(data) - 1}/{len(data)}" if start else None,
+        )
 
     @staticmethod
     def send(h, status, body, content_type, etag=None, content_range=None):
@@ -156,7 +164,9 @@ def test_good_mirror(tmp_path, synthetic, mirror, slash):
 )
 def test_bad_mirror_is_skipped_with_a_warning(tmp_path, synthetic, mirror, caplog, mode, why):
     with caplog.at_level(logging.WARNING, logger="pipeline.data.download"):
-        summary = download(config=config(mirror.url(mode), mirror.url("good"), sha256=synthetic[2]), out_dir=tmp_path, progress=False)
+        summary = download(
+            config=config(mirror.url(mode), mirror.url("good"), sha256=synthetic[2]), out_dir=tmp_path, progress=False
+        )
     assert_verified(tmp_path, synthetic)
     assert set(summary["files"].values()) == {mirror.url("good") + name for name in NAMES}
     skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
@@ -260,7 +270,9 @@ def test_local_directory_and_file_url_mirrors(tmp_path, synthetic, monkeypatch, 
     directory = synthetic[0]
     monkeypatch.chdir(directory.parent)
     local = {"absolute": str(directory), "relative": directory.name, "file-url": directory.as_uri()}[form]
-    summary = download(config=config("/no/such/dir", local, sha256=synthetic[2]), out_dir=tmp_path / "raw", progress=False)
+    summary = download(
+        config=config("/no/such/dir", local, sha256=synthetic[2]), out_dir=tmp_path / "raw", progress=False
+    )
     assert_verified(tmp_path / "raw", synthetic)
     assert summary["files"] == {name: str(directory / name) for name in NAMES}
 
@@ -268,16 +280,28 @@ def test_local_directory_and_file_url_mirrors(tmp_path, synthetic, monkeypatch, 
 @pytest.mark.parametrize(
     "section, message",
     [
-        ({"mirrors": ["ftp://example.org/mnist/"]}, r"Got download.mirrors\[0\]='ftp://example.org/mnist/': unknown scheme"),
+        (
+            {"mirrors": ["ftp://example.org/mnist/"]},
+            r"Got download.mirrors\[0\]='ftp://example.org/mnist/': unknown scheme",
+        ),
         ({"mirrors": ["/data", "s3://bucket/mnist"]}, r"Got download.mirrors\[1\]='s3://bucket/mnist': unknown scheme"),
-        ({"mirrors": ["file://host/data"]}, r"Got download.mirrors\[0\]='file://host/data': a file:// URL needs an absolute path"),
+        (
+            {"mirrors": ["file://host/data"]},
+            r"Got download.mirrors\[0\]='file://host/data': a file:// URL needs an absolute path",
+        ),
         ({"mirrors": []}, r"Got download.mirrors=\[\]: list at least one mirror"),
         ({"mirrors": ["/data"], "retries": -1}, r"Got download.retries=-1: must be 0 or more"),
         ({"mirrors": ["/data"], "timeout": 0}, r"Got download.timeout=0.0: must be positive"),
         ({"mirrors": ["/data"], "backoff": "soon"}, r"Got download.backoff='soon': expected a number"),
         ({"mirrors": "/data"}, r"Got download.mirrors='/data': expected a list"),
-        ({"mirrors": ["/data"], "sha256": {"train-images-idx3-ubyte": "ab"}}, r"Got download.sha256=\{'train-images-idx3-ubyte': 'ab'\}: expected the keys"),
-        ({"mirrors": ["/data"], "sha256": dict(MNIST_SHA256, **{"t10k-labels-idx1-ubyte": "XYZ"})}, r"Got download.sha256.t10k-labels-idx1-ubyte='XYZ': expected 64"),
+        (
+            {"mirrors": ["/data"], "sha256": {"train-images-idx3-ubyte": "ab"}},
+            r"Got download.sha256=\{'train-images-idx3-ubyte': 'ab'\}: expected the keys",
+        ),
+        (
+            {"mirrors": ["/data"], "sha256": dict(MNIST_SHA256, **{"t10k-labels-idx1-ubyte": "XYZ"})},
+            r"Got download.sha256.t10k-labels-idx1-ubyte='XYZ': expected 64",
+        ),
     ],
 )
 def test_bad_params_name_key_and_value(section, message):
@@ -291,7 +315,9 @@ def test_repository_params_are_valid():
 
 
 def test_help():
-    result = subprocess.run([sys.executable, "-m", "pipeline", "download", "--help"], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "download", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
     assert "MNIST_MIRROR=$PWD/../shared/data/mnist dvc repro" in result.stdout and "--out" in result.stdout
 

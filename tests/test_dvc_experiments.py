@@ -14,6 +14,7 @@ import sys
 import time
 
 from mlflow.tracking import MlflowClient
+
 from project import configure, dvc_env, make_project, sh, synthetic_checksums
 from synthetic import TINY_NET, write_mnist
 
@@ -21,11 +22,13 @@ from synthetic import TINY_NET, write_mnist
 def test_queued_experiments_land_in_the_repository_store(tmp_path):
     project = make_project(tmp_path)
     write_mnist(tmp_path / "mirror", n_train=200, n_test=40)
-    configure(project,
-              download={"sha256": synthetic_checksums(tmp_path / "mirror")},
-              prepare={"train_size": 150, "validation_size": 50},
-              train={"architecture": TINY_NET, "epochs": 1, "eta": 0.5, "lmbda": 0.0, "steps_per_call": 15},
-              evaluate={"gallery_size": 4})
+    configure(
+        project,
+        download={"sha256": synthetic_checksums(tmp_path / "mirror")},
+        prepare={"train_size": 150, "validation_size": 50},
+        train={"architecture": TINY_NET, "epochs": 1, "eta": 0.5, "lmbda": 0.0, "steps_per_call": 15},
+        evaluate={"gallery_size": 4},
+    )
     env = dvc_env(tmp_path / "mirror")
     dvc = (sys.executable, "-m", "dvc")
     sh("git", "add", "-A", cwd=project)
@@ -33,8 +36,9 @@ def test_queued_experiments_land_in_the_repository_store(tmp_path):
 
     sh(*dvc, "exp", "run", "--queue", "-S", "train.eta=0.5,0.1", cwd=project, env=env)
     # the worker outlives `dvc queue start`: a pipe to it would keep this call waiting
-    subprocess.run([*dvc, "queue", "start"], cwd=project, env=env, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, check=True)
+    subprocess.run(
+        [*dvc, "queue", "start"], cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True
+    )
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         status = sh(*dvc, "queue", "status", cwd=project, env=env).stdout

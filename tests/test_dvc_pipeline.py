@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from project import configure, dvc_env, make_project, sh, synthetic_checksums
-from synthetic import REAL_MNIST, TINY_NET, write_mnist
 
 from pipeline.core.files import load_npz
+
+from project import configure, dvc_env, make_project, sh, synthetic_checksums
+from synthetic import REAL_MNIST, TINY_NET, write_mnist
 
 # digits 0-9 in the real MNIST (shared/data/mnist/README.md)
 REAL_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -40,8 +41,11 @@ def test_dvc_repro_data_stages(tmp_path, mirror):
     env = dvc_env(mirror_dir)
     if not real:
         # synthetic files have their own checksums, and fewer images than the book's split
-        configure(project, prepare={"train_size": 150, "validation_size": 50},
-                  download={"sha256": synthetic_checksums(mirror_dir)})
+        configure(
+            project,
+            prepare={"train_size": 150, "validation_size": 50},
+            download={"sha256": synthetic_checksums(mirror_dir)},
+        )
 
     sh(sys.executable, "-m", "dvc", "repro", "expand", cwd=project, env=env)
 
@@ -58,7 +62,10 @@ def test_dvc_repro_data_stages(tmp_path, mirror):
     else:
         assert (len(train["labels"]), len(validation["labels"]), len(test["labels"])) == (150, 50, 40)
         assert len(expanded["labels"]) == 750
-    assert np.bincount(expanded["labels"], minlength=10).tolist() == (5 * np.bincount(train["labels"], minlength=10)).tolist()
+    assert (
+        np.bincount(expanded["labels"], minlength=10).tolist()
+        == (5 * np.bincount(train["labels"], minlength=10)).tolist()
+    )
 
     # a second repro has nothing to do, and the lock file records every stage
     again = sh(sys.executable, "-m", "dvc", "repro", "expand", cwd=project, env=env)
@@ -120,11 +127,21 @@ def test_train_depends_only_on_the_training_set_it_names(tmp_path):
     switching train.dataset to the expanded set retrains on it."""
     project = make_project(tmp_path)
     write_mnist(tmp_path / "mirror", n_train=120, n_test=30)
-    configure(project, download={"sha256": synthetic_checksums(tmp_path / "mirror")},
-              prepare={"train_size": 90, "validation_size": 30},
-              train={"architecture": TINY_NET, "epochs": 1, "eta": 0.5, "lmbda": 0.0, "steps_per_call": 9,
-                     "dataset": "prepared"},
-              tracking={"enabled": False}, evaluate={"gallery_size": 2})
+    configure(
+        project,
+        download={"sha256": synthetic_checksums(tmp_path / "mirror")},
+        prepare={"train_size": 90, "validation_size": 30},
+        train={
+            "architecture": TINY_NET,
+            "epochs": 1,
+            "eta": 0.5,
+            "lmbda": 0.0,
+            "steps_per_call": 9,
+            "dataset": "prepared",
+        },
+        tracking={"enabled": False},
+        evaluate={"gallery_size": 2},
+    )
     env = dvc_env(tmp_path / "mirror")
     dvc = (sys.executable, "-m", "dvc")
     sh(*dvc, "repro", cwd=project, env=env)
@@ -139,4 +156,6 @@ def test_train_depends_only_on_the_training_set_it_names(tmp_path):
     assert "Running stage 'train'" in out, out
     lock = (project / "dvc.lock").read_text().split("\n  train:")[1].split("\n  evaluate:")[0]
     assert "data/expanded/train.npz" in lock and "data/prepared/train.npz" not in lock
-    assert json.loads((project / "data/metrics/train.json").read_text())["train_images"] == 90 * 6  # 1 + 4 shifts + 1 elastic
+    assert (
+        json.loads((project / "data/metrics/train.json").read_text())["train_images"] == 90 * 6
+    )  # 1 + 4 shifts + 1 elastic

@@ -5,15 +5,16 @@ import json
 
 import numpy as np
 import pytest
+
+from pipeline.core.config import PipelineError
+from pipeline.core.files import load_npz
+from pipeline.evaluation.ensemble import average_probabilities, ensemble_models, plurality_vote, report, votes
+from pipeline.nn.architecture import build, resolve
+from pipeline.nn.model_io import save_model
+from pipeline.stages.ensemble import main
+
 from reference import np_shift, python_vote
 from synthetic import TINY_NET, write_prepared
-
-from pipeline.nn.architecture import build, resolve
-from pipeline.core.config import PipelineError
-from pipeline.evaluation.ensemble import average_probabilities, ensemble_models, plurality_vote, report, votes
-from pipeline.stages.ensemble import main
-from pipeline.core.files import load_npz
-from pipeline.nn.model_io import save_model
 
 
 def one_hot_ish(labels, confidence):
@@ -121,8 +122,7 @@ def saved_models(tmp_path):
 
 def test_the_command_scores_each_model_and_both_ensembles_as_plain_numpy(saved_models, tmp_path):
     model_dirs, test_path = saved_models
-    result = ensemble_models(model_dirs=model_dirs, data_path=test_path, out_path=tmp_path / "out.json",
-                             progress=False)
+    result = ensemble_models(model_dirs=model_dirs, data_path=test_path, out_path=tmp_path / "out.json", progress=False)
 
     test = load_npz(test_path)
     probabilities = np.stack([numpy_probabilities(d, test["images"]) for d in model_dirs])  # (3, 300, 10)
@@ -145,8 +145,12 @@ def test_the_command_line_prints_every_figure(saved_models, tmp_path, capsys):
     model_dirs, test_path = saved_models
     (tmp_path / "params.yaml").write_text("train:\n  engine: jax\n")
     args = ["--params", str(tmp_path / "params.yaml"), "--data", str(test_path), "--no-progress"]
-    assert main([*map(str, model_dirs), *args, "--out", str(tmp_path / "e.json"), "--gallery",
-                 str(tmp_path / "errors.png")]) == 0
+    assert (
+        main(
+            [*map(str, model_dirs), *args, "--out", str(tmp_path / "e.json"), "--gallery", str(tmp_path / "errors.png")]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     result = json.loads((tmp_path / "e.json").read_text())
     assert printed.splitlines()[0] == f"3 networks on {test_path} (300 images):"
@@ -170,7 +174,9 @@ def test_bad_input_is_named_before_any_scoring(saved_models, tmp_path, capsys):
     with pytest.raises(PipelineError, match="missing.npz not found"):
         ensemble_models(model_dirs=model_dirs, data_path=tmp_path / "missing.npz", progress=False)
     np.savez(tmp_path / "unlabelled.npz", images=np.zeros((4, 28, 28), np.uint8))
-    with pytest.raises(PipelineError, match=r"unlabelled.npz: expected arrays 'images' and 'labels', found \['images'\]"):
+    with pytest.raises(
+        PipelineError, match=r"unlabelled.npz: expected arrays 'images' and 'labels', found \['images'\]"
+    ):
         ensemble_models(model_dirs=model_dirs, data_path=tmp_path / "unlabelled.npz", progress=False)
     np.savez(tmp_path / "short.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(3, np.uint8))
     with pytest.raises(PipelineError, match=r"short.npz: labels must be N digits 0-9, got shape \(3,\)"):
@@ -187,8 +193,9 @@ def test_test_time_shifts_average_each_networks_five_views_as_plain_numpy(saved_
 
     test = load_npz(test_path)
     views = [test["images"], *(np_shift(test["images"], dy, dx) for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)))]
-    probabilities = np.stack([np.mean([numpy_probabilities(d, v) for v in views], axis=0)
-                              for d in model_dirs])  # (3, 300, 10)
+    probabilities = np.stack(
+        [np.mean([numpy_probabilities(d, v) for v in views], axis=0) for d in model_dirs]
+    )  # (3, 300, 10)
     plain = np.stack([numpy_probabilities(d, test["images"]) for d in model_dirs])
     assert np.sum(probabilities.argmax(axis=2) != plain.argmax(axis=2)) > 10  # the shifts change answers
     for member, answers in zip(result["members"], probabilities.argmax(axis=2)):

@@ -8,17 +8,18 @@ import mlflow.pyfunc
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from reference import np_shift
-from synthetic import TINY_NET, write_prepared
 
-from pipeline.tracking import store as tracking
-from pipeline.nn.architecture import build, resolve
 from pipeline.core.config import ConfigError, PipelineError
-from pipeline.evaluation.evaluate import EvaluateConfig, evaluate, shifted_probabilities
 from pipeline.core.files import load_npz
+from pipeline.evaluation.evaluate import EvaluateConfig, evaluate, shifted_probabilities
+from pipeline.nn.architecture import build, resolve
 from pipeline.nn.model_io import load_model, save_model
 from pipeline.nn.training import TrainingDiverged
+from pipeline.tracking import store as tracking
 from pipeline.tracking.training import stage_training, train_tracked
+
+from reference import np_shift
+from synthetic import TINY_NET, write_prepared
 
 
 @pytest.fixture
@@ -39,9 +40,17 @@ def params(**train):
 
 
 def train_in(project, **train):
-    return train_tracked(stage_training(params=params(**train), prepared_dir=project / "data/prepared", expanded_dir=None,
-                         model_dir=project / "data/model", checkpoint_dir=project / "data/checkpoints",
-                         metrics_dir=project / "data/metrics", progress=False))
+    return train_tracked(
+        stage_training(
+            params=params(**train),
+            prepared_dir=project / "data/prepared",
+            expanded_dir=None,
+            model_dir=project / "data/model",
+            checkpoint_dir=project / "data/checkpoints",
+            metrics_dir=project / "data/metrics",
+            progress=False,
+        )
+    )
 
 
 def client(project):
@@ -50,10 +59,14 @@ def client(project):
 
 def test_train_and_evaluate_log_one_complete_run(project):
     summary = train_in(project)
-    metrics = evaluate(config=EvaluateConfig(gallery_size=5), model_dir=project / "data/model",
-                       test_path=project / "data/prepared/test.npz", out_dir=project / "data/evaluate",
-                       metrics_path=project / "data/metrics/evaluate.json",
-                       tracking_config=tracking.TrackingConfig(experiment="tests"))
+    metrics = evaluate(
+        config=EvaluateConfig(gallery_size=5),
+        model_dir=project / "data/model",
+        test_path=project / "data/prepared/test.npz",
+        out_dir=project / "data/evaluate",
+        metrics_path=project / "data/metrics/evaluate.json",
+        tracking_config=tracking.TrackingConfig(experiment="tests"),
+    )
 
     # the evaluation files agree with an independent count from the labels and the CSV
     test = load_npz(project / "data/prepared/test.npz")
@@ -90,10 +103,14 @@ def test_train_and_evaluate_log_one_complete_run(project):
 
     # evaluate settings are tags: changing one re-runs evaluate alone, on the same run (MLflow params are immutable)
     assert run.data.tags["evaluate.gallery_size"] == "5" and "evaluate.gallery_size" not in run.data.params
-    evaluate(config=EvaluateConfig(gallery_size=7), model_dir=project / "data/model",
-             test_path=project / "data/prepared/test.npz", out_dir=project / "data/evaluate",
-             metrics_path=project / "data/metrics/evaluate.json",
-             tracking_config=tracking.TrackingConfig(experiment="tests"))
+    evaluate(
+        config=EvaluateConfig(gallery_size=7),
+        model_dir=project / "data/model",
+        test_path=project / "data/prepared/test.npz",
+        out_dir=project / "data/evaluate",
+        metrics_path=project / "data/metrics/evaluate.json",
+        tracking_config=tracking.TrackingConfig(experiment="tests"),
+    )
     again = mlflow_client.get_run(run.info.run_id)
     assert again.info.status == "FINISHED" and again.data.tags["evaluate.gallery_size"] == "7"
 
@@ -106,10 +123,14 @@ def test_train_and_evaluate_log_one_complete_run(project):
 
 def test_a_diverged_training_is_marked_failed(project):
     with pytest.raises(TrainingDiverged):
-        train_in(project, eta=1e30, architecture=[
-            {"type": "fully_connected", "n_in": 784, "n_out": 30, "activation": "linear"},
-            {"type": "softmax", "n_in": 30, "n_out": 10},
-        ])
+        train_in(
+            project,
+            eta=1e30,
+            architecture=[
+                {"type": "fully_connected", "n_in": 784, "n_out": 30, "activation": "linear"},
+                {"type": "softmax", "n_in": 30, "n_out": 10},
+            ],
+        )
     mlflow_client = client(project)
     (run,) = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("tests").experiment_id])
     assert run.info.status == "FAILED"
@@ -150,7 +171,7 @@ class WherePixel:
         for i, image in enumerate(images):
             lit = np.argwhere(image)
             if len(lit):
-                (row, col), = lit
+                ((row, col),) = lit
                 out[i] = 0
                 out[i, row % 10] += 0.5
                 out[i, col % 10] += 0.5
@@ -161,11 +182,13 @@ def test_test_time_shifts_average_the_image_and_its_four_one_pixel_shifts():
     images = np.zeros((2, 28, 28), np.uint8)
     images[0, 5, 7] = 255  # views at rows 5, 6, 4, 5, 5 and columns 7, 7, 7, 8, 6
     images[1, 0, 3] = 255  # its up-shift is blank; the others at rows 0, 1, 0, 0 and columns 3, 3, 4, 2
-    expected = np.array([
-        # digits:  0     1     2     3     4     5     6     7     8     9
-        [0.00, 0.00, 0.00, 0.00, 0.10, 0.30, 0.20, 0.30, 0.10, 0.00],  # 6 is a row and a column
-        [0.32, 0.12, 0.12, 0.22, 0.12, 0.02, 0.02, 0.02, 0.02, 0.02],  # the blank view adds 0.1 / 5 to each
-    ])
+    expected = np.array(
+        [
+            # digits:  0     1     2     3     4     5     6     7     8     9
+            [0.00, 0.00, 0.00, 0.00, 0.10, 0.30, 0.20, 0.30, 0.10, 0.00],  # 6 is a row and a column
+            [0.32, 0.12, 0.12, 0.22, 0.12, 0.02, 0.02, 0.02, 0.02, 0.02],  # the blank view adds 0.1 / 5 to each
+        ]
+    )
     np.testing.assert_allclose(shifted_probabilities(WherePixel(), images, 1), expected, atol=1e-6)
     np.testing.assert_allclose(shifted_probabilities(WherePixel(), images.reshape(2, 784), 1), expected, atol=1e-6)
     np.testing.assert_allclose(shifted_probabilities(WherePixel(), images, 0), WherePixel().predict_proba(images))
@@ -183,11 +206,16 @@ def test_evaluate_with_test_time_shifts_answers_from_five_views(project):
     # random weights: a trained network is so sure of the synthetic digits that no shift changes an answer
     network = build(resolve(TINY_NET), rng=np.random.default_rng(0))
     rng = np.random.default_rng(99)
-    save_model(project / "data/model", network, [rng.normal(0, 0.3, v.shape).astype(np.float32)
-                                                 for v in network.get_values()])
-    metrics = evaluate(config=EvaluateConfig(gallery_size=5, test_time_shifts=1), model_dir=project / "data/model",
-                       test_path=project / "data/prepared/test.npz", out_dir=project / "data/evaluate",
-                       metrics_path=project / "data/metrics/evaluate.json")
+    save_model(
+        project / "data/model", network, [rng.normal(0, 0.3, v.shape).astype(np.float32) for v in network.get_values()]
+    )
+    metrics = evaluate(
+        config=EvaluateConfig(gallery_size=5, test_time_shifts=1),
+        model_dir=project / "data/model",
+        test_path=project / "data/prepared/test.npz",
+        out_dir=project / "data/evaluate",
+        metrics_path=project / "data/metrics/evaluate.json",
+    )
 
     test, model = load_npz(project / "data/prepared/test.npz"), load_model(project / "data/model")
     views = [test["images"], *(np_shift(test["images"], dy, dx) for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)))]

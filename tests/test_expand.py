@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from pipeline.core.config import ConfigError, from_section
-from pipeline.data.expand import ExpandConfig, elastic, expand, expand_arrays, shift
 from pipeline.core.files import load_npz, save_npz
+from pipeline.data.expand import ExpandConfig, elastic, expand, expand_arrays, shift
 
 
 def hand_made():
@@ -112,7 +112,11 @@ def test_elastic_with_zero_alpha_is_identity_and_alpha_moves_pixels():
 
 def test_expand_stage_writes_npz(tmp_path):
     rng = np.random.default_rng(0)
-    save_npz(tmp_path / "train.npz", images=rng.integers(0, 256, (8, 28, 28), dtype=np.uint8), labels=np.arange(8, dtype=np.uint8))
+    save_npz(
+        tmp_path / "train.npz",
+        images=rng.integers(0, 256, (8, 28, 28), dtype=np.uint8),
+        labels=np.arange(8, dtype=np.uint8),
+    )
     summary = expand(config=ExpandConfig(), train_path=tmp_path / "train.npz", out_dir=tmp_path / "out", progress=False)
     data = load_npz(tmp_path / "out" / "train.npz")
     assert summary["count"] == 40 and data["images"].shape == (40, 28, 28)

@@ -3,11 +3,12 @@
 import numpy as np
 import pytensor.tensor as pt
 import pytest
-from reference import np_batch_norm, np_conv, np_pool, sigmoid
 
 from pipeline.nn.backend import Backend
 from pipeline.nn.convolution import conv2d_valid, max_pool
 from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
+
+from reference import np_batch_norm, np_conv, np_pool, sigmoid
 
 JAX = Backend("jax")
 
@@ -65,8 +66,10 @@ def test_max_pool_gradient_goes_to_the_maximum_of_each_window(rng):
     np.testing.assert_array_equal(gx, is_max.astype(np.float32))
 
 
-@pytest.mark.parametrize("activation, fn", [("sigmoid", sigmoid), ("tanh", np.tanh),
-                                            ("relu", lambda z: np.maximum(z, 0)), ("linear", lambda z: z)])
+@pytest.mark.parametrize(
+    "activation, fn",
+    [("sigmoid", sigmoid), ("tanh", np.tanh), ("relu", lambda z: np.maximum(z, 0)), ("linear", lambda z: z)],
+)
 def test_conv_pool_layer_is_conv_then_pool_then_bias_and_activation(rng, activation, fn):
     layer = ConvPool((2, 9, 9), filters=3, kernel=4, pool=2, activation=activation, rng=rng)
     assert layer.output_shape == (3, 3, 3) and layer.n_out == 27
@@ -146,12 +149,17 @@ def test_batch_norm_uses_the_batch_moments_in_training_and_its_statistics_at_inf
     training, inference = JAX.function([x], [layer.output(x, deterministic=False), layer.output(x)])(x_val)
     units_last = x_val.reshape(8, *shape[1:], shape[0]).astype(np.float64)  # channels-last, as the layers flow
     gamma, beta = layer.gamma.get_value(), layer.beta.get_value()
-    np.testing.assert_allclose(training.reshape(units_last.shape), fn(np_batch_norm(units_last, gamma, beta)),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        training.reshape(units_last.shape), fn(np_batch_norm(units_last, gamma, beta)), rtol=1e-4, atol=1e-4
+    )
     stored = fn(np_batch_norm(units_last, gamma, beta, mean=layer.mean.get_value(), var=layer.var.get_value()))
     np.testing.assert_allclose(inference.reshape(units_last.shape), stored, rtol=1e-4, atol=1e-4)
     assert layer.params == [layer.gamma, layer.beta] and layer.statistics == [layer.mean, layer.var]
-    assert layer.weights == [] and layer.spec() == {"type": "batch_norm", "shape": list(shape), "activation": activation}
+    assert layer.weights == [] and layer.spec() == {
+        "type": "batch_norm",
+        "shape": list(shape),
+        "activation": activation,
+    }
 
 
 def test_batch_norm_gradients_match_the_papers_backward_pass(rng):

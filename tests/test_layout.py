@@ -49,7 +49,8 @@ def test_library_code_imports_no_stage_and_only_the_folders_below_it(path):
         parts = name.split(".")
         assert parts[1] != "stages" and name != "pipeline.__main__", f"{path} imports the stage module {name}"
         assert parts[1] in ALLOWED[folder] | {folder}, (
-            f"{path} imports {name}: {folder}/ may import only from {sorted(ALLOWED[folder])}")
+            f"{path} imports {name}: {folder}/ may import only from {sorted(ALLOWED[folder])}"
+        )
 
 
 def test_the_layout_check_sees_an_import_of_a_stage(tmp_path):
@@ -63,4 +64,5 @@ def test_no_module_is_long_without_a_reason(path):
     lines = len(path.read_text().splitlines())
     docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
     assert lines <= MAX_LINES or "Longer than" in docstring, (
-        f"{path} has {lines} lines: split it, or say in its docstring why it is longer than {MAX_LINES} lines")
+        f"{path} has {lines} lines: split it, or say in its docstring why it is longer than {MAX_LINES} lines"
+    )

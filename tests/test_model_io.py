@@ -4,11 +4,12 @@ import json
 
 import numpy as np
 import pytest
-from reference import np_conv, np_pool
 
-from pipeline.nn.architecture import build, resolve
 from pipeline.core.config import PipelineError
+from pipeline.nn.architecture import build, resolve
 from pipeline.nn.model_io import load_model, save_model
+
+from reference import np_conv, np_pool
 
 LAYERS = [
     {"type": "conv_pool", "input": [1, 28, 28], "filters": 3, "kernel": 5, "pool": 4, "activation": "tanh"},
@@ -88,11 +89,13 @@ def test_loading_a_missing_or_mismatched_model_is_a_clear_error(saved, tmp_path)
 
 
 def test_a_batch_norm_model_keeps_its_statistics_and_predicts_with_them(tmp_path):
-    layers = resolve([
-        {"type": "conv_pool", "input": [1, 28, 28], "filters": 2, "kernel": 5, "pool": 4, "activation": "linear"},
-        {"type": "batch_norm", "shape": [2, 6, 6], "activation": "relu"},
-        {"type": "softmax", "n_in": 72, "n_out": 10},
-    ])
+    layers = resolve(
+        [
+            {"type": "conv_pool", "input": [1, 28, 28], "filters": 2, "kernel": 5, "pool": 4, "activation": "linear"},
+            {"type": "batch_norm", "shape": [2, 6, 6], "activation": "relu"},
+            {"type": "softmax", "n_in": 72, "n_out": 10},
+        ]
+    )
     rng = np.random.default_rng(6)
     net = build(layers, rng=rng)
     values = [rng.normal(size=v.shape).astype(np.float32) for v in net.get_values()]
@@ -107,5 +110,9 @@ def test_a_batch_norm_model_keeps_its_statistics_and_predicts_with_them(tmp_path
     h = np.maximum(gamma * (y - mean) / np.sqrt(var + 1e-5) + beta, 0).reshape(7, -1)
     z = h @ soft_w + soft_b
     reference = np.exp(z - z.max(axis=1, keepdims=True))
-    np.testing.assert_allclose(load_model(tmp_path).predict_proba(images), reference / reference.sum(axis=1, keepdims=True),
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        load_model(tmp_path).predict_proba(images),
+        reference / reference.sum(axis=1, keepdims=True),
+        rtol=1e-4,
+        atol=1e-6,
+    )

@@ -4,12 +4,13 @@ statistics (measured, saved with the parameters, used by the trainer)."""
 import numpy as np
 import pytensor.tensor as pt
 import pytest
-from reference import np_batch_norm, np_conv
 
 from pipeline.nn.backend import Backend
 from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 from pipeline.nn.network import Network
 from pipeline.nn.trainer import Inference, Trainer
+
+from reference import np_batch_norm, np_conv
 
 JAX = Backend("jax")
 
@@ -95,15 +96,22 @@ def test_costs_that_do_not_fit_the_output_layer_are_refused(data):
 
 def test_mismatched_layer_sizes_are_refused():
     rng = np.random.default_rng(0)
-    with pytest.raises(ValueError, match=r"layer 1 \(softmax\) takes 7 inputs but layer 0 \(fully_connected\) outputs 5"):
+    with pytest.raises(
+        ValueError, match=r"layer 1 \(softmax\) takes 7 inputs but layer 0 \(fully_connected\) outputs 5"
+    ):
         Network([FullyConnected(6, 5, rng=rng), Softmax(7, 3)])
 
 
 def test_gradients_match_finite_differences():
     """Central differences in float64 around the float32 parameters of a small conv network."""
     rng = np.random.default_rng(5)
-    net = Network([ConvPool((1, 6, 6), filters=2, kernel=3, pool=2, activation="tanh", rng=rng),
-                   FullyConnected(8, 4, "sigmoid", rng=rng), Softmax(4, 3)])
+    net = Network(
+        [
+            ConvPool((1, 6, 6), filters=2, kernel=3, pool=2, activation="tanh", rng=rng),
+            FullyConnected(8, 4, "sigmoid", rng=rng),
+            Softmax(4, 3),
+        ]
+    )
     for layer in net.layers:  # away from zero so every parameter matters
         layer.w.set_value(rng.normal(size=layer.w.type.shape).astype(np.float32))
     x_val = rng.random((5, 36)).astype(np.float32)
@@ -129,9 +137,15 @@ def test_gradients_match_finite_differences():
 
 def bn_net(rng):
     """conv (linear) -> batch norm (relu) -> dense (linear) -> batch norm (tanh) -> softmax"""
-    net = Network([ConvPool((1, 6, 6), filters=2, kernel=3, pool=1, activation="linear", rng=rng, name="c"),
-                   BatchNorm((2, 4, 4), "relu", name="n1"), FullyConnected(32, 4, "linear", rng=rng, name="f"),
-                   BatchNorm((4,), "tanh", name="n2"), Softmax(4, 3, name="s")])
+    net = Network(
+        [
+            ConvPool((1, 6, 6), filters=2, kernel=3, pool=1, activation="linear", rng=rng, name="c"),
+            BatchNorm((2, 4, 4), "relu", name="n1"),
+            FullyConnected(32, 4, "linear", rng=rng, name="f"),
+            BatchNorm((4,), "tanh", name="n2"),
+            Softmax(4, 3, name="s"),
+        ]
+    )
     net.layers[1].gamma.set_value(np.float32([1.5, 0.5]))
     net.layers[3].beta.set_value(np.float32([0.1, -0.2, 0.3, 0.0]))
     return net
@@ -139,8 +153,22 @@ def bn_net(rng):
 
 def test_batch_norm_statistics_are_saved_after_the_parameters_but_not_trained_or_counted():
     net = bn_net(np.random.default_rng(0))
-    assert net.param_names() == ["c.w", "c.b", "n1.gamma", "n1.beta", "f.w", "f.b", "n2.gamma", "n2.beta", "s.w", "s.b",
-                                 "n1.mean", "n1.var", "n2.mean", "n2.var"]
+    assert net.param_names() == [
+        "c.w",
+        "c.b",
+        "n1.gamma",
+        "n1.beta",
+        "f.w",
+        "f.b",
+        "n2.gamma",
+        "n2.beta",
+        "s.w",
+        "s.b",
+        "n1.mean",
+        "n1.var",
+        "n2.mean",
+        "n2.var",
+    ]
     assert net.statistics == [net.layers[1].mean, net.layers[1].var, net.layers[3].mean, net.layers[3].var]
     assert net.count_params() == 2 * 9 + 2 + 2 * 2 + 32 * 4 + 4 + 2 * 4 + 4 * 3 + 3  # no mean, no var
     values = [np.full_like(v, i) for i, v in enumerate(net.get_values())]
@@ -154,7 +182,9 @@ def test_batch_moments_normalize_each_layer_by_the_moments_just_measured():
     x_val = rng.random((7, 36)).astype(np.float32)
     x = pt.matrix("x", dtype="float32")
     moments = JAX.function([x], net.batch_moments(x))(x_val)
-    conv = np_conv(x_val.reshape(7, 6, 6, 1).astype(np.float64), net.layers[0].w.get_value()) + net.layers[0].b.get_value()
+    conv = (
+        np_conv(x_val.reshape(7, 6, 6, 1).astype(np.float64), net.layers[0].w.get_value()) + net.layers[0].b.get_value()
+    )
     assert len(moments) == 4
     np.testing.assert_allclose(moments[0], conv.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(moments[1], conv.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
@@ -168,8 +198,13 @@ def test_the_trainer_sets_the_statistics_to_the_moments_over_all_the_images():
     """Measured in batches of 50 over 130 images: the last 30 are left out; over the 100 used, the mean
     and the variance are those of all 100 at once, not an average of the batches' variances."""
     rng = np.random.default_rng(2)
-    net = Network([ConvPool((1, 6, 6), filters=3, kernel=3, pool=2, activation="linear", rng=rng),
-                   BatchNorm((3, 2, 2), "relu"), Softmax(12, 3)])
+    net = Network(
+        [
+            ConvPool((1, 6, 6), filters=3, kernel=3, pool=2, activation="linear", rng=rng),
+            BatchNorm((3, 2, 2), "relu"),
+            Softmax(12, 3),
+        ]
+    )
     images = rng.integers(0, 256, (130, 36), dtype=np.uint8)
     images[:50] //= 4  # batches that differ: the variance of the batch means matters
     trainer = Trainer(net, JAX, batch_size=10, eval_batch_size=50)

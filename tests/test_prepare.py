@@ -4,16 +4,19 @@ import sys
 
 import numpy as np
 import pytest
-from synthetic import write_mnist
 
 from pipeline.core.config import ConfigError, from_section
 from pipeline.core.files import load_npz
 from pipeline.data.prepare import PrepareConfig, prepare
 
+from synthetic import write_mnist
+
 
 def test_split_is_first_train_and_last_validation(tmp_path):
     arrays = write_mnist(tmp_path / "raw", n_train=100, n_test=20)
-    summary = prepare(config=PrepareConfig(train_size=70, validation_size=20), raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+    summary = prepare(
+        config=PrepareConfig(train_size=70, validation_size=20), raw_dir=tmp_path / "raw", out_dir=tmp_path / "out"
+    )
 
     train = load_npz(tmp_path / "out" / "train.npz")
     validation = load_npz(tmp_path / "out" / "validation.npz")
@@ -32,8 +35,12 @@ def test_split_is_first_train_and_last_validation(tmp_path):
 
 def test_split_larger_than_data_is_refused_before_writing(tmp_path):
     write_mnist(tmp_path / "raw", n_train=50, n_test=10)
-    with pytest.raises(ConfigError, match=r"prepare.train_size=45 \+ prepare.validation_size=10 = 55: more than the 50"):
-        prepare(config=PrepareConfig(train_size=45, validation_size=10), raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+    with pytest.raises(
+        ConfigError, match=r"prepare.train_size=45 \+ prepare.validation_size=10 = 55: more than the 50"
+    ):
+        prepare(
+            config=PrepareConfig(train_size=45, validation_size=10), raw_dir=tmp_path / "raw", out_dir=tmp_path / "out"
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -54,8 +61,19 @@ def test_bad_params_name_key_and_value(section, message):
 def test_cli_reports_missing_raw_files(tmp_path):
     (tmp_path / "params.yaml").write_text("prepare: {train_size: 10, validation_size: 5}\n")
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "prepare", "--params", str(tmp_path / "params.yaml"), "--raw", str(tmp_path / "nothing")],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "prepare",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--raw",
+            str(tmp_path / "nothing"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert result.returncode == 1
     assert "missing train-images-idx3-ubyte.gz" in result.stderr

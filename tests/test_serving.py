@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from synthetic import TINY_NET, write_prepared
 
 from pipeline.core.files import load_npz
 from pipeline.nn.model_io import load_model
 from pipeline.tracking.serving import as_images
 from pipeline.tracking.training import stage_training, train_tracked
+
+from synthetic import TINY_NET, write_prepared
 
 
 def test_as_images_accepts_the_usual_shapes_and_scales():
@@ -37,8 +38,17 @@ def test_mlflow_models_serve_answers_predictions(tmp_path, monkeypatch):
     monkeypatch.delenv("DVC_ROOT", raising=False)
     prepared = write_prepared(tmp_path / "prepared")
     params = {"train": {"architecture": TINY_NET, "epochs": 1, "eta": 0.5, "lmbda": 0.0, "steps_per_call": 20}}
-    train_tracked(stage_training(params=params, prepared_dir=prepared, expanded_dir=None, model_dir=tmp_path / "model",
-                  checkpoint_dir=tmp_path / "checkpoints", metrics_dir=tmp_path / "metrics", progress=False))
+    train_tracked(
+        stage_training(
+            params=params,
+            prepared_dir=prepared,
+            expanded_dir=None,
+            model_dir=tmp_path / "model",
+            checkpoint_dir=tmp_path / "checkpoints",
+            metrics_dir=tmp_path / "metrics",
+            progress=False,
+        )
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("nndl-chapter6").experiment_id])
@@ -49,11 +59,30 @@ def test_mlflow_models_serve_answers_predictions(tmp_path, monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = dict(
+        os.environ, MLFLOW_TRACKING_URI=uri, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    )
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run.info.run_id}/model",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"runs:/{run.info.run_id}/model",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 120
@@ -67,7 +96,9 @@ def test_mlflow_models_serve_answers_predictions(tmp_path, monkeypatch):
                 time.sleep(0.5)
         test = load_npz(prepared / "test.npz")
         body = json.dumps({"inputs": test["images"][:8].tolist()}).encode()  # 0-255 grey levels, 28x28
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+        )
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
     finally:
         os.killpg(server.pid, 15)

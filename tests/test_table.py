@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 
 from pipeline.core.config import ConfigError
+from pipeline.core.files import load_npz, save_npz
+from pipeline.data.splits import load_split
+from pipeline.nn.model_io import load_model
 from pipeline.stages import table as table_stage
 from pipeline.table import cache, runner
 from pipeline.table import lines as table_lines
 from pipeline.table import rows as table_rows
 from pipeline.table.data import Data
 from pipeline.tracking.store import TrackingConfig
-from pipeline.core.files import load_npz, save_npz
-from pipeline.nn.model_io import load_model
-from pipeline.data.splits import load_split
+
 from reference import np_shift, python_vote
 from synthetic import digit_images
 
@@ -33,11 +34,16 @@ def write_set(path: Path, n: int, seed: int) -> None:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("table-data")
-    for name, n, seed in [("prepared/train", 200, 1), ("prepared/validation", 60, 2), ("prepared/test", 60, 3),
-                          ("expanded/train", 200, 4)]:
+    for name, n, seed in [
+        ("prepared/train", 200, 1),
+        ("prepared/validation", 60, 2),
+        ("prepared/test", 60, 3),
+        ("expanded/train", 200, 4),
+    ]:
         write_set(root / f"{name}.npz", n, seed)
-    (root / "params.yaml").write_text("train:\n  engine: jax\n  device: cpu\n"
-                                      "tracking:\n  experiment: table-test\n  enabled: true\n")
+    (root / "params.yaml").write_text(
+        "train:\n  engine: jax\n  device: cpu\ntracking:\n  experiment: table-test\n  enabled: true\n"
+    )
     return root
 
 
@@ -49,9 +55,22 @@ def first_run(data, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(out)  # the git tags are looked up in the working directory
-        code = table_stage.main(["--quick", "--repeats", "1", "--params", str(data / "params.yaml"), "--prepared",
-                           str(data / "prepared"), "--expanded", str(data / "expanded"), "--out",
-                           str(out / "table"), "--no-progress"])
+        code = table_stage.main(
+            [
+                "--quick",
+                "--repeats",
+                "1",
+                "--params",
+                str(data / "params.yaml"),
+                "--prepared",
+                str(data / "prepared"),
+                "--expanded",
+                str(data / "expanded"),
+                "--out",
+                str(out / "table"),
+                "--no-progress",
+            ]
+        )
     assert code == 0
     return out, uri
 
@@ -93,8 +112,9 @@ def test_the_figures_are_the_saved_models_test_accuracy_and_the_ensembles_votes(
     predicted = load_model(out / "table" / "4" / "seed1" / "model").predict(test["images"])
     assert lines["4"]["ours"] == pytest.approx(np.mean(predicted == labels))
 
-    probabilities = np.stack([load_npz(out / "table" / "8" / f"seed{k}" / "test_probabilities.npz")["probabilities"]
-                              for k in range(1, 6)]).astype(np.float64)  # (5, images, 10)
+    probabilities = np.stack(
+        [load_npz(out / "table" / "8" / f"seed{k}" / "test_probabilities.npz")["probabilities"] for k in range(1, 6)]
+    ).astype(np.float64)  # (5, images, 10)
     answers = probabilities.argmax(axis=2)
     vote, average = [], []
     for i in range(len(labels)):  # plain Python: most votes, ties to the most summed probability, then lowest
@@ -128,8 +148,13 @@ def test_mlflow_has_one_parent_run_with_a_child_per_training(first_run):
     parent = parents[0]
     assert parent.data.tags["table"] == "chapter6" and parent.data.params["quick"] == "True"
     assert parent.info.status == "FINISHED"
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"report.md", "report.png", "curves.png",
-                                                                       "errors-9.png", "results.json"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "report.md",
+        "report.png",
+        "curves.png",
+        "errors-9.png",
+        "results.json",
+    }
 
     children = {(r.data.tags["row"], int(r.data.tags["seed"])): r for r in runs if r is not parent}
     results = json.loads((out / "table" / "results.json").read_text())
@@ -147,9 +172,16 @@ def test_a_second_invocation_trains_nothing_and_an_interrupted_seed_resumes(firs
     monkeypatch.chdir(out)
     report = (out / "table" / "report.md").read_bytes()
     results = (out / "table" / "results.json").read_bytes()
-    kwargs = dict(rows=None, repeats=1, quick=True, prepared_dir=data / "prepared", expanded_dir=data / "expanded",
-                  out_dir=out / "table", tracking_config=TrackingConfig(experiment="table-test"),
-                  progress=False)
+    kwargs = dict(
+        rows=None,
+        repeats=1,
+        quick=True,
+        prepared_dir=data / "prepared",
+        expanded_dir=data / "expanded",
+        out_dir=out / "table",
+        tracking_config=TrackingConfig(experiment="table-test"),
+        progress=False,
+    )
 
     again = runner.run_table(**kwargs)
     assert again["trained"] == []
@@ -171,15 +203,32 @@ def test_report_only_trains_nothing_and_names_what_is_missing(first_run, data, t
     (copy / "report.md").unlink()
     # seed 2 of row 8 interrupted before its result was written; best and distort never trained
     (copy / "8" / "seed2" / "result.json").unlink()
-    code = table_stage.main(["--quick", "--repeats", "1", "--rows", "all", "--report-only", "--params",
-                       str(data / "params.yaml"), "--prepared", str(data / "prepared"), "--expanded",
-                       str(data / "expanded"), "--out", str(copy), "--no-progress"])
+    code = table_stage.main(
+        [
+            "--quick",
+            "--repeats",
+            "1",
+            "--rows",
+            "all",
+            "--report-only",
+            "--params",
+            str(data / "params.yaml"),
+            "--prepared",
+            str(data / "prepared"),
+            "--expanded",
+            str(data / "expanded"),
+            "--out",
+            str(copy),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "trained 0 networks" in printed
-    assert ("not trained (--report-only): 8 (seed 2), best (seeds 1, 2, 3, 4, 5), distort (seeds 1, 2, 3, 4, 5), "
-            "deep (seeds 1, 2, 3, 4, 5), bn (seeds 1, 2, 3, 4, 5, 6, 7, 8, 9, 10), bn-elastic (seeds 1, 2, 3, 4, 5)\n"
-            ) in printed  # all rows: bn-10's committee wants ten bn networks
+    assert (
+        "not trained (--report-only): 8 (seed 2), best (seeds 1, 2, 3, 4, 5), distort (seeds 1, 2, 3, 4, 5), "
+        "deep (seeds 1, 2, 3, 4, 5), bn (seeds 1, 2, 3, 4, 5, 6, 7, 8, 9, 10), bn-elastic (seeds 1, 2, 3, 4, 5)\n"
+    ) in printed  # all rows: bn-10's committee wants ten bn networks
     assert not (copy / "best").exists() and not (copy / "datasets").exists()  # nothing made for untrained rows
     assert not (copy / "8" / "seed2" / "result.json").exists()
     rows = markdown_rows((copy / "report.md").read_text())
@@ -197,12 +246,21 @@ def test_finished_rows_outlive_a_code_change_and_the_report_names_them(first_run
     monkeypatch.chdir(out)
     trained_by = json.loads((out / "table" / "1" / "seed1" / "result.json").read_text())["code"]
     assert trained_by == cache.code_version() and re.fullmatch(r"[0-9a-f]{12}", trained_by)
-    assert f"Training code: `{trained_by}` (a hash of the training sources); every row shown was trained by it." in (
-        out / "table" / "report.md").read_text()
+    assert (
+        f"Training code: `{trained_by}` (a hash of the training sources); every row shown was trained by it."
+        in (out / "table" / "report.md").read_text()
+    )
 
     monkeypatch.setattr(runner, "code_version", lambda: "0123456789ab")  # as after an edit of layers.py
-    again = runner.run_table(rows="1,2", repeats=1, quick=True, prepared_dir=data / "prepared",
-                            expanded_dir=data / "expanded", out_dir=out / "table", progress=False)
+    again = runner.run_table(
+        rows="1,2",
+        repeats=1,
+        quick=True,
+        prepared_dir=data / "prepared",
+        expanded_dir=data / "expanded",
+        out_dir=out / "table",
+        progress=False,
+    )
     assert again["trained"] == []
     report = (out / "table" / "report.md").read_text()
     assert "Training code: `0123456789ab`" in report
@@ -210,20 +268,41 @@ def test_finished_rows_outlive_a_code_change_and_the_report_names_them(first_run
 
     # code shown to train the same weights as the current code is re-stamped, not named as other code
     monkeypatch.setitem(cache.SAME_WEIGHTS_AS, trained_by, "0123456789ab")
-    runner.run_table(rows="1,2", repeats=1, quick=True, prepared_dir=data / "prepared",
-                     expanded_dir=data / "expanded", out_dir=out / "table", progress=False)
+    runner.run_table(
+        rows="1,2",
+        repeats=1,
+        quick=True,
+        prepared_dir=data / "prepared",
+        expanded_dir=data / "expanded",
+        out_dir=out / "table",
+        progress=False,
+    )
     assert "every row shown was trained by it" in (out / "table" / "report.md").read_text()
     monkeypatch.delitem(cache.SAME_WEIGHTS_AS, trained_by)
 
     # a seed never trained is trained, by the current code
-    more = runner.run_table(rows="1", repeats=2, quick=True, prepared_dir=data / "prepared",
-                           expanded_dir=data / "expanded", out_dir=out / "table", progress=False)
+    more = runner.run_table(
+        rows="1",
+        repeats=2,
+        quick=True,
+        prepared_dir=data / "prepared",
+        expanded_dir=data / "expanded",
+        out_dir=out / "table",
+        progress=False,
+    )
     assert more["trained"] == [("1", 2)]
     assert json.loads((out / "table" / "1" / "seed2" / "result.json").read_text())["code"] == "0123456789ab"
 
     # and a later call with fewer repeats still reports every seed finished on disk
-    fewer = runner.run_table(rows="2", repeats=1, quick=True, prepared_dir=data / "prepared",
-                            expanded_dir=data / "expanded", out_dir=out / "table", progress=False)
+    fewer = runner.run_table(
+        rows="2",
+        repeats=1,
+        quick=True,
+        prepared_dir=data / "prepared",
+        expanded_dir=data / "expanded",
+        out_dir=out / "table",
+        progress=False,
+    )
     row1 = next(line for line in fewer["lines"] if line["row"] == "1")
     assert fewer["trained"] == [] and [s["seed"] for s in row1["seeds"]] == [1, 2] and row1["n"] == 2
     assert "| 1 | FC 100, softmax; sigmoid | 97.80% |" in (out / "table" / "report.md").read_text()
@@ -236,9 +315,17 @@ def test_jobs_train_in_parallel_processes_with_the_same_results(first_run, data,
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the worker processes inherit it
     monkeypatch.chdir(tmp_path)
-    parallel = runner.run_table(rows="1,2", repeats=1, quick=True, prepared_dir=data / "prepared",
-                               expanded_dir=data / "expanded", out_dir=tmp_path / "table", progress=False, jobs=2,
-                               tracking_config=TrackingConfig(experiment="table-jobs"))
+    parallel = runner.run_table(
+        rows="1,2",
+        repeats=1,
+        quick=True,
+        prepared_dir=data / "prepared",
+        expanded_dir=data / "expanded",
+        out_dir=tmp_path / "table",
+        progress=False,
+        jobs=2,
+        tracking_config=TrackingConfig(experiment="table-jobs"),
+    )
     assert sorted(parallel["trained"]) == [("1", 1), ("2", 1)]
     for row in ("1", "2"):
         serial = json.loads((out / "table" / row / "seed1" / "result.json").read_text())
@@ -261,8 +348,15 @@ def test_jobs_train_in_parallel_processes_with_the_same_results(first_run, data,
 
 def test_the_best_rows_train_on_their_own_elastic_set_made_once(data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    kwargs = dict(rows="best", repeats=1, quick=True, prepared_dir=data / "prepared", expanded_dir=data / "expanded",
-                  out_dir=tmp_path / "table", progress=False)
+    kwargs = dict(
+        rows="best",
+        repeats=1,
+        quick=True,
+        prepared_dir=data / "prepared",
+        expanded_dir=data / "expanded",
+        out_dir=tmp_path / "table",
+        progress=False,
+    )
     results = runner.run_table(**kwargs)
     assert sorted(results["trained"]) == [("best", seed) for seed in range(1, 6)]  # five, for its ensembles
 
@@ -298,25 +392,44 @@ def test_a_result_keyed_before_the_distort_fields_existed_still_matches(data):
     import hashlib
 
     sets = Data(data / "prepared", data / "expanded", data / "prepared" / "test.npz")
-    config = table_rows.train_config(table_rows.BY_KEY["8"], 1, quick=False, engine="jax", device="cpu", steps_per_call=500)
+    config = table_rows.train_config(
+        table_rows.BY_KEY["8"], 1, quick=False, engine="jax", device="cpu", steps_per_call=500
+    )
     # the key as it was computed then: every field then known, but steps_per_call, plus the data's hashes
-    before = {k: v for k, v in dataclasses.asdict(config).items()
-              if k != "steps_per_call" and not k.startswith("distort_")}
-    before.update(train=cache.file_sha256(data / "expanded" / "train.npz"),
-                  validation=cache.file_sha256(data / "prepared" / "validation.npz"), test="t")
-    assert cache.result_key(config, sets, "t") == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    before = {
+        k: v for k, v in dataclasses.asdict(config).items() if k != "steps_per_call" and not k.startswith("distort_")
+    }
+    before.update(
+        train=cache.file_sha256(data / "expanded" / "train.npz"),
+        validation=cache.file_sha256(data / "prepared" / "validation.npz"),
+        test="t",
+    )
+    assert (
+        cache.result_key(config, sets, "t") == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    )
     distorted = dataclasses.replace(config, distort_rotation=5.0)
     assert cache.result_key(distorted, sets, "t") != cache.result_key(config, sets, "t")
 
 
 def test_the_distort_rows_train_end_to_end_with_their_distortions(data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    results = runner.run_table(rows="distort", repeats=1, quick=True, prepared_dir=data / "prepared",
-                              expanded_dir=data / "expanded", out_dir=tmp_path / "table", progress=False)
+    results = runner.run_table(
+        rows="distort",
+        repeats=1,
+        quick=True,
+        prepared_dir=data / "prepared",
+        expanded_dir=data / "expanded",
+        out_dir=tmp_path / "table",
+        progress=False,
+    )
     assert sorted(results["trained"]) == [("distort", seed) for seed in range(1, 6)]
     settings = json.loads((tmp_path / "table" / "distort" / "seed1" / "result.json").read_text())["settings"]
     assert {k: v for k, v in settings.items() if k.startswith("distort_")} == {
-        "distort_rotation": 10.0, "distort_scale": 0.1, "distort_alpha": 34.0, "distort_sigma": 5.0}
+        "distort_rotation": 10.0,
+        "distort_scale": 0.1,
+        "distort_alpha": 34.0,
+        "distort_sigma": 5.0,
+    }
     assert settings["dataset"] == "expanded" and not (tmp_path / "table" / "datasets").exists()  # the book's set
     cells = markdown_rows((tmp_path / "table" / "report.md").read_text())
     for key in ("distort", "distort-vote", "distort-avg"):
@@ -329,21 +442,37 @@ BN_SHAPES = [[32, 26, 26], [32, 12, 12], [64, 5, 5]]
 BN_PARAMETERS = 852_906 + 2 * (32 + 32 + 64)
 
 
-@pytest.mark.parametrize("row, eta, decay, elastic, batch_norms, parameters", [
-    ("deep", 0.03, 0.9, (0.0, 4.0), [], 852_906),
-    ("bn", 0.1, 0.8, (0.0, 4.0), BN_SHAPES, BN_PARAMETERS),
-    ("bn-elastic", 0.1, 0.8, (34.0, 5.0), BN_SHAPES, BN_PARAMETERS),
-])
-def test_the_deep_rows_train_their_own_layers_end_to_end(data, tmp_path, monkeypatch, row, eta, decay, elastic,
-                                                         batch_norms, parameters):
+@pytest.mark.parametrize(
+    "row, eta, decay, elastic, batch_norms, parameters",
+    [
+        ("deep", 0.03, 0.9, (0.0, 4.0), [], 852_906),
+        ("bn", 0.1, 0.8, (0.0, 4.0), BN_SHAPES, BN_PARAMETERS),
+        ("bn-elastic", 0.1, 0.8, (34.0, 5.0), BN_SHAPES, BN_PARAMETERS),
+    ],
+)
+def test_the_deep_rows_train_their_own_layers_end_to_end(
+    data, tmp_path, monkeypatch, row, eta, decay, elastic, batch_norms, parameters
+):
     monkeypatch.chdir(tmp_path)
-    results = runner.run_table(rows=row, repeats=1, quick=True, prepared_dir=data / "prepared",
-                              expanded_dir=data / "expanded", out_dir=tmp_path / "table", progress=False)
+    results = runner.run_table(
+        rows=row,
+        repeats=1,
+        quick=True,
+        prepared_dir=data / "prepared",
+        expanded_dir=data / "expanded",
+        out_dir=tmp_path / "table",
+        progress=False,
+    )
     assert sorted(results["trained"]) == [(row, seed) for seed in range(1, 6)]
     seed1 = tmp_path / "table" / row / "seed1"
     settings = json.loads((seed1 / "result.json").read_text())["settings"]
-    assert (settings["init"], settings["eta"], settings["lr_decay"], settings["distort_rotation"],
-            settings["distort_scale"]) == ("corrected", eta, decay, 8.0, 0.08)
+    assert (
+        settings["init"],
+        settings["eta"],
+        settings["lr_decay"],
+        settings["distort_rotation"],
+        settings["distort_scale"],
+    ) == ("corrected", eta, decay, 8.0, 0.08)
     assert (settings["distort_alpha"], settings["distort_sigma"]) == elastic
     model = load_model(seed1 / "model")
     layers = model.description["layers"]
@@ -368,7 +497,10 @@ def assert_shifted_row(results: dict, key: str, out: Path, data: Path, monkeypat
         accuracies = []
         for name in ("validation", "test"):
             split = load_npz(out / "quick-data" / "prepared" / f"{name}.npz")
-            views = [split["images"], *(np_shift(split["images"], dy, dx) for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)))]
+            views = [
+                split["images"],
+                *(np_shift(split["images"], dy, dx) for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1))),
+            ]
             answers = np.mean([model.predict_proba(v) for v in views], axis=0).argmax(axis=1)
             accuracies.append(float(np.mean(answers == split["labels"])))
         expected.append({"seed": seed, "best_validation_accuracy": accuracies[0], "test_accuracy": accuracies[1]})
@@ -386,24 +518,42 @@ def assert_shifted_row(results: dict, key: str, out: Path, data: Path, monkeypat
     monkeypatch.setattr(table_lines, "shifted_probabilities", no_scoring)
     for module in (runner, table_lines):  # the test set is read by the runner, the validation set by the line
         monkeypatch.setattr(module, "load_split", lambda path: read.append(Path(path).name) or load_split(path))
-    again = runner.run_table(rows=key, repeats=1, quick=True, prepared_dir=data / "prepared",
-                            expanded_dir=data / "expanded", out_dir=out, progress=False, report_only=True)
+    again = runner.run_table(
+        rows=key,
+        repeats=1,
+        quick=True,
+        prepared_dir=data / "prepared",
+        expanded_dir=data / "expanded",
+        out_dir=out,
+        progress=False,
+        report_only=True,
+    )
     assert next(line for line in again["lines"] if line["row"] == key) == line
     assert "test.npz" in read and "validation.npz" not in read  # nothing to score: validation is not read
 
 
 def test_jobs_must_be_at_least_one(data, tmp_path):
     with pytest.raises(ConfigError, match="Got --jobs 0"):
-        runner.run_table(rows="1", quick=True, prepared_dir=data / "prepared", expanded_dir=data / "expanded",
-                        out_dir=tmp_path, jobs=0)
+        runner.run_table(
+            rows="1",
+            quick=True,
+            prepared_dir=data / "prepared",
+            expanded_dir=data / "expanded",
+            out_dir=tmp_path,
+            jobs=0,
+        )
 
 
 def _same_but_time(a: list[dict], b: list[dict]) -> bool:
     """The figures agree; only the resumed seed's wall time (its test scoring redone) may differ."""
+
     def strip(lines):
-        return [{k: v for k, v in line.items() if k not in ("seconds", "seeds")} |
-                {"seeds": [{k: v for k, v in s.items() if k != "seconds"} for s in line.get("seeds", [])]}
-                for line in lines]
+        return [
+            {k: v for k, v in line.items() if k not in ("seconds", "seeds")}
+            | {"seeds": [{k: v for k, v in s.items() if k != "seconds"} for s in line.get("seeds", [])]}
+            for line in lines
+        ]
+
     return strip(a) == strip(b)
 
 
@@ -416,7 +566,10 @@ def test_row_selection_and_seed_counts():
     assert table_rows.select_rows("bn") == ["bn", "bn-vote", "bn-avg", "bn-shifts"]
     # the committee of ten is asked for by name: only then does bn train ten seeds
     assert table_rows.select_rows("bn-10") == ["bn", "bn-10-vote", "bn-10-avg"]
-    assert table_rows.n_seeds(table_rows.BY_KEY["bn"], 3) == 5 and table_rows.n_seeds(table_rows.BY_KEY["bn"], 3, ["bn-10-avg"]) == 10
+    assert (
+        table_rows.n_seeds(table_rows.BY_KEY["bn"], 3) == 5
+        and table_rows.n_seeds(table_rows.BY_KEY["bn"], 3, ["bn-10-avg"]) == 10
+    )
     assert table_rows.n_seeds(table_rows.BY_KEY["bn"], 12, ["bn-10-avg"]) == 12
     assert table_rows.n_seeds(table_rows.BY_KEY["8"], 3) == 5 and table_rows.n_seeds(table_rows.BY_KEY["8"], 7) == 7
     assert table_rows.n_seeds(table_rows.BY_KEY["4"], 3) == 3
@@ -427,8 +580,12 @@ def test_row_selection_and_seed_counts():
 def test_the_distort_row_is_row_8_with_fresh_distortions_every_epoch():
     assert table_rows.select_rows("distort") == ["distort", "distort-vote", "distort-avg"]
     assert table_rows.n_seeds(table_rows.BY_KEY["distort"], 3) == 5  # its ensembles combine five
-    config = table_rows.train_config(table_rows.BY_KEY["distort"], 1, quick=False, engine="jax", device="cpu", steps_per_call=500)
-    row8 = table_rows.train_config(table_rows.BY_KEY["8"], 1, quick=False, engine="jax", device="cpu", steps_per_call=500)
+    config = table_rows.train_config(
+        table_rows.BY_KEY["distort"], 1, quick=False, engine="jax", device="cpu", steps_per_call=500
+    )
+    row8 = table_rows.train_config(
+        table_rows.BY_KEY["8"], 1, quick=False, engine="jax", device="cpu", steps_per_call=500
+    )
     assert config.distortion() == {"rotation": 10.0, "scale": 0.1, "alpha": 34.0, "sigma": 5.0}
     assert row8.distortion() is None
     assert (config.epochs, config.lr_decay, row8.lr_decay) == (30, 0.92, 1.0)
@@ -438,18 +595,30 @@ def test_the_distort_row_is_row_8_with_fresh_distortions_every_epoch():
 
 def test_the_rows_use_the_books_settings():
     row5, row8 = table_rows.BY_KEY["5"], table_rows.BY_KEY["8"]
-    assert (row5.preset, row5.settings) == ("conv2_relu", {"epochs": 60, "eta": 0.03, "lmbda": 0.1,
-                                                           "dataset": "expanded"})
+    assert (row5.preset, row5.settings) == (
+        "conv2_relu",
+        {"epochs": 60, "eta": 0.03, "lmbda": 0.1, "dataset": "expanded"},
+    )
     assert (row8.preset, row8.settings["epochs"], row8.settings["lmbda"]) == ("conv2_relu_dropout", 40, 0.0)
-    config = table_rows.train_config(table_rows.BY_KEY["1"], 2, quick=False, engine="jax", device="cpu", steps_per_call=500)
+    config = table_rows.train_config(
+        table_rows.BY_KEY["1"], 2, quick=False, engine="jax", device="cpu", steps_per_call=500
+    )
     settings = (config.architecture, config.epochs, config.eta, config.batch_size, config.seed)
     assert settings == ("shallow", 60, 0.1, 10, 2)
 
 
 def test_a_row_takes_the_seed_with_the_best_validation_accuracy_ties_to_the_lowest_seed():
     def result(seed, validation, test):
-        return {"seed": seed, "best_validation_accuracy": validation, "best_epoch": 1, "test_accuracy": test,
-                "seconds": 1.0, "engine": "jax", "device": "cpu", "code": "c"}
+        return {
+            "seed": seed,
+            "best_validation_accuracy": validation,
+            "best_epoch": 1,
+            "test_accuracy": test,
+            "seconds": 1.0,
+            "engine": "jax",
+            "device": "cpu",
+            "code": "c",
+        }
 
     row = table_rows.BY_KEY["4"]
     line = table_lines.training_line(row, [result(1, 0.98, 0.97), result(2, 0.99, 0.96), result(3, 0.99, 0.95)], 3)
@@ -464,8 +633,10 @@ def test_a_committee_of_ten_combines_seeds_1_to_10_and_waits_for_all_ten():
     probabilities = rng.dirichlet(np.ones(10) * 0.3, size=(10, 400))  # (networks, images, classes)
     labels = rng.integers(0, 10, 400)
     members = [{"seed": seed, "seconds": 60.0, "engine": "jax", "device": "cpu"} for seed in range(1, 11)]
-    for key, expected in (("bn-10-avg", probabilities.mean(axis=0).argmax(axis=1)),
-                          ("bn-10-vote", python_vote(probabilities))):
+    for key, expected in (
+        ("bn-10-avg", probabilities.mean(axis=0).argmax(axis=1)),
+        ("bn-10-vote", python_vote(probabilities)),
+    ):
         line = table_lines.ensemble_line(table_rows.BY_KEY[key], members, list(probabilities), labels)
         assert line["ours"] == pytest.approx(np.mean(expected == labels))
         assert line["errors"] == np.flatnonzero(expected != labels).tolist()

@@ -22,9 +22,24 @@ def write_epochs(path, accuracies):
 
 
 def line(row, best_seed, ours=0.99, book=0.99):
-    return {"row": row, "description": f"row {row}", "book": book, "beyond_book": False, "kind": "training",
-            "ours": ours, "best_seed": best_seed, "mean": ours, "std": None, "n": 2, "seeds_wanted": 2,
-            "seconds": 10.0, "engine": "jax", "device": "cpu", "code": ["abc"], "seeds": []}
+    return {
+        "row": row,
+        "description": f"row {row}",
+        "book": book,
+        "beyond_book": False,
+        "kind": "training",
+        "ours": ours,
+        "best_seed": best_seed,
+        "mean": ours,
+        "std": None,
+        "n": 2,
+        "seeds_wanted": 2,
+        "seconds": 10.0,
+        "engine": "jax",
+        "device": "cpu",
+        "code": ["abc"],
+        "seeds": [],
+    }
 
 
 @pytest.fixture
@@ -32,13 +47,32 @@ def table_dir(tmp_path):
     write_epochs(tmp_path / "1" / "seed1" / "metrics" / "train_epochs.csv", [0.5, 0.6, 0.7])
     write_epochs(tmp_path / "1" / "seed2" / "metrics" / "train_epochs.csv", [0.9, 0.95, 0.97, 0.96])  # the pick
     write_epochs(tmp_path / "8" / "seed1" / "metrics" / "train_epochs.csv", [0.99, 0.995])
-    results = {"quick": False, "quick_settings": None, "code": "abc", "lines": [
-        line("1", best_seed=2), line("8", best_seed=1),
-        {**line("5", best_seed=None), "ours": None},  # not run: no curve
-        {"row": "9", "description": "vote", "book": 0.9967, "beyond_book": False, "kind": "ensemble (vote)",
-         "ours": 0.996, "members": [1, 2, 3, 4, 5], "seeds_wanted": 5, "n": 5, "seconds": 1.0, "engine": "jax",
-         "device": "cpu", "errors": [1, 3], "errors_predicted": [7, 0]},
-    ]}
+    results = {
+        "quick": False,
+        "quick_settings": None,
+        "code": "abc",
+        "lines": [
+            line("1", best_seed=2),
+            line("8", best_seed=1),
+            {**line("5", best_seed=None), "ours": None},  # not run: no curve
+            {
+                "row": "9",
+                "description": "vote",
+                "book": 0.9967,
+                "beyond_book": False,
+                "kind": "ensemble (vote)",
+                "ours": 0.996,
+                "members": [1, 2, 3, 4, 5],
+                "seeds_wanted": 5,
+                "n": 5,
+                "seconds": 1.0,
+                "engine": "jax",
+                "device": "cpu",
+                "errors": [1, 3],
+                "errors_predicted": [7, 0],
+            },
+        ],
+    }
     return tmp_path, results
 
 
@@ -83,8 +117,13 @@ def test_a_perfect_epoch_is_drawn_at_the_floor_of_the_log_scale(tmp_path):
 
 def test_a_row_with_test_time_shifts_shows_its_pick_and_is_not_counted_as_training(table_dir):
     out, results = table_dir
-    shifted = {**line("bn-shifts", best_seed=2, ours=0.9966), "kind": "test-time shifts (1)", "shifted_of": "1",
-               "beyond_book": True, "book": None}
+    shifted = {
+        **line("bn-shifts", best_seed=2, ours=0.9966),
+        "kind": "test-time shifts (1)",
+        "shifted_of": "1",
+        "beyond_book": True,
+        "book": None,
+    }
     paths = write_report({**results, "lines": [*results["lines"], shifted]}, out)
     report = paths[0].read_text()
     assert "| bn-shifts | row bn-shifts *(beyond the book)* | — | 99.66% (seed 2) | 99.66% (n=2) | — |" in report
@@ -114,7 +153,8 @@ def test_the_docs_results_page_is_generated_from_its_results_json(tmp_path):
     copy.write_bytes((docs / "results.json").read_bytes())
     table_report.write_results_page(copy)
     assert (tmp_path / "results.md").read_text() == (docs / "results.md").read_text(), (
-        "docs/results.md is stale: run python -m pipeline.table.report docs/results.json")
+        "docs/results.md is stale: run python -m pipeline.table.report docs/results.json"
+    )
     results = json.loads(copy.read_text())
     page = (docs / "results.md").read_text()
     for line in results["lines"]:  # every measured figure is on the page

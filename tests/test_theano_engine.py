@@ -13,21 +13,23 @@ import json
 
 import numpy as np
 import pytest
-from reference import np_batch_norm, np_conv, np_pool, sigmoid
-from synthetic import digit_images, write_prepared
 
-from pipeline.nn.backend import THEANO_INSTALL, Backend, graph
 from pipeline.core.config import ConfigError, PipelineError
+from pipeline.nn.backend import THEANO_INSTALL, Backend, graph
+from pipeline.nn.config import TrainConfig
 from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 from pipeline.nn.network import Network
-from pipeline.nn.config import TrainConfig
 from pipeline.nn.trainer import Trainer
+
+from reference import np_batch_norm, np_conv, np_pool, sigmoid
+from synthetic import digit_images, write_prepared
 
 # theano-pymc 1.1.2 builds graphs with NumPy aliases deprecated since numpy 1.20 (np.complex)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:theano.*")
 theano_only = pytest.mark.skipif(
     graph.library != "theano-pymc",
-    reason=f"theano-pymc is not installed in this environment; make its own with: {THEANO_INSTALL}")
+    reason=f"theano-pymc is not installed in this environment; make its own with: {THEANO_INSTALL}",
+)
 
 
 # -- NumPy reference (float64) --------------------------------------------------------------------
@@ -71,7 +73,8 @@ def test_native_conv_and_pool_match_numpy_with_several_channels_and_an_odd_borde
     pooled = graph.max_pool(y, 2)
     g_val = rng.normal(size=(2, 2, 2, 4)).astype(np.float32)
     conv_out, pool_out, gx, gw = Backend("theano-pymc").function(
-        [x, w], [y, pooled, *graph.grad(T.sum(pooled * g_val), [x, w])])(x_val, w_val)
+        [x, w], [y, pooled, *graph.grad(T.sum(pooled * g_val), [x, w])]
+    )(x_val, w_val)
     np.testing.assert_allclose(conv_out, np_conv(x_val, w_val), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(pool_out, np_pool(np_conv(x_val, w_val), 2), rtol=1e-5, atol=1e-5)
     # gradients: the loss is linear in w for fixed max positions, so finite differences are exact up to rounding
@@ -84,8 +87,13 @@ def test_native_conv_and_pool_match_numpy_with_several_channels_and_an_odd_borde
 @theano_only
 def test_same_weights_and_batch_give_numpys_cost_and_gradients():
     rng = np.random.default_rng(11)
-    net = Network([ConvPool((1, 8, 8), filters=3, kernel=3, pool=2, activation="relu", rng=rng),
-                   FullyConnected(27, 6, "sigmoid", p_dropout=0.5, rng=rng), Softmax(6, 4)])
+    net = Network(
+        [
+            ConvPool((1, 8, 8), filters=3, kernel=3, pool=2, activation="relu", rng=rng),
+            FullyConnected(27, 6, "sigmoid", p_dropout=0.5, rng=rng),
+            Softmax(6, 4),
+        ]
+    )
     net.layers[-1].w.set_value(rng.normal(size=(6, 4)).astype(np.float32))
     x = graph.variable("x", "float32", (5, 64))
     y = graph.variable("y", "uint8", (5,))
@@ -94,11 +102,14 @@ def test_same_weights_and_batch_give_numpys_cost_and_gradients():
     x_val, y_val = rng.random((5, 64)).astype(np.float32), rng.integers(0, 4, 5).astype(np.uint8)
     keep_val = (rng.random((5, 27)) > 0.5).astype(np.float32)
     cost, *grads = Backend("theano-pymc").function([x, y, keep], [objective, *graph.grad(objective, net.params)])(
-        x_val, y_val, keep_val)
+        x_val, y_val, keep_val
+    )
 
     params = [v.astype(np.float64) for v in net.get_values()]
+
     def f(p):
         return np_objective(p, x_val.astype(np.float64), y_val, keep_val, 0.2, 3)
+
     assert cost.dtype == np.float32
     np.testing.assert_allclose(cost, f(params), rtol=1e-5)
     for name, g, ref in zip(net.param_names(), grads, central_differences(f, params)):
@@ -109,17 +120,24 @@ def test_same_weights_and_batch_give_numpys_cost_and_gradients():
 @theano_only
 def test_batch_norm_trains_on_batch_moments_and_infers_with_the_statistics_the_trainer_sets():
     rng = np.random.default_rng(12)
-    net = Network([ConvPool((1, 8, 8), filters=3, kernel=3, pool=2, activation="linear", rng=rng),
-                   BatchNorm((3, 3, 3), "relu"), Softmax(27, 4)])
+    net = Network(
+        [
+            ConvPool((1, 8, 8), filters=3, kernel=3, pool=2, activation="linear", rng=rng),
+            BatchNorm((3, 3, 3), "relu"),
+            Softmax(27, 4),
+        ]
+    )
     net.layers[1].gamma.set_value(np.float32([0.5, 1.0, 2.0]))
     x_val = rng.random((6, 64)).astype(np.float32)
     x = graph.variable("x", "float32", (6, 64))
     hidden = net.layers[0].output(x)
     conv, training, inference = Backend("theano-pymc").function(
-        [x], [hidden, net.layers[1].output(hidden, deterministic=False), net.layers[1].output(hidden)])(x_val)
+        [x], [hidden, net.layers[1].output(hidden, deterministic=False), net.layers[1].output(hidden)]
+    )(x_val)
     gamma = net.layers[1].gamma.get_value()
-    np.testing.assert_allclose(training, np.maximum(np_batch_norm(conv.astype(np.float64), gamma, 0.0), 0),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        training, np.maximum(np_batch_norm(conv.astype(np.float64), gamma, 0.0), 0), rtol=1e-4, atol=1e-5
+    )
     np.testing.assert_allclose(inference, np.maximum(gamma * conv / np.sqrt(1 + 1e-5), 0), rtol=1e-5, atol=1e-6)
     # set from 6 images in one batch, the statistics are their moments: inference then equals training
     Trainer(net, Backend("theano-pymc"), batch_size=2, eval_batch_size=6).set_statistics(x_val)
@@ -134,8 +152,12 @@ def test_a_small_conv_network_learns_the_synthetic_digits():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 800).astype(np.uint8)
     images = digit_images(labels, rng)
-    net = Network([ConvPool((1, 28, 28), filters=4, kernel=5, pool=2, activation="relu", rng=rng, init="corrected"),
-                   Softmax(4 * 12 * 12, 10)])
+    net = Network(
+        [
+            ConvPool((1, 28, 28), filters=4, kernel=5, pool=2, activation="relu", rng=rng, init="corrected"),
+            Softmax(4 * 12 * 12, 10),
+        ]
+    )
     trainer = Trainer(net, Backend("theano-pymc"), batch_size=10, num_training_batches=60)
     train_x, train_y = images[:600].reshape(60, 10, 784), labels[:600].reshape(60, 10)
     for _ in range(3):
@@ -148,26 +170,50 @@ def test_a_small_conv_network_learns_the_synthetic_digits():
 def test_the_train_stage_mlflow_and_evaluate_work_with_the_engine(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import store as tracking
     from pipeline.evaluation.evaluate import EvaluateConfig, evaluate
     from pipeline.nn.model_io import load_model
+    from pipeline.tracking import store as tracking
     from pipeline.tracking.training import stage_training, train_tracked
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     write_prepared(tmp_path / "prepared")
-    architecture = [{"type": "fully_connected", "n_in": 784, "n_out": 30, "activation": "sigmoid", "p_dropout": 0.1},
-                    {"type": "softmax", "n_in": 30, "n_out": 10}]
-    params = {"train": {"architecture": architecture, "epochs": 2, "eta": 0.5, "lmbda": 0.1, "seed": 3,
-                        "steps_per_call": 25, "engine": "theano-pymc"}, "tracking": {"experiment": "theano"}}
-    summary = train_tracked(stage_training(params=params, prepared_dir=tmp_path / "prepared", expanded_dir=None,
-                            model_dir=tmp_path / "model", checkpoint_dir=tmp_path / "checkpoints",
-                            metrics_dir=tmp_path / "metrics", progress=False))
+    architecture = [
+        {"type": "fully_connected", "n_in": 784, "n_out": 30, "activation": "sigmoid", "p_dropout": 0.1},
+        {"type": "softmax", "n_in": 30, "n_out": 10},
+    ]
+    params = {
+        "train": {
+            "architecture": architecture,
+            "epochs": 2,
+            "eta": 0.5,
+            "lmbda": 0.1,
+            "seed": 3,
+            "steps_per_call": 25,
+            "engine": "theano-pymc",
+        },
+        "tracking": {"experiment": "theano"},
+    }
+    summary = train_tracked(
+        stage_training(
+            params=params,
+            prepared_dir=tmp_path / "prepared",
+            expanded_dir=None,
+            model_dir=tmp_path / "model",
+            checkpoint_dir=tmp_path / "checkpoints",
+            metrics_dir=tmp_path / "metrics",
+            progress=False,
+        )
+    )
     assert summary["engine"] == "theano-pymc" and summary["device"].startswith("cpu (theano-pymc 1.1.2")
     assert summary["best_validation_accuracy"] > 0.8
-    metrics = evaluate(config=EvaluateConfig(gallery_size=3), model_dir=tmp_path / "model",
-                       test_path=tmp_path / "prepared/test.npz", out_dir=tmp_path / "evaluate",
-                       metrics_path=tmp_path / "metrics/evaluate.json",
-                       tracking_config=tracking.TrackingConfig(experiment="theano"))
+    metrics = evaluate(
+        config=EvaluateConfig(gallery_size=3),
+        model_dir=tmp_path / "model",
+        test_path=tmp_path / "prepared/test.npz",
+        out_dir=tmp_path / "evaluate",
+        metrics_path=tmp_path / "metrics/evaluate.json",
+        tracking_config=tracking.TrackingConfig(experiment="theano"),
+    )
     test = np.load(tmp_path / "prepared/test.npz")
     predicted = load_model(tmp_path / "model").predict(test["images"])  # this environment's default engine
     assert metrics["test_accuracy"] == pytest.approx(np.mean(predicted == test["labels"]))

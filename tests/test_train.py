@@ -16,10 +16,10 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.core.config import ConfigError, from_section
 from pipeline.core.files import load_npz
-from pipeline.nn.model_io import load_model
 from pipeline.nn.config import TrainConfig, TrainPaths
-from pipeline.nn.training import TrainingDiverged, train
+from pipeline.nn.model_io import load_model
 from pipeline.nn.trainer import Trainer
+from pipeline.nn.training import TrainingDiverged, train
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_NET = [
@@ -58,8 +58,14 @@ def config(**overrides) -> TrainConfig:
 
 
 def run(tmp: Path, data_dir: Path, cfg: TrainConfig, **kwargs) -> dict:
-    paths = TrainPaths.of(cfg, prepared=data_dir / "prepared", expanded=None, model=tmp / "model",
-                          checkpoints=tmp / "checkpoints", metrics=tmp / "metrics")
+    paths = TrainPaths.of(
+        cfg,
+        prepared=data_dir / "prepared",
+        expanded=None,
+        model=tmp / "model",
+        checkpoints=tmp / "checkpoints",
+        metrics=tmp / "metrics",
+    )
     return train(cfg, paths, progress=False, **kwargs)
 
 
@@ -102,11 +108,18 @@ def test_resuming_in_process_matches_an_uninterrupted_run_and_replays_epochs(tmp
     straight = run(tmp_path / "straight", data_dir, config(epochs=3, momentum=0.5, lr_decay=0.9))
     run(tmp_path / "resumed", data_dir, config(epochs=2, momentum=0.5, lr_decay=0.9))
     seen = []
-    resumed = run(tmp_path / "resumed", data_dir, config(epochs=3, momentum=0.5, lr_decay=0.9),
-                  on_epoch=lambda epoch, metrics: seen.append((epoch, metrics["resumed"], metrics["best_epoch"])))
+    resumed = run(
+        tmp_path / "resumed",
+        data_dir,
+        config(epochs=3, momentum=0.5, lr_decay=0.9),
+        on_epoch=lambda epoch, metrics: seen.append((epoch, metrics["resumed"], metrics["best_epoch"])),
+    )
     assert resumed["resumed_from_epoch"] == 2
     assert [(e, r) for e, r, _ in seen] == [(1, True), (2, True), (3, False)]
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in rows]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in rows]
+
     assert strip(resumed["history"]) == strip(straight["history"])
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     for name in a:
@@ -165,7 +178,9 @@ def test_each_epoch_distorts_every_image_afresh_and_reproducibly(data_dir):
     # a pixel or two), nearer to it than to the next one
     from scipy import ndimage
 
-    blur = lambda a: ndimage.gaussian_filter(a.reshape(-1, 28, 28).astype(float), (0, 1.5, 1.5)).reshape(len(a), -1)
+    def blur(a):
+        return ndimage.gaussian_filter(a.reshape(-1, 28, 28).astype(float), (0, 1.5, 1.5)).reshape(len(a), -1)
+
     distorted, original = blur(one), blur(images)
     own = np.abs(distorted - original).mean(axis=1)
     other = np.abs(distorted - np.roll(original, 1, axis=0)).mean(axis=1)
@@ -215,12 +230,37 @@ def test_a_checkpoint_from_other_training_code_is_not_resumed(tmp_path, data_dir
 def test_resume_after_sigkill_ends_with_the_same_metrics(tmp_path, data_dir):
     """Kill the stage process with SIGKILL just after its first checkpoint, rerun it, compare."""
     epochs = 8
-    (tmp_path / "params.yaml").write_text(json.dumps({"train": {
-        "architecture": SMALL_NET, "epochs": epochs, "eta": 0.1, "lmbda": 0.1, "seed": 7, "steps_per_call": 40}}))
-    command = [sys.executable, "-m", "pipeline", "train", "--params", str(tmp_path / "params.yaml"),
-               "--prepared", str(data_dir / "prepared"), "--model", str(tmp_path / "killed" / "model"),
-               "--checkpoints", str(tmp_path / "killed" / "checkpoints"),
-               "--metrics", str(tmp_path / "killed" / "metrics"), "--no-progress"]
+    (tmp_path / "params.yaml").write_text(
+        json.dumps(
+            {
+                "train": {
+                    "architecture": SMALL_NET,
+                    "epochs": epochs,
+                    "eta": 0.1,
+                    "lmbda": 0.1,
+                    "seed": 7,
+                    "steps_per_call": 40,
+                }
+            }
+        )
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "train",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--prepared",
+        str(data_dir / "prepared"),
+        "--model",
+        str(tmp_path / "killed" / "model"),
+        "--checkpoints",
+        str(tmp_path / "killed" / "checkpoints"),
+        "--metrics",
+        str(tmp_path / "killed" / "metrics"),
+        "--no-progress",
+    ]
     # the stage logs to the MLflow store at the root of its repository: make that tmp_path
     (tmp_path / ".dvc").mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
@@ -268,7 +308,9 @@ def test_a_nan_cost_stops_with_the_epoch_and_keeps_the_best_model(tmp_path, data
         return costs * np.nan if calls["n"] > 3 else costs  # 100 batches = 3 calls of 40 steps per epoch
 
     monkeypatch.setattr(Trainer, "train_steps", poisoned_after_first_epoch)
-    with pytest.raises(TrainingDiverged, match=r"epoch 2: the training cost became NaN.*model of epoch 1.*smaller train.eta"):
+    with pytest.raises(
+        TrainingDiverged, match=r"epoch 2: the training cost became NaN.*model of epoch 1.*smaller train.eta"
+    ):
         run(tmp_path, data_dir, config(epochs=3))
     summary = json.loads((tmp_path / "metrics" / "train.json").read_text())
     assert summary["stopped"] == "diverged" and summary["epochs_run"] == 1
@@ -287,21 +329,24 @@ def test_early_stopping_waits_for_a_strict_improvement(tmp_path, data_dir):
     assert summary["best_epoch"] == 3  # ties move the best epoch later, as the book
 
 
-@pytest.mark.parametrize("section, message", [
-    ({"dataset": "mnist"}, r"train.dataset='mnist'"),
-    ({"architecture": "chapter1"}, r"train.cost='log-likelihood'.*softmax output"),
-    ({"architecture": "conv2_relu", "cost": "quadratic", "epochs": 0}, r"train.epochs=0"),
-    ({"eta": 0}, r"train.eta=0.0"),
-    ({"engine": "c", "device": "gpu"}, r"train.device='gpu'.*engine: jax"),
-    ({"momentum": 1.0}, r"train.momentum=1.0"),
-    ({"lr_decay": 1.5}, r"train.lr_decay=1.5"),
-    ({"architecture": [{"type": "softmax", "n_in": 100}]}, r"train.architecture\[0\].n_in=100"),
-    ({"distort_rotation": -5}, r"train.distort_rotation=-5.0: the largest rotation"),
-    ({"distort_scale": 1.0}, r"train.distort_scale=1.0: .*\[0, 1\)"),
-    ({"distort_alpha": -1}, r"train.distort_alpha=-1.0"),
-    ({"distort_sigma": 0}, r"train.distort_sigma=0.0: the width"),
-    ({"learning_rate": 0.1}, r"unknown key train.learning_rate"),
-])
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"dataset": "mnist"}, r"train.dataset='mnist'"),
+        ({"architecture": "chapter1"}, r"train.cost='log-likelihood'.*softmax output"),
+        ({"architecture": "conv2_relu", "cost": "quadratic", "epochs": 0}, r"train.epochs=0"),
+        ({"eta": 0}, r"train.eta=0.0"),
+        ({"engine": "c", "device": "gpu"}, r"train.device='gpu'.*engine: jax"),
+        ({"momentum": 1.0}, r"train.momentum=1.0"),
+        ({"lr_decay": 1.5}, r"train.lr_decay=1.5"),
+        ({"architecture": [{"type": "softmax", "n_in": 100}]}, r"train.architecture\[0\].n_in=100"),
+        ({"distort_rotation": -5}, r"train.distort_rotation=-5.0: the largest rotation"),
+        ({"distort_scale": 1.0}, r"train.distort_scale=1.0: .*\[0, 1\)"),
+        ({"distort_alpha": -1}, r"train.distort_alpha=-1.0"),
+        ({"distort_sigma": 0}, r"train.distort_sigma=0.0: the width"),
+        ({"learning_rate": 0.1}, r"unknown key train.learning_rate"),
+    ],
+)
 def test_bad_train_params_are_refused(section, message):
     with pytest.raises(ConfigError, match=message):
         from_section(TrainConfig, {"train": section}, "train", "params.yaml")

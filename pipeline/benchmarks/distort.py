@@ -17,8 +17,8 @@ import os
 import numpy as np
 from scipy import ndimage
 
-from pipeline.data import distort
 from pipeline.benchmarks.expand import best_of
+from pipeline.data import distort
 from pipeline.table.rows import DISTORT_SETTINGS
 
 
@@ -28,8 +28,9 @@ def scipy_elastic(images: np.ndarray, rng: np.random.Generator, alpha: float, si
     field = rng.uniform(-1.0, 1.0, size=(2, n, 28, 28))
     field = ndimage.gaussian_filter(field, sigma=(0, 0, sigma, sigma), mode="constant") * alpha
     index, y, x = np.meshgrid(np.arange(n), np.arange(28), np.arange(28), indexing="ij")
-    warped = ndimage.map_coordinates(images.astype(np.float32), [index, y + field[0], x + field[1]], order=1,
-                                     mode="constant", cval=0.0)
+    warped = ndimage.map_coordinates(
+        images.astype(np.float32), [index, y + field[0], x + field[1]], order=1, mode="constant", cval=0.0
+    )
     return np.clip(np.rint(warped), 0, 255).astype(np.uint8)
 
 
@@ -51,15 +52,21 @@ def main(argv=None) -> int:
     old = best_of(args.repeats, lambda: by_chunks(scipy_elastic))
     new = best_of(args.repeats, lambda: by_chunks(distort.elastic))
     same = np.array_equal(by_chunks(scipy_elastic), by_chunks(distort.elastic))
-    settings = {key.removeprefix("distort_"): value for key, value in DISTORT_SETTINGS.items() if key.startswith("distort_")}
+    settings = {
+        key.removeprefix("distort_"): value for key, value in DISTORT_SETTINGS.items() if key.startswith("distort_")
+    }
     full = best_of(args.repeats, lambda: distort.distort_blocks(images, [1], **settings))
     threads = os.cpu_count() or 1
     threaded = best_of(args.repeats, lambda: distort.distort_blocks(images, [1], workers=threads, **settings))
     per_epoch = full * 250_000 / args.images
-    print(f"elastic, {args.images} images: scipy recipe {old:.2f} s, pipeline.data.distort {new:.2f} s: "
-          f"{old / new:.1f}x faster; same bytes: {same}")
-    print(f"rotation + scaling + elastic ({settings}): {full:.2f} s for {args.images} images, "
-          f"{per_epoch:.1f} s per 250,000-image epoch; in {threads} threads {threaded:.2f} s ({full / threaded:.1f}x)")
+    print(
+        f"elastic, {args.images} images: scipy recipe {old:.2f} s, pipeline.data.distort {new:.2f} s: "
+        f"{old / new:.1f}x faster; same bytes: {same}"
+    )
+    print(
+        f"rotation + scaling + elastic ({settings}): {full:.2f} s for {args.images} images, "
+        f"{per_epoch:.1f} s per 250,000-image epoch; in {threads} threads {threaded:.2f} s ({full / threaded:.1f}x)"
+    )
     return 0
 
 

@@ -28,14 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.table import runner
-from pipeline.table.data import Data
-from pipeline.table.rows import BY_KEY, ROWS, Row, train_config
-from pipeline.nn.backend import Backend
 from pipeline.core.config import PipelineError, from_section, load_params
 from pipeline.core.files import save_npz
 from pipeline.data.splits import load_split
+from pipeline.nn.backend import Backend
 from pipeline.nn.config import TrainConfig
+from pipeline.table import runner
+from pipeline.table.cache import jax_compilation_cache
+from pipeline.table.data import Data
+from pipeline.table.jobs import Job, train_jobs
+from pipeline.table.rows import BY_KEY, ROWS, Row, train_config
 
 
 def synthetic_set(path: Path, n: int, rng: np.random.Generator) -> None:
@@ -49,29 +51,42 @@ def synthetic_set(path: Path, n: int, rng: np.random.Generator) -> None:
 
 def make_data(root: Path, images: int) -> Data:
     rng = np.random.default_rng(1)
-    for name, n in (("prepared/train", images), ("prepared/validation", 10_000), ("prepared/test", 10_000),
-                    ("expanded/train", images)):
+    for name, n in (
+        ("prepared/train", images),
+        ("prepared/validation", 10_000),
+        ("prepared/test", 10_000),
+        ("expanded/train", images),
+    ):
         synthetic_set(root / f"{name}.npz", n, rng)
     return Data(root / "prepared", root / "expanded", root / "prepared" / "test.npz")
 
 
-def run_mode(row: Row, *, networks: int, jobs: int, epochs: int, data: Data, out: Path, engine: str,
-             device: str) -> float:
+def run_mode(
+    row: Row, *, networks: int, jobs: int, epochs: int, data: Data, out: Path, engine: str, device: str
+) -> float:
     """Wall seconds to train ``networks`` seeds of ``row``, ``jobs`` at a time, from an empty cache."""
     test_images, test_labels = load_split(data.test)
     todo = []
     for seed in range(1, networks + 1):
         config = train_config(row, seed, quick=False, engine=engine, device=device, steps_per_call=500)
         config = dataclasses.replace(config, epochs=epochs)
-        todo.append(runner.Job(row.key, seed, networks, config, f"benchmark-{seed}", out / f"seed{seed}", data))
+        todo.append(Job(row.key, seed, networks, config, f"benchmark-{seed}", out / f"seed{seed}", data))
     table = runner.TableRun(keys=(row.key,), engine=engine, device=device, jobs=jobs, progress=False)
     cache = out / ".jax-cache"
     # --jobs 1 trains in this process, where the table opens the cache around it; workers open their own
-    in_here = runner.jax_compilation_cache(cache) if engine == "jax" and jobs == 1 else contextlib.nullcontext()
+    in_here = jax_compilation_cache(cache) if engine == "jax" and jobs == 1 else contextlib.nullcontext()
     start = time.perf_counter()
     with in_here:
-        finished = list(runner.train_jobs(todo, table, test={"images": test_images, "labels": test_labels},
-                                          code="benchmark", parent_id=None, cache_dir=cache))
+        finished = list(
+            train_jobs(
+                todo,
+                table,
+                test={"images": test_images, "labels": test_labels},
+                code="benchmark",
+                parent_id=None,
+                cache_dir=cache,
+            )
+        )
     seconds = time.perf_counter() - start
     if len(finished) != networks:
         raise PipelineError(f"--jobs {jobs}: {len(finished)} of {networks} trainings finished")
@@ -79,8 +94,11 @@ def run_mode(row: Row, *, networks: int, jobs: int, epochs: int, data: Data, out
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.benchmarks.jobs", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.benchmarks.jobs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--row", default="8", help="the table row whose network and settings are trained (default 8)")
     parser.add_argument("--networks", type=int, default=4, help="seeds trained in each mode (default 4)")
     parser.add_argument("--jobs", type=int, default=None, help="trainings at once (default: --networks)")
@@ -93,10 +111,16 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
         if args.row not in BY_KEY or BY_KEY[args.row].is_ensemble:
-            raise PipelineError(f"Got --row {args.row!r}: not a training row of the table "
-                                f"({', '.join(r.key for r in ROWS if not r.is_ensemble)})")
-        for name, value, least in (("--networks", args.networks, 1), ("--jobs", jobs, 2), ("--epochs", args.epochs, 1),
-                                   ("--images", args.images, 10)):
+            raise PipelineError(
+                f"Got --row {args.row!r}: not a training row of the table "
+                f"({', '.join(r.key for r in ROWS if not r.is_ensemble)})"
+            )
+        for name, value, least in (
+            ("--networks", args.networks, 1),
+            ("--jobs", jobs, 2),
+            ("--epochs", args.epochs, 1),
+            ("--images", args.images, 10),
+        ):
             if value < least:
                 raise PipelineError(f"Got {name} {value}: must be at least {least}")
         settings = from_section(TrainConfig, load_params(args.params), "train", source=args.params)
@@ -106,13 +130,32 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench-jobs-") as tmp:
             tmp = Path(tmp)
             data = make_data(tmp / "data", args.images)
-            print(f"row {row.key} ({row.description}): {args.networks} networks x {args.epochs} epochs on "
-                  f"{args.images:,} synthetic images, {engine} on {device}", flush=True)
-            one = run_mode(row, networks=args.networks, jobs=1, epochs=args.epochs, data=data, out=tmp / "one",
-                           engine=engine, device=device)
+            print(
+                f"row {row.key} ({row.description}): {args.networks} networks x {args.epochs} epochs on "
+                f"{args.images:,} synthetic images, {engine} on {device}",
+                flush=True,
+            )
+            one = run_mode(
+                row,
+                networks=args.networks,
+                jobs=1,
+                epochs=args.epochs,
+                data=data,
+                out=tmp / "one",
+                engine=engine,
+                device=device,
+            )
             print(f"  one at a time (--jobs 1): {one:9.1f} s", flush=True)
-            many = run_mode(row, networks=args.networks, jobs=jobs, epochs=args.epochs, data=data,
-                            out=tmp / "many", engine=engine, device=device)
+            many = run_mode(
+                row,
+                networks=args.networks,
+                jobs=jobs,
+                epochs=args.epochs,
+                data=data,
+                out=tmp / "many",
+                engine=engine,
+                device=device,
+            )
             print(f"  {jobs} at once (--jobs {jobs}):   {many:9.1f} s")
             print(f"  speed-up: {one / many:.2f}x")
     except PipelineError as e:

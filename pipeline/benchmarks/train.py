@@ -39,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.config import PipelineError
 from pipeline.nn.architecture import build, resolve
 from pipeline.nn.backend import DEVICES, ENGINES, THEANO_ENV, Backend, engine_unavailable
-from pipeline.core.config import PipelineError
 from pipeline.nn.trainer import Trainer
 
 ETA, LMBDA, BATCHES_PER_EPOCH = 0.03, 0.1, 5000  # the book's ReLU run: 50,000 images in batches of 10
@@ -57,8 +57,9 @@ def random_batches(steps: int, batch_size: int, seed: int = 0):
 
 def time_engine(engine: str, batch_size: int, steps: int, repeats: int, device: str = "cpu") -> float:
     network = build(resolve("conv2_relu"), rng=np.random.default_rng(0))
-    trainer = Trainer(network, Backend(engine, device), batch_size=batch_size, lmbda=LMBDA,
-                      num_training_batches=BATCHES_PER_EPOCH)
+    trainer = Trainer(
+        network, Backend(engine, device), batch_size=batch_size, lmbda=LMBDA, num_training_batches=BATCHES_PER_EPOCH
+    )
     images, labels = random_batches(steps, batch_size)
     trainer.train_steps(images, labels, [], ETA)  # compile + warm up
     best = float("inf")
@@ -71,10 +72,23 @@ def time_engine(engine: str, batch_size: int, steps: int, repeats: int, device: 
 
 def time_in_theano_env(python: Path, batch_size: int, steps: int, repeats: int) -> float:
     """theano-pymc's figure from a child process in its own environment (it cannot share this one)."""
-    command = [str(python), "-m", "pipeline.benchmarks.train", "--engines", "theano-pymc", "--json",
-               "--batch-sizes", str(batch_size), "--steps", str(steps), "--repeats", str(repeats)]
-    out = subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    command = [
+        str(python),
+        "-m",
+        "pipeline.benchmarks.train",
+        "--engines",
+        "theano-pymc",
+        "--json",
+        "--batch-sizes",
+        str(batch_size),
+        "--steps",
+        str(steps),
+        "--repeats",
+        str(repeats),
+    ]
+    out = subprocess.run(
+        command, check=True, cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    ).stdout
     return json.loads(out.splitlines()[-1])[str(batch_size)]["theano-pymc"]
 
 
@@ -85,8 +99,18 @@ def time_torch(batch_size: int, steps: int, repeats: int, device: str = "cpu") -
     where = torch.device("cuda" if device == "gpu" else "cpu")
     nn = torch.nn
     # conv -> pool -> ReLU as the book (a per-channel bias commutes with the max-pool)
-    net = nn.Sequential(nn.Conv2d(1, 20, 5), nn.MaxPool2d(2), nn.ReLU(), nn.Conv2d(20, 40, 5), nn.MaxPool2d(2),
-                        nn.ReLU(), nn.Flatten(), nn.Linear(640, 100), nn.ReLU(), nn.Linear(100, 10)).to(where)
+    net = nn.Sequential(
+        nn.Conv2d(1, 20, 5),
+        nn.MaxPool2d(2),
+        nn.ReLU(),
+        nn.Conv2d(20, 40, 5),
+        nn.MaxPool2d(2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(640, 100),
+        nn.ReLU(),
+        nn.Linear(100, 10),
+    ).to(where)
     # the book's L2 term 0.5*lmbda*|W|^2/batches has gradient (lmbda/batches)*W: torch's weight_decay
     optimizer = torch.optim.SGD(net.parameters(), lr=ETA, weight_decay=LMBDA / BATCHES_PER_EPOCH)
     images, labels = random_batches(steps, batch_size)
@@ -132,35 +156,79 @@ def peak_memory_mb(images: int, batch_size: int) -> dict:
         (tmp / "prepared").mkdir()
         (tmp / "expanded").mkdir()
         rng = np.random.default_rng(0)
-        np.savez(tmp / "expanded" / "train.npz", images=rng.integers(0, 256, (images, 28, 28), dtype=np.uint8),
-                 labels=rng.integers(0, 10, images).astype(np.uint8))
-        np.savez(tmp / "prepared" / "validation.npz", images=rng.integers(0, 256, (10000, 28, 28), dtype=np.uint8),
-                 labels=rng.integers(0, 10, 10000).astype(np.uint8))
-        (tmp / "params.yaml").write_text(json.dumps({"train": {
-            "dataset": "expanded", "architecture": "conv2_relu", "epochs": 1, "batch_size": batch_size},
-            "tracking": {"enabled": False}}))  # a measurement, not a run for the repository's MLflow store
-        command = [sys.executable, "-m", "pipeline", "train", "--params", str(tmp / "params.yaml"),
-                   "--prepared", str(tmp / "prepared"), "--expanded", str(tmp / "expanded"),
-                   "--model", str(tmp / "model"), "--checkpoints", str(tmp / "checkpoints"),
-                   "--metrics", str(tmp / "metrics"), "--no-progress"]
+        np.savez(
+            tmp / "expanded" / "train.npz",
+            images=rng.integers(0, 256, (images, 28, 28), dtype=np.uint8),
+            labels=rng.integers(0, 10, images).astype(np.uint8),
+        )
+        np.savez(
+            tmp / "prepared" / "validation.npz",
+            images=rng.integers(0, 256, (10000, 28, 28), dtype=np.uint8),
+            labels=rng.integers(0, 10, 10000).astype(np.uint8),
+        )
+        (tmp / "params.yaml").write_text(
+            json.dumps(
+                {
+                    "train": {
+                        "dataset": "expanded",
+                        "architecture": "conv2_relu",
+                        "epochs": 1,
+                        "batch_size": batch_size,
+                    },
+                    "tracking": {"enabled": False},
+                }
+            )
+        )  # a measurement, not a run for the repository's MLflow store
+        command = [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "train",
+            "--params",
+            str(tmp / "params.yaml"),
+            "--prepared",
+            str(tmp / "prepared"),
+            "--expanded",
+            str(tmp / "expanded"),
+            "--model",
+            str(tmp / "model"),
+            "--checkpoints",
+            str(tmp / "checkpoints"),
+            "--metrics",
+            str(tmp / "metrics"),
+            "--no-progress",
+        ]
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
         subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
         return json.loads((tmp / "metrics" / "train.json").read_text())
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.benchmarks.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.benchmarks.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--steps", type=int, default=1000, help="mini-batches per timed call (default 1000)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[10, 64])
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
-    parser.add_argument("--device", default="cpu", choices=DEVICES,
-                        help="cpu (default) or gpu: the JAX engine on the GPU against PyTorch on CUDA")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=DEVICES,
+        help="cpu (default) or gpu: the JAX engine on the GPU against PyTorch on CUDA",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per figure; the best is kept")
     parser.add_argument("--conv-lax", action="store_true", help="also time JAX with a lax.conv convolution Op")
-    parser.add_argument("--memory", action="store_true", help="peak RSS of one epoch of the train stage on 250,000 images")
-    parser.add_argument("--theano-python", type=Path, default=REPO / THEANO_ENV / "bin" / "python",
-                        help=f"the theano-pymc environment's python (default: {THEANO_ENV}/bin/python)")
+    parser.add_argument(
+        "--memory", action="store_true", help="peak RSS of one epoch of the train stage on 250,000 images"
+    )
+    parser.add_argument(
+        "--theano-python",
+        type=Path,
+        default=REPO / THEANO_ENV / "bin" / "python",
+        help=f"the theano-pymc environment's python (default: {THEANO_ENV}/bin/python)",
+    )
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # the child process's answer
     args = parser.parse_args(argv)
     if args.device == "gpu":
@@ -190,8 +258,10 @@ def main(argv=None) -> int:
         if has_torch and args.device == "gpu" and not torch.cuda.is_available():
             has_torch = False
             print("torch sees no CUDA device: no PyTorch comparison on the GPU")
-        print(f"two-conv ReLU network, {args.steps} mini-batches per call, best of {args.repeats}, "
-              f"{os.cpu_count()} CPUs, device {args.device}")
+        print(
+            f"two-conv ReLU network, {args.steps} mini-batches per call, best of {args.repeats}, "
+            f"{os.cpu_count()} CPUs, device {args.device}"
+        )
     table = {}
     for bs in args.batch_sizes:
         steps = max(args.steps * 10 // bs, 20)  # about the same number of images at every batch size
@@ -219,9 +289,12 @@ def main(argv=None) -> int:
         print(json.dumps(table))
     if args.memory:
         summary = peak_memory_mb(250_000, 10)
-        print(f"\ntrain stage, one epoch on 250,000 images: peak RSS {summary['peak_rss_mb']:.0f} MB "
-              f"({summary['images_per_second']:,.0f} images/s, goal: under 2048 MB)")
+        print(
+            f"\ntrain stage, one epoch on 250,000 images: peak RSS {summary['peak_rss_mb']:.0f} MB "
+            f"({summary['images_per_second']:,.0f} images/s, goal: under 2048 MB)"
+        )
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

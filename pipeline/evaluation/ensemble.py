@@ -33,12 +33,12 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.core.config import PipelineError
-from pipeline.data.expand import require_shift
-from pipeline.evaluation.shifts import shifted_probabilities
 from pipeline.core.files import write_json
-from pipeline.nn.model_io import load_model
-from pipeline.evaluation.plots import plot_gallery
+from pipeline.data.expand import require_shift
 from pipeline.data.splits import load_split
+from pipeline.evaluation.plots import plot_gallery
+from pipeline.evaluation.shifts import shifted_probabilities
+from pipeline.nn.model_io import load_model
 
 
 def _check_labels(labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -79,8 +79,9 @@ def plurality_vote(labels: np.ndarray, probabilities: np.ndarray | None = None, 
         return np.argmax(tied, axis=1)  # argmax takes the first True: the lowest tied digit
     probabilities = _check_probabilities(probabilities)
     if probabilities.shape[:2] != np.shape(labels) or probabilities.shape[2] != n_classes:
-        raise ValueError(f"probabilities {probabilities.shape} do not match labels {np.shape(labels)} "
-                         f"and {n_classes} classes")
+        raise ValueError(
+            f"probabilities {probabilities.shape} do not match labels {np.shape(labels)} and {n_classes} classes"
+        )
     confidence = probabilities.sum(axis=0)  # (images, classes)
     # argmax keeps the first maximum, so equal sums still go to the lowest digit
     return np.argmax(np.where(tied, confidence, -np.inf), axis=1)
@@ -94,9 +95,19 @@ def average_probabilities(probabilities: np.ndarray) -> np.ndarray:
 
 # -- the command ---------------------------------------------------------------------------------
 GALLERY_SIZE = 100  # images drawn at most
-def ensemble_models(*, model_dirs: list[Path], data_path: Path, out_path: Path | None = None,
-                    gallery_path: Path | None = None, engine: str | None = None, device: str = "cpu",
-                    test_time_shifts: int = 0, progress: bool = True) -> dict:
+
+
+def ensemble_models(
+    *,
+    model_dirs: list[Path],
+    data_path: Path,
+    out_path: Path | None = None,
+    gallery_path: Path | None = None,
+    engine: str | None = None,
+    device: str = "cpu",
+    test_time_shifts: int = 0,
+    progress: bool = True,
+) -> dict:
     """Score each model in ``model_dirs`` and their plurality vote and averaged probabilities on
     ``data_path``; returns the figures (also written to ``out_path`` as JSON when given), and draws
     the images the vote gets wrong into ``gallery_path`` when given. With ``test_time_shifts`` k,
@@ -104,8 +115,9 @@ def ensemble_models(*, model_dirs: list[Path], data_path: Path, out_path: Path |
     (:func:`pipeline.evaluation.evaluate.shifted_probabilities`)."""
     model_dirs = [Path(d) for d in model_dirs]
     if len(model_dirs) < 2:
-        raise PipelineError(f"an ensemble needs at least two models, got {len(model_dirs)}: "
-                            f"{', '.join(map(str, model_dirs)) or 'none'}")
+        raise PipelineError(
+            f"an ensemble needs at least two models, got {len(model_dirs)}: {', '.join(map(str, model_dirs)) or 'none'}"
+        )
     seen = set()
     for model_dir in model_dirs:
         if model_dir.resolve() in seen:  # it would cast two votes
@@ -117,8 +129,9 @@ def ensemble_models(*, model_dirs: list[Path], data_path: Path, out_path: Path |
     models = [load_model(d, engine=engine, device=device) for d in model_dirs]
 
     bar = tqdm(models, desc="scoring models", disable=not progress)
-    probabilities = np.stack([shifted_probabilities(model, images, test_time_shifts)
-                              for model in bar])  # (networks, images, 10)
+    probabilities = np.stack(
+        [shifted_probabilities(model, images, test_time_shifts) for model in bar]
+    )  # (networks, images, 10)
     answers = probabilities.argmax(axis=2)  # (networks, images)
     vote = plurality_vote(answers, probabilities)  # (images,)
     average = average_probabilities(probabilities)  # (images,)
@@ -136,9 +149,14 @@ def ensemble_models(*, model_dirs: list[Path], data_path: Path, out_path: Path |
     if gallery_path is not None:
         wrong = np.array(result["plurality_vote_errors"], dtype=np.int64)
         shown = wrong[:GALLERY_SIZE]
-        plot_gallery(images[shown].reshape(len(shown), 28, 28), labels[shown], vote[shown], gallery_path,
-                     f"{len(shown)} of the {len(wrong)} images that the vote of {len(models)} networks gets wrong "
-                     "(true \u2192 answer)")
+        plot_gallery(
+            images[shown].reshape(len(shown), 28, 28),
+            labels[shown],
+            vote[shown],
+            gallery_path,
+            f"{len(shown)} of the {len(wrong)} images that the vote of {len(models)} networks gets wrong "
+            "(true \u2192 answer)",
+        )
     return result
 
 
@@ -147,6 +165,8 @@ def report(result: dict) -> str:
     views = f", each answering from {1 + 4 * k} views of an image (test-time shifts {k})" if k else ""
     lines = [f"{len(result['members'])} networks on {result['data']} ({result['images']:,} images){views}:"]
     lines += [f"  {100 * m['accuracy']:6.2f}%  {m['model']}" for m in result["members"]]
-    lines += [f"  {100 * result['plurality_vote_accuracy']:6.2f}%  plurality vote",
-              f"  {100 * result['averaged_probabilities_accuracy']:6.2f}%  averaged probabilities"]
+    lines += [
+        f"  {100 * result['plurality_vote_accuracy']:6.2f}%  plurality vote",
+        f"  {100 * result['averaged_probabilities_accuracy']:6.2f}%  averaged probabilities",
+    ]
     return "\n".join(lines)

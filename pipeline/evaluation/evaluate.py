@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.tracking import store as tracking
 from pipeline.core.config import require
-from pipeline.data.expand import require_shift
-from pipeline.evaluation.shifts import shifted_probabilities
 from pipeline.core.files import load_npz, write_bytes, write_json
-from pipeline.nn.model_io import load_model
+from pipeline.data.expand import require_shift
 from pipeline.evaluation.plots import confusion_matrix, plot_confusion, plot_gallery
+from pipeline.evaluation.shifts import shifted_probabilities
+from pipeline.nn.model_io import load_model
+from pipeline.tracking import store as tracking
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,13 @@ def evaluate(
         title = f"test accuracy {100 * metrics['test_accuracy']:.2f}% ({len(wrong)} of {len(actual)} wrong)"
         plot_confusion(counts, out_dir / "confusion.png", title)
         shown = wrong[: config.gallery_size]
-        plot_gallery(images[shown], actual[shown], predicted[shown], out_dir / "misclassified.png",
-                     f"{len(shown)} of the {len(wrong)} misclassified test digits (true \u2192 predicted)")
+        plot_gallery(
+            images[shown],
+            actual[shown],
+            predicted[shown],
+            out_dir / "misclassified.png",
+            f"{len(shown)} of the {len(wrong)} misclassified test digits (true \u2192 predicted)",
+        )
         write_json(metrics_path, metrics)
 
         if run is not None:

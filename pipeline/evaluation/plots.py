@@ -41,8 +41,16 @@ def plot_confusion(counts: np.ndarray, path: Path, title: str) -> None:
         for j in range(classes):
             if counts[i, j]:
                 on_dark = i != j and darkest and counts[i, j] > 0.6 * darkest
-                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if on_dark else "black", fontweight="bold" if i == j else "normal")
+                ax.text(
+                    j,
+                    i,
+                    str(counts[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if on_dark else "black",
+                    fontweight="bold" if i == j else "normal",
+                )
     ax.set_xticks(range(classes))
     ax.set_yticks(range(classes))
     ax.set_xlabel("predicted digit")

@@ -13,9 +13,9 @@ and hands its activation to the normalization (``pipeline.nn.layers.BatchNorm``)
     {type: batch_norm, shape: [32, 26, 26], activation: relu}
 
 ``input`` is (channels, height, width); a batch_norm ``shape`` is the layer before's output,
-(channels, height, width) after a conv layer or (units,) after a dense one. Sizes are explicit, as in network3.py, and checked when
-params are loaded: a layer whose input does not match the previous layer's output is refused with
-a message naming both sizes, before anything is compiled.
+(channels, height, width) after a conv layer or (units,) after a dense one. Sizes are explicit, as
+in network3.py, and checked when params are loaded: a layer whose input does not match the
+previous layer's output is refused with a message naming both sizes, before anything is compiled.
 
 The presets are the networks of the book's chapter 6 (plus chapter 1's and chapter 3's) and are
 listed in ``PRESETS``; ``BOOK_SETTINGS`` records the hyperparameters the book trained each with.
@@ -70,10 +70,20 @@ PRESETS: dict[str, list[dict]] = {
     "conv2_relu_fc1000": [_conv1("relu"), _conv2("relu"), _fc(640, 1000, "relu"), _softmax(1000)],
     "conv2_relu_2fc100": [_conv1("relu"), _conv2("relu"), _fc(640, 100, "relu"), _fc(100, 100, "relu"), _softmax(100)],
     "conv2_relu_2fc300": [_conv1("relu"), _conv2("relu"), _fc(640, 300, "relu"), _fc(300, 300, "relu"), _softmax(300)],
-    "conv2_relu_2fc1000": [_conv1("relu"), _conv2("relu"), _fc(640, 1000, "relu"), _fc(1000, 1000, "relu"),
-                           _softmax(1000)],
-    "conv2_relu_dropout": [_conv1("relu"), _conv2("relu"), _fc(640, 1000, "relu", 0.5), _fc(1000, 1000, "relu", 0.5),
-                           _softmax(1000, 0.5)],
+    "conv2_relu_2fc1000": [
+        _conv1("relu"),
+        _conv2("relu"),
+        _fc(640, 1000, "relu"),
+        _fc(1000, 1000, "relu"),
+        _softmax(1000),
+    ],
+    "conv2_relu_dropout": [
+        _conv1("relu"),
+        _conv2("relu"),
+        _fc(640, 1000, "relu", 0.5),
+        _fc(1000, 1000, "relu", 0.5),
+        _softmax(1000, 0.5),
+    ],
     # chapter 1's network.py [784, 30, 10] (quadratic cost) and chapter 3's network2.py [784, 100, 10]
     # (cross-entropy cost), both all-sigmoid
     "chapter1": [_fc(784, 30, "sigmoid"), _fc(30, 10, "sigmoid")],
@@ -112,8 +122,9 @@ def _layer(raw: Any, where: str) -> dict:
     keys = LAYER_KEYS[kind]
     unknown = sorted(set(raw) - set(keys) - {"type"})
     if unknown:
-        raise ConfigError(f"unknown key {where}.{unknown[0]} (value {raw[unknown[0]]!r}); "
-                          f"a {kind} layer takes: {', '.join(keys)}")
+        raise ConfigError(
+            f"unknown key {where}.{unknown[0]} (value {raw[unknown[0]]!r}); a {kind} layer takes: {', '.join(keys)}"
+        )
     layer = {"type": kind}
     for key, default in keys.items():
         if key not in raw and default is None:
@@ -125,8 +136,12 @@ def _layer(raw: Any, where: str) -> dict:
                 raise ConfigError(f"Got {name}={value!r}: expected [channels, height, width], three positive integers")
             value = [int(v) for v in value]
         elif key == "shape":
-            if not (isinstance(value, (list, tuple)) and len(value) in (1, 3) and all(_is_int(v) and v > 0 for v in value)):
-                raise ConfigError(f"Got {name}={value!r}: expected [units] or [channels, height, width], positive integers")
+            if not (
+                isinstance(value, (list, tuple)) and len(value) in (1, 3) and all(_is_int(v) and v > 0 for v in value)
+            ):
+                raise ConfigError(
+                    f"Got {name}={value!r}: expected [units] or [channels, height, width], positive integers"
+                )
             value = [int(v) for v in value]
         elif key == "activation":
             if value not in ACTIVATIONS:
@@ -151,8 +166,10 @@ def _output_shape(layer: dict, where: str) -> tuple[int, ...]:
     channels, height, width = layer["input"]
     conv_h, conv_w = height - layer["kernel"] + 1, width - layer["kernel"] + 1
     if min(conv_h, conv_w) < layer["pool"]:
-        raise ConfigError(f"Got {where}.kernel={layer['kernel']}, pool={layer['pool']}: they do not fit the "
-                          f"{height}x{width} input of {where}")
+        raise ConfigError(
+            f"Got {where}.kernel={layer['kernel']}, pool={layer['pool']}: they do not fit the "
+            f"{height}x{width} input of {where}"
+        )
     return (layer["filters"], conv_h // layer["pool"], conv_w // layer["pool"])
 
 
@@ -163,8 +180,9 @@ def resolve(architecture: str | list, key: str = "train.architecture") -> list[d
     """
     if isinstance(architecture, str):
         if architecture not in PRESETS:
-            raise ConfigError(f"Got {key}={architecture!r}: not a preset; presets: {', '.join(PRESETS)} "
-                              "(or give a list of layers)")
+            raise ConfigError(
+                f"Got {key}={architecture!r}: not a preset; presets: {', '.join(PRESETS)} (or give a list of layers)"
+            )
         raw, prefix = PRESETS[architecture], f"{key} (preset {architecture})"
     elif isinstance(architecture, (list, tuple)) and architecture:
         raw, prefix = architecture, key
@@ -179,8 +197,10 @@ def resolve(architecture: str | list, key: str = "train.architecture") -> list[d
             wanted = tuple(layer["input"])
             # after a dense layer a conv layer may re-read its values as an image of the same size
             if wanted != previous and (len(previous) == 3 or int(np.prod(wanted)) != previous[0]):
-                raise ConfigError(f"Got {where}.input={list(wanted)}: {previous_name} outputs "
-                                  f"{list(previous)} ({int(np.prod(previous))} values)")
+                raise ConfigError(
+                    f"Got {where}.input={list(wanted)}: {previous_name} outputs "
+                    f"{list(previous)} ({int(np.prod(previous))} values)"
+                )
         elif layer["type"] == "batch_norm":
             if tuple(layer["shape"]) != previous:
                 raise ConfigError(f"Got {where}.shape={layer['shape']}: {previous_name} outputs {list(previous)}")
@@ -191,8 +211,10 @@ def resolve(architecture: str | list, key: str = "train.architecture") -> list[d
         previous = _output_shape(layer, where)
         previous_name = f"{where} ({layer['type']})"
     if previous != (N_CLASSES,):
-        raise ConfigError(f"Got {prefix}[{len(layers) - 1}] with {int(np.prod(previous))} outputs: the last layer "
-                          f"must have n_out={N_CLASSES}, one per digit")
+        raise ConfigError(
+            f"Got {prefix}[{len(layers) - 1}] with {int(np.prod(previous))} outputs: the last layer "
+            f"must have n_out={N_CLASSES}, one per digit"
+        )
     return layers
 
 
@@ -202,11 +224,24 @@ def build(layers: list[dict], *, rng: np.random.Generator, init: str = "book") -
     for i, spec in enumerate(layers):
         name = f"layer{i}"
         if spec["type"] == "conv_pool":
-            built.append(ConvPool(spec["input"], spec["filters"], spec["kernel"], spec["pool"], spec["activation"],
-                                  rng=rng, init=init, name=name))
+            built.append(
+                ConvPool(
+                    spec["input"],
+                    spec["filters"],
+                    spec["kernel"],
+                    spec["pool"],
+                    spec["activation"],
+                    rng=rng,
+                    init=init,
+                    name=name,
+                )
+            )
         elif spec["type"] == "fully_connected":
-            built.append(FullyConnected(spec["n_in"], spec["n_out"], spec["activation"], spec["p_dropout"],
-                                        rng=rng, init=init, name=name))
+            built.append(
+                FullyConnected(
+                    spec["n_in"], spec["n_out"], spec["activation"], spec["p_dropout"], rng=rng, init=init, name=name
+                )
+            )
         elif spec["type"] == "batch_norm":
             built.append(BatchNorm(spec["shape"], spec["activation"], rng=rng, init=init, name=name))
         else:

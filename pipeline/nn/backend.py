@@ -34,8 +34,9 @@ import logging
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -46,8 +47,10 @@ DEVICES = ("cpu", "gpu")
 # The one command that makes the theano-pymc environment (from the repository root). The package goes
 # in without its dependencies: PyTensor, JAX and DVC are the main environment's, and need numpy 2.
 THEANO_ENV = ".venv-theano"
-THEANO_INSTALL = (f"python3 -m venv {THEANO_ENV} && {THEANO_ENV}/bin/pip install -r pipeline/requirements-theano.txt "
-                  f"&& {THEANO_ENV}/bin/pip install --no-deps -e .")
+THEANO_INSTALL = (
+    f"python3 -m venv {THEANO_ENV} && {THEANO_ENV}/bin/pip install -r pipeline/requirements-theano.txt "
+    f"&& {THEANO_ENV}/bin/pip install --no-deps -e ."
+)
 
 
 @dataclass(frozen=True)
@@ -81,16 +84,25 @@ def _pytensor_graph() -> Graph:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
     def scan(fn, *, sequences, outputs_info, non_sequences):
-        return pytensor.scan(fn, sequences=sequences, outputs_info=outputs_info, non_sequences=non_sequences,
-                             return_updates=False)
+        return pytensor.scan(
+            fn, sequences=sequences, outputs_info=outputs_info, non_sequences=non_sequences, return_updates=False
+        )
 
-    return Graph(library="pytensor", tensor=pt,
-                 shared=lambda value, name: pytensor.shared(value, name=name, shape=value.shape),
-                 variable=lambda name, dtype, shape: pt.tensor(name, dtype=dtype, shape=shape),
-                 sigmoid=pt.sigmoid, softplus=pt.softplus,
-                 softmax=lambda z: pt.special.softmax(z, axis=-1),
-                 log_softmax=lambda z: pt.special.log_softmax(z, axis=-1),
-                 grad=pytensor.grad, scan=scan, clone_replace=clone_replace, conv2d_valid=None, max_pool=None)
+    return Graph(
+        library="pytensor",
+        tensor=pt,
+        shared=lambda value, name: pytensor.shared(value, name=name, shape=value.shape),
+        variable=lambda name, dtype, shape: pt.tensor(name, dtype=dtype, shape=shape),
+        sigmoid=pt.sigmoid,
+        softplus=pt.softplus,
+        softmax=lambda z: pt.special.softmax(z, axis=-1),
+        log_softmax=lambda z: pt.special.log_softmax(z, axis=-1),
+        grad=pytensor.grad,
+        scan=scan,
+        clone_replace=clone_replace,
+        conv2d_valid=None,
+        max_pool=None,
+    )
 
 
 def _theano_graph() -> Graph:
@@ -105,9 +117,11 @@ except ImportError:
     try:
         graph = _theano_graph()
     except ImportError as e:
-        raise PipelineError(f"neither PyTensor nor theano-pymc can be imported ({e}): install the package with "
-                            f"pip install -e . (engines jax and c), or make the theano-pymc environment with "
-                            f"{THEANO_INSTALL}") from None
+        raise PipelineError(
+            f"neither PyTensor nor theano-pymc can be imported ({e}): install the package with "
+            f"pip install -e . (engines jax and c), or make the theano-pymc environment with "
+            f"{THEANO_INSTALL}"
+        ) from None
 else:
     graph = _pytensor_graph()
 
@@ -117,14 +131,18 @@ DEFAULT_ENGINE = "jax" if graph.library == "pytensor" else "theano-pymc"
 def engine_unavailable(engine: str) -> str | None:
     """Why ``engine`` cannot run in this environment (naming what to do instead), or None when it can."""
     if engine == "theano-pymc" and graph.library != "theano-pymc":
-        return (f"engine theano-pymc is not installed in this environment (it needs numpy < 1.24, PyTensor needs "
-                f"numpy >= 2, so it has an environment of its own). Create it once, from the repository root, with: "
-                f"{THEANO_INSTALL}  (on Debian/Ubuntu first: apt-get install libopenblas-dev); then run the stage "
-                f"with {THEANO_ENV}/bin/python -m pipeline train")
+        return (
+            f"engine theano-pymc is not installed in this environment (it needs numpy < 1.24, PyTensor needs "
+            f"numpy >= 2, so it has an environment of its own). Create it once, from the repository root, with: "
+            f"{THEANO_INSTALL}  (on Debian/Ubuntu first: apt-get install libopenblas-dev); then run the stage "
+            f"with {THEANO_ENV}/bin/python -m pipeline train"
+        )
     if engine in ("jax", "c") and graph.library != "pytensor":
-        return (f"engine {engine} needs PyTensor, and this is the theano-pymc environment (numpy < 1.24, no "
-                f"PyTensor): use train.engine: theano-pymc here, or the main environment (pip install -e .) "
-                f"for jax and c")
+        return (
+            f"engine {engine} needs PyTensor, and this is the theano-pymc environment (numpy < 1.24, no "
+            f"PyTensor): use train.engine: theano-pymc here, or the main environment (pip install -e .) "
+            f"for jax and c"
+        )
     return None
 
 
@@ -151,7 +169,9 @@ class Backend:
             self.mode = "JAX"
             return
         if device != "cpu":
-            raise PipelineError(f"engine {engine} runs on the CPU only (got device {device!r}); use engine jax for a GPU")
+            raise PipelineError(
+                f"engine {engine} runs on the CPU only (got device {device!r}); use engine jax for a GPU"
+            )
         if engine == "theano-pymc":
             from pipeline.nn import theano_engine
 
@@ -188,8 +208,9 @@ class Backend:
             warnings.filterwarnings("ignore", message="Skipping .* Op .* as JAX tracing would remove it")
             warnings.filterwarnings("ignore", message="PyTensor could not link to a BLAS installation")
             with _temporary_files_removed() if self.engine == "jax" else contextlib.nullcontext():
-                fn = pytensor.function(list(inputs), list(outputs), updates=list(updates), mode=self.mode,
-                                       on_unused_input="ignore")
+                fn = pytensor.function(
+                    list(inputs), list(outputs), updates=list(updates), mode=self.mode, on_unused_input="ignore"
+                )
 
         def call(*args) -> list[np.ndarray]:
             with warnings.catch_warnings():

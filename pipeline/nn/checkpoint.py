@@ -25,9 +25,19 @@ CHECKPOINT_FORMAT = 1
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # pipeline/
 # The code that computes a training's steps, relative to the package: a change to any of them makes a
 # checkpoint unusable (and the table names the networks it trained as trained by other code).
-TRAINING_SOURCES = ("nn/training.py", "nn/checkpoint.py", "nn/trainer.py", "nn/network.py", "nn/layers.py",
-                    "nn/convolution.py", "nn/architecture.py", "nn/backend.py", "nn/theano_engine.py", "nn/sgd.py",
-                    "data/distort.py")
+TRAINING_SOURCES = (
+    "nn/training.py",
+    "nn/checkpoint.py",
+    "nn/trainer.py",
+    "nn/network.py",
+    "nn/layers.py",
+    "nn/convolution.py",
+    "nn/architecture.py",
+    "nn/backend.py",
+    "nn/theano_engine.py",
+    "nn/sgd.py",
+    "data/distort.py",
+)
 # Keys that do not change what any single epoch computes, so a checkpoint survives a change to them
 # (steps_per_call only groups the same steps into calls: the weights come out bit for bit the same).
 NOT_FINGERPRINTED = ("epochs", "early_stopping_patience", "steps_per_call")
@@ -45,7 +55,6 @@ def fingerprint(config: TrainConfig, train_path: Path, validation_path: Path) ->
 def training_source_hashes() -> dict[str, str]:
     """The sha256 of each file of the training code (``TRAINING_SOURCES``), in that order."""
     return {name: sha256_file(PACKAGE_DIR / name) for name in TRAINING_SOURCES}
-
 
 
 def save_checkpoint(path: Path, state: dict, params: list, best: list | None, velocities: list) -> None:
@@ -66,10 +75,14 @@ def load_checkpoint(path: Path, expected_fingerprint: str, epochs: int):
         log.warning("ignoring unreadable checkpoint %s (%s); starting afresh", path, e)
         return None
     if state.get("fingerprint") != expected_fingerprint:
-        log.info("ignoring checkpoint %s: it was made with other train params, data or training code; starting afresh", path)
+        log.info(
+            "ignoring checkpoint %s: it was made with other train params, data or training code; starting afresh", path
+        )
         return None
     if state["epochs_done"] > epochs:
-        log.info("ignoring checkpoint %s: it is at epoch %d, beyond train.epochs=%d", path, state["epochs_done"], epochs)
+        log.info(
+            "ignoring checkpoint %s: it is at epoch %d, beyond train.epochs=%d", path, state["epochs_done"], epochs
+        )
         return None
 
     def group(prefix):

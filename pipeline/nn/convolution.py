@@ -8,7 +8,8 @@ matrix multiply: the ``kh*kw`` shifted windows of the input are concatenated alo
 ("im2col", built from plain slices), then multiplied by the filters reshaped to
 ``(kh*kw*channels, filters)``. Autodiff of slices and a dot gives the gradients, so the same graph
 runs on every PyTensor backend. Measured on 2 CPU cores this form beats both a per-offset sum of
-small dots and a custom Op dispatched to ``jax.lax.conv_general_dilated`` (see ``pipeline.benchmarks.train --conv-lax``).
+small dots and a custom Op dispatched to ``jax.lax.conv_general_dilated`` (see
+``pipeline.benchmarks.train --conv-lax``).
 
 Like the book's ``conv.conv2d`` these are cross-correlations of the input with the filters, not
 flipped-kernel convolutions; with learned, randomly initialised filters the two are the same model.

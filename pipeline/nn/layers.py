@@ -94,8 +94,17 @@ class FullyConnected:
     kind = "fully_connected"
     statistics = ()
 
-    def __init__(self, n_in: int, n_out: int, activation: str = "sigmoid", p_dropout: float = 0.0,
-                 *, rng: np.random.Generator, init: str = "book", name: str = "fc"):
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        activation: str = "sigmoid",
+        p_dropout: float = 0.0,
+        *,
+        rng: np.random.Generator,
+        init: str = "book",
+        name: str = "fc",
+    ):
         _check(activation, p_dropout, init)
         self.n_in, self.n_out = int(n_in), int(n_out)
         self.activation, self.p_dropout = activation, float(p_dropout)
@@ -113,8 +122,13 @@ class FullyConnected:
         return ACTIVATIONS[self.activation](self.preactivation(x, deterministic=deterministic, keep=keep))
 
     def spec(self) -> dict:
-        return {"type": self.kind, "n_in": self.n_in, "n_out": self.n_out,
-                "activation": self.activation, "p_dropout": self.p_dropout}
+        return {
+            "type": self.kind,
+            "n_in": self.n_in,
+            "n_out": self.n_out,
+            "activation": self.activation,
+            "p_dropout": self.p_dropout,
+        }
 
 
 class Softmax:
@@ -124,8 +138,16 @@ class Softmax:
     activation = "softmax"
     statistics = ()
 
-    def __init__(self, n_in: int, n_out: int, p_dropout: float = 0.0,
-                 *, rng: np.random.Generator | None = None, init: str = "book", name: str = "softmax"):
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        p_dropout: float = 0.0,
+        *,
+        rng: np.random.Generator | None = None,
+        init: str = "book",
+        name: str = "softmax",
+    ):
         _check("linear", p_dropout, init)
         self.n_in, self.n_out, self.p_dropout = int(n_in), int(n_out), float(p_dropout)
         self.w = _shared(np.zeros((self.n_in, self.n_out)), f"{name}.w")
@@ -156,8 +178,18 @@ class ConvPool:
     p_dropout = 0.0
     statistics = ()
 
-    def __init__(self, input_shape, filters: int, kernel: int = 5, pool: int = 2, activation: str = "sigmoid",
-                 *, rng: np.random.Generator, init: str = "book", name: str = "conv"):
+    def __init__(
+        self,
+        input_shape,
+        filters: int,
+        kernel: int = 5,
+        pool: int = 2,
+        activation: str = "sigmoid",
+        *,
+        rng: np.random.Generator,
+        init: str = "book",
+        name: str = "conv",
+    ):
         _check(activation, 0.0, init)
         channels, height, width = (int(v) for v in input_shape)
         self.input_shape = (channels, height, width)
@@ -182,8 +214,14 @@ class ConvPool:
         return ACTIVATIONS[self.activation](y + self.b)
 
     def spec(self) -> dict:
-        return {"type": self.kind, "input": list(self.input_shape), "filters": self.filters,
-                "kernel": self.kernel, "pool": self.pool, "activation": self.activation}
+        return {
+            "type": self.kind,
+            "input": list(self.input_shape),
+            "filters": self.filters,
+            "kernel": self.kernel,
+            "pool": self.pool,
+            "activation": self.activation,
+        }
 
 
 class BatchNorm:
@@ -204,13 +242,22 @@ class BatchNorm:
     p_dropout = 0.0
     EPSILON = np.float32(1e-5)
 
-    def __init__(self, shape, activation: str = "linear", *, rng: np.random.Generator | None = None,
-                 init: str = "book", name: str = "bn"):
+    def __init__(
+        self,
+        shape,
+        activation: str = "linear",
+        *,
+        rng: np.random.Generator | None = None,
+        init: str = "book",
+        name: str = "bn",
+    ):
         _check(activation, 0.0, init)
         self.shape = tuple(int(v) for v in shape)
         if len(self.shape) not in (1, 3) or min(self.shape) < 1:
-            raise ValueError(f"Got shape={list(shape)!r} for a batch_norm layer: expected [units] or "
-                             "[channels, height, width], positive integers")
+            raise ValueError(
+                f"Got shape={list(shape)!r} for a batch_norm layer: expected [units] or "
+                "[channels, height, width], positive integers"
+            )
         self.activation = activation
         self.n_in = self.n_out = int(np.prod(self.shape))
         units = self.shape[0]  # what is normalized separately: dense units, or conv channels

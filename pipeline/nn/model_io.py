@@ -2,8 +2,9 @@
 
 ``architecture.json`` holds the layer dicts (``pipeline.nn.architecture`` format), the cost and a
 description of the array layout; ``model.npz`` holds one float32 array per parameter, named
-``layer{i}.w`` / ``layer{i}.b`` (a batch_norm layer's ``layer{i}.gamma`` / ``.beta`` / ``.mean`` / ``.var``). Conv filters are stored (kh, kw, in_channels, filters) and dense
-weights (n_in, n_out), with activations flattened channels-last (height, width, channels).
+``layer{i}.w`` / ``layer{i}.b`` (a batch_norm layer's ``layer{i}.gamma`` / ``.beta`` / ``.mean`` /
+``.var``). Conv filters are stored (kh, kw, in_channels, filters) and dense weights (n_in, n_out),
+with activations flattened channels-last (height, width, channels).
 
     model = load_model("data/model")
     labels = model.predict(images)           # uint8 (N, 28, 28) or float in [0, 1]; any N
@@ -18,28 +19,41 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.nn.architecture import build, resolve
-from pipeline.nn.backend import Backend
 from pipeline.core.config import PipelineError
 from pipeline.core.files import load_npz, save_npz, write_json
+from pipeline.nn.architecture import build, resolve
+from pipeline.nn.backend import Backend
 from pipeline.nn.network import Network
 from pipeline.nn.trainer import Inference
 
 FORMAT = 1
 WEIGHTS_FILE = "model.npz"
 ARCHITECTURE_FILE = "architecture.json"
-LAYOUT = ("conv filters (kh, kw, in_channels, filters); dense weights (n_in, n_out); "
-          "activations channels-last, flattened as (height, width, channels); inputs 28x28 images / 255")
+LAYOUT = (
+    "conv filters (kh, kw, in_channels, filters); dense weights (n_in, n_out); "
+    "activations channels-last, flattened as (height, width, channels); inputs 28x28 images / 255"
+)
 
 
-def save_model(model_dir: str | Path, network: Network, values: list[np.ndarray] | None = None, *,
-               cost: str = "log-likelihood", metadata: dict[str, Any] | None = None) -> None:
+def save_model(
+    model_dir: str | Path,
+    network: Network,
+    values: list[np.ndarray] | None = None,
+    *,
+    cost: str = "log-likelihood",
+    metadata: dict[str, Any] | None = None,
+) -> None:
     """Write ``network``'s parameters (or ``values``, in ``network.param_names()`` order) and architecture."""
     model_dir = Path(model_dir)
     values = network.get_values() if values is None else values
     arrays = dict(zip(network.param_names(), values, strict=True))
-    description = {"format": FORMAT, "layers": network.spec(), "cost": cost, "layout": LAYOUT,
-                   "metadata": metadata or {}}
+    description = {
+        "format": FORMAT,
+        "layers": network.spec(),
+        "cost": cost,
+        "layout": LAYOUT,
+        "metadata": metadata or {},
+    }
     save_npz(model_dir / WEIGHTS_FILE, **arrays)
     write_json(model_dir / ARCHITECTURE_FILE, description)
 

@@ -16,7 +16,7 @@ the mini-batch size: network2's lmbda = 5.0 with batches of 10 is network3's lmb
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -7,7 +7,7 @@ The learning-rate schedule and early stopping are decided per epoch by the train
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

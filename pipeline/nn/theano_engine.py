@@ -59,8 +59,10 @@ def _set_flags() -> None:
         if _openblas_linkable():
             ours.append("blas__ldflags=-lopenblas")
         else:
-            log.warning("libopenblas.so not found (apt-get install libopenblas-dev): theano-pymc's dot products "
-                        "fall back to NumPy and training is slower")
+            log.warning(
+                "libopenblas.so not found (apt-get install libopenblas-dev): theano-pymc's dot products "
+                "fall back to NumPy and training is slower"
+            )
     os.environ["THEANO_FLAGS"] = ",".join(ours + ([user] if user else []))
 
 
@@ -76,7 +78,7 @@ import theano.tensor as T  # noqa: E402
 from theano.tensor.signal.pool import pool_2d  # noqa: E402
 
 
-def variable(name: str, dtype: str, shape) -> "T.TensorVariable":
+def variable(name: str, dtype: str, shape) -> T.TensorVariable:
     """A symbolic input with ``len(shape)`` axes (Theano has no static sizes; none is broadcastable)."""
     return T.TensorType(dtype, (False,) * len(shape))(name)
 
@@ -94,8 +96,9 @@ def log_softmax(z):
 
 
 def scan(fn, *, sequences, outputs_info, non_sequences) -> list:
-    outputs, _ = theano.scan(fn, sequences=sequences, outputs_info=outputs_info, non_sequences=non_sequences,
-                             return_list=True)
+    outputs, _ = theano.scan(
+        fn, sequences=sequences, outputs_info=outputs_info, non_sequences=non_sequences, return_list=True
+    )
     return outputs
 
 
@@ -127,10 +130,21 @@ def compile_function(inputs, outputs, updates):
 
 def graph_entries() -> dict:
     """The ``pipeline.nn.backend.Graph`` fields for theano-pymc."""
-    return {"library": "theano-pymc", "tensor": T, "shared": shared, "variable": variable,
-            "sigmoid": T.nnet.sigmoid, "softplus": T.nnet.softplus, "softmax": softmax, "log_softmax": log_softmax,
-            "grad": theano.grad, "scan": scan, "clone_replace": clone_replace,
-            "conv2d_valid": conv2d_valid, "max_pool": max_pool}
+    return {
+        "library": "theano-pymc",
+        "tensor": T,
+        "shared": shared,
+        "variable": variable,
+        "sigmoid": T.nnet.sigmoid,
+        "softplus": T.nnet.softplus,
+        "softmax": softmax,
+        "log_softmax": log_softmax,
+        "grad": theano.grad,
+        "scan": scan,
+        "clone_replace": clone_replace,
+        "conv2d_valid": conv2d_valid,
+        "max_pool": max_pool,
+    }
 
 
 def device_name() -> str:

@@ -12,7 +12,7 @@ NumPy, so a run is the same on every engine and can be resumed exactly.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -37,18 +37,28 @@ def as_float_images(images: np.ndarray) -> np.ndarray:
 class Trainer:
     """``train_steps`` (K SGD steps in one call) and ``probabilities`` (inference) for ``network``."""
 
-    def __init__(self, network: Network, backend: Backend, *, batch_size: int, cost: str = "log-likelihood",
-                 lmbda: float = 0.0, num_training_batches: int = 1, momentum: float = 0.0,
-                 eval_batch_size: int = 500):
+    def __init__(
+        self,
+        network: Network,
+        backend: Backend,
+        *,
+        batch_size: int,
+        cost: str = "log-likelihood",
+        lmbda: float = 0.0,
+        num_training_batches: int = 1,
+        momentum: float = 0.0,
+        eval_batch_size: int = 500,
+    ):
         network.check_cost(cost)
         self.network, self.backend = network, backend
         self.batch_size, self.cost, self.lmbda = batch_size, cost, lmbda
         self.num_training_batches, self.momentum = num_training_batches, momentum
         self.eval_batch_size = eval_batch_size
-        self.velocities = [
-            graph.shared(np.zeros_like(p.get_value(borrow=True)), f"{p.name}.velocity")
-            for p in network.params
-        ] if momentum else []
+        self.velocities = (
+            [graph.shared(np.zeros_like(p.get_value(borrow=True)), f"{p.name}.velocity") for p in network.params]
+            if momentum
+            else []
+        )
         self._train_fns: dict = {}
         self._moments_fn = None
         self.inference = Inference(network, backend, batch_size=eval_batch_size)
@@ -59,8 +69,9 @@ class Trainer:
         n_params, n_drop = len(net.params), len(net.dropout_layers)
         xs = graph.variable("images", "uint8", (steps, bs, net.n_in))  # (K, bs, 784)
         ys = graph.variable("labels", "uint8", (steps, bs))  # (K, bs)
-        keeps = [graph.variable(f"keep{i}", "uint8", (steps, bs, net.layers[i].n_in))
-                 for i in net.dropout_layers]  # (K, bs, n_in) each
+        keeps = [
+            graph.variable(f"keep{i}", "uint8", (steps, bs, net.layers[i].n_in)) for i in net.dropout_layers
+        ]  # (K, bs, n_in) each
         eta = pt.scalar("eta", dtype="float32")
 
         def step(x_u8, y, *rest):
@@ -68,8 +79,9 @@ class Trainer:
             params_now, velocities_now = state[:n_params], state[n_params:]
             x = pt.cast(x_u8, "float32") * IMAGE_SCALE  # (bs, 784) in [0, 1]
             masks = [pt.cast(k, "float32") for k in keep_now]
-            objective = net.objective(x, y, cost=self.cost, lmbda=self.lmbda,
-                                      num_training_batches=self.num_training_batches, keeps=masks)
+            objective = net.objective(
+                x, y, cost=self.cost, lmbda=self.lmbda, num_training_batches=self.num_training_batches, keeps=masks
+            )
             grads = graph.grad(objective, net.params)
             # The graph was built on the shared parameters; run it on this step's state instead.
             objective, *grads = graph.clone_replace([objective, *grads], replace=dict(zip(net.params, params_now)))
@@ -79,14 +91,17 @@ class Trainer:
                 updates = sgd.sgd(grads, params_now, eta_now)
             return [new for _, new in updates] + [objective]
 
-        outputs = graph.scan(step, sequences=[xs, ys, *keeps], outputs_info=[*net.params, *self.velocities, None],
-                             non_sequences=[eta])
+        outputs = graph.scan(
+            step, sequences=[xs, ys, *keeps], outputs_info=[*net.params, *self.velocities, None], non_sequences=[eta]
+        )
         finals = [out[-1] for out in outputs[:-1]]
         costs = outputs[-1]  # (K,)
         updates = list(zip([*net.params, *self.velocities], finals))
         return self.backend.function([xs, ys, *keeps, eta], [costs], updates=updates)
 
-    def train_steps(self, images: np.ndarray, labels: np.ndarray, keeps: Sequence[np.ndarray], eta: float) -> np.ndarray:
+    def train_steps(
+        self, images: np.ndarray, labels: np.ndarray, keeps: Sequence[np.ndarray], eta: float
+    ) -> np.ndarray:
         """Run one SGD step per mini-batch: images uint8 (K, bs, n_in), labels (K, bs), keeps uint8
         (K, bs, n_in) per dropout layer. Updates the network's parameters; returns the K step costs."""
         steps = len(images)
@@ -113,8 +128,10 @@ class Trainer:
         n_batches = len(images) // batch
         if n_batches == 0:
             raise ValueError(f"setting the batch-norm statistics needs at least {batch} images, got {len(images)}")
-        batches = [self._moments_fn(as_float_images(images[start:start + batch]))
-                   for start in range(0, n_batches * batch, batch)]
+        batches = [
+            self._moments_fn(as_float_images(images[start : start + batch]))
+            for start in range(0, n_batches * batch, batch)
+        ]
         values = []
         for i in range(0, len(net.statistics), 2):
             means = np.stack([moments[i] for moments in batches]).astype(np.float64)  # (n_batches, units)

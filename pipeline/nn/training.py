@@ -32,8 +32,8 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -44,8 +44,8 @@ from pipeline.data import distort
 from pipeline.data.splits import load_split
 from pipeline.nn.architecture import build
 from pipeline.nn.backend import Backend
-from pipeline.nn.config import TrainConfig, TrainPaths
 from pipeline.nn.checkpoint import CHECKPOINT_FILE, fingerprint, load_checkpoint, save_checkpoint
+from pipeline.nn.config import TrainConfig, TrainPaths
 from pipeline.nn.model_io import save_model
 from pipeline.nn.trainer import Trainer
 
@@ -116,8 +116,13 @@ class _Session:
         return self.n_batches * self.config.batch_size  # as the book, a last partial mini-batch is left out
 
 
-def train(config: TrainConfig, paths: TrainPaths, *, progress: bool = True,
-          on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+def train(
+    config: TrainConfig,
+    paths: TrainPaths,
+    *,
+    progress: bool = True,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> dict:
     """Train, write the model, metrics and checkpoints; return the summary (as in train.json) plus
     ``history``, the list of per-epoch metric dicts.
 
@@ -142,11 +147,24 @@ def _start(config: TrainConfig, paths: TrainPaths) -> _Session:
         raise PipelineError(f"{paths.train} has {len(images)} images, fewer than train.batch_size={config.batch_size}")
     backend = Backend(config.engine, config.device)
     network = build(config.layers(), rng=np.random.default_rng([config.seed, 0]), init=config.init)
-    trainer = Trainer(network, backend, batch_size=config.batch_size, cost=config.cost, lmbda=config.lmbda,
-                      num_training_batches=n_batches, momentum=config.momentum)
+    trainer = Trainer(
+        network,
+        backend,
+        batch_size=config.batch_size,
+        cost=config.cost,
+        lmbda=config.lmbda,
+        num_training_batches=n_batches,
+        momentum=config.momentum,
+    )
     name = config.architecture if isinstance(config.architecture, str) else "a custom network"
-    log.info("training %s (%d parameters) on %d %s images, %s", name, network.count_params(), len(images),
-             config.dataset, backend)
+    log.info(
+        "training %s (%d parameters) on %d %s images, %s",
+        name,
+        network.count_params(),
+        len(images),
+        config.dataset,
+        backend,
+    )
 
     expected = fingerprint(config, paths.train, paths.validation)
     restored = load_checkpoint(paths.checkpoints / CHECKPOINT_FILE, expected, config.epochs)
@@ -158,10 +176,19 @@ def _start(config: TrainConfig, paths: TrainPaths) -> _Session:
         state["resumed_from_epoch"] = state["epochs_done"]
         log.info("resuming after epoch %d from %s", state["epochs_done"], paths.checkpoints / CHECKPOINT_FILE)
     else:
-        state = {"fingerprint": expected, "epochs_done": 0, "history": [], "best_accuracy": None, "best_epoch": None,
-                 "improved_epoch": None, "stopped": "running", "resumed_from_epoch": 0}
-    return _Session(config, paths, (images, labels, val_images, val_labels), n_batches, backend, trainer, state,
-                    best_values)
+        state = {
+            "fingerprint": expected,
+            "epochs_done": 0,
+            "history": [],
+            "best_accuracy": None,
+            "best_epoch": None,
+            "improved_epoch": None,
+            "stopped": "running",
+            "resumed_from_epoch": 0,
+        }
+    return _Session(
+        config, paths, (images, labels, val_images, val_labels), n_batches, backend, trainer, state, best_values
+    )
 
 
 def _train_epochs(session: _Session, progress: bool, on_epoch) -> int | None:
@@ -181,8 +208,9 @@ def _train_epochs(session: _Session, progress: bool, on_epoch) -> int | None:
             if epoch < config.epochs:
                 upcoming = prefetch.submit(_epoch_images, config, images, epoch + 1)
             eta = config.eta_at(epoch)
-            cost_sum, diverged = _train_epoch(config, session.trainer, epoch_images, order, session.data[1], epoch,
-                                              session.n_batches, eta, progress)
+            cost_sum, diverged = _train_epoch(
+                config, session.trainer, epoch_images, order, session.data[1], epoch, session.n_batches, eta, progress
+            )
             if diverged:
                 return diverged
             row = _end_epoch(session, epoch, cost_sum, eta, time.perf_counter() - start)
@@ -197,8 +225,11 @@ def _patience_ran_out(config: TrainConfig, state: dict, epoch: int) -> bool:
     patience = config.early_stopping_patience
     if patience and state["improved_epoch"] and epoch - 1 - state["improved_epoch"] >= patience:
         state["stopped"] = "early_stopping"
-        log.info("stopping early: no better validation accuracy in the %d epochs after epoch %d", patience,
-                 state["improved_epoch"])
+        log.info(
+            "stopping early: no better validation accuracy in the %d epochs after epoch %d",
+            patience,
+            state["improved_epoch"],
+        )
         return True
     return False
 
@@ -209,8 +240,14 @@ def _end_epoch(session: _Session, epoch: int, cost_sum: float, eta: float, secon
     images, _, val_images, val_labels = session.data
     trainer.set_statistics(images[:STATISTICS_IMAGES])  # BatchNorm's, for inference; undistorted
     accuracy = trainer.accuracy(val_images, val_labels)
-    row = {"epoch": epoch, "train_cost": cost_sum / session.n_batches, "validation_accuracy": accuracy,
-           "seconds": round(seconds, 3), "images_per_second": round(session.n_used / seconds, 1), "eta": eta}
+    row = {
+        "epoch": epoch,
+        "train_cost": cost_sum / session.n_batches,
+        "validation_accuracy": accuracy,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(session.n_used / seconds, 1),
+        "eta": eta,
+    }
     state["history"].append(row)
     if state["best_accuracy"] is None or accuracy > state["best_accuracy"]:
         state["improved_epoch"] = epoch  # early stopping waits for a strict improvement
@@ -218,11 +255,24 @@ def _end_epoch(session: _Session, epoch: int, cost_sum: float, eta: float, secon
         state["best_accuracy"], state["best_epoch"] = accuracy, epoch  # a tie moves to the later epoch, as the book
         session.best_values = network.get_values()
     state["epochs_done"] = epoch
-    save_checkpoint(session.paths.checkpoints / CHECKPOINT_FILE, state, network.get_values(), session.best_values,
-                    trainer.velocity_values())
-    log.info("epoch %d/%d: train cost %.4f, validation accuracy %.2f%% (best %.2f%% at epoch %d), %.1f s, "
-             "%.0f images/s", epoch, session.config.epochs, row["train_cost"], 100 * accuracy,
-             100 * state["best_accuracy"], state["best_epoch"], seconds, session.n_used / seconds)
+    save_checkpoint(
+        session.paths.checkpoints / CHECKPOINT_FILE,
+        state,
+        network.get_values(),
+        session.best_values,
+        trainer.velocity_values(),
+    )
+    log.info(
+        "epoch %d/%d: train cost %.4f, validation accuracy %.2f%% (best %.2f%% at epoch %d), %.1f s, %.0f images/s",
+        epoch,
+        session.config.epochs,
+        row["train_cost"],
+        100 * accuracy,
+        100 * state["best_accuracy"],
+        state["best_epoch"],
+        seconds,
+        session.n_used / seconds,
+    )
     return row
 
 
@@ -235,15 +285,28 @@ def _finish(session: _Session, diverged: int | None) -> dict:
     write_bytes(paths.metrics / EPOCHS_FILE, epochs_csv(state["history"]))
     write_json(paths.metrics / SUMMARY_FILE, summary)
     if session.best_values is not None:
-        save_model(paths.model, network, session.best_values, cost=config.cost,
-                   metadata={"best_epoch": state["best_epoch"], "best_validation_accuracy": state["best_accuracy"],
-                             "train": dataclasses.asdict(config)})
+        save_model(
+            paths.model,
+            network,
+            session.best_values,
+            cost=config.cost,
+            metadata={
+                "best_epoch": state["best_epoch"],
+                "best_validation_accuracy": state["best_accuracy"],
+                "train": dataclasses.asdict(config),
+            },
+        )
     if diverged:
-        kept = (f"the model of epoch {state['best_epoch']} (validation accuracy {100 * state['best_accuracy']:.2f}%) "
-                f"was written to {paths.model}" if session.best_values is not None
-                else "no epoch finished, so no model was written")
-        raise TrainingDiverged(f"epoch {diverged}: the training cost became NaN or infinite; {kept}. "
-                               f"Try a smaller train.eta (now {config.eta}).")
+        kept = (
+            f"the model of epoch {state['best_epoch']} (validation accuracy {100 * state['best_accuracy']:.2f}%) "
+            f"was written to {paths.model}"
+            if session.best_values is not None
+            else "no epoch finished, so no model was written"
+        )
+        raise TrainingDiverged(
+            f"epoch {diverged}: the training cost became NaN or infinite; {kept}. "
+            f"Try a smaller train.eta (now {config.eta})."
+        )
     return {**summary, "history": state["history"]}
 
 
@@ -252,15 +315,25 @@ def _notify(on_epoch, row: dict, state: dict, *, resumed: bool) -> None:
         return
     so_far = state["history"][: state["history"].index(row) + 1]
     best_row = max(reversed(so_far), key=lambda r: r["validation_accuracy"])  # ties: the later epoch
-    on_epoch(row["epoch"], {**row, "best_validation_accuracy": best_row["validation_accuracy"],
-                            "best_epoch": best_row["epoch"], "resumed": resumed})
+    on_epoch(
+        row["epoch"],
+        {
+            **row,
+            "best_validation_accuracy": best_row["validation_accuracy"],
+            "best_epoch": best_row["epoch"],
+            "resumed": resumed,
+        },
+    )
 
 
 def _epoch_images(config: TrainConfig, images: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """(images, order): the epoch visits ``images[order]``. With ``train.distort_*`` the images are the
     epoch's own copy of the training set, each image distorted afresh (drawn in visiting order)."""
-    order = (np.random.default_rng([config.seed, 1, epoch]).permutation(len(images)) if config.shuffle
-             else np.arange(len(images)))
+    order = (
+        np.random.default_rng([config.seed, 1, epoch]).permutation(len(images))
+        if config.shuffle
+        else np.arange(len(images))
+    )
     distortion = config.distortion()
     if distortion is None:
         return images, order
@@ -272,17 +345,31 @@ def _epoch_images(config: TrainConfig, images: np.ndarray, epoch: int) -> tuple[
     return distorted, order
 
 
-def _train_epoch(config: TrainConfig, trainer: Trainer, images, order, labels, epoch: int, n_batches: int,
-                 eta: float, progress: bool) -> tuple[float, int | None]:
+def _train_epoch(
+    config: TrainConfig, trainer: Trainer, images, order, labels, epoch: int, n_batches: int, eta: float, progress: bool
+) -> tuple[float, int | None]:
     """One epoch in calls of ``steps_per_call`` mini-batches; returns (sum of step costs, epoch if diverged).
     The epoch visits ``images[order]`` (see :func:`_epoch_images`) with the labels ``labels[order]``."""
     bs = config.batch_size
     # one generator per dropout layer, drawn in step order, so the masks do not depend on steps_per_call
-    dropout = [(np.random.default_rng([config.seed, 2, epoch, i]), trainer.network.layers[i].p_dropout,
-                trainer.network.layers[i].n_in) for i in trainer.network.dropout_layers]
+    dropout = [
+        (
+            np.random.default_rng([config.seed, 2, epoch, i]),
+            trainer.network.layers[i].p_dropout,
+            trainer.network.layers[i].n_in,
+        )
+        for i in trainer.network.dropout_layers
+    ]
     cost_sum = 0.0
-    bar = tqdm(total=n_batches * bs, unit="img", unit_scale=True, desc=f"epoch {epoch}/{config.epochs}",
-               disable=not progress, file=sys.stderr, leave=False)
+    bar = tqdm(
+        total=n_batches * bs,
+        unit="img",
+        unit_scale=True,
+        desc=f"epoch {epoch}/{config.epochs}",
+        disable=not progress,
+        file=sys.stderr,
+        leave=False,
+    )
     with bar:
         for first in range(0, n_batches, config.steps_per_call):
             steps = min(config.steps_per_call, n_batches - first)
@@ -290,8 +377,9 @@ def _train_epoch(config: TrainConfig, trainer: Trainer, images, order, labels, e
             x = images[index].reshape(steps, bs, -1)  # (K, bs, 784) uint8
             y = labels[index].reshape(steps, bs)
             # keep each input with probability 1 - p, as the book's binomial(n=1, p=1-p_dropout)
-            keeps = [(rng.random((steps, bs, n_in), dtype=np.float32) >= p).astype(np.uint8)
-                     for rng, p, n_in in dropout]
+            keeps = [
+                (rng.random((steps, bs, n_in), dtype=np.float32) >= p).astype(np.uint8) for rng, p, n_in in dropout
+            ]
             costs = trainer.train_steps(x, y, keeps, eta)
             if not np.all(np.isfinite(costs)):
                 return cost_sum, epoch
@@ -299,5 +387,3 @@ def _train_epoch(config: TrainConfig, trainer: Trainer, images, order, labels, e
             bar.update(steps * bs)
             bar.set_postfix(cost=f"{cost_sum / (first + steps):.4f}")
     return cost_sum, None
-
-

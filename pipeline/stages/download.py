@@ -12,8 +12,9 @@ from pipeline.data import download
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.stage_parser("download", download.__doc__)
-    parser.add_argument("--out", type=Path, default=Path("data/raw"),
-                        help="directory for the .gz files (default: data/raw)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("data/raw"), help="directory for the .gz files (default: data/raw)"
+    )
 
     def run(args):
         config = load_config(download.DownloadConfig, "download", args.params)

@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
         metrics = evaluate.evaluate(
             config=from_section(evaluate.EvaluateConfig, params, "evaluate", source=args.params),
             tracking_config=from_section(TrackingConfig, params, "tracking", source=args.params),
-            model_dir=args.model, test_path=args.test, out_dir=args.out, metrics_path=args.metrics)
+            model_dir=args.model,
+            test_path=args.test,
+            out_dir=args.out,
+            metrics_path=args.metrics,
+        )
         print(f"test accuracy {100 * metrics['test_accuracy']:.2f}% ({metrics['test_errors']} errors)")
 
     return cli.run(run, parser, argv)

@@ -15,38 +15,72 @@ from pipeline.tracking.store import TrackingConfig
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.stage_parser("table", runner.__doc__)
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK['epochs']} epoch on the first {QUICK['train_images']:,} images: a smoke test")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="seeds per row (default 3, as the book; row 8: at least 5)")
-    parser.add_argument("--rows", default=None,
-                        help=f"comma-separated rows: {', '.join(BY_KEY)}; or groups: "
-                             + "; ".join(f"{k} ({', '.join(v)})" for k, v in GROUPS.items() if k != "all")
-                             + "; all is every row (default: the book's rows 1-9)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK['epochs']} epoch on the first {QUICK['train_images']:,} images: a smoke test",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="seeds per row (default 3, as the book; row 8: at least 5)"
+    )
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help=f"comma-separated rows: {', '.join(BY_KEY)}; or groups: "
+        + "; ".join(f"{k} ({', '.join(v)})" for k, v in GROUPS.items() if k != "all")
+        + "; all is every row (default: the book's rows 1-9)",
+    )
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"), help="prepared data directory")
     parser.add_argument("--expanded", type=Path, default=Path("data/expanded"), help="expanded data directory")
     parser.add_argument("--out", type=Path, default=Path("data/table"), help="output directory (report.md, rows)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="networks trained at once, each in its own process (default 1; keep 1 on a small CPU)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: write the report from the networks already on disk (rows or seeds "
-                             "not yet trained show as not run)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="networks trained at once, each in its own process (default 1; keep 1 on a small CPU)",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the report from the networks already on disk (rows or seeds "
+        "not yet trained show as not run)",
+    )
 
     def run(args):
         params = load_params(args.params)
         train_settings = from_section(TrainConfig, params, "train", source=args.params)
         tracking_config = from_section(TrackingConfig, params, "tracking", source=args.params)
-        results = runner.run_table(rows=args.rows, repeats=args.repeats, quick=args.quick, prepared_dir=args.prepared,
-                            expanded_dir=args.expanded, out_dir=args.out, engine=train_settings.engine,
-                            device=train_settings.device, steps_per_call=train_settings.steps_per_call,
-                            tracking_config=tracking_config, progress=not args.no_progress, jobs=args.jobs,
-                            report_only=args.report_only)
+        results = runner.run_table(
+            rows=args.rows,
+            repeats=args.repeats,
+            quick=args.quick,
+            prepared_dir=args.prepared,
+            expanded_dir=args.expanded,
+            out_dir=args.out,
+            engine=train_settings.engine,
+            device=train_settings.device,
+            steps_per_call=train_settings.steps_per_call,
+            tracking_config=tracking_config,
+            progress=not args.no_progress,
+            jobs=args.jobs,
+            report_only=args.report_only,
+        )
         print(f"trained {len(results['trained'])} networks; report: {args.out / 'report.md'}")
         if results["missing"]:
-            print(f"  not trained (--report-only): {runner.missing_text(results['missing'])}")
+            print(f"  not trained (--report-only): {missing_text(results['missing'])}")
         for line in results["lines"]:
             if line["ours"] is not None:
                 print(f"  row {line['row']:>9}: ours {pct(line['ours'])}, book {pct(line['book'])}")
 
     return cli.run(run, parser, argv)
+
+
+def missing_text(missing: list[tuple[str, int]]) -> str:
+    """ "8 (seed 2), best (seeds 1, 2, 3, 4, 5)" from [("8", 2), ("best", 1), ...]."""
+    by_row: dict[str, list[int]] = {}
+    for row, seed in missing:
+        by_row.setdefault(row, []).append(seed)
+    return ", ".join(
+        f"{row} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})" for row, seeds in by_row.items()
+    )

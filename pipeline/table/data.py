@@ -35,8 +35,9 @@ def row_data(row: Row, data: Data, out_dir: Path, progress: bool = False) -> Dat
         return data
     config = ExpandConfig(**row.expand)
     source = data.prepared / "train.npz"
-    name = hashlib.sha256(json.dumps({"expand": dataclasses.asdict(config), "source": file_sha256(source)},
-                                     sort_keys=True).encode()).hexdigest()[:12]
+    name = hashlib.sha256(
+        json.dumps({"expand": dataclasses.asdict(config), "source": file_sha256(source)}, sort_keys=True).encode()
+    ).hexdigest()[:12]
     directory = out_dir / "datasets" / f"expand-{name}"
     if not (directory / "train.npz").is_file():  # written atomically: a partial set is never found
         log.info("row %s: making its training set %s (%s)", row.key, directory, row.expand)
@@ -51,10 +52,12 @@ def source_of(row: Row, data: Data) -> Path:
 
 def quick_data(prepared: Path, expanded: Path, out: Path) -> Data:
     """The first images of each set, written once under OUT/quick-data (same bytes every time, so resume works)."""
-    sources = {"prepared/train.npz": (prepared / "train.npz", QUICK["train_images"]),
-               "prepared/validation.npz": (prepared / "validation.npz", QUICK["validation_images"]),
-               "prepared/test.npz": (prepared / "test.npz", QUICK["test_images"]),
-               "expanded/train.npz": (expanded / "train.npz", QUICK["train_images"])}
+    sources = {
+        "prepared/train.npz": (prepared / "train.npz", QUICK["train_images"]),
+        "prepared/validation.npz": (prepared / "validation.npz", QUICK["validation_images"]),
+        "prepared/test.npz": (prepared / "test.npz", QUICK["test_images"]),
+        "expanded/train.npz": (expanded / "train.npz", QUICK["train_images"]),
+    }
     for name, (source, count) in sources.items():
         target = out / "quick-data" / name
         if target.is_file() or not source.is_file():

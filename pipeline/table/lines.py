@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -22,20 +22,37 @@ from pipeline.table.rows import BY_KEY, Row
 
 def line_head(row: Row, kind: str) -> dict:
     """What every line of results.json starts with: the row, as ROWS describes it."""
-    return {"row": row.key, "description": row.description, "book": row.book, "beyond_book": row.beyond_book,
-            "kind": kind}
+    return {
+        "row": row.key,
+        "description": row.description,
+        "book": row.book,
+        "beyond_book": row.beyond_book,
+        "kind": kind,
+    }
 
 
 def training_line(row: Row, results: list[dict], n_wanted: int) -> dict:
     """A training row's figures from its seeds' results."""
-    line = {**line_head(row, "training"), "preset": row.preset, "settings": row.settings, "seeds_wanted": n_wanted,
-            "seeds": [{k: r[k] for k in ("seed", "best_validation_accuracy", "best_epoch", "test_accuracy", "seconds")}
-                      for r in results]}
+    line = {
+        **line_head(row, "training"),
+        "preset": row.preset,
+        "settings": row.settings,
+        "seeds_wanted": n_wanted,
+        "seeds": [
+            {k: r[k] for k in ("seed", "best_validation_accuracy", "best_epoch", "test_accuracy", "seconds")}
+            for r in results
+        ],
+    }
     if not results:
         return {**line, "ours": None}
-    return {**line, **pick(results), "seconds": round(sum(r["seconds"] for r in results), 1),
-            "engine": results[0]["engine"], "device": results[0]["device"],
-            "code": sorted({r.get("code", "unrecorded") for r in results})}
+    return {
+        **line,
+        **pick(results),
+        "seconds": round(sum(r["seconds"] for r in results), 1),
+        "engine": results[0]["engine"],
+        "device": results[0]["device"],
+        "code": sorted({r.get("code", "unrecorded") for r in results}),
+    }
 
 
 def pick(seeds: list[dict]) -> dict:
@@ -43,12 +60,21 @@ def pick(seeds: list[dict]) -> dict:
     accuracy of the seed with the best validation accuracy, and the mean and spread over all seeds."""
     best = max(seeds, key=lambda s: s["best_validation_accuracy"])  # ties: the first, the lowest seed
     tests = np.array([s["test_accuracy"] for s in seeds])
-    return {"ours": best["test_accuracy"], "best_seed": best["seed"], "mean": float(tests.mean()),
-            "std": float(tests.std(ddof=1)) if len(tests) > 1 else None, "n": len(seeds)}
+    return {
+        "ours": best["test_accuracy"],
+        "best_seed": best["seed"],
+        "mean": float(tests.mean()),
+        "std": float(tests.std(ddof=1)) if len(tests) > 1 else None,
+        "n": len(seeds),
+    }
 
 
 def ensemble_line(row: Row, members: list[dict], probabilities: list[np.ndarray], labels: np.ndarray) -> dict:
-    line = {**line_head(row, f"ensemble ({row.method})"), "members": [m["seed"] for m in members], "seeds_wanted": row.size}
+    line = {
+        **line_head(row, f"ensemble ({row.method})"),
+        "members": [m["seed"] for m in members],
+        "seeds_wanted": row.size,
+    }
     if len(members) < row.size:
         return {**line, "ours": None}
     stacked = np.stack(probabilities)  # (networks, images, classes)
@@ -57,20 +83,39 @@ def ensemble_line(row: Row, members: list[dict], probabilities: list[np.ndarray]
     else:
         predicted = ensemble.average_probabilities(stacked)
     wrong = np.flatnonzero(predicted != labels)
-    return {**line, "ours": float(np.mean(predicted == labels)), "n": len(members),
-            "seconds": round(sum(m["seconds"] for m in members), 1), "engine": members[0]["engine"],
-            "device": members[0]["device"],
-            # which test images, and the ensemble's answers: the book shows the 33 its ensemble gets wrong
-            "errors": wrong.tolist(), "errors_predicted": predicted[wrong].tolist()}
+    return {
+        **line,
+        "ours": float(np.mean(predicted == labels)),
+        "n": len(members),
+        "seconds": round(sum(m["seconds"] for m in members), 1),
+        "engine": members[0]["engine"],
+        "device": members[0]["device"],
+        # which test images, and the ensemble's answers: the book shows the 33 its ensemble gets wrong
+        "errors": wrong.tolist(),
+        "errors_predicted": predicted[wrong].tolist(),
+    }
 
 
-def shifted_line(row: Row, results: list[dict], n_wanted: int, *, out_dir: Path, data: Data, test: dict,
-                  engine: str, device: str, progress: bool) -> dict:
+def shifted_line(
+    row: Row,
+    results: list[dict],
+    n_wanted: int,
+    *,
+    out_dir: Path,
+    data: Data,
+    test: dict,
+    engine: str,
+    device: str,
+    progress: bool,
+) -> dict:
     """A row of another row's networks answering with test-time shifts: each seed's validation and
     test accuracy with the shifts, the seed with the best validation accuracy picked as for a training."""
     source = BY_KEY[row.shifted_of]
-    line = {**line_head(row, f"test-time shifts ({row.test_time_shifts})"), "shifted_of": source.key,
-            "seeds_wanted": n_wanted}
+    line = {
+        **line_head(row, f"test-time shifts ({row.test_time_shifts})"),
+        "shifted_of": source.key,
+        "seeds_wanted": n_wanted,
+    }
     if not results:
         return {**line, "ours": None, "seeds": []}
     # read only when a network has to be scored: the scores are usually cached
@@ -78,16 +123,30 @@ def shifted_line(row: Row, results: list[dict], n_wanted: int, *, out_dir: Path,
     seeds = []
     for result in tqdm(results, desc=f"row {row.key}: scoring", disable=not progress):
         seed_dir = out_dir / source.key / f"seed{result['seed']}"
-        scores = _shifted_scores(seed_dir, result, row.test_time_shifts, validation=validation, test=test,
-                                 engine=engine, device=device)
-        seeds.append({"seed": result["seed"], "best_validation_accuracy": scores["validation_accuracy"],
-                      "test_accuracy": scores["test_accuracy"], "seconds": result["seconds"]})
-    return {**line, "seeds": seeds, **pick(seeds), "seconds": round(sum(r["seconds"] for r in results), 1),
-            "engine": results[0]["engine"], "device": results[0]["device"]}
+        scores = _shifted_scores(
+            seed_dir, result, row.test_time_shifts, validation=validation, test=test, engine=engine, device=device
+        )
+        seeds.append(
+            {
+                "seed": result["seed"],
+                "best_validation_accuracy": scores["validation_accuracy"],
+                "test_accuracy": scores["test_accuracy"],
+                "seconds": result["seconds"],
+            }
+        )
+    return {
+        **line,
+        "seeds": seeds,
+        **pick(seeds),
+        "seconds": round(sum(r["seconds"] for r in results), 1),
+        "engine": results[0]["engine"],
+        "device": results[0]["device"],
+    }
 
 
-def _shifted_scores(seed_dir: Path, result: dict, shifts: int, *, validation: Callable[[], tuple], test: dict,
-                    engine: str, device: str) -> dict:
+def _shifted_scores(
+    seed_dir: Path, result: dict, shifts: int, *, validation: Callable[[], tuple], test: dict, engine: str, device: str
+) -> dict:
     """The validation and test accuracy of the network in ``seed_dir`` with ``shifts`` test-time
     shifts; kept in seed_dir/test-time-shifts-<k>.json for as long as the network's result matches.
     ``validation`` returns the (images, labels) of the validation set."""
@@ -97,9 +156,15 @@ def _shifted_scores(seed_dir: Path, result: dict, shifts: int, *, validation: Ca
         if scores.get("key") == result["key"]:
             return scores
     model = load_model(seed_dir / "model", engine=engine, device=device)
-    accuracies = [float(np.mean(shifted_probabilities(model, images, shifts).argmax(axis=1) == labels))
-                  for images, labels in (validation(), (test["images"], test["labels"]))]
-    scores = {"key": result["key"], "test_time_shifts": shifts, "validation_accuracy": accuracies[0],
-              "test_accuracy": accuracies[1]}
+    accuracies = [
+        float(np.mean(shifted_probabilities(model, images, shifts).argmax(axis=1) == labels))
+        for images, labels in (validation(), (test["images"], test["labels"]))
+    ]
+    scores = {
+        "key": result["key"],
+        "test_time_shifts": shifts,
+        "validation_accuracy": accuracies[0],
+        "test_accuracy": accuracies[1],
+    }
     write_json(path, scores)
     return scores

@@ -36,33 +36,31 @@ run per table (tag table=chapter6), which also gets the report.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import logging
-import multiprocessing
-import os
-import sys
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
-
-import numpy as np
 
 from pipeline.core.config import ConfigError, PipelineError
-from pipeline.core.files import load_npz, save_npz, sha256_file, write_json
-from pipeline.data.expand import ExpandConfig
+from pipeline.core.files import load_npz, sha256_file, write_json
 from pipeline.data.splits import load_split
-from pipeline.nn.model_io import load_model
-from pipeline.nn.config import TrainConfig, TrainPaths
-from pipeline.table.cache import PROBABILITIES_FILE, RESULT_FILE, code_version, last_seed_on_disk, load_result, result_key
+from pipeline.table.cache import (
+    PROBABILITIES_FILE,
+    RESULT_FILE,
+    code_version,
+    jax_compilation_cache,
+    last_seed_on_disk,
+    load_result,
+    result_key,
+)
 from pipeline.table.data import Data, quick_data, row_data, source_of
+from pipeline.table.jobs import Job, train_jobs
 from pipeline.table.lines import ensemble_line, shifted_line, training_line
-from pipeline.table.report import pct, write_report
+from pipeline.table.report import write_report
 from pipeline.table.rows import BY_KEY, QUICK, ROWS, Row, n_seeds, select_rows, train_config
 from pipeline.tracking import store as tracking
-from pipeline.tracking.training import TrackedTraining, train_tracked
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +75,9 @@ class TableRun:
     engine: str = "jax"
     device: str = "cpu"
     steps_per_call: int = 500
-    tracking: tracking.TrackingConfig = dataclasses.field(default_factory=lambda: tracking.TrackingConfig(enabled=False))
+    tracking: tracking.TrackingConfig = dataclasses.field(
+        default_factory=lambda: tracking.TrackingConfig(enabled=False)
+    )
     jobs: int = 1
     report_only: bool = False
     progress: bool = True
@@ -92,17 +92,28 @@ class TableRun:
         return n_seeds(row, self.repeats, self.keys)
 
 
-def run_table(*, rows: Sequence[str] | str | None = None, prepared_dir: Path, expanded_dir: Path, out_dir: Path,
-              tracking_config: tracking.TrackingConfig | None = None, **settings) -> dict:
+def run_table(
+    *,
+    rows: Sequence[str] | str | None = None,
+    prepared_dir: Path,
+    expanded_dir: Path,
+    out_dir: Path,
+    tracking_config: tracking.TrackingConfig | None = None,
+    **settings,
+) -> dict:
     """Train what is missing of ``rows``, write the report; returns results.json's content plus
     ``trained``, the (row, seed) pairs trained (or resumed) by this call, and ``missing``, those
     still to train (none, unless ``report_only``: then the report shows what is on disk and nothing
     trains). ``settings`` are the other fields of :class:`TableRun`."""
-    table = TableRun(keys=tuple(select_rows(rows)), tracking=tracking_config or tracking.TrackingConfig(enabled=False),
-                     **settings)
+    table = TableRun(
+        keys=tuple(select_rows(rows)), tracking=tracking_config or tracking.TrackingConfig(enabled=False), **settings
+    )
     prepared_dir, expanded_dir, out_dir = Path(prepared_dir), Path(expanded_dir), Path(out_dir)
-    data = (quick_data(prepared_dir, expanded_dir, out_dir) if table.quick
-            else Data(prepared_dir, expanded_dir, prepared_dir / "test.npz"))
+    data = (
+        quick_data(prepared_dir, expanded_dir, out_dir)
+        if table.quick
+        else Data(prepared_dir, expanded_dir, prepared_dir / "test.npz")
+    )
     _require_data(table, data)
     with jax_compilation_cache(out_dir / ".jax-cache") if table.engine == "jax" else contextlib.nullcontext():
         return _run(table, data, out_dir)
@@ -116,8 +127,9 @@ def _require_data(table: TableRun, data: Data) -> None:
     for key in table.keys:
         row = BY_KEY[key]
         if row.trains and not source_of(row, data).is_file():
-            raise PipelineError(f"row {key} needs {source_of(row, data)}, which is missing "
-                                "(run the data stages first: dvc repro)")
+            raise PipelineError(
+                f"row {key} needs {source_of(row, data)}, which is missing (run the data stages first: dvc repro)"
+            )
 
 
 def _run(table: TableRun, data: Data, out_dir: Path) -> dict:
@@ -128,8 +140,12 @@ def _run(table: TableRun, data: Data, out_dir: Path) -> dict:
     test = {"images": test_images, "labels": test_labels}
     parent_key = f"chapter6-table quick={table.quick}"
     parent_resume = tracking.resumable_run(out_dir, parent_key)
-    with tracking.tracked_run(table.tracking, run_name="chapter6-table" + (" (quick)" if table.quick else ""),
-                              resume_run_id=parent_resume, tags={"table": "chapter6", "quick": table.quick}) as parent:
+    with tracking.tracked_run(
+        table.tracking,
+        run_name="chapter6-table" + (" (quick)" if table.quick else ""),
+        resume_run_id=parent_resume,
+        tags={"table": "chapter6", "quick": table.quick},
+    ) as parent:
         if parent is not None:
             tracking.remember_run(out_dir, parent, parent_key)
             if parent.run_id != parent_resume:
@@ -137,20 +153,33 @@ def _run(table: TableRun, data: Data, out_dir: Path) -> dict:
             parent.set_tags({"rows": ",".join(table.keys), "repeats": table.repeats})
         found, todo, missing = _plan(table, data, out_dir, code, sha256_file(data.test))
         trained = []
-        for job, result in train_jobs(todo, table, test=test, code=code, parent_id=parent.run_id if parent else None,
-                                      cache_dir=out_dir / ".jax-cache"):
+        for job, result in train_jobs(
+            todo,
+            table,
+            test=test,
+            code=code,
+            parent_id=parent.run_id if parent else None,
+            cache_dir=out_dir / ".jax-cache",
+        ):
             found[job.row][job.seed] = result
             trained.append((job.row, job.seed))
         lines = _lines(table, found, data, out_dir, test)
-        results_json = {"quick": table.quick, "quick_settings": QUICK if table.quick else None,
-                        "repeats": table.repeats, "rows_selected": list(table.keys), "code": code, "lines": lines}
+        results_json = {
+            "quick": table.quick,
+            "quick_settings": QUICK if table.quick else None,
+            "repeats": table.repeats,
+            "rows_selected": list(table.keys),
+            "code": code,
+            "lines": lines,
+        }
         write_json(out_dir / "results.json", results_json)
         report_files = write_report(results_json, out_dir, test)
         if parent is not None:
             for path in (*report_files, out_dir / "results.json"):
                 parent.log_artifact(path)
-            parent.log_metrics({f"row_{line['row']}_test_accuracy": line["ours"] for line in lines
-                                if line["ours"] is not None})
+            parent.log_metrics(
+                {f"row_{line['row']}_test_accuracy": line["ours"] for line in lines if line["ours"] is not None}
+            )
     return {**results_json, "trained": trained, "missing": missing, "parent_run_id": parent.run_id if parent else None}
 
 
@@ -165,7 +194,9 @@ def _plan(table: TableRun, data: Data, out_dir: Path, code: str, test_sha: str) 
         on_disk = any((out_dir / row.key / f"seed{seed}" / RESULT_FILE).is_file() for seed in seeds)
         asked_row = row.key in table.keys
         # (a row's own data, such as best's elastic set, is made only to train it or to match its results)
-        rdata = row_data(row, data, out_dir, table.progress) if on_disk or (asked_row and not table.report_only) else data
+        rdata = (
+            row_data(row, data, out_dir, table.progress) if on_disk or (asked_row and not table.report_only) else data
+        )
         for seed in seeds:
             seed_dir = out_dir / row.key / f"seed{seed}"
             asked, finished = asked_row and seed <= count, (seed_dir / RESULT_FILE).is_file()
@@ -173,8 +204,14 @@ def _plan(table: TableRun, data: Data, out_dir: Path, code: str, test_sha: str) 
                 if asked:
                     missing.append((row.key, seed))
                 continue  # never run and not asked for: no need to hash its data
-            config = train_config(row, seed, quick=table.quick, engine=table.engine, device=table.device,
-                                  steps_per_call=table.steps_per_call)
+            config = train_config(
+                row,
+                seed,
+                quick=table.quick,
+                engine=table.engine,
+                device=table.device,
+                steps_per_call=table.steps_per_call,
+            )
             key = result_key(config, rdata, test_sha)
             result = load_result(seed_dir, key, code)
             if result is not None:
@@ -192,157 +229,27 @@ def _lines(table: TableRun, found: dict, data: Data, out_dir: Path, test: dict) 
     for row in ROWS:
         if row.shifted_of:
             results = [found[row.shifted_of][seed] for seed in sorted(found[row.shifted_of])]
-            lines.append(shifted_line(row, results, table.seeds_wanted(BY_KEY[row.shifted_of]), out_dir=out_dir,
-                                      data=data, test=test, engine=table.engine, device=table.device,
-                                      progress=table.progress))
+            lines.append(
+                shifted_line(
+                    row,
+                    results,
+                    table.seeds_wanted(BY_KEY[row.shifted_of]),
+                    out_dir=out_dir,
+                    data=data,
+                    test=test,
+                    engine=table.engine,
+                    device=table.device,
+                    progress=table.progress,
+                )
+            )
         elif row.is_ensemble:
             members = [found[row.ensemble_of][seed] for seed in sorted(found[row.ensemble_of]) if seed <= row.size]
-            probabilities = [load_npz(out_dir / row.ensemble_of / f"seed{m['seed']}" / PROBABILITIES_FILE)
-                             ["probabilities"] for m in members]
+            probabilities = [
+                load_npz(out_dir / row.ensemble_of / f"seed{m['seed']}" / PROBABILITIES_FILE)["probabilities"]
+                for m in members
+            ]
             lines.append(ensemble_line(row, members, probabilities, test["labels"]))
         else:
             results = [found[row.key][seed] for seed in sorted(found[row.key])]
             lines.append(training_line(row, results, table.seeds_wanted(row)))
     return lines
-
-
-@dataclass(frozen=True)
-class Job:
-    """One (row, seed) to train."""
-
-    row: str
-    seed: int
-    of: int  # the row's seed count, for the log
-    config: TrainConfig
-    key: str
-    seed_dir: Path
-    data: Data  # the row's data (see row_data)
-
-
-def train_jobs(todo: list[Job], table: TableRun, *, test: dict, code: str, parent_id: str | None,
-               cache_dir: Path) -> Iterator:
-    """Train every job, ``table.jobs`` at a time; yields (job, result) as each finishes."""
-    if table.jobs == 1 or len(todo) <= 1:
-        for job in todo:
-            log.info("row %s (%s), seed %d of %d", job.row, BY_KEY[job.row].description, job.seed, job.of)
-            yield job, train_one(job, table, test=test, code=code, parent_id=parent_id)
-        return
-    # Each JAX process would otherwise take 75% of the GPU's memory at its start, and the second one fail.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    # spawn: a fork would copy this process's JAX runtime and its threads, which JAX does not support
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=min(table.jobs, len(todo)), mp_context=context) as pool:
-        running = {}
-        for job in todo:
-            log.info("row %s (%s), seed %d of %d: started", job.row, BY_KEY[job.row].description, job.seed, job.of)
-            running[pool.submit(_train_in_process, job, table, code=code, parent_id=parent_id,
-                                cache_dir=cache_dir)] = job
-        try:
-            for future in concurrent.futures.as_completed(running):
-                job = running[future]
-                result = future.result()
-                log.info("row %s, seed %d: done, test accuracy %s", job.row, job.seed, pct(result["test_accuracy"]))
-                yield job, result
-        except BaseException:
-            for future in running:  # the trainings not started yet; those running finish their epoch's checkpoint
-                future.cancel()
-            raise
-
-
-def _train_in_process(job: Job, table: TableRun, *, code: str, parent_id: str | None, cache_dir: Path) -> dict:
-    """``train_one`` in a worker process of ``--jobs``: its own logging, test set and compilation cache."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(levelname)s %(name)s [row {job.row} seed {job.seed}]: %(message)s")
-    test_images, test_labels = load_split(job.data.test)
-    cache = jax_compilation_cache(cache_dir) if job.config.engine == "jax" else contextlib.nullcontext()
-    with cache:
-        return train_one(job, dataclasses.replace(table, progress=False),
-                         test={"images": test_images, "labels": test_labels}, code=code, parent_id=parent_id)
-
-
-def train_one(job: Job, table: TableRun, *, test: dict, code: str, parent_id: str | None) -> dict:
-    """Train (or resume) one network, score it on the test set, write its result.json last."""
-    start = time.perf_counter()
-    training = _tracked_training(job, table, parent_id)
-    config, scores = job.config, {}
-
-    def score_test_set(run, summary):
-        model = load_model(training.paths.model, engine=config.engine, device=config.device)
-        probabilities = model.predict_proba(test["images"])
-        scores["test_accuracy"] = float(np.mean(probabilities.argmax(axis=1) == test["labels"]))
-        save_npz(job.seed_dir / PROBABILITIES_FILE, probabilities=probabilities)
-        if run is not None:
-            run.log_metrics({"test_accuracy": scores["test_accuracy"]})
-
-    try:
-        summary = train_tracked(training, after=score_test_set)
-    except PipelineError as e:
-        raise PipelineError(f"row {job.row}, seed {job.seed}: {e}") from None
-    result = {
-        "row": job.row, "seed": job.seed, "key": job.key, "settings": dataclasses.asdict(config),
-        "best_validation_accuracy": summary["best_validation_accuracy"], "best_epoch": summary["best_epoch"],
-        "epochs_run": summary["epochs_run"], "stopped": summary["stopped"], "test_accuracy": scores["test_accuracy"],
-        # a resumed training adds its earlier epochs' time: the figure is the whole training's
-        "seconds": round(time.perf_counter() - start + _earlier_seconds(summary), 1),
-        "train_seconds": summary["seconds"], "engine": summary["engine"], "device": summary["device"],
-        "run_id": summary["run_id"], "code": code,
-    }
-    write_json(job.seed_dir / RESULT_FILE, result)
-    return result
-
-
-def _tracked_training(job: Job, table: TableRun, parent_id: str | None) -> TrackedTraining:
-    """A (row, seed)'s training, a child run of the table's run (tags row and seed)."""
-    row, config = BY_KEY[job.row], job.config
-    preset = row.preset if isinstance(row.preset, str) else "custom"  # a row's own list of layers
-    tags = {"table": "chapter6", "row": row.key, "seed": job.seed, "preset": preset, "dataset": config.dataset,
-            "engine": config.engine, "device": config.device, "quick": table.quick, "stage": "table"}
-    if parent_id:
-        tags["mlflow.parentRunId"] = parent_id  # MLflow shows the run nested under the table's run
-    params = {**tracking.flatten({"train": dataclasses.asdict(config)}),
-              "table.row": row.key, "table.seed": job.seed, "table.quick": table.quick}
-    if row.expand:  # the row's own training set
-        params.update(tracking.flatten({"expand": dataclasses.asdict(ExpandConfig(**row.expand))}))
-    paths = TrainPaths.of(config, prepared=job.data.prepared, expanded=job.data.expanded,
-                          model=job.seed_dir / "model", checkpoints=job.seed_dir / "checkpoints",
-                          metrics=job.seed_dir / "metrics")
-    return TrackedTraining(config=config, paths=paths, tracking=table.tracking,
-                           run_name=f"row{row.key}-seed{job.seed}", run_key=job.key, tags=tags, params=params,
-                           progress=table.progress)
-
-
-def _earlier_seconds(summary: dict) -> float:
-    return sum(r["seconds"] for r in summary["history"][: summary["resumed_from_epoch"]])
-
-
-@contextlib.contextmanager
-def jax_compilation_cache(directory: Path) -> Iterator[None]:
-    """Keep XLA's compiled programs in ``directory`` while the table runs: the seeds of a row, and rows
-    sharing a network, then compile it once (about 3 s saved per network on 2 CPU cores; the program
-    is the same, so are the numbers). $JAX_COMPILATION_CACHE_DIR, when set, is left in charge."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        yield
-        return
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    previous = [getattr(jax.config, name) for name in names]
-    for name, value in zip(names, (str(directory), 0.0)):
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()  # a cache opened earlier in this process elsewhere is let go
-    try:
-        yield
-    finally:
-        for name, value in zip(names, previous):
-            jax.config.update(name, value)
-        compilation_cache.reset_cache()
-
-
-def missing_text(missing: list[tuple[str, int]]) -> str:
-    """"8 (seed 2), best (seeds 1, 2, 3, 4, 5)" from [("8", 2), ("best", 1), ...]."""
-    by_row: dict[str, list[int]] = {}
-    for row, seed in missing:
-        by_row.setdefault(row, []).append(seed)
-    return ", ".join(f"{row} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
-                     for row, seeds in by_row.items())

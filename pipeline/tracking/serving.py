@@ -63,7 +63,12 @@ def log_pyfunc(run, model_dir: Path, artifact_path: str = "model") -> None:
 
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
-        outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,), "label"), TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities")]),
+        outputs=Schema(
+            [
+                TensorSpec(np.dtype(np.int64), (-1,), "label"),
+                TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities"),
+            ]
+        ),
     )
     # MLflow reloads the saved model to check the input example: no per-file progress bars for that
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -88,4 +93,3 @@ def _requirements() -> list[str]:
     # the environment that trained the model: PyTensor's, or theano-pymc's own (numpy 1.23)
     engine = ("theano-pymc",) if graph.library == "theano-pymc" else ("pytensor", "jax", "jaxlib")
     return [f"{name}=={version(name)}" for name in ("numpy", "scipy", *engine, "mlflow")]
-

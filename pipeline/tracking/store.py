@@ -25,9 +25,10 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from pipeline.core.config import PipelineError, require
 from pipeline.core.files import load_npz, sha256_file, write_json
@@ -37,7 +38,9 @@ log = logging.getLogger(__name__)
 ENV_URI = "MLFLOW_TRACKING_URI"
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-RUN_FILE = "mlflow_run.json"  # beside the model: the run evaluate continues; beside checkpoints: the run a resume continues
+RUN_FILE = (
+    "mlflow_run.json"  # beside the model: the run evaluate continues; beside checkpoints: the run a resume continues
+)
 # SQLite waits this long for a lock held by another writer (two queue workers) before failing
 SQLITE_TIMEOUT_S = 60
 LOCK_RETRIES = 8
@@ -101,7 +104,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     elif uri.startswith("sqlite:///"):
         directory = Path(uri.removeprefix("sqlite:///").split("?")[0]).parent
         if not directory.is_dir() or not os.access(directory, os.W_OK):
-            raise TrackingError(f"MLflow store {source}: directory {str(directory)!r} does not exist or is not writable")
+            raise TrackingError(
+                f"MLflow store {source}: directory {str(directory)!r} does not exist or is not writable"
+            )
 
 
 def retry_locked(call: Callable[[], Any]) -> Any:
@@ -201,9 +206,13 @@ class Run:
             # MLflow registers its local artifact store for both "" and "file" URIs, so a file:// source
             # matches two identical dataset-source classes and it warns on every run; either is right
             warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
-            dataset = mlflow.data.from_numpy(arrays["images"], targets=arrays["labels"],
-                                             source=Path(path).resolve().as_uri(), name=name,
-                                             digest=sha256_file(path)[:32])
+            dataset = mlflow.data.from_numpy(
+                arrays["images"],
+                targets=arrays["labels"],
+                source=Path(path).resolve().as_uri(),
+                name=name,
+                digest=sha256_file(path)[:32],
+            )
         entity = DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])
         retry_locked(lambda: self.client.log_inputs(self.run_id, datasets=[entity]))
 
@@ -323,8 +332,10 @@ def epoch_logger(run: Run, continuing: bool) -> Callable[[int, dict], None]:
 
 def remember_run(checkpoint_dir: Path, run: Run, fingerprint: str) -> None:
     """Note which run trains from this checkpoint directory, so a resumed training continues it."""
-    write_json(Path(checkpoint_dir) / RUN_FILE, {"run_id": run.run_id, "fingerprint": fingerprint,
-                                                 "tracking_uri": tracking_uri()})
+    write_json(
+        Path(checkpoint_dir) / RUN_FILE,
+        {"run_id": run.run_id, "fingerprint": fingerprint, "tracking_uri": tracking_uri()},
+    )
 
 
 def resumable_run(checkpoint_dir: Path, fingerprint: str) -> str | None:

@@ -12,17 +12,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from pipeline.core.config import from_section
+from pipeline.nn.checkpoint import fingerprint
 from pipeline.nn.config import TrainConfig, TrainPaths
 from pipeline.nn.training import EPOCHS_FILE, SUMMARY_FILE, train
-from pipeline.nn.checkpoint import fingerprint
 from pipeline.tracking import serving
-from pipeline.tracking.store import (Run, TrackingConfig, epoch_logger, flatten, remember_run, resumable_run,
-                                     save_run_reference, tracked_run)
+from pipeline.tracking.store import (
+    Run,
+    TrackingConfig,
+    epoch_logger,
+    flatten,
+    remember_run,
+    resumable_run,
+    save_run_reference,
+    tracked_run,
+)
 
 
 @dataclass(frozen=True)
@@ -79,32 +88,64 @@ def _log_inputs(run: Run, job: TrackedTraining) -> None:
 
 def _log_outputs(run: Run, job: TrackedTraining, summary: dict) -> None:
     save_run_reference(job.paths.model, run)
-    run.log_metrics({"final_best_validation_accuracy": summary["best_validation_accuracy"],
-                     "final_best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
-                     "peak_rss_mb": summary["peak_rss_mb"]})
+    run.log_metrics(
+        {
+            "final_best_validation_accuracy": summary["best_validation_accuracy"],
+            "final_best_epoch": summary["best_epoch"],
+            "epochs_run": summary["epochs_run"],
+            "peak_rss_mb": summary["peak_rss_mb"],
+        }
+    )
     run.log_artifacts(job.paths.model, "model_files")
     if job.log_pyfunc:
         serving.log_pyfunc(run, job.paths.model)
 
 
-def stage_training(*, params: dict, source: str = "params.yaml", prepared_dir: Path, expanded_dir: Path | None, model_dir: Path,
-                   checkpoint_dir: Path, metrics_dir: Path, progress: bool = True) -> TrackedTraining:
+def stage_training(
+    *,
+    params: dict,
+    source: str = "params.yaml",
+    prepared_dir: Path,
+    expanded_dir: Path | None,
+    model_dir: Path,
+    checkpoint_dir: Path,
+    metrics_dir: Path,
+    progress: bool = True,
+) -> TrackedTraining:
     """The train stage's training from a params.yaml: every value of it as a param (but the evaluate
     section's, which evaluate records as tags), the resolved architecture, the datasets and the
     pyfunc model."""
     config = from_section(TrainConfig, params, "train", source=source)
-    paths = TrainPaths.of(config, prepared=prepared_dir, expanded=expanded_dir, model=model_dir,
-                          checkpoints=checkpoint_dir, metrics=metrics_dir)
+    paths = TrainPaths.of(
+        config,
+        prepared=prepared_dir,
+        expanded=expanded_dir,
+        model=model_dir,
+        checkpoints=checkpoint_dir,
+        metrics=metrics_dir,
+    )
     paths.require_data()
     flat = flatten({section: values for section, values in params.items() if section != "evaluate"})
     # continue an interrupted run only when nothing in params.yaml changed (MLflow params are immutable)
-    run_key = hashlib.sha256((fingerprint(config, paths.train, paths.validation)
-                              + json.dumps(flat, sort_keys=True)).encode()).hexdigest()
+    run_key = hashlib.sha256(
+        (fingerprint(config, paths.train, paths.validation) + json.dumps(flat, sort_keys=True)).encode()
+    ).hexdigest()
     preset = config.architecture if isinstance(config.architecture, str) else "custom"
     return TrackedTraining(
-        config=config, paths=paths, tracking=from_section(TrackingConfig, params, "tracking", source=source),
-        run_name=os.environ.get("DVC_EXP_NAME") or f"{preset}-{config.epochs}ep", run_key=run_key,
-        tags={"engine": config.engine, "device": config.device, "preset": preset, "dataset": config.dataset,
-              "stage": "train"},
+        config=config,
+        paths=paths,
+        tracking=from_section(TrackingConfig, params, "tracking", source=source),
+        run_name=os.environ.get("DVC_EXP_NAME") or f"{preset}-{config.epochs}ep",
+        run_key=run_key,
+        tags={
+            "engine": config.engine,
+            "device": config.device,
+            "preset": preset,
+            "dataset": config.dataset,
+            "stage": "train",
+        },
         params={**flat, "architecture.resolved": json.dumps(config.layers())},
-        log_datasets=True, log_pyfunc=True, progress=progress)
+        log_datasets=True,
+        log_pyfunc=True,
+        progress=progress,
+    )

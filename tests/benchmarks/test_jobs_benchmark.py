@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.nn.backend import jax_gpus
 from pipeline.benchmarks import jobs as bench
+from pipeline.nn.backend import jax_gpus
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 

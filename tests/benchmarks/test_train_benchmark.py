@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline.nn.backend import jax_gpus
 from pipeline.benchmarks import train as bench
+from pipeline.nn.backend import jax_gpus
 
 
 @pytest.mark.skipif(bool(jax_gpus()), reason="a GPU is there, so --device gpu would run the benchmark")
