@@ -246,7 +246,8 @@ EOF
 ceph_() { ceph -c "$CEPHCONF" -n client.admin --connect-timeout 20 "$@"; }
 
 ceph_conf() {
-    local fsid=$1
+    local fsid
+    fsid=$(cat "$CEPH/fsid")
     cat > "$CEPHCONF" <<EOF
 # written by deploy/stack.sh
 [global]
@@ -270,6 +271,8 @@ mon_cluster_log_file = $LOGS/ceph-cluster.log
 mon_data = $CEPH/mon/\$name
 osd_data = $CEPH/osd/\$name
 osd_objectstore = memstore
+# SIGTERM must unmount the store: memstore writes its data to osd_data only then
+osd_fast_shutdown = false
 memstore_device_bytes = $MEMSTORE_BYTES
 osd_pool_default_size = 1
 osd_pool_default_min_size = 1
@@ -285,6 +288,8 @@ auth_allow_insecure_global_id_reclaim = false
 [client.rgw.a]
 rgw_frontends = beast endpoint=127.0.0.1:$RGW_PORT
 rgw_data = $CEPH/rgw
+# debug level 1 writes an access log line per request, with the access key id of presigned URLs
+debug_rgw = 0/5
 log_file = $LOGS/ceph-client.rgw.a.log
 EOF
 }
@@ -302,7 +307,8 @@ start_ceph() {
         rm -rf "$CEPH/mon/mon.a" "$CEPH/osd"/* "$CEPH"/keyring.*
         local fsid
         fsid=$("$PY" -c 'import uuid; print(uuid.uuid4())')
-        ceph_conf "$fsid"
+        echo "$fsid" > "$CEPH/fsid"
+        ceph_conf
         {
             ceph-authtool --create-keyring "$CEPH/keyring.mon.a" --gen-key -n mon. --cap mon 'allow *'
             ceph-authtool --create-keyring "$CEPH/keyring.client.admin" --gen-key -n client.admin \
@@ -313,6 +319,7 @@ start_ceph() {
         } > "$LOGS/ceph-setup.log" 2>&1 || fail ceph-mon "mkfs failed (see also $LOGS/ceph-setup.log)"
         touch "$CEPH/mon/mon.a/done"
     fi
+    ceph_conf   # rewritten at each start: a changed setting takes effect at the next start
     if [[ -n $(pid_of ceph-mon) ]]; then say "ceph-mon already running"; else
         spawn ceph-mon "$LOGS/ceph-mon.out" ceph-mon -f -c "$CEPHCONF" -i a
         wait_for ceph-mon 60 ceph_ mon stat
