@@ -76,6 +76,15 @@ echo "run.sh: rss total ${total} MB (after up, before the tests)"
 t0=$SECONDS
 python -m pytest tests/stack -q -p no:cacheprovider
 echo "run.sh: tests took $((SECONDS - t0)) s"
+# the backup that docs/team.md describes: pg_dump of the tracking and user stores, then a look inside
+PGBIN=${STACK_PG_BIN:-/usr/lib/postgresql/15/bin}
+for db in mlflow mlflow_auth; do
+    PGPASSFILE=$STACK_DIR/secrets/pgpass "$PGBIN/pg_dump" -h 127.0.0.1 -p "$STACK_PG_PORT" -U mlflow -Fc \
+        -f "$STACK_DIR/$db.dump" "$db"
+done
+grep -q "TABLE DATA public experiments" <<< "$("$PGBIN/pg_restore" -l "$STACK_DIR/mlflow.dump")"
+grep -q "TABLE DATA public users" <<< "$("$PGBIN/pg_restore" -l "$STACK_DIR/mlflow_auth.dump")"
+echo "run.sh: pg_dump backups: $(du -k "$STACK_DIR/mlflow.dump" | cut -f1) kB + $(du -k "$STACK_DIR/mlflow_auth.dump" | cut -f1) kB"
 for c in postgres ceph-mon ceph-osd radosgw mlflow; do
     echo "run.sh: rss after tests $c $(rss "$(head -n1 "$STACK_DIR/run/$c.pid")") MB"
 done
