@@ -1,0 +1,272 @@
+"""The team stack of deploy/stack.sh, tested against the RUNNING services (tests/stack/run.sh starts
+and stops them). Skipped unless STACK_ENV_FILE names an env file written by `deploy/stack.sh up`.
+
+Every request goes to 127.0.0.1 only (asserted on each URL)."""
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STACK = REPO / "deploy" / "stack.sh"
+ENV_FILE = os.environ.get("STACK_ENV_FILE", "")
+
+pytestmark = [
+    pytest.mark.stack,
+    pytest.mark.skipif(not (ENV_FILE and Path(ENV_FILE).is_file()),
+                       reason="no running stack: set STACK_ENV_FILE (tests/stack/run.sh does)"),
+]
+
+# the names whose values are credentials
+SECRET_VARS = ("MLFLOW_TRACKING_PASSWORD", "STACK_READER_PASSWORD", "STACK_ADMIN_PASSWORD",
+               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def read_env(path):
+    env = {}
+    for line in Path(path).read_text().splitlines():
+        m = re.fullmatch(r"export (\w+)='([^']*)'", line.strip())
+        if m:
+            env[m[1]] = m[2]
+    return env
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = read_env(ENV_FILE)
+    for key in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"):
+        assert urlparse(e[key]).hostname == "127.0.0.1", key
+    return e
+
+
+@pytest.fixture(scope="module")
+def secrets(env):
+    values = [env[k] for k in SECRET_VARS]
+    values.append(urlparse(env["OPTUNA_STORAGE"]).password)  # the optuna role's password
+    # everything generated in the state directory (PostgreSQL passwords, Flask secret key)
+    secret_dir = Path(env["STACK_DIR"]) / "secrets"
+    values += [f.read_text().strip() for f in secret_dir.iterdir() if f.name != "pgpass"]
+    values = [v for v in values if v]
+    assert all(len(v) >= 16 for v in values)
+    return sorted(set(values))
+
+
+def http(env, method, path, auth=None, **kw):
+    import requests
+    url = env["MLFLOW_TRACKING_URI"] + path
+    assert urlparse(url).hostname == "127.0.0.1"
+    return requests.request(method, url, auth=auth, timeout=60, **kw)
+
+
+def creds(env, who):
+    return {
+        "pipeline": (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]),
+        "reader": (env["STACK_READER_USERNAME"], env["STACK_READER_PASSWORD"]),
+        "admin": (env["STACK_ADMIN_USERNAME"], env["STACK_ADMIN_PASSWORD"]),
+    }[who]
+
+
+SEARCH = "/api/2.0/mlflow/experiments/search?max_results=5"
+
+
+# ------------------------------------------------------------------ basic auth
+def test_no_credentials_is_401(env):
+    assert http(env, "GET", SEARCH).status_code == 401
+
+
+def test_wrong_password_is_401(env):
+    user, _ = creds(env, "pipeline")
+    assert http(env, "GET", SEARCH, auth=(user, "not-the-password")).status_code == 401
+
+
+def test_default_admin_password_is_401(env):
+    assert http(env, "GET", SEARCH, auth=("admin", "password1234")).status_code == 401
+    assert http(env, "GET", SEARCH, auth=(env["STACK_ADMIN_USERNAME"], "password1234")).status_code == 401
+
+
+def test_admin_can_read_users(env):
+    r = http(env, "GET", "/api/2.0/mlflow/users/get", auth=creds(env, "admin"),
+             params={"username": env["MLFLOW_TRACKING_USERNAME"]})
+    assert r.status_code == 200
+    assert r.json()["user"]["is_admin"] is False
+
+
+def test_pipeline_and_reader_are_not_admins(env):
+    for who in ("pipeline", "reader"):
+        r = http(env, "POST", "/api/2.0/mlflow/users/create", auth=creds(env, who),
+                 json={"username": f"intruder-{uuid.uuid4().hex[:6]}", "password": uuid.uuid4().hex})
+        assert r.status_code == 403, who
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(env):
+    """An experiment and a run made by the pipeline user through the MLflow client."""
+    from mlflow.tracking import MlflowClient
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = creds(env, "pipeline")
+    try:
+        client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+        exp_id = client.create_experiment(f"stack-test-{uuid.uuid4().hex[:8]}")
+        run = client.create_run(exp_id)
+        yield client, exp_id, run.info.run_id
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_reader_can_read_but_not_write(env, pipeline_run):
+    _, exp_id, run_id = pipeline_run
+    reader = creds(env, "reader")
+    assert http(env, "GET", SEARCH, auth=reader).status_code == 200
+    assert http(env, "GET", "/api/2.0/mlflow/experiments/get", auth=reader,
+                params={"experiment_id": exp_id}).status_code == 200
+    assert http(env, "GET", "/api/2.0/mlflow/runs/get", auth=reader,
+                params={"run_id": run_id}).status_code == 200
+    # writes into the pipeline's experiment and run: 403
+    assert http(env, "POST", "/api/2.0/mlflow/runs/create", auth=reader,
+                json={"experiment_id": exp_id}).status_code == 403
+    assert http(env, "POST", "/api/2.0/mlflow/runs/log-metric", auth=reader,
+                json={"run_id": run_id, "key": "x", "value": 1.0, "timestamp": 0}).status_code == 403
+    assert http(env, "POST", "/api/2.0/mlflow/experiments/delete", auth=reader,
+                json={"experiment_id": exp_id}).status_code == 403
+    # and in the Default experiment, which nobody owns
+    assert http(env, "POST", "/api/2.0/mlflow/runs/create", auth=reader,
+                json={"experiment_id": "0"}).status_code == 403
+
+
+def test_pipeline_logs_metric_and_artifact_into_rgw(env, pipeline_run, tmp_path):
+    import boto3
+    client, exp_id, run_id = pipeline_run
+    client.log_metric(run_id, "accuracy", 0.9921, step=3)
+    payload = os.urandom(3 * 1024 * 1024 + 17)  # several MB: a real upload, not one tiny part
+    src = tmp_path / "weights.bin"
+    src.write_bytes(payload)
+    client.log_artifact(run_id, str(src), artifact_path="model")
+    client.set_terminated(run_id)
+
+    run = client.get_run(run_id)
+    assert run.data.metrics["accuracy"] == pytest.approx(0.9921)
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied: no S3 keys on the client
+
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
+                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
+        Bucket=env["STACK_ARTIFACT_BUCKET"]) for o in page.get("Contents", [])]
+    mine = [k for k in keys if run_id in k and k.endswith("model/weights.bin")]
+    assert len(mine) == 1, keys
+    assert s3.get_object(Bucket=env["STACK_ARTIFACT_BUCKET"], Key=mine[0])["Body"].read() == payload
+
+    # back through the MLflow server, as the pipeline user ...
+    out = client.download_artifacts(run_id, "model/weights.bin", str(tmp_path / "down"))
+    assert Path(out).read_bytes() == payload
+    # ... and as the reader over HTTP (READ suffices to download)
+    r = http(env, "GET", f"/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{run_id}/artifacts/model/weights.bin",
+             auth=creds(env, "reader"))
+    assert r.status_code == 200 and r.content == payload
+    # the reader cannot upload into the pipeline's run
+    r = http(env, "PUT", f"/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{run_id}/artifacts/evil.txt",
+             auth=creds(env, "reader"), data=b"x")
+    assert r.status_code == 403
+
+
+# ------------------------------------------------------------------ DVC remote
+def _run(cmd, cwd, env):
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"{cmd}: {p.stdout}\n{p.stderr}"
+    return p.stdout
+
+
+def test_dvc_push_pull_through_rgw(env, secrets, tmp_path):
+    # no AWS_* in the environment: the keys must come from .dvc/config.local
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    base.update(STACK_ENV_FILE=ENV_FILE, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@localhost",
+                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@localhost", DVC_NO_ANALYTICS="1")
+    a = tmp_path / "a"
+    a.mkdir()
+    _run(["git", "init", "-q"], a, base)
+    _run(["dvc", "init", "-q"], a, base)
+    data = a / "data"
+    data.mkdir()
+    for i in range(5):
+        (data / f"part{i}.bin").write_bytes(os.urandom(200_000 + i))
+    _run(["dvc", "add", "-q", "data"], a, base)
+    _run([str(STACK), "dvc-remote", str(a)], a, base)
+    config = (a / ".dvc" / "config").read_text()
+    local = (a / ".dvc" / "config.local").read_text()
+    assert env["DVC_REMOTE_URL"] in config and env["AWS_ENDPOINT_URL"] in config
+    assert not any(s in config for s in secrets)
+    assert env["AWS_ACCESS_KEY_ID"] in local and env["AWS_SECRET_ACCESS_KEY"] in local
+    _run(["git", "add", "-A"], a, base)
+    assert ".dvc/config.local" not in _run(["git", "ls-files", "--cached"], a, base)  # DVC git-ignores it
+    _run(["git", "commit", "-qm", "data"], a, base)
+    _run(["dvc", "push", "-q"], a, base)
+
+    b = tmp_path / "b"
+    _run(["git", "clone", "-q", str(a), str(b)], tmp_path, base)
+    assert not (b / "data").exists()
+    _run([str(STACK), "dvc-remote", str(b)], b, base)
+    _run(["dvc", "pull", "-q"], b, base)
+    for f in sorted(data.iterdir()):
+        assert hashlib.sha256((b / "data" / f.name).read_bytes()).digest() == \
+            hashlib.sha256(f.read_bytes()).digest()
+    shutil.rmtree(tmp_path)
+
+
+# ------------------------------------------------------------------ secrets stay secret
+def _stack_logs(env):
+    state = Path(env["STACK_DIR"])
+    return [p for p in state.rglob("*") if p.is_file() and (p.suffix in (".log", ".out") or "log" in p.name)
+            and "secrets" not in p.parts]
+
+
+def test_no_secret_in_logs(env, secrets, pipeline_run):
+    logs = _stack_logs(env)
+    names = {p.name for p in logs}
+    assert {"mlflow.log", "postgres.log", "ceph-client.rgw.a.log", "ceph-mon.a.log", "ceph-osd.0.log"} <= names
+    for p in logs:
+        text = p.read_bytes()
+        for s in secrets:
+            assert s.encode() not in text, f"a credential appears in {p}"
+
+
+def test_no_secret_in_git_files(secrets):
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        p = REPO / name
+        if p.is_file():
+            text = p.read_bytes()
+            for s in secrets:
+                assert s.encode() not in text, f"a credential appears in {name}"
+
+
+def test_no_secret_on_any_command_line(secrets):
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            for s in secrets:
+                assert s.encode() not in cmdline, f"a credential is on the command line of pid {proc.name}"
+
+
+def test_env_file_is_private(env):
+    assert (Path(ENV_FILE).stat().st_mode & 0o777) == 0o600
+
+
+def test_status_reports_all_up(env):
+    p = subprocess.run([str(STACK), "status"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "STACK_DIR": env["STACK_DIR"]})
+    assert p.returncode == 0, p.stdout
+    assert len(re.findall(r" up ", p.stdout)) == 5
