@@ -20,13 +20,20 @@ ENV_FILE = os.environ.get("STACK_ENV_FILE", "")
 
 pytestmark = [
     pytest.mark.stack,
-    pytest.mark.skipif(not (ENV_FILE and Path(ENV_FILE).is_file()),
-                       reason="no running stack: set STACK_ENV_FILE (tests/stack/run.sh does)"),
+    pytest.mark.skipif(
+        not (ENV_FILE and Path(ENV_FILE).is_file()),
+        reason="no running stack: set STACK_ENV_FILE (tests/stack/run.sh does)",
+    ),
 ]
 
 # the names whose values are credentials
-SECRET_VARS = ("MLFLOW_TRACKING_PASSWORD", "STACK_READER_PASSWORD", "STACK_ADMIN_PASSWORD",
-               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+SECRET_VARS = (
+    "MLFLOW_TRACKING_PASSWORD",
+    "STACK_READER_PASSWORD",
+    "STACK_ADMIN_PASSWORD",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+)
 
 
 def read_env(path):
@@ -60,6 +67,7 @@ def secrets(env):
 
 def http(env, method, path, auth=None, **kw):
     import requests
+
     url = env["MLFLOW_TRACKING_URI"] + path
     assert urlparse(url).hostname == "127.0.0.1"
     return requests.request(method, url, auth=auth, timeout=60, **kw)
@@ -92,16 +100,26 @@ def test_default_admin_password_is_401(env):
 
 
 def test_admin_can_read_users(env):
-    r = http(env, "GET", "/api/2.0/mlflow/users/get", auth=creds(env, "admin"),
-             params={"username": env["MLFLOW_TRACKING_USERNAME"]})
+    r = http(
+        env,
+        "GET",
+        "/api/2.0/mlflow/users/get",
+        auth=creds(env, "admin"),
+        params={"username": env["MLFLOW_TRACKING_USERNAME"]},
+    )
     assert r.status_code == 200
     assert r.json()["user"]["is_admin"] is False
 
 
 def test_pipeline_and_reader_are_not_admins(env):
     for who in ("pipeline", "reader"):
-        r = http(env, "POST", "/api/2.0/mlflow/users/create", auth=creds(env, who),
-                 json={"username": f"intruder-{uuid.uuid4().hex[:6]}", "password": uuid.uuid4().hex})
+        r = http(
+            env,
+            "POST",
+            "/api/2.0/mlflow/users/create",
+            auth=creds(env, who),
+            json={"username": f"intruder-{uuid.uuid4().hex[:6]}", "password": uuid.uuid4().hex},
+        )
         assert r.status_code == 403, who
 
 
@@ -109,6 +127,7 @@ def test_pipeline_and_reader_are_not_admins(env):
 def pipeline_run(env):
     """An experiment and a run made by the pipeline user through the MLflow client."""
     from mlflow.tracking import MlflowClient
+
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = creds(env, "pipeline")
     try:
@@ -128,24 +147,36 @@ def test_reader_can_read_but_not_write(env, pipeline_run):
     _, exp_id, run_id = pipeline_run
     reader = creds(env, "reader")
     assert http(env, "GET", SEARCH, auth=reader).status_code == 200
-    assert http(env, "GET", "/api/2.0/mlflow/experiments/get", auth=reader,
-                params={"experiment_id": exp_id}).status_code == 200
-    assert http(env, "GET", "/api/2.0/mlflow/runs/get", auth=reader,
-                params={"run_id": run_id}).status_code == 200
+    assert (
+        http(env, "GET", "/api/2.0/mlflow/experiments/get", auth=reader, params={"experiment_id": exp_id}).status_code
+        == 200
+    )
+    assert http(env, "GET", "/api/2.0/mlflow/runs/get", auth=reader, params={"run_id": run_id}).status_code == 200
     # writes into the pipeline's experiment and run: 403
-    assert http(env, "POST", "/api/2.0/mlflow/runs/create", auth=reader,
-                json={"experiment_id": exp_id}).status_code == 403
-    assert http(env, "POST", "/api/2.0/mlflow/runs/log-metric", auth=reader,
-                json={"run_id": run_id, "key": "x", "value": 1.0, "timestamp": 0}).status_code == 403
-    assert http(env, "POST", "/api/2.0/mlflow/experiments/delete", auth=reader,
-                json={"experiment_id": exp_id}).status_code == 403
+    assert (
+        http(env, "POST", "/api/2.0/mlflow/runs/create", auth=reader, json={"experiment_id": exp_id}).status_code == 403
+    )
+    assert (
+        http(
+            env,
+            "POST",
+            "/api/2.0/mlflow/runs/log-metric",
+            auth=reader,
+            json={"run_id": run_id, "key": "x", "value": 1.0, "timestamp": 0},
+        ).status_code
+        == 403
+    )
+    assert (
+        http(env, "POST", "/api/2.0/mlflow/experiments/delete", auth=reader, json={"experiment_id": exp_id}).status_code
+        == 403
+    )
     # and in the Default experiment, which nobody owns
-    assert http(env, "POST", "/api/2.0/mlflow/runs/create", auth=reader,
-                json={"experiment_id": "0"}).status_code == 403
+    assert http(env, "POST", "/api/2.0/mlflow/runs/create", auth=reader, json={"experiment_id": "0"}).status_code == 403
 
 
 def test_pipeline_logs_metric_and_artifact_into_rgw(env, pipeline_run, tmp_path):
     import boto3
+
     client, exp_id, run_id = pipeline_run
     client.log_metric(run_id, "accuracy", 0.9921, step=3)
     payload = os.urandom(3 * 1024 * 1024 + 17)  # several MB: a real upload, not one tiny part
@@ -158,11 +189,18 @@ def test_pipeline_logs_metric_and_artifact_into_rgw(env, pipeline_run, tmp_path)
     assert run.data.metrics["accuracy"] == pytest.approx(0.9921)
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied: no S3 keys on the client
 
-    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
-                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
-        Bucket=env["STACK_ARTIFACT_BUCKET"]) for o in page.get("Contents", [])]
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=env["STACK_ARTIFACT_BUCKET"])
+        for o in page.get("Contents", [])
+    ]
     mine = [k for k in keys if run_id in k and k.endswith("model/weights.bin")]
     assert len(mine) == 1, keys
     assert s3.get_object(Bucket=env["STACK_ARTIFACT_BUCKET"], Key=mine[0])["Body"].read() == payload
@@ -171,12 +209,21 @@ def test_pipeline_logs_metric_and_artifact_into_rgw(env, pipeline_run, tmp_path)
     out = client.download_artifacts(run_id, "model/weights.bin", str(tmp_path / "down"))
     assert Path(out).read_bytes() == payload
     # ... and as the reader over HTTP (READ suffices to download)
-    r = http(env, "GET", f"/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{run_id}/artifacts/model/weights.bin",
-             auth=creds(env, "reader"))
+    r = http(
+        env,
+        "GET",
+        f"/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{run_id}/artifacts/model/weights.bin",
+        auth=creds(env, "reader"),
+    )
     assert r.status_code == 200 and r.content == payload
     # the reader cannot upload into the pipeline's run
-    r = http(env, "PUT", f"/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{run_id}/artifacts/evil.txt",
-             auth=creds(env, "reader"), data=b"x")
+    r = http(
+        env,
+        "PUT",
+        f"/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{run_id}/artifacts/evil.txt",
+        auth=creds(env, "reader"),
+        data=b"x",
+    )
     assert r.status_code == 403
 
 
@@ -190,8 +237,14 @@ def _run(cmd, cwd, env):
 def test_dvc_push_pull_through_rgw(env, secrets, tmp_path):
     # no AWS_* in the environment: the keys must come from .dvc/config.local
     base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    base.update(STACK_ENV_FILE=ENV_FILE, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@localhost",
-                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@localhost", DVC_NO_ANALYTICS="1")
+    base.update(
+        STACK_ENV_FILE=ENV_FILE,
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@localhost",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@localhost",
+        DVC_NO_ANALYTICS="1",
+    )
     a = tmp_path / "a"
     a.mkdir()
     _run(["git", "init", "-q"], a, base)
@@ -218,16 +271,18 @@ def test_dvc_push_pull_through_rgw(env, secrets, tmp_path):
     _run([str(STACK), "dvc-remote", str(b)], b, base)
     _run(["dvc", "pull", "-q"], b, base)
     for f in sorted(data.iterdir()):
-        assert hashlib.sha256((b / "data" / f.name).read_bytes()).digest() == \
-            hashlib.sha256(f.read_bytes()).digest()
+        assert hashlib.sha256((b / "data" / f.name).read_bytes()).digest() == hashlib.sha256(f.read_bytes()).digest()
     shutil.rmtree(tmp_path)
 
 
 # ------------------------------------------------------------------ secrets stay secret
 def _stack_logs(env):
     state = Path(env["STACK_DIR"])
-    return [p for p in state.rglob("*") if p.is_file() and (p.suffix in (".log", ".out") or "log" in p.name)
-            and "secrets" not in p.parts]
+    return [
+        p
+        for p in state.rglob("*")
+        if p.is_file() and (p.suffix in (".log", ".out") or "log" in p.name) and "secrets" not in p.parts
+    ]
 
 
 def test_no_secret_in_logs(env, secrets, pipeline_run):
@@ -266,7 +321,12 @@ def test_env_file_is_private(env):
 
 
 def test_status_reports_all_up(env):
-    p = subprocess.run([str(STACK), "status"], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "STACK_DIR": env["STACK_DIR"]})
+    p = subprocess.run(
+        [str(STACK), "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "STACK_DIR": env["STACK_DIR"]},
+    )
     assert p.returncode == 0, p.stdout
     assert len(re.findall(r" up ", p.stdout)) == 5
