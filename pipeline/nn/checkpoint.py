@@ -27,6 +27,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent  # pipeline/
 # checkpoint unusable (and the table names the networks it trained as trained by other code).
 TRAINING_SOURCES = (
     "nn/training.py",
+    "nn/config.py",
     "nn/checkpoint.py",
     "nn/trainer.py",
     "nn/network.py",
