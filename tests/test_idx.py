@@ -81,3 +81,13 @@ def test_truncated_gzip(tmp_path):
 def test_writer_leaves_no_temporary_files(tmp_path):
     write_idx(tmp_path / "a.gz", np.zeros(3, dtype=np.uint8))
     assert [p.name for p in tmp_path.iterdir()] == ["a.gz"]
+
+
+@pytest.mark.parametrize("rows, cols", [(32, 32), (28, 27), (1, 784)])
+def test_images_that_are_not_28x28_are_refused(tmp_path, rows, cols):
+    write_idx(tmp_path / "images.gz", np.zeros((5, rows, cols), dtype=np.uint8))
+    with pytest.raises(
+        IdxError,
+        match=rf"images\.gz: images of {rows}x{cols} pixels \(header shape \(5, {rows}, {cols}\)\); expected 28x28",
+    ):
+        read_images(tmp_path / "images.gz")

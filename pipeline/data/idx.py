@@ -20,6 +20,7 @@ from pipeline.core.files import write_bytes
 
 IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
+IMAGE_SIZE = (28, 28)  # (rows, cols) of every MNIST image
 
 
 class IdxError(PipelineError, ValueError):
@@ -64,9 +65,15 @@ def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def read_images(path: str | Path) -> np.ndarray:
-    """Images as uint8 of shape (count, rows, cols)."""
-    return read_idx(path, IMAGES_MAGIC)
+def read_images(path: str | Path, size: tuple[int, int] = IMAGE_SIZE) -> np.ndarray:
+    """Images as uint8 of shape (count, rows, cols), refused unless (rows, cols) is ``size`` (MNIST's 28x28)."""
+    images = read_idx(path, IMAGES_MAGIC)
+    if images.shape[1:] != tuple(size):
+        raise IdxError(
+            f"{path}: images of {images.shape[1]}x{images.shape[2]} pixels (header shape {images.shape}); "
+            f"expected {size[0]}x{size[1]}, the size of MNIST's images and of the networks' input"
+        )
+    return images
 
 
 def read_labels(path: str | Path) -> np.ndarray:
