@@ -122,7 +122,7 @@ def _layer(raw: Any, where: str) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"Got {where}={raw!r}: expected a mapping with a 'type' key")
     kind = raw.get("type")
-    if kind not in LAYER_KEYS:
+    if not isinstance(kind, str) or kind not in LAYER_KEYS:
         raise ConfigError(f"Got {where}.type={kind!r}: choose one of {', '.join(LAYER_KEYS)}")
     keys = LAYER_KEYS[kind]
     unknown = sorted(set(raw) - set(keys) - {"type"})
@@ -149,7 +149,7 @@ def _layer(raw: Any, where: str) -> dict:
                 )
             value = [int(v) for v in value]
         elif key == "activation":
-            if value not in ACTIVATIONS:
+            if not isinstance(value, str) or value not in ACTIVATIONS:
                 raise ConfigError(f"Got {name}={value!r}: choose one of {', '.join(ACTIVATIONS)}")
         elif key == "p_dropout":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
