@@ -1,10 +1,14 @@
 """Architectures from params: presets build, and bad layer lists are refused naming key and value."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+import yaml
 
 from pipeline.core.config import ConfigError
-from pipeline.nn.architecture import BOOK_SETTINGS, PRESETS, build, resolve
+from pipeline.nn.architecture import BOOK_SETTINGS, MAX_PARAMETERS, PRESETS, build, resolve
 
 
 def n_params(layers):
@@ -111,3 +115,69 @@ def test_every_preset_is_named_in_the_help_and_the_docs_and_no_other(capsys):
     section = docs.split("## The network: presets")[1].split("\n## ")[0]
     named = {name for name in re.findall(r"`(\w+)`", section) if re.fullmatch(r"shallow|conv\w*|chapter\d", name)}
     assert named == set(PRESETS)
+
+
+HUGE = [
+    {"type": "fully_connected", "n_in": 784, "n_out": 100},
+    {"type": "fully_connected", "n_in": 100_000_000, "n_out": 100_000},
+    {"type": "softmax", "n_in": 100_000},
+]
+
+
+@pytest.mark.parametrize(
+    "layers, message",
+    [
+        (
+            HUGE,
+            r"Got train.architecture\[1\]: fully_connected n_in=100000000 x n_out=100000 is 1.0e\+13 parameters "
+            r"\(40 TB as float32\): more than the 268,435,456 \(1.07 GB\) a network here may hold",
+        ),
+        (
+            [{"type": "conv_pool", "input": [1, 28, 28], "filters": 20_000_000}],
+            r"Got train.architecture\[0\]: conv_pool filters=20000000 x channels=1 x kernel=5x5 is 5.2e\+08 parameters "
+            r"\(2.08 GB as float32\)",
+        ),
+        (
+            [{"type": "fully_connected", "n_in": 784, "n_out": 10}, {"type": "batch_norm", "shape": [10**8]}],
+            r"Got train.architecture\[1\]: batch_norm 4 x 100000000 units \(gamma, beta, mean, var\) is 4.0e\+08",
+        ),
+        (
+            [
+                {"type": "fully_connected", "n_in": 784, "n_out": 200_000},
+                {"type": "fully_connected", "n_in": 200_000, "n_out": 1_000},
+                {"type": "softmax", "n_in": 1_000},
+            ],
+            r"Got train.architecture: its 3 layers together have 3.6e\+08 parameters \(1.43 GB as float32\)",
+        ),
+    ],
+)
+def test_layers_too_large_to_allocate_are_refused_naming_layer_and_size(layers, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(layers)
+
+
+def test_the_largest_allowed_layer_still_resolves():
+    n_out = (MAX_PARAMETERS - 10) // (785 + 10)  # the two layers together at the limit
+    layers = resolve([{"type": "fully_connected", "n_in": 784, "n_out": n_out}, {"type": "softmax", "n_in": n_out}])
+    assert layers[0]["n_out"] == n_out
+
+
+def test_the_train_stage_refuses_a_huge_layer_in_one_line(tmp_path):
+    """Sizes that chain correctly, so only the size is wrong: it used to end in NumPy's allocation traceback."""
+    huge = [{"type": "fully_connected", "n_in": 784, "n_out": 10**9}, {"type": "softmax", "n_in": 10**9}]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"architecture": huge}}))
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--params", "params.yaml", "--no-progress"]
+        + ["--prepared", "prepared", "--model", "model", "--checkpoints", "checkpoints", "--metrics", "metrics"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: params.yaml: Got train.architecture[0]: fully_connected n_in=784 x n_out=1000000000 is 7.8e+11 "
+        "parameters (3.14 TB as float32): more than the 268,435,456 (1.07 GB) a network here may hold, since training "
+        "keeps several copies of its weights in memory"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

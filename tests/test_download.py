@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import http.server
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -32,13 +33,15 @@ class Mirror:
     Modes: good (Content-Length, ETag, Range -> 206), missing (404), wrong (valid gzip of other
     bytes), html (an HTML page with status 200), truncated (the first half of the gzip, as if whole),
     drop (the first request for each file is cut off half-way; later ones honour Range), stall (the
-    same, but it goes silent for a second before closing), error (always 503). Every request is
-    recorded as (segment, file, headers).
+    same, but it goes silent for a second before closing), error (always 503), trickle (the whole
+    file announced, then 16 bytes every 50 ms: never silent long enough to trip a read timeout).
+    Every request is recorded as (segment, file, headers).
     """
 
     def __init__(self, files: dict[str, bytes]):
         self.files = files
         self.requests: list[tuple[str, str, dict]] = []
+        self.stopping = threading.Event()  # ends any trickle still sending
         mirror = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -75,6 +78,21 @@ class Mirror:
             return self.send(h, 200, gzip.compress(b"not mnist" + gzip.decompress(data)), "application/gzip")
         if mode == "truncated":
             return self.send(h, 200, data[: len(data) // 2], "application/gzip")
+        if mode == "trickle":
+            h.send_response(200)
+            h.send_header("Content-Type", "application/gzip")
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            try:
+                for i in range(0, len(data), 16):
+                    if self.stopping.wait(0.05):
+                        break
+                    h.wfile.write(data[i : i + 16])
+                    h.wfile.flush()
+            except OSError:  # the client gave up on us
+                pass
+            h.close_connection = True
+            return
         first = sum(1 for s, n, _ in self.requests if n == name and s.startswith(mode)) == 1
         if mode in ("drop", "stall") and first:
             h.send_response(200)
@@ -127,13 +145,16 @@ def synthetic(tmp_path_factory):
 def mirror(synthetic):
     server = Mirror(synthetic[1])
     yield server
+    server.stopping.set()
     server.server.shutdown()
     server.server.server_close()
 
 
-def config(*mirrors, sha256=None, retries=2, timeout=5.0):
+def config(*mirrors, sha256=None, retries=2, timeout=5.0, deadline=300.0):
     sha256 = sha256 or MNIST_SHA256
-    return DownloadConfig(mirrors=list(mirrors), timeout=timeout, retries=retries, backoff=0.0, sha256=sha256)
+    return DownloadConfig(
+        mirrors=list(mirrors), timeout=timeout, deadline=deadline, retries=retries, backoff=0.0, sha256=sha256
+    )
 
 
 def assert_verified(out_dir: Path, synthetic):
@@ -190,6 +211,30 @@ def test_dropped_or_stalled_connection_is_resumed_with_range(tmp_path, synthetic
         assert second["If-Range"] == mirror.etag(name)
     retries = [r.getMessage() for r in caplog.records if "retry 1 of 2" in r.getMessage()]
     assert len(retries) == len(NAMES) and all(why in message for message in retries), retries
+
+
+def test_trickling_mirror_is_abandoned_at_the_deadline_for_the_next(tmp_path, synthetic, mirror, caplog):
+    """16 bytes every 50 ms never trips the 5 s read timeout; the 0.5 s deadline moves on to the next mirror."""
+    assert len(synthetic[1][NAMES[0]]) > 16 * 20 * 2  # the whole file would take over 2 s to trickle
+    began = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.download"):
+        summary = download(
+            config=config(mirror.url("trickle"), mirror.url("good"), timeout=5.0, deadline=0.5, sha256=synthetic[2]),
+            out_dir=tmp_path,
+            progress=False,
+        )
+    assert time.monotonic() - began < 2.0
+    assert_verified(tmp_path, synthetic)
+    assert set(summary["files"].values()) == {mirror.url("good") + name for name in NAMES}
+    skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
+    assert len(skips) == 1, skips  # abandoned once, then not tried again for the other files
+    size = len(synthetic[1][NAMES[0]])
+    assert re.fullmatch(
+        rf"skipping mirror {re.escape(mirror.url('trickle') + NAMES[0])}: too slow: \d+ of {size} bytes "
+        r"after download.deadline=0.5 s; abandoned",
+        skips[0],
+    ), skips[0]
+    assert mirror.count("trickle") == 1
 
 
 def test_every_mirror_bad_lists_them_all_and_leaves_nothing(tmp_path, synthetic, mirror):
@@ -292,6 +337,8 @@ def test_local_directory_and_file_url_mirrors(tmp_path, synthetic, monkeypatch, 
         ({"mirrors": []}, r"Got download.mirrors=\[\]: list at least one mirror"),
         ({"mirrors": ["/data"], "retries": -1}, r"Got download.retries=-1: must be 0 or more"),
         ({"mirrors": ["/data"], "timeout": 0}, r"Got download.timeout=0.0: must be positive"),
+        ({"mirrors": ["/data"], "deadline": -1}, r"Got download.deadline=-1.0: must be positive \(seconds per file"),
+        ({"mirrors": ["/data"], "deadline": "1h"}, r"Got download.deadline='1h': expected a number"),
         ({"mirrors": ["/data"], "backoff": "soon"}, r"Got download.backoff='soon': expected a number"),
         ({"mirrors": "/data"}, r"Got download.mirrors='/data': expected a list"),
         (
@@ -312,6 +359,7 @@ def test_bad_params_name_key_and_value(section, message):
 def test_repository_params_are_valid():
     settings = load_config(DownloadConfig, "download", ROOT / "params.yaml")
     assert settings.mirrors and settings.timeout > 0 and settings.sha256 == MNIST_SHA256
+    assert settings.deadline == 300.0 and "deadline" in yaml.safe_load((ROOT / "params.yaml").read_text())["download"]
 
 
 def test_help():

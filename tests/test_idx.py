@@ -1,5 +1,7 @@
 import gzip
 import struct
+import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
@@ -81,3 +83,55 @@ def test_truncated_gzip(tmp_path):
 def test_writer_leaves_no_temporary_files(tmp_path):
     write_idx(tmp_path / "a.gz", np.zeros(3, dtype=np.uint8))
     assert [p.name for p in tmp_path.iterdir()] == ["a.gz"]
+
+
+@pytest.mark.parametrize("rows, cols", [(32, 32), (28, 27), (1, 784)])
+def test_images_that_are_not_28x28_are_refused(tmp_path, rows, cols):
+    write_idx(tmp_path / "images.gz", np.zeros((5, rows, cols), dtype=np.uint8))
+    with pytest.raises(
+        IdxError,
+        match=rf"images\.gz: images of {rows}x{cols} pixels \(header shape \(5, {rows}, {cols}\)\); expected 28x28",
+    ):
+        read_images(tmp_path / "images.gz")
+
+
+def test_a_header_claiming_billions_of_images_is_refused_before_reading(tmp_path):
+    path = tmp_path / "images.gz"
+    path.write_bytes(gzip.compress(header(0x803, 3_000_000_000, 28, 28) + bytes(784)))
+    with pytest.raises(
+        IdxError,
+        match=r"images\.gz: header declares shape \(3000000000, 28, 28\) = 2352000000000 bytes of data, "
+        r"more than the 268435456 an MNIST-format file may have here; refused before reading it",
+    ):
+        read_images(path)
+
+
+def test_a_gzip_bomb_is_refused_without_holding_it_in_memory(tmp_path):
+    """A 300 kB .gz that expands to 300 MB of zeros after a 10-image header: counted, never kept."""
+    path = tmp_path / "images.gz"
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip format
+    with open(path, "wb") as f:
+        f.write(compressor.compress(header(0x803, 10, 28, 28) + bytes(7840)))
+        zeros = bytes(1 << 20)
+        for _ in range(300):
+            f.write(compressor.compress(zeros))
+        f.write(compressor.flush())
+    assert path.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(
+            IdxError, match=r"declares shape \(10, 28, 28\) = 7840 bytes of data, but the file has more"
+        ):
+            read_images(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, peak
+
+
+def test_corrupt_gzip_data_is_named(tmp_path):
+    payload = bytearray(gzip.compress(header(0x801, 1000) + bytes(range(256)) * 4))
+    payload[20:30] = b"\xff" * 10  # inside the deflate stream
+    (tmp_path / "l.gz").write_bytes(bytes(payload))
+    with pytest.raises(IdxError, match=r"l\.gz: cannot decompress"):
+        read_labels(tmp_path / "l.gz")

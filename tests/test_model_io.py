@@ -1,6 +1,10 @@
 """Saving a model without pickle, loading it, and the predict / predict_proba API."""
 
+import io
 import json
+import subprocess
+import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -10,6 +14,7 @@ from pipeline.nn.architecture import build, resolve
 from pipeline.nn.model_io import load_model, save_model
 
 from reference import np_conv, np_pool
+from synthetic import write_prepared
 
 LAYERS = [
     {"type": "conv_pool", "input": [1, 28, 28], "filters": 3, "kernel": 5, "pool": 4, "activation": "tanh"},
@@ -116,3 +121,140 @@ def test_a_batch_norm_model_keeps_its_statistics_and_predicts_with_them(tmp_path
         rtol=1e-4,
         atol=1e-6,
     )
+
+
+# -- tampered model directories: one clear PipelineError naming the file -----------------------------
+def tampered(model_dir, tmp_path, *, architecture=None, arrays=None, raw_weights=None):
+    """A copy of ``model_dir`` whose architecture.json text, or model.npz arrays / bytes, are replaced."""
+    out = tmp_path / "tampered"
+    out.mkdir()
+    (out / "architecture.json").write_bytes(
+        (model_dir / "architecture.json").read_bytes() if architecture is None else architecture
+    )
+    if raw_weights is not None:
+        (out / "model.npz").write_bytes(raw_weights)
+    else:
+        with np.load(model_dir / "model.npz", allow_pickle=False) as original:
+            values = {name: original[name] for name in original.files}
+        np.savez(out / "model.npz", **(arrays(values) if arrays else values))
+    return out
+
+
+def with_layers(layers):
+    return json.dumps({"format": 1, "layers": layers}).encode()
+
+
+def replaced(name, value):
+    return lambda values: {**values, name: value}
+
+
+def with_nan(name, index, value):
+    def change(values):
+        array = values[name].copy()
+        array.flat[index] = value
+        return {**values, name: array}
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"architecture": b"{not json"}, r"architecture.json: not valid JSON \(JSONDecodeError"),
+        ({"architecture": b"\xff\xfe\x00"}, r"architecture.json: not valid JSON \(UnicodeDecodeError"),
+        ({"architecture": b"[" * 100_000 + b"]" * 100_000}, r"architecture.json: not valid JSON \(RecursionError"),
+        (
+            {"architecture": b"[1, 2]"},
+            r"architecture.json: expected a JSON object with 'format' and 'layers', got list",
+        ),
+        ({"architecture": b'{"layers": []}'}, r"architecture.json: unknown model format None \(expected 1\)"),
+        ({"architecture": b'{"format": 1}'}, r"architecture.json: no 'layers' entry"),
+        (
+            {"architecture": with_layers([{"type": "dense", "n_in": 784, "n_out": 10}])},
+            r"architecture.json: layers\[0\].type='dense': choose one of",
+        ),
+        (
+            {"architecture": with_layers([{"type": ["softmax"], "n_in": 784}])},
+            r"architecture.json: layers\[0\].type=\['softmax'\]: choose one of",
+        ),
+        (
+            {"architecture": with_layers([{"type": "softmax", "n_in": "784"}])},
+            r"architecture.json: layers\[0\].n_in='784': expected a positive integer",
+        ),
+        (
+            {"architecture": with_layers([{"type": "fully_connected", "n_in": 784, "n_out": 10, "activation": {}}])},
+            r"architecture.json: layers\[0\].activation=\{\}: choose one of",
+        ),
+        (
+            {"architecture": with_layers([{"type": "softmax", "n_in": 784, "n_out": 10, "p_dropout": float("nan")}])},
+            r"architecture.json: layers\[0\].p_dropout=nan: expected a probability",
+        ),
+        (
+            {"architecture": with_layers([{"type": "fully_connected", "n_in": 784, "n_out": 10**9}])},
+            r"architecture.json: layers\[0\]: fully_connected n_in=784 x n_out=1000000000 is 7.8e\+11 parameters",
+        ),
+        ({"raw_weights": b"not a zip file"}, r"model.npz: not an .npz file"),
+        (
+            {"arrays": replaced("layer1.b", np.array([None] * 12, dtype=object))},
+            r"model.npz: array 'layer1.b' has dtype object, expected float32",
+        ),
+        (
+            {"arrays": lambda v: {**v, "layer1.w": v["layer1.w"].astype(np.float64)}},
+            r"model.npz: array 'layer1.w' has dtype float64, expected float32",
+        ),
+        (
+            {"arrays": replaced("layer2.b", np.zeros(3, np.float32))},
+            r"model.npz: array 'layer2.b' has shape \(3,\), architecture.json needs \(10,\)",
+        ),
+        (
+            {"arrays": replaced("layer0.w", np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (10**6,), (0,)))},
+            r"model.npz: array 'layer0.w' has shape \(1000000,\), architecture.json needs \(5, 5, 1, 3\)",
+        ),
+        (
+            {"arrays": with_nan("layer1.w", 7, np.nan)},
+            r"model.npz: array 'layer1.w' has 1 NaN and 0 infinite values of 1296; a model with weights",
+        ),
+        ({"arrays": with_nan("layer2.b", 0, -np.inf)}, r"model.npz: array 'layer2.b' has 0 NaN and 1 infinite"),
+    ],
+)
+def test_a_tampered_model_directory_is_refused_naming_the_file(saved, tmp_path, change, message):
+    _, model_dir = saved
+    with pytest.raises(PipelineError, match=message):
+        load_model(tampered(model_dir, tmp_path, **change))
+
+
+def test_an_npz_member_claiming_a_huge_array_is_refused_before_reading_it(saved, tmp_path):
+    _, model_dir = saved
+    out = tampered(model_dir, tmp_path)
+    header = {"descr": "<f4", "fortran_order": False, "shape": (10**12,)}
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, header)
+    with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(out / "model.npz", "a") as archive:
+        archive.writestr("layer0.b.npy", member.getvalue() + bytes(64))  # a duplicate name: the last one is read
+    with pytest.raises(PipelineError, match=r"model.npz: array 'layer0.b' has shape \(1000000000000,\)"):
+        load_model(out)
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "ensemble"])
+def test_the_stages_refuse_a_model_with_nan_weights_in_one_line(saved, tmp_path, stage):
+    _, model_dir = saved
+    bad = tampered(model_dir, tmp_path, arrays=with_nan("layer1.w", 7, np.nan))
+    data = write_prepared(tmp_path / "prepared", sizes={"test": 20}) / "test.npz"
+    (tmp_path / "params.yaml").write_text("tracking: {enabled: false}\n")
+    args = {
+        "evaluate": ["--model", str(bad), "--test", str(data), "--out", "out", "--metrics", "out/metrics.json"],
+        "ensemble": [str(model_dir), str(bad), "--data", str(data), "--out", "out/ensemble.json", "--no-progress"],
+    }[stage]
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", stage, "--params", "params.yaml", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: {bad / 'model.npz'}: array 'layer1.w' has 1 NaN and 0 infinite values of 1296; "
+        "a model with weights that are not finite answers nothing meaningful"
+    ]
+    assert not (tmp_path / "out").exists()

@@ -7,7 +7,8 @@ import pytest
 
 from pipeline.core.config import ConfigError, from_section
 from pipeline.core.files import load_npz
-from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.idx import write_idx
+from pipeline.data.prepare import SOURCES, PrepareConfig, prepare
 
 from synthetic import write_mnist
 
@@ -78,3 +79,26 @@ def test_cli_reports_missing_raw_files(tmp_path):
     assert result.returncode == 1
     assert "missing train-images-idx3-ubyte.gz" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("which", ["train", "test"])
+def test_cli_refuses_images_that_are_not_28x28_and_writes_nothing(tmp_path, which):
+    write_mnist(tmp_path / "raw", n_train=20, n_test=10)
+    images_file = SOURCES[which][0]
+    count = 20 if which == "train" else 10
+    write_idx(tmp_path / "raw" / images_file, np.zeros((count, 32, 32), dtype=np.uint8))
+    (tmp_path / "params.yaml").write_text("prepare: {train_size: 10, validation_size: 5}\n")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "prepare", "--params", str(tmp_path / "params.yaml")]
+        + ["--raw", str(tmp_path / "raw"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: {tmp_path / 'raw' / images_file}: images of 32x32 pixels (header shape ({count}, 32, 32)); "
+        "expected 28x28, the size of MNIST's images and of the networks' input"
+    ]
+    assert not out.exists()

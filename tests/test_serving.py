@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.core.files import load_npz
 from pipeline.nn.model_io import load_model
-from pipeline.tracking.serving import as_images
+from pipeline.tracking.serving import BadInput, as_images, digit_classifier
 from pipeline.tracking.training import stage_training, train_tracked
 
 from synthetic import TINY_NET, write_prepared
@@ -29,6 +30,42 @@ def test_as_images_accepts_the_usual_shapes_and_scales():
     np.testing.assert_allclose(as_images(image[None] / 255)[0], image / 255, rtol=1e-6)
     with pytest.raises(ValueError, match=r"28x28 or 784 pixels, got an input of shape \(2, 30\)"):
         as_images(np.zeros((2, 30)))
+
+
+def bad_images():
+    """(name, 28x28 nested list with one bad pixel, the pixel's value as the message shows it)."""
+    cases = []
+    for name, value, shown in [("nan", float("nan"), "nan"), ("negative", -1.0, "-1.0"), ("above 255", 256.0, "256.0")]:
+        image = np.full((28, 28), 100.0)
+        image[3, 5] = value
+        cases.append((name, image, shown))
+    infinite = np.zeros((28, 28))
+    infinite[27, 0] = np.inf
+    cases.append(("infinite", infinite, "inf"))
+    return cases
+
+
+@pytest.mark.parametrize("name, image, shown", bad_images())
+def test_as_images_refuses_pixels_outside_0_to_255(name, image, shown):
+    row, col = np.argwhere(~np.isfinite(image) | (image < 0) | (image > 255))[0]
+    with pytest.raises(BadInput) as error:
+        as_images(np.stack([np.zeros((28, 28)), image]))
+    assert str(error.value) == (
+        "pixels are grey levels 0-255 (MNIST's) or 0-1 (the book's mnist.pkl.gz); "
+        f"got {shown} at image 1, row {row}, column {col} (1 such pixels)"
+    )
+
+
+def test_the_pyfunc_model_turns_bad_input_into_invalid_parameter_value():
+    from mlflow.exceptions import MlflowException
+
+    classifier = digit_classifier()  # no weights needed: the input is refused first
+    for _, image, _ in bad_images():
+        with pytest.raises(MlflowException, match="grey levels 0-255") as error:
+            classifier.predict(None, image[None])
+        assert error.value.error_code == "INVALID_PARAMETER_VALUE" and error.value.get_http_status_code() == 400
+    with pytest.raises(MlflowException, match=r"28x28 or 784 pixels, got an input of shape \(1, 5\)"):
+        classifier.predict(None, np.zeros((1, 5)))
 
 
 def test_mlflow_models_serve_answers_predictions(tmp_path, monkeypatch):
@@ -100,6 +137,16 @@ def test_mlflow_models_serve_answers_predictions(tmp_path, monkeypatch):
             f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
         )
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+        refusals = {}
+        for name, image, _ in bad_images():  # one server for all the bad inputs
+            body = json.dumps({"inputs": [image.tolist()]}).encode()  # NaN and Infinity as JSON allows them
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+            )
+            with pytest.raises(urllib.error.HTTPError) as error:
+                urllib.request.urlopen(request, timeout=60)
+            refusals[name] = (error.value.code, json.loads(error.value.read()))
+            error.value.close()
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
@@ -108,3 +155,7 @@ def test_mlflow_models_serve_answers_predictions(tmp_path, monkeypatch):
     probabilities = np.array(answer["probabilities"])
     assert probabilities.shape == (8, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-5)
+    for name, (code, reply) in refusals.items():
+        assert code == 400, (name, code, reply)
+        assert reply["error_code"] == "INVALID_PARAMETER_VALUE", (name, reply)
+        assert "pixels are grey levels 0-255 (MNIST's) or 0-1 (the book's mnist.pkl.gz)" in reply["message"], reply

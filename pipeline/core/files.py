@@ -1,7 +1,10 @@
 """Atomic file writing and pickle-free array files, shared by every stage.
 
 Every output goes to a temporary file beside its destination and is renamed into place, so a
-crash or a kill never leaves half a file where a good one is expected.
+crash or a kill never leaves half a file where a good one is expected. The file is fsynced before
+the rename and its directory after it, so after a power loss the name holds either the old file or
+the whole new one, never an empty one. Outputs get the permissions the umask gives a new file
+(0644 under the usual 022), not mkstemp's private 0600, so a team's group can read them.
 """
 
 from __future__ import annotations
@@ -18,16 +21,50 @@ from typing import Any
 import numpy as np
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask would, for a moment)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush ``path`` (a file, or a directory where the system allows opening one) to the disk."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if os.path.isdir(path):
+            return  # Windows cannot open a directory; its renames need no directory fsync
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it."""
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it.
+
+    Before the rename the file gets the umask's permissions and is fsynced; the directory is fsynced after."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

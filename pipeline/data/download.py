@@ -5,7 +5,10 @@ A mirror is an http:// or https:// URL, a file:// URL, or a local directory hold
 *-ubyte.gz files. A mirror that fails for a file (an HTTP error, an HTML page, wrong or truncated
 bytes) is skipped with a warning naming it, and the next one is tried. Dropped connections,
 timeouts and 5xx answers are retried download.retries times with exponential backoff, resuming
-where they stopped (HTTP Range). Files already present and verified are not fetched again.
+where they stopped (HTTP Range). A mirror that has not delivered a file within download.deadline
+seconds (retries included) is abandoned with a warning, for that file and the ones after it, so a
+mirror trickling bytes just fast enough never to trip download.timeout cannot hold the stage for
+long. Files already present and verified are not fetched again.
 
 Offline, point MNIST_MIRROR at a local copy of the files. A relative path is taken from the
 current directory; an absolute path is safest, since `dvc exp run --temp` runs in a copy:
@@ -58,7 +61,8 @@ class DownloadError(PipelineError):
 
 
 class MirrorFailed(Exception):
-    """This mirror cannot give this file. ``unreachable``: it never answered, so skip it for the others too."""
+    """This mirror cannot give this file. ``unreachable``: it never answered, or it was too slow (past
+    download.deadline), so skip it for the other files too."""
 
     def __init__(self, why: str, unreachable: bool = False):
         super().__init__(why)
@@ -85,6 +89,7 @@ def check_mirror(key: str, mirror: str) -> None:
 class DownloadConfig:
     mirrors: list[str]
     timeout: float = 30.0
+    deadline: float = 300.0
     retries: int = 3
     backoff: float = 1.0
     sha256: dict[str, str] = field(default_factory=lambda: dict(MNIST_SHA256))
@@ -94,6 +99,7 @@ class DownloadConfig:
         for i, mirror in enumerate(self.mirrors):
             check_mirror(f"download.mirrors[{i}]", mirror)
         require(self.timeout > 0, "download.timeout", self.timeout, "must be positive (seconds)")
+        require(self.deadline > 0, "download.deadline", self.deadline, "must be positive (seconds per file and mirror)")
         require(self.retries >= 0, "download.retries", self.retries, "must be 0 or more")
         require(self.backoff >= 0, "download.backoff", self.backoff, "must be 0 or more (seconds)")
         require(sorted(self.sha256) == sorted(MNIST_SHA256), "download.sha256", self.sha256,
@@ -145,6 +151,25 @@ def copy_local(path: Path, part: Path, bar: tqdm) -> None:
         raise MirrorFailed(f"cannot copy: {e}") from None
 
 
+class Deadline:
+    """The moment, ``seconds`` from now, after which a mirror is abandoned for being too slow."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+    def check(self, have: int, total: int | None = None) -> None:
+        """Raise MirrorFailed (abandoning the mirror for the later files too) once the deadline has passed."""
+        if self.left() <= 0:
+            of = f" of {total}" if total is not None else ""
+            raise MirrorFailed(
+                f"too slow: {have}{of} bytes after download.deadline={self.seconds:g} s; abandoned", unreachable=True
+            )
+
+
 def resumed_from(response: http.client.HTTPResponse, have: int) -> int:
     """The byte offset ``response`` starts at: ``have`` for a matching 206, 0 for a full 200."""
     if response.status != 206:
@@ -155,8 +180,12 @@ def resumed_from(response: http.client.HTTPResponse, have: int) -> int:
     return have
 
 
-def receive(response: http.client.HTTPResponse, part: Path, start: int, bar: tqdm) -> None:
-    """Write the body of ``response`` into ``part`` from byte ``start`` (appending when resumed)."""
+def receive(
+    response: http.client.HTTPResponse, part: Path, start: int, bar: tqdm, deadline: Deadline | None = None
+) -> None:
+    """Write the body of ``response`` into ``part`` from byte ``start`` (appending when resumed).
+
+    Past ``deadline`` it stops with MirrorFailed, however steadily the bytes still arrive."""
     length = response.headers.get("Content-Length")
     total = start + int(length) if length else None
     bar.reset(total=total)
@@ -172,6 +201,8 @@ def receive(response: http.client.HTTPResponse, part: Path, start: int, bar: tqd
             f.write(chunk)
             received += len(chunk)
             bar.update(len(chunk))
+            if deadline is not None:
+                deadline.check(start + received, total)
     # http.client returns b"" rather than raising when the connection closes early
     if total is not None and start + received < total:
         raise ConnectionResetError(f"connection closed after {start + received} of {total} bytes")
@@ -182,12 +213,15 @@ def fetch_http(url: str, part: Path, config: DownloadConfig, bar: tqdm) -> None:
     validator = None  # ETag or Last-Modified: If-Range makes a resume come from the same file
     answered = False
     why = ""
+    deadline = Deadline(config.deadline)  # for this file from this mirror, retries included
     for attempt in range(config.retries + 1):
         have = part.stat().st_size if part.exists() else 0
         if attempt:
+            deadline.check(have)
             delay = config.backoff * 2 ** (attempt - 1)
             log.warning("%s: %s; retry %d of %d in %.1f s from byte %d", url, why, attempt, config.retries, delay, have)
-            time.sleep(delay)
+            time.sleep(min(delay, max(deadline.left(), 0)))
+        deadline.check(have)
         headers = {"User-Agent": "nndl-pipeline (python urllib)", "Accept-Encoding": "identity"}
         if have:
             headers["Range"] = f"bytes={have}-"
@@ -195,12 +229,13 @@ def fetch_http(url: str, part: Path, config: DownloadConfig, bar: tqdm) -> None:
                 headers["If-Range"] = validator
         try:
             request = urllib.request.Request(url, headers=headers)
-            with urllib.request.urlopen(request, timeout=config.timeout) as response:
+            # no single read may wait past the deadline either
+            with urllib.request.urlopen(request, timeout=max(min(config.timeout, deadline.left()), 0.001)) as response:
                 answered = True
                 start = resumed_from(response, have)
                 etag = response.headers.get("ETag")
                 validator = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
-                receive(response, part, start, bar)
+                receive(response, part, start, bar, deadline)
             return
         except urllib.error.HTTPError as e:
             answered = True
@@ -216,6 +251,7 @@ def fetch_http(url: str, part: Path, config: DownloadConfig, bar: tqdm) -> None:
             why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         except OSError as e:
             raise MirrorFailed(f"{type(e).__name__}: {e}") from None
+    deadline.check(part.stat().st_size if part.exists() else 0)
     raise MirrorFailed(f"{why} (gave up after {config.retries} retries)", unreachable=not answered)
 
 

@@ -10,7 +10,9 @@ before any training starts.
 from __future__ import annotations
 
 import gzip
+import math
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,53 +22,74 @@ from pipeline.core.files import write_bytes
 
 IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
+IMAGE_SIZE = (28, 28)  # (rows, cols) of every MNIST image
+# The most data bytes a header may declare: 2**28, over five times MNIST's largest file (47 MB). A
+# larger claim is refused before any data is read, so a small gzip file cannot expand into gigabytes.
+MAX_DATA_BYTES = 2**28
 
 
 class IdxError(PipelineError, ValueError):
     """A file that is not a well-formed MNIST IDX file."""
 
 
-def _read_bytes(path: Path) -> bytes:
+def _open(path: Path):
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
-    try:
-        if gzipped:
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError) as e:  # a truncated or corrupt gzip stream
-        raise IdxError(f"{path}: cannot decompress: {e}") from None
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
 
 
 def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
-    """Read one IDX file of unsigned bytes, checking magic number, dimensions and size."""
+    """Read one IDX file of unsigned bytes, checking magic number, dimensions and size.
+
+    The header is read first and its declared size checked against MAX_DATA_BYTES, then exactly that
+    many bytes are read: whatever follows is counted, not kept."""
     path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise IdxError(f"{path}: {len(data)} bytes is too short for an IDX header")
-    magic = struct.unpack(">I", data[:4])[0]
-    if magic != expected_magic:
-        raise IdxError(
-            f"{path}: magic number {magic:#010x}, expected {expected_magic:#010x} "
-            f"({'images' if expected_magic == IMAGES_MAGIC else 'labels'})"
-        )
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise IdxError(f"{path}: {len(data)} bytes is too short for a {ndim}-dimensional IDX header")
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    expected = int(np.prod(shape))
-    actual = len(data) - header
+    try:
+        with _open(path) as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise IdxError(f"{path}: {len(head)} bytes is too short for an IDX header")
+            magic = struct.unpack(">I", head)[0]
+            if magic != expected_magic:
+                raise IdxError(
+                    f"{path}: magic number {magic:#010x}, expected {expected_magic:#010x} "
+                    f"({'images' if expected_magic == IMAGES_MAGIC else 'labels'})"
+                )
+            ndim = magic & 0xFF
+            dims = f.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise IdxError(f"{path}: {4 + len(dims)} bytes is too short for a {ndim}-dimensional IDX header")
+            shape = struct.unpack(f">{ndim}I", dims)
+            expected = math.prod(shape)
+            if expected > MAX_DATA_BYTES:
+                raise IdxError(
+                    f"{path}: header declares shape {shape} = {expected} bytes of data, more than the "
+                    f"{MAX_DATA_BYTES} an MNIST-format file may have here; refused before reading it"
+                )
+            data = f.read(expected)
+            extra = 0  # counted up to MAX_DATA_BYTES, never kept
+            while extra <= MAX_DATA_BYTES and (chunk := f.read(1 << 20)):
+                extra += len(chunk)
+    except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt gzip stream
+        raise IdxError(f"{path}: cannot decompress: {e}") from None
+    actual = len(data) + extra
     if actual != expected:
+        has = f"more than {actual - 1}" if extra > MAX_DATA_BYTES else str(actual)
         raise IdxError(
-            f"{path}: header declares shape {shape} = {expected} bytes of data, but the file has {actual}"
+            f"{path}: header declares shape {shape} = {expected} bytes of data, but the file has {has}"
         )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
-def read_images(path: str | Path) -> np.ndarray:
-    """Images as uint8 of shape (count, rows, cols)."""
-    return read_idx(path, IMAGES_MAGIC)
+def read_images(path: str | Path, size: tuple[int, int] = IMAGE_SIZE) -> np.ndarray:
+    """Images as uint8 of shape (count, rows, cols), refused unless (rows, cols) is ``size`` (MNIST's 28x28)."""
+    images = read_idx(path, IMAGES_MAGIC)
+    if images.shape[1:] != tuple(size):
+        raise IdxError(
+            f"{path}: images of {images.shape[1]}x{images.shape[2]} pixels (header shape {images.shape}); "
+            f"expected {size[0]}x{size[1]}, the size of MNIST's images and of the networks' input"
+        )
+    return images
 
 
 def read_labels(path: str | Path) -> np.ndarray:

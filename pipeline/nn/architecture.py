@@ -34,6 +34,11 @@ from pipeline.nn.network import Network
 IMAGE_SHAPE = (1, 28, 28)
 N_INPUTS = 784
 N_CLASSES = 10
+# The most float32 values a network's layers may hold, alone or together: 2**28, 1.07 GB of weights.
+# Training keeps several copies of them (weights, gradients, momentum, the compiled graph's buffers)
+# and building draws them in float64 first, so beyond this a layer ends in an allocation failure
+# rather than a network; the book's largest network has 1.7 million.
+MAX_PARAMETERS = 2**28
 
 # type -> {key: default}; None marks a required key.
 LAYER_KEYS: dict[str, dict[str, Any]] = {
@@ -117,7 +122,7 @@ def _layer(raw: Any, where: str) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"Got {where}={raw!r}: expected a mapping with a 'type' key")
     kind = raw.get("type")
-    if kind not in LAYER_KEYS:
+    if not isinstance(kind, str) or kind not in LAYER_KEYS:
         raise ConfigError(f"Got {where}.type={kind!r}: choose one of {', '.join(LAYER_KEYS)}")
     keys = LAYER_KEYS[kind]
     unknown = sorted(set(raw) - set(keys) - {"type"})
@@ -144,7 +149,7 @@ def _layer(raw: Any, where: str) -> dict:
                 )
             value = [int(v) for v in value]
         elif key == "activation":
-            if value not in ACTIVATIONS:
+            if not isinstance(value, str) or value not in ACTIVATIONS:
                 raise ConfigError(f"Got {name}={value!r}: choose one of {', '.join(ACTIVATIONS)}")
         elif key == "p_dropout":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
@@ -156,6 +161,35 @@ def _layer(raw: Any, where: str) -> dict:
             value = int(value)
         layer[key] = value
     return layer
+
+
+def _size(n_bytes: float) -> str:
+    """``n_bytes`` in decimal units: 4.0 GB, 160 TB."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if n_bytes < 1000 or unit == "PB":
+            return f"{n_bytes:.3g} {unit}"
+        n_bytes /= 1000
+    raise AssertionError  # unreachable
+
+
+def _parameters(layer: dict) -> tuple[int, str]:
+    """How many float32 values ``layer`` holds, and how that count comes about."""
+    kind = layer["type"]
+    if kind == "conv_pool":
+        channels, k, filters = layer["input"][0], layer["kernel"], layer["filters"]
+        return filters * channels * k * k + filters, f"filters={filters} x channels={channels} x kernel={k}x{k}"
+    if kind == "batch_norm":
+        units = layer["shape"][0]
+        return 4 * units, f"4 x {units} units (gamma, beta, mean, var)"
+    return layer["n_in"] * layer["n_out"] + layer["n_out"], f"n_in={layer['n_in']} x n_out={layer['n_out']}"
+
+
+def _too_large(what: str, count: int) -> str:
+    return (
+        f"{what} {count:.1e} parameters ({_size(4 * count)} as float32): more than the {MAX_PARAMETERS:,} "
+        f"({_size(4 * MAX_PARAMETERS)}) a network here may hold, since training keeps several copies of its "
+        "weights in memory"
+    )
 
 
 def _output_shape(layer: dict, where: str) -> tuple[int, ...]:
@@ -189,6 +223,15 @@ def resolve(architecture: str | list, key: str = "train.architecture") -> list[d
     else:
         raise ConfigError(f"Got {key}={architecture!r}: expected a preset name or a non-empty list of layers")
     layers = [_layer(item, f"{prefix}[{i}]") for i, item in enumerate(raw)]
+    # before the sizes are chained: a layer too large to allocate is refused as that, whatever else is wrong
+    total = 0
+    for i, layer in enumerate(layers):
+        count, how = _parameters(layer)
+        if count > MAX_PARAMETERS:
+            raise ConfigError(f"Got {prefix}[{i}]: " + _too_large(f"{layer['type']} {how} is", count))
+        total += count
+    if total > MAX_PARAMETERS:
+        raise ConfigError(f"Got {prefix}: " + _too_large(f"its {len(layers)} layers together have", total))
     previous: tuple[int, ...] = IMAGE_SHAPE
     previous_name = "the input image"
     for i, layer in enumerate(layers):

@@ -14,13 +14,14 @@ with activations flattened channels-last (height, width, channels).
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.core.config import PipelineError
-from pipeline.core.files import load_npz, save_npz, write_json
+from pipeline.core.files import save_npz, write_json
 from pipeline.nn.architecture import build, resolve
 from pipeline.nn.backend import Backend
 from pipeline.nn.network import Network
@@ -33,6 +34,7 @@ LAYOUT = (
     "conv filters (kh, kw, in_channels, filters); dense weights (n_in, n_out); "
     "activations channels-last, flattened as (height, width, channels); inputs 28x28 images / 255"
 )
+MAX_ARCHITECTURE_BYTES = 1 << 20  # a description of a few layers is a few kB
 
 
 def save_model(
@@ -91,16 +93,83 @@ def load_model(model_dir: str | Path, *, engine: str | None = None, device: str 
     for path in (weights, arch):
         if not path.is_file():
             raise PipelineError(f"no trained model in {str(model_dir)!r}: {path.name} is missing (run the train stage)")
-    description = json.loads(arch.read_text())
+    description = read_description(arch)
+    # resolve refuses unknown layer types, wrong types, sizes that do not chain and layers too large to allocate
+    network = build(resolve(description["layers"], key=f"{arch}: layers"), rng=np.random.default_rng(0))
+    shapes = {name: value.shape for name, value in zip(network.param_names(), network.get_values(), strict=True)}
+    arrays = read_weights(weights, shapes, arch.name)
+    network.set_values([arrays[name] for name in network.param_names()])
+    return Model(network, Backend(engine, device), description)
+
+
+def read_description(arch: Path) -> dict[str, Any]:
+    """``architecture.json`` as a dict with the expected ``format`` and a ``layers`` entry, or a PipelineError."""
+    size = arch.stat().st_size
+    if size > MAX_ARCHITECTURE_BYTES:
+        raise PipelineError(f"{arch}: {size} bytes, more than the {MAX_ARCHITECTURE_BYTES} a model description takes")
+    try:
+        description = json.loads(arch.read_bytes())
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested beyond the parser
+        raise PipelineError(f"{arch}: not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(description, dict):
+        raise PipelineError(
+            f"{arch}: expected a JSON object with 'format' and 'layers', got {type(description).__name__}"
+        )
     if description.get("format") != FORMAT:
         raise PipelineError(f"{arch}: unknown model format {description.get('format')!r} (expected {FORMAT})")
-    network = build(resolve(description["layers"], key=f"{arch}: layers"), rng=np.random.default_rng(0))
-    arrays = load_npz(weights)
-    missing = [name for name in network.param_names() if name not in arrays]
-    if missing:
-        raise PipelineError(f"{weights}: no array named {missing[0]!r}; the file does not match {arch.name}")
+    if "layers" not in description:
+        raise PipelineError(f"{arch}: no 'layers' entry")
+    return description
+
+
+def read_weights(weights: Path, shapes: dict[str, tuple[int, ...]], described_by: str) -> dict[str, np.ndarray]:
+    """The arrays ``shapes`` names from ``model.npz``, each checked to be finite float32 of its shape.
+
+    Every array's header (dtype, shape) is read and checked before its data, so a tampered file can
+    neither unpickle anything nor make the loader allocate more than the architecture needs.
+    """
+    if not zipfile.is_zipfile(weights):
+        raise PipelineError(f"{weights}: not an .npz file (a zip archive of arrays)")
+    arrays = {}
     try:
-        network.set_values([arrays[name] for name in network.param_names()])
-    except ValueError as e:
-        raise PipelineError(f"{weights}: {e}") from None
-    return Model(network, Backend(engine, device), description)
+        with zipfile.ZipFile(weights) as archive:
+            members = set(archive.namelist())
+            for name, shape in shapes.items():
+                if f"{name}.npy" not in members:
+                    raise PipelineError(f"{weights}: no array named {name!r}; the file does not match {described_by}")
+                with archive.open(f"{name}.npy") as f:
+                    version = np.lib.format.read_magic(f)
+                    if version not in ((1, 0), (2, 0)):
+                        raise PipelineError(f"{weights}: array {name!r} has .npy format version {version}")
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else (np.lib.format.read_array_header_2_0)
+                    )
+                    found_shape, _, dtype = read_header(f)
+                    if dtype.kind != "f" or dtype.itemsize != 4:
+                        raise PipelineError(f"{weights}: array {name!r} has dtype {dtype}, expected float32")
+                    if tuple(found_shape) != tuple(shape):
+                        raise PipelineError(
+                            f"{weights}: array {name!r} has shape {tuple(found_shape)}, "
+                            f"{described_by} needs {tuple(shape)}"
+                        )
+                with archive.open(f"{name}.npy") as f:
+                    array = np.lib.format.read_array(f, allow_pickle=False)
+                arrays[name] = _check_finite(weights, name, array)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # a damaged header or archive
+        raise PipelineError(f"{weights}: cannot read the arrays ({type(e).__name__}: {e})") from None
+    return arrays
+
+
+def _check_finite(weights: Path, name: str, array: np.ndarray) -> np.ndarray:
+    bad = ~np.isfinite(array)
+    if bad.any():
+        nan = int(np.isnan(array).sum())
+        raise PipelineError(
+            f"{weights}: array {name!r} has {nan} NaN and {int(bad.sum()) - nan} infinite values of {array.size}; "
+            "a model with weights that are not finite answers nothing meaningful"
+        )
+    if name.endswith(".var") and (array < 0).any():
+        raise PipelineError(f"{weights}: array {name!r} (a batch_norm variance) has negative values")
+    return array

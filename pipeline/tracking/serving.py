@@ -10,6 +10,8 @@ predictions from the same files the pipeline writes:
 
 Input: images of 28x28 pixels (or 784 values each) with MNIST's 0-255 grey levels, or 0-1 as in the
 book's ``mnist.pkl.gz``. Output: for each image, the predicted ``label`` and the ten ``probabilities``.
+Anything else (another shape, NaN or infinite pixels, values below 0 or above 255) is answered with
+HTTP 400 and a message that says what is accepted.
 """
 
 from __future__ import annotations
@@ -21,16 +23,35 @@ from pathlib import Path
 import numpy as np
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # pipeline/: the model carries the whole package
+ACCEPTED = "pixels are grey levels 0-255 (MNIST's) or 0-1 (the book's mnist.pkl.gz)"
+
+
+class BadInput(ValueError):
+    """Input the model cannot answer; serving turns it into HTTP 400 with this message."""
 
 
 def as_images(model_input) -> np.ndarray:
-    """Whatever the server hands us (DataFrame, list, array) as float32 images (N, 28, 28) in [0, 1]."""
-    array = np.asarray(getattr(model_input, "values", model_input), dtype=np.float32)
+    """Whatever the server hands us (DataFrame, list, array) as float32 images (N, 28, 28) in [0, 1].
+
+    Raises BadInput for another shape and for pixels that are not finite numbers in 0-255."""
+    try:
+        array = np.asarray(getattr(model_input, "values", model_input), dtype=np.float32)
+    except (TypeError, ValueError) as e:  # ragged lists, strings
+        raise BadInput(
+            f"expected images of 28x28 or 784 numbers each ({ACCEPTED}); cannot read the input: {e}"
+        ) from None
     if array.ndim == 1 or array.shape == (28, 28):
         array = array[None]
     if array.shape[1:] not in ((28, 28), (784,)):
-        raise ValueError(f"expected images of 28x28 or 784 pixels, got an input of shape {array.shape}")
+        raise BadInput(f"expected images of 28x28 or 784 pixels, got an input of shape {array.shape}")
     array = array.reshape(-1, 28, 28)
+    bad = ~np.isfinite(array) | (array < 0) | (array > 255)
+    if bad.any():
+        image, row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise BadInput(
+            f"{ACCEPTED}; got {array[image, row, col]} at image {image}, row {row}, column {col} "
+            f"({int(bad.sum())} such pixels)"
+        )
     if array.size and array.max() > 1.0:  # MNIST's 0-255 grey levels
         array = array / 255.0
     return array
@@ -49,7 +70,13 @@ def digit_classifier():
         # np.ndarray is the one hint MLflow neither validates nor converts (the tensor signature
         # already makes serving's JSON an array); without a hint every load warns about it
         def predict(self, context, model_input: np.ndarray, params=None):
-            probabilities = self.model.predict_proba(as_images(model_input))
+            from mlflow.exceptions import MlflowException
+
+            try:
+                images = as_images(model_input)
+            except BadInput as e:  # INVALID_PARAMETER_VALUE: the scoring server answers 400, not 500
+                raise MlflowException.invalid_parameter_value(str(e)) from None
+            probabilities = self.model.predict_proba(images)
             return {"label": probabilities.argmax(axis=1), "probabilities": probabilities}
 
     return DigitClassifier()
