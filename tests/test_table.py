@@ -25,6 +25,18 @@ from reference import np_shift, python_vote
 from synthetic import digit_images
 
 
+def quick_table(data, out_dir, **settings):
+    """The quick table of the synthetic data into ``out_dir``, no progress bars."""
+    return runner.run_table(
+        quick=True,
+        prepared_dir=data / "prepared",
+        expanded_dir=data / "expanded",
+        out_dir=out_dir,
+        progress=False,
+        **settings,
+    )
+
+
 def write_set(path: Path, n: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, n).astype(np.uint8)
@@ -252,15 +264,7 @@ def test_finished_rows_outlive_a_code_change_and_the_report_names_them(first_run
     )
 
     monkeypatch.setattr(runner, "code_version", lambda: "0123456789ab")  # as after an edit of layers.py
-    again = runner.run_table(
-        rows="1,2",
-        repeats=1,
-        quick=True,
-        prepared_dir=data / "prepared",
-        expanded_dir=data / "expanded",
-        out_dir=out / "table",
-        progress=False,
-    )
+    again = quick_table(data, out / "table", rows="1,2", repeats=1)
     assert again["trained"] == []
     report = (out / "table" / "report.md").read_text()
     assert "Training code: `0123456789ab`" in report
@@ -268,41 +272,17 @@ def test_finished_rows_outlive_a_code_change_and_the_report_names_them(first_run
 
     # code shown to train the same weights as the current code is re-stamped, not named as other code
     monkeypatch.setitem(cache.SAME_WEIGHTS_AS, trained_by, "0123456789ab")
-    runner.run_table(
-        rows="1,2",
-        repeats=1,
-        quick=True,
-        prepared_dir=data / "prepared",
-        expanded_dir=data / "expanded",
-        out_dir=out / "table",
-        progress=False,
-    )
+    quick_table(data, out / "table", rows="1,2", repeats=1)
     assert "every row shown was trained by it" in (out / "table" / "report.md").read_text()
     monkeypatch.delitem(cache.SAME_WEIGHTS_AS, trained_by)
 
     # a seed never trained is trained, by the current code
-    more = runner.run_table(
-        rows="1",
-        repeats=2,
-        quick=True,
-        prepared_dir=data / "prepared",
-        expanded_dir=data / "expanded",
-        out_dir=out / "table",
-        progress=False,
-    )
+    more = quick_table(data, out / "table", rows="1", repeats=2)
     assert more["trained"] == [("1", 2)]
     assert json.loads((out / "table" / "1" / "seed2" / "result.json").read_text())["code"] == "0123456789ab"
 
     # and a later call with fewer repeats still reports every seed finished on disk
-    fewer = runner.run_table(
-        rows="2",
-        repeats=1,
-        quick=True,
-        prepared_dir=data / "prepared",
-        expanded_dir=data / "expanded",
-        out_dir=out / "table",
-        progress=False,
-    )
+    fewer = quick_table(data, out / "table", rows="2", repeats=1)
     row1 = next(line for line in fewer["lines"] if line["row"] == "1")
     assert fewer["trained"] == [] and [s["seed"] for s in row1["seeds"]] == [1, 2] and row1["n"] == 2
     assert "| 1 | FC 100, softmax; sigmoid | 97.80% |" in (out / "table" / "report.md").read_text()
@@ -315,16 +295,8 @@ def test_jobs_train_in_parallel_processes_with_the_same_results(first_run, data,
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the worker processes inherit it
     monkeypatch.chdir(tmp_path)
-    parallel = runner.run_table(
-        rows="1,2",
-        repeats=1,
-        quick=True,
-        prepared_dir=data / "prepared",
-        expanded_dir=data / "expanded",
-        out_dir=tmp_path / "table",
-        progress=False,
-        jobs=2,
-        tracking_config=TrackingConfig(experiment="table-jobs"),
+    parallel = quick_table(
+        data, tmp_path / "table", rows="1,2", repeats=1, jobs=2, tracking_config=TrackingConfig(experiment="table-jobs")
     )
     assert sorted(parallel["trained"]) == [("1", 1), ("2", 1)]
     for row in ("1", "2"):
@@ -413,15 +385,7 @@ def test_a_result_keyed_before_the_distort_fields_existed_still_matches(data):
 
 def test_the_distort_rows_train_end_to_end_with_their_distortions(data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    results = runner.run_table(
-        rows="distort",
-        repeats=1,
-        quick=True,
-        prepared_dir=data / "prepared",
-        expanded_dir=data / "expanded",
-        out_dir=tmp_path / "table",
-        progress=False,
-    )
+    results = quick_table(data, tmp_path / "table", rows="distort", repeats=1)
     assert sorted(results["trained"]) == [("distort", seed) for seed in range(1, 6)]
     settings = json.loads((tmp_path / "table" / "distort" / "seed1" / "result.json").read_text())["settings"]
     assert {k: v for k, v in settings.items() if k.startswith("distort_")} == {
@@ -454,15 +418,7 @@ def test_the_deep_rows_train_their_own_layers_end_to_end(
     data, tmp_path, monkeypatch, row, eta, decay, elastic, batch_norms, parameters
 ):
     monkeypatch.chdir(tmp_path)
-    results = runner.run_table(
-        rows=row,
-        repeats=1,
-        quick=True,
-        prepared_dir=data / "prepared",
-        expanded_dir=data / "expanded",
-        out_dir=tmp_path / "table",
-        progress=False,
-    )
+    results = quick_table(data, tmp_path / "table", rows=row, repeats=1)
     assert sorted(results["trained"]) == [(row, seed) for seed in range(1, 6)]
     seed1 = tmp_path / "table" / row / "seed1"
     settings = json.loads((seed1 / "result.json").read_text())["settings"]
@@ -518,16 +474,7 @@ def assert_shifted_row(results: dict, key: str, out: Path, data: Path, monkeypat
     monkeypatch.setattr(table_lines, "shifted_probabilities", no_scoring)
     for module in (runner, table_lines):  # the test set is read by the runner, the validation set by the line
         monkeypatch.setattr(module, "load_split", lambda path: read.append(Path(path).name) or load_split(path))
-    again = runner.run_table(
-        rows=key,
-        repeats=1,
-        quick=True,
-        prepared_dir=data / "prepared",
-        expanded_dir=data / "expanded",
-        out_dir=out,
-        progress=False,
-        report_only=True,
-    )
+    again = quick_table(data, out, rows=key, repeats=1, report_only=True)
     assert next(line for line in again["lines"] if line["row"] == key) == line
     assert "test.npz" in read and "validation.npz" not in read  # nothing to score: validation is not read
 

@@ -84,8 +84,15 @@ def elastic(images: np.ndarray, rng: np.random.Generator, alpha: float, sigma: f
     return to_uint8(bilinear(images, grid_y + dy, grid_x + dx).astype(np.float32))
 
 
-def distort(images: np.ndarray, rng: np.random.Generator, *, rotation: float = 0.0, scale: float = 0.0,
-            alpha: float = 0.0, sigma: float = 4.0) -> np.ndarray:
+def distort(
+    images: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    rotation: float = 0.0,
+    scale: float = 0.0,
+    alpha: float = 0.0,
+    sigma: float = 4.0,
+) -> np.ndarray:
     """A fresh random distortion of each uint8 image (n, SIDE, SIDE) or (n, SIDE * SIDE), same shape back.
 
     Each image is rotated by an angle uniform in [-rotation, rotation] degrees and scaled by a

@@ -76,7 +76,9 @@ def check_mirror(key: str, mirror: str) -> None:
         return  # a local directory; whether it holds the files is found out when it is used
     parts = urllib.parse.urlsplit(mirror)
     require(
-        parts.scheme in ("http", "https", "file"), key, mirror,
+        parts.scheme in ("http", "https", "file"),
+        key,
+        mirror,
         "unknown scheme; expected http://, https://, file:// or a local directory",
     )
     if parts.scheme == "file":
@@ -102,8 +104,12 @@ class DownloadConfig:
         require(self.deadline > 0, "download.deadline", self.deadline, "must be positive (seconds per file and mirror)")
         require(self.retries >= 0, "download.retries", self.retries, "must be 0 or more")
         require(self.backoff >= 0, "download.backoff", self.backoff, "must be 0 or more (seconds)")
-        require(sorted(self.sha256) == sorted(MNIST_SHA256), "download.sha256", self.sha256,
-                f"expected the keys {', '.join(MNIST_SHA256)}")
+        require(
+            sorted(self.sha256) == sorted(MNIST_SHA256),
+            "download.sha256",
+            self.sha256,
+            f"expected the keys {', '.join(MNIST_SHA256)}",
+        )
         for name, digest in self.sha256.items():
             ok = isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) is not None
             require(ok, f"download.sha256.{name}", digest, "expected 64 lowercase hex digits")
@@ -255,8 +261,15 @@ def fetch_http(url: str, part: Path, config: DownloadConfig, bar: tqdm) -> None:
     raise MirrorFailed(f"{why} (gave up after {config.retries} retries)", unreachable=not answered)
 
 
-def fetch_one(name: str, sha256: str, mirrors: list[str], out_dir: Path, config: DownloadConfig,
-              progress: bool, unreachable: dict[str, str]) -> str:
+def fetch_one(
+    name: str,
+    sha256: str,
+    mirrors: list[str],
+    out_dir: Path,
+    config: DownloadConfig,
+    progress: bool,
+    unreachable: dict[str, str],
+) -> str:
     """Fetch ``name``.gz from the first mirror that gives verified bytes; return where it came from."""
     filename = f"{name}.gz"
     part = out_dir / f"{filename}.part"
@@ -286,8 +299,10 @@ def fetch_one(name: str, sha256: str, mirrors: list[str], out_dir: Path, config:
         finally:
             part.unlink(missing_ok=True)
     lines = "\n".join(f"  {failure}" for failure in failures)
-    raise DownloadError(f"no mirror gave a verified {filename}; tried:\n{lines}\n"
-                        "Offline? Set MNIST_MIRROR to a directory holding the four files.")
+    raise DownloadError(
+        f"no mirror gave a verified {filename}; tried:\n{lines}\n"
+        "Offline? Set MNIST_MIRROR to a directory holding the four files."
+    )
 
 
 def download(*, config: DownloadConfig, out_dir: Path, env_mirror: str | None = None, progress: bool = True) -> dict:

@@ -17,8 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.core.config import require
-from pipeline.data.distort import elastic
 from pipeline.core.files import load_npz, save_npz, write_json
+from pipeline.data.distort import elastic
 
 ELASTIC_CHUNK = 2_000  # images distorted at once: bounds the float64 temporaries to some 50 MB
 MAX_SHIFT = 13  # pixels: a 28x28 digit moved 14 pixels is mostly gone
@@ -72,7 +72,9 @@ def expand_arrays(
     n = len(images)
     shuffle_rng, elastic_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(2))
     blocks = [images] + [shift(images, dy, dx) for dy, dx in shifts(config.max_shift)]
-    for _ in tqdm(range(config.elastic_copies), desc="elastic copies", disable=not progress or not config.elastic_copies):
+    for _ in tqdm(
+        range(config.elastic_copies), desc="elastic copies", disable=not progress or not config.elastic_copies
+    ):
         chunks = [
             elastic(images[i : i + ELASTIC_CHUNK], elastic_rng, config.elastic_alpha, config.elastic_sigma)
             for i in range(0, n, ELASTIC_CHUNK)

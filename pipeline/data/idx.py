@@ -75,9 +75,7 @@ def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
     actual = len(data) + extra
     if actual != expected:
         has = f"more than {actual - 1}" if extra > MAX_DATA_BYTES else str(actual)
-        raise IdxError(
-            f"{path}: header declares shape {shape} = {expected} bytes of data, but the file has {has}"
-        )
+        raise IdxError(f"{path}: header declares shape {shape} = {expected} bytes of data, but the file has {has}")
     return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
@@ -123,4 +121,3 @@ def write_idx(path: str | Path, array: np.ndarray, compress: bool | None = None)
     if compress:
         payload = gzip.compress(payload, mtime=0)
     write_bytes(path, payload)
-

@@ -24,5 +24,3 @@ def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if labels.shape != (len(images),) or labels.size and labels.max() > 9:
         raise PipelineError(f"{path}: labels must be N digits 0-9, got shape {labels.shape}")
     return images.reshape(len(images), 784), labels.astype(np.uint8, copy=False)
-
-
