@@ -104,13 +104,15 @@ def test_a_wrong_password_stops_the_train_stage_before_training(env, secrets, tm
 # ------------------------------------------------------------------ faults in the middle of a training
 @pytest.mark.parametrize("component", ["mlflow", "postgres"])
 def test_a_training_survives_a_restart(env, tmp_path, component):
-    epochs = 6
+    epochs = 12
     experiment = f"stack-fault-{component}-{uuid.uuid4().hex[:8]}"
-    write_prepared(tmp_path / "prepared", {"train": 20000, "validation": 2000, "test": 200})
+    # slow enough (a few seconds an epoch on 2 cores) that the restart falls in the middle of the training
+    write_prepared(tmp_path / "prepared", {"train": 40000, "validation": 2000, "test": 200})
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    wide = [{**TINY_NET[0], "n_out": 300}, {**TINY_NET[1], "n_in": 300}]
     configure(
         tmp_path,
-        train={"architecture": TINY_NET, "epochs": epochs, "eta": 0.5, "lmbda": 0.0, "steps_per_call": 100},
+        train={"architecture": wide, "epochs": epochs, "eta": 0.5, "lmbda": 0.0, "steps_per_call": 100},
         tracking={"experiment": experiment},
     )
     log = (tmp_path / "train.log").open("w")
@@ -133,6 +135,8 @@ def test_a_training_survives_a_restart(env, tmp_path, component):
         )
         assert restart.returncode == 0, restart.stdout + restart.stderr
         restarted_s = time.monotonic() - t0
+        still_training = train.poll() is None  # else the restart did not fall in the middle of the training
+        logged_by_then = metric_steps(env, run_id, "validation_accuracy")
         rc = train.wait(timeout=600)
     finally:
         if train.poll() is None:
@@ -141,11 +145,13 @@ def test_a_training_survives_a_restart(env, tmp_path, component):
         log.close()
     output = (tmp_path / "train.log").read_text()
     assert rc == 0, output
+    assert still_training, f"the training ended before {component} was back: make it longer\n{output}"
     (run,) = runs_of(env, experiment)
     assert run["info"]["run_id"] == run_id and run["info"]["status"] == "FINISHED"
     assert metric_steps(env, run_id, "validation_accuracy") == list(range(1, epochs + 1)), output
     print(
-        f"{component} restarted in {restarted_s:.1f} s during the training; "
+        f"{component} restarted in {restarted_s:.1f} s during the training (epochs on the server when it was "
+        f"back: {logged_by_then}); "
         f"run {run_id} FINISHED with validation_accuracy at epochs 1..{epochs}, each once"
     )
     print("\n".join(line for line in output.splitlines() if "retrying" in line or "kept to resend" in line)[:3000])
