@@ -19,6 +19,8 @@
 #   deploy/stack.sh dvc-remote [DIR]   in the DVC checkout DIR (default: .), from the env file:
 #                               remote `team` as default, its URL and endpointurl in .dvc/config,
 #                               the S3 keys ONLY in .dvc/config.local (git-ignored by DVC)
+#   deploy/stack.sh restart mlflow|postgres   stop that one component by its PID and start it
+#                               again (the fault test restarts them in the middle of a training)
 #   deploy/stack.sh destroy     `down`, then delete the state directory and the env file
 #
 # Environment (all optional)
@@ -517,6 +519,15 @@ do_down() {
     stop_pid postgres INT      # PostgreSQL's "fast" shutdown; TERM would wait for clients
 }
 
+do_restart() {  # restart COMPONENT: the others keep running
+    load_conf
+    case ${1:-} in
+        mlflow) stop_pid mlflow TERM; start_mlflow ;;
+        postgres) stop_pid postgres INT; start_postgres ;;
+        *) die "restart: name mlflow or postgres" ;;
+    esac
+}
+
 do_status() {
     load_conf
     local c pid rc=0
@@ -578,7 +589,8 @@ case ${1:-} in
     down) do_down ;;
     status) do_status ;;
     dvc-remote) shift; do_dvc_remote "$@" ;;
+    restart) shift; do_restart "$@" ;;
     install) do_install ;;
     destroy) do_down; rm -rf "$STACK_DIR"; rm -f "$STACK_ENV_FILE"; say "state removed" ;;
-    *) sed -n '2,30p' "$0"; exit 2 ;;
+    *) sed -n '2,32p' "$0"; exit 2 ;;
 esac

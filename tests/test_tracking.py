@@ -199,3 +199,134 @@ def test_two_processes_writing_at_once_lose_no_run(repo):
     for r in runs:
         assert r.info.status == "FINISHED"
         assert len(client.get_metric_history(r.info.run_id, "m")) == 60
+
+
+@pytest.fixture
+def login_server():
+    """A tiny HTTP server on 127.0.0.1 that is healthy but refuses every API call with 401."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            code = 200 if self.path == "/health" else 401
+            self.send_response(code)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def test_wrong_password_fails_early_naming_uri_and_user(repo, monkeypatch, login_server):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", login_server)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-not-shown")
+    with pytest.raises(TrackingError) as caught:
+        with tracked_run(TrackingConfig()):
+            pytest.fail("the body must not run")
+    message = str(caught.value)
+    assert f"MLflow server {login_server} refused the login of MLFLOW_TRACKING_USERNAME='pipeline' (401)" in message
+    assert "MLFLOW_TRACKING_PASSWORD" in message and "s3cret-not-shown" not in message
+
+
+def test_the_train_stage_reports_a_wrong_password_in_one_line(tmp_path, login_server):
+    env = dict(os.environ, MLFLOW_TRACKING_URI=login_server, MLFLOW_TRACKING_USERNAME="pipeline")
+    env["MLFLOW_TRACKING_PASSWORD"] = "s3cret-not-shown"
+    import shutil
+
+    from project import ROOT, configure
+    from synthetic import TINY_NET, write_prepared
+
+    (tmp_path / ".dvc").mkdir()
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    configure(tmp_path, train={"architecture": TINY_NET, "epochs": 1})
+    write_prepared(tmp_path / "prepared")
+    p = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--prepared", "prepared", "--no-progress"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: MLflow server {login_server} refused the login")
+    assert "s3cret-not-shown" not in p.stdout + p.stderr
+    assert not (tmp_path / "data" / "model").exists()
+
+
+class FlakyClient:
+    """Stands for MlflowClient: log_batch fails (connection refused) while ``down`` is true."""
+
+    def __init__(self):
+        self.down = False
+        self.metrics = []
+        self.terminated = None
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()):
+        if self.down:
+            raise tracking_exception("API request to http://127.0.0.1:1/x failed: [Errno 111] Connection refused")
+        self.metrics += list(metrics)
+
+    def set_terminated(self, run_id, status):
+        self.terminated = status
+
+
+def tracking_exception(message):
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException(message)
+
+
+def test_unsendable_epoch_metrics_are_buffered_then_sent(monkeypatch):
+    monkeypatch.setattr(tracking.Run, "EPOCH_RETRY_S", 0.0)
+    client = FlakyClient()
+    run = tracking.Run(client, "r1")
+    run.log_metrics({"validation_accuracy": 0.5}, step=1, buffer=True)
+    client.down = True
+    run.log_metrics({"validation_accuracy": 0.6}, step=2, buffer=True)  # the training goes on
+    assert [m.step for m in run.pending] == [2]
+    with pytest.raises(Exception, match="Connection refused"):  # unbuffered calls still fail
+        monkeypatch.setenv("PIPELINE_TRACKING_RETRY_S", "0")
+        run.log_metrics({"test_accuracy": 0.9})
+    client.down = False
+    run.log_metrics({"validation_accuracy": 0.7}, step=3, buffer=True)
+    run.close("FINISHED")
+    steps = [m.step for m in client.metrics if m.key == "validation_accuracy"]
+    assert steps == [1, 2, 3] and client.terminated == "FINISHED" and not run.pending
+
+
+def test_a_run_that_cannot_deliver_its_epochs_fails_loudly(monkeypatch):
+    monkeypatch.setattr(tracking.Run, "EPOCH_RETRY_S", 0.0)
+    monkeypatch.setenv("PIPELINE_TRACKING_RETRY_S", "1")
+    client = FlakyClient()
+    client.down = True
+    run = tracking.Run(client, "r-lost")
+    run.log_metrics({"validation_accuracy": 0.5}, step=4, buffer=True)
+    with pytest.raises(TrackingError, match=r"run r-lost: the metrics of steps \[4\] could not be delivered"):
+        run.close("FINISHED")
+    assert client.terminated is None
+
+
+def test_transient_failures_are_retried_with_backoff(monkeypatch):
+    calls = []
+
+    def flaky():
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return "ok"
+
+    assert tracking.retry_transient(flaky, seconds=10) == "ok" and len(calls) == 3
+    assert not tracking.is_transient(tracking_exception("API request failed with error code 401 != 200"))
+    assert tracking.is_transient(tracking_exception("API request failed with error code 503 != 200"))

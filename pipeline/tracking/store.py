@@ -14,11 +14,13 @@ run FAILED with the reason as a tag, so nothing is left "running".
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -101,12 +103,34 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                 f"(`mlflow server --backend-store-uri sqlite:///$PWD/mlflow.db --port 5000`), fix the URI, "
                 f"or unset {ENV_URI} to use the repository's SQLite store"
             ) from None
+        check_login(uri, timeout)
     elif uri.startswith("sqlite:///"):
         directory = Path(uri.removeprefix("sqlite:///").split("?")[0]).parent
         if not directory.is_dir() or not os.access(directory, os.W_OK):
             raise TrackingError(
                 f"MLflow store {source}: directory {str(directory)!r} does not exist or is not writable"
             )
+
+
+def check_login(uri: str, timeout: float = 5.0) -> None:
+    """One authenticated read, as MLflow's client sends it (basic auth from MLFLOW_TRACKING_USERNAME and
+    _PASSWORD): a server with logins answers 401 to a wrong password. The password is never shown."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    if user is not None:
+        login = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(login).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+    except urllib.error.HTTPError as e:
+        if e.code != 401:
+            return  # anything else (an old server, a proxy) is left to the client's own calls
+        who = f"the login of MLFLOW_TRACKING_USERNAME={user!r}" if user is not None else "a request without login"
+        hint = "check MLFLOW_TRACKING_PASSWORD" if user is not None else "set MLFLOW_TRACKING_USERNAME and _PASSWORD"
+        raise TrackingError(f"MLflow server {uri} refused {who} (401): {hint}") from None
+    except (urllib.error.URLError, OSError, ValueError):
+        return  # /health answered a moment ago: a blip is left to the client's retries
 
 
 def retry_locked(call: Callable[[], Any]) -> Any:
@@ -120,6 +144,42 @@ def retry_locked(call: Callable[[], Any]) -> Any:
             delay = 0.2 * 2**attempt * (1 + random.random())
             log.warning("MLflow store is locked by another process; retrying in %.1f s", delay)
             time.sleep(delay)
+
+
+# what a server restart looks like from the client: refused/reset connections, timeouts, 5xx (MLflow's
+# own urllib3 retries end in "Max retries exceeded" / "too many 500 error responses"), a locked SQLite file
+_TRANSIENT = re.compile(
+    r"database is locked|connection (refused|reset|aborted)|max retries exceeded|timed? ?out|"
+    r"remote end closed|(error code|too many) 5\d\d|server closed the connection|temporarily unavailable",
+    re.IGNORECASE,
+)
+
+
+def is_transient(error: Exception) -> bool:
+    """True for failures that a retry a little later can cure; False for 4xx answers and bugs."""
+    return isinstance(error, (ConnectionError, TimeoutError)) or bool(
+        _TRANSIENT.search(f"{type(error).__name__} {error}")
+    )
+
+
+def retry_seconds(default: float = 180.0) -> float:
+    """How long one tracking call keeps retrying transient failures ($PIPELINE_TRACKING_RETRY_S)."""
+    return float(os.environ.get("PIPELINE_TRACKING_RETRY_S", default))
+
+
+def retry_transient(call: Callable[[], Any], seconds: float | None = None) -> Any:
+    """Run ``call``, retrying transient failures with jittered exponential backoff for at most ``seconds``."""
+    deadline = time.monotonic() + (retry_seconds() if seconds is None else seconds)
+    delay = 0.5
+    while True:
+        try:
+            return call()
+        except Exception as e:
+            if not is_transient(e) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("MLflow call failed (%s); retrying in %.1f s", str(e).splitlines()[0][:200], delay)
+            time.sleep(delay * (1 + random.random() / 2))
+            delay = min(2 * delay, 10.0)
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -160,41 +220,79 @@ def source_tags() -> dict[str, str]:
 
 
 class Run:
-    """One MLflow run, logged through a client so that every call can be retried on a locked store."""
+    """One MLflow run, logged through a client. Every call is retried on transient failures (a locked
+    SQLite file, a server or database restarting) for a bounded time. Per-epoch metrics that still
+    cannot be sent are kept in ``pending`` and sent with the next metrics and by :meth:`flush` before
+    the run is closed, so a training never waits long for a server that is down, and never loses an epoch."""
+
+    EPOCH_RETRY_S = 20.0  # an epoch's metrics wait at most this long before they are buffered
 
     def __init__(self, client, run_id: str):
         self.client = client
         self.run_id = run_id
+        self.pending: list = []  # mlflow.entities.Metric not yet accepted by the store
+
+    def _call(self, call: Callable[[], Any], seconds: float | None = None) -> Any:
+        return retry_transient(call, seconds)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            retry_locked(lambda chunk=items[i : i + 100]: self.client.log_batch(self.run_id, params=chunk))
+            self._call(lambda chunk=items[i : i + 100]: self.client.log_batch(self.run_id, params=chunk))
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, *, buffer: bool = False) -> None:
+        """Log ``metrics`` (and whatever is pending). With ``buffer``, a store that stays unreachable
+        past EPOCH_RETRY_S keeps them pending instead of failing the training."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        retry_locked(lambda: self.client.log_batch(self.run_id, metrics=items))
+        now = int(time.time() * 1000)  # fixed at the first attempt: a resent batch is the same rows
+        self.pending += [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        try:
+            self.flush(self.EPOCH_RETRY_S if buffer else None)
+        except Exception as e:
+            if not (buffer and is_transient(e)):
+                raise
+            steps = sorted({m.step for m in self.pending})
+            log.warning("MLflow unreachable; metrics of steps %s kept to resend: %s", steps, str(e)[:200])
+
+    def flush(self, seconds: float | None = None) -> None:
+        """Send every pending metric (at most 1000 per batch, MLflow's limit), oldest first."""
+        while self.pending:
+            batch = self.pending[:1000]
+            self._call(lambda batch=batch: self.client.log_batch(self.run_id, metrics=batch), seconds)
+            del self.pending[: len(batch)]
 
     def logged_steps(self, metric: str) -> set[int]:
         """The steps at which ``metric`` was already logged (a resumed run fills in only the gaps)."""
-        return {m.step for m in retry_locked(lambda: self.client.get_metric_history(self.run_id, metric))}
+        return {m.step for m in self._call(lambda: self.client.get_metric_history(self.run_id, metric))}
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
-        retry_locked(lambda: self.client.log_batch(self.run_id, tags=items))
+        self._call(lambda: self.client.log_batch(self.run_id, tags=items))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        retry_locked(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+        self._call(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
-        retry_locked(lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path))
+        self._call(lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path))
+
+    def close(self, status: str | None) -> None:
+        """Deliver what is pending, then end the run with ``status`` (None: leave it open); a metric
+        that cannot be delivered is an error naming the run."""
+        try:
+            self.flush()
+        except Exception as e:
+            steps = sorted({m.step for m in self.pending})
+            raise TrackingError(
+                f"MLflow run {self.run_id}: the metrics of steps {steps} could not be delivered ({e}); "
+                f"the run is incomplete"
+            ) from e
+        if status is not None:
+            self._call(lambda: self.client.set_terminated(self.run_id, status=status))
 
     def log_dataset(self, path: Path, name: str, context: str) -> None:
         """Record a data-format .npz as an MLflow dataset input, with the sha256 of the file as digest."""
@@ -214,7 +312,7 @@ class Run:
                 digest=sha256_file(path)[:32],
             )
         entity = DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])
-        retry_locked(lambda: self.client.log_inputs(self.run_id, datasets=[entity]))
+        self._call(lambda: self.client.log_inputs(self.run_id, datasets=[entity]))
 
 
 def _client(uri: str):
@@ -223,6 +321,10 @@ def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
     if not uri.startswith("sqlite:///"):
+        # MLflow's client retries each HTTP request for up to ~4 minutes by default: shorter here, so
+        # that Run's own retries (bounded by PIPELINE_TRACKING_RETRY_S) and its buffer decide
+        for name, value in (("MAX_RETRIES", "3"), ("BACKOFF_FACTOR", "1"), ("TIMEOUT", "30")):
+            os.environ.setdefault(f"MLFLOW_HTTP_REQUEST_{name}", value)
         return MlflowClient(tracking_uri=uri)
     from filelock import FileLock
 
@@ -305,15 +407,17 @@ def tracked_run(
             yield run
     except BaseException as e:
         reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        with contextlib.suppress(Exception):
-            run.set_tags({"failure_reason": reason[:5000]})
-        with contextlib.suppress(Exception):
-            retry_locked(lambda: client.set_terminated(run_id, status="FAILED"))
+        for call in (  # each tried for a short while only: the error itself must not wait
+            lambda: run.flush(Run.EPOCH_RETRY_S),
+            lambda: retry_transient(lambda: client.set_tag(run_id, "failure_reason", reason[:5000]), 10),
+            lambda: retry_transient(lambda: client.set_terminated(run_id, status="FAILED"), Run.EPOCH_RETRY_S),
+        ):
+            with contextlib.suppress(Exception):
+                call()
         if isinstance(e, _Terminated):
             raise KeyboardInterrupt(str(e)) from None
         raise
-    if finish:
-        retry_locked(lambda: client.set_terminated(run_id, status="FINISHED"))
+    run.close("FINISHED" if finish else None)
 
 
 def epoch_logger(run: Run, continuing: bool) -> Callable[[int, dict], None]:
@@ -325,7 +429,8 @@ def epoch_logger(run: Run, continuing: bool) -> Callable[[int, dict], None]:
 
     def log_epoch(epoch: int, metrics: dict) -> None:
         if epoch not in logged:
-            run.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "resumed")}, step=epoch)
+            values = {k: v for k, v in metrics.items() if k not in ("epoch", "resumed")}
+            run.log_metrics(values, step=epoch, buffer=True)
 
     return log_epoch
 

@@ -74,7 +74,7 @@ done
 echo "run.sh: rss total ${total} MB (after up, before the tests)"
 
 t0=$SECONDS
-python -m pytest tests/stack -q -p no:cacheprovider
+python -m pytest ${STACK_TESTS:-tests/stack} -q -rP -p no:cacheprovider   # STACK_TESTS: a subset, while developing
 echo "run.sh: tests took $((SECONDS - t0)) s"
 # the backup that docs/team.md describes: pg_dump of the tracking and user stores, then a look inside
 PGBIN=${STACK_PG_BIN:-/usr/lib/postgresql/15/bin}

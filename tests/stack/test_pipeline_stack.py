@@ -1,0 +1,271 @@
+"""The pipeline against the RUNNING team stack (tests/stack/run.sh starts and stops it): a wrong
+password, a DVC experiment landing in PostgreSQL and RGW, DVC push/pull, and a training that survives
+a restart of the MLflow server or of PostgreSQL. Every request goes to 127.0.0.1 only."""
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from test_stack import ENV_FILE, SECRET_VARS, STACK, creds, http, read_env
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: project.py, synthetic.py
+from project import ROOT, configure, dvc_env, make_project, sh, synthetic_checksums  # noqa: E402
+from synthetic import TINY_NET, write_mnist, write_prepared  # noqa: E402
+
+pytestmark = [
+    pytest.mark.stack,
+    pytest.mark.skipif(
+        not (ENV_FILE and Path(ENV_FILE).is_file()),
+        reason="no running stack: set STACK_ENV_FILE (tests/stack/run.sh does)",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = read_env(ENV_FILE)
+    for key in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"):
+        assert urlparse(e[key]).hostname == "127.0.0.1", key
+    return e
+
+
+@pytest.fixture(scope="module")
+def secrets(env):
+    return [env[k] for k in SECRET_VARS if env.get(k)]
+
+
+def client_env(env, **extra):
+    """The environment of a pipeline user: this one without any stack variable, plus MLflow's three."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "STACK_"))}
+    base.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")})
+    base.update(PYTHONPATH=str(ROOT), DVC_NO_ANALYTICS="1", **extra)
+    return base
+
+
+def runs_of(env, experiment):
+    """The runs of ``experiment``, read over REST as the reader user."""
+    who = creds(env, "reader")
+    r = http(env, "GET", "/api/2.0/mlflow/experiments/get-by-name", auth=who, params={"experiment_name": experiment})
+    if r.status_code == 404:
+        return []
+    assert r.status_code == 200, r.text
+    exp_id = r.json()["experiment"]["experiment_id"]
+    r = http(env, "POST", "/api/2.0/mlflow/runs/search", auth=who, json={"experiment_ids": [exp_id]})
+    assert r.status_code == 200, r.text
+    return r.json().get("runs", [])
+
+
+def metric_steps(env, run_id, key):
+    r = http(
+        env,
+        "GET",
+        "/api/2.0/mlflow/metrics/get-history",
+        auth=creds(env, "reader"),
+        params={"run_id": run_id, "metric_key": key, "max_results": 1000},
+    )
+    assert r.status_code == 200, r.text
+    return sorted(m.get("step", 0) for m in r.json().get("metrics", []))
+
+
+def assert_no_secret(secrets, text, where):
+    for s in secrets:
+        assert s not in text, f"a credential appears in {where}"
+
+
+# ------------------------------------------------------------------ a wrong password
+def test_a_wrong_password_stops_the_train_stage_before_training(env, secrets, tmp_path):
+    write_prepared(tmp_path / "prepared")
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    configure(tmp_path, train={"architecture": TINY_NET, "epochs": 1})
+    p = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--prepared", "prepared", "--no-progress"],
+        cwd=tmp_path,
+        env=client_env(env, MLFLOW_TRACKING_PASSWORD="wrong-" + uuid.uuid4().hex),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 1, p.stdout + p.stderr
+    uri = env["MLFLOW_TRACKING_URI"]
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"error: MLflow server {uri} refused the login of MLFLOW_TRACKING_USERNAME='pipeline' (401): "
+        "check MLFLOW_TRACKING_PASSWORD"
+    )
+    assert not (tmp_path / "data").exists()  # nothing trained, no checkpoint
+    assert_no_secret(secrets, p.stdout + p.stderr, "the stage's output")
+
+
+# ------------------------------------------------------------------ faults in the middle of a training
+@pytest.mark.parametrize("component", ["mlflow", "postgres"])
+def test_a_training_survives_a_restart(env, tmp_path, component):
+    epochs = 12
+    experiment = f"stack-fault-{component}-{uuid.uuid4().hex[:8]}"
+    # slow enough (a few seconds an epoch on 2 cores) that the restart falls in the middle of the training
+    write_prepared(tmp_path / "prepared", {"train": 40000, "validation": 2000, "test": 200})
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    wide = [{**TINY_NET[0], "n_out": 300}, {**TINY_NET[1], "n_in": 300}]
+    configure(
+        tmp_path,
+        train={"architecture": wide, "epochs": epochs, "eta": 0.5, "lmbda": 0.0, "steps_per_call": 100},
+        tracking={"experiment": experiment},
+    )
+    log = (tmp_path / "train.log").open("w")
+    train = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", "--prepared", "prepared", "--no-progress"],
+        cwd=tmp_path,
+        env=client_env(env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        run_id = wait_for_first_epoch(env, experiment, train)
+        t0 = time.monotonic()
+        restart = subprocess.run(
+            [str(STACK), "restart", component],
+            env={**os.environ, "STACK_DIR": env["STACK_DIR"], "STACK_ENV_FILE": ENV_FILE},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert restart.returncode == 0, restart.stdout + restart.stderr
+        restarted_s = time.monotonic() - t0
+        still_training = train.poll() is None  # else the restart did not fall in the middle of the training
+        logged_by_then = metric_steps(env, run_id, "validation_accuracy")
+        rc = train.wait(timeout=600)
+    finally:
+        if train.poll() is None:
+            train.kill()
+            train.wait(timeout=30)
+        log.close()
+    output = (tmp_path / "train.log").read_text()
+    assert rc == 0, output
+    assert still_training, f"the training ended before {component} was back: make it longer\n{output}"
+    (run,) = runs_of(env, experiment)
+    assert run["info"]["run_id"] == run_id and run["info"]["status"] == "FINISHED"
+    assert metric_steps(env, run_id, "validation_accuracy") == list(range(1, epochs + 1)), output
+    print(
+        f"{component} restarted in {restarted_s:.1f} s during the training (epochs on the server when it was "
+        f"back: {logged_by_then}); "
+        f"run {run_id} FINISHED with validation_accuracy at epochs 1..{epochs}, each once"
+    )
+    print("\n".join(line for line in output.splitlines() if "retrying" in line or "kept to resend" in line)[:3000])
+
+
+def wait_for_first_epoch(env, experiment, train, limit_s=300):
+    """The run id, once the training's first epoch is on the server (bounded)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        assert train.poll() is None, "the training ended before its first epoch was logged"
+        runs = runs_of(env, experiment)
+        if runs and metric_steps(env, runs[0]["info"]["run_id"], "validation_accuracy"):
+            return runs[0]["info"]["run_id"]
+        time.sleep(0.5)
+    pytest.fail(f"no epoch logged within {limit_s} s")
+
+
+# ------------------------------------------------------------------ dvc exp run, push, pull
+@pytest.fixture(scope="module")
+def experiment_project(env, secrets, tmp_path_factory):
+    """A new git + DVC project whose `dvc exp run -S train.epochs=1` logged to the stack."""
+    tmp = tmp_path_factory.mktemp("team")
+    project = make_project(tmp)
+    write_mnist(tmp / "mirror", n_train=200, n_test=40)
+    experiment = f"stack-e2e-{uuid.uuid4().hex[:8]}"
+    configure(
+        project,
+        download={"sha256": synthetic_checksums(tmp / "mirror")},
+        prepare={"train_size": 150, "validation_size": 50},
+        train={"architecture": TINY_NET, "epochs": 3, "eta": 0.5, "lmbda": 0.0, "steps_per_call": 15},
+        evaluate={"gallery_size": 4},
+        tracking={"experiment": experiment},
+    )
+    run_env = client_env(env, **{k: v for k, v in dvc_env(tmp / "mirror").items() if k in ("PATH", "MNIST_MIRROR")})
+    run_env.pop("PYTHONPATH")  # the stages run the project's own copy of the pipeline
+    git = ("git", "-c", "user.name=t", "-c", "user.email=t@localhost")
+    sh("git", "add", "-A", cwd=project)
+    sh(*git, "commit", "-qm", "baseline", cwd=project)
+    p = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "run", "-S", "train.epochs=1"],
+        cwd=project,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert_no_secret(secrets, p.stdout + p.stderr, "the stages' output")
+    return project, experiment, run_env, git
+
+
+def test_dvc_exp_run_lands_a_finished_run_with_its_model_in_rgw(env, experiment_project, tmp_path):
+    import boto3
+    from mlflow.tracking import MlflowClient
+
+    project, experiment, _, _ = experiment_project
+    (run,) = runs_of(env, experiment)
+    run_id = run["info"]["run_id"]
+    assert run["info"]["status"] == "FINISHED"
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert 0 <= metrics["test_accuracy"] <= 1
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["train.epochs"] == "1"
+    local = (project / "data" / "model" / "model.npz").read_bytes()
+    # through the server, as the pipeline user (the client sends MLFLOW_TRACKING_USERNAME/PASSWORD)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = creds(env, "pipeline")
+    try:
+        client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+        downloaded = client.download_artifacts(run_id, "model_files/model.npz", str(tmp_path))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert Path(downloaded).read_bytes() == local
+    # and as an object in the RGW artifact bucket
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+    bucket = env["STACK_ARTIFACT_BUCKET"]
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    keys = [o["Key"] for page in pages for o in page.get("Contents", []) if run_id in o["Key"]]
+    (key,) = [k for k in keys if k.endswith("model_files/model.npz")]
+    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == local
+
+
+def tree_hashes(directory):
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(directory).rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_dvc_push_then_a_clone_pulls_identical_outputs(env, secrets, experiment_project):
+    project, _, run_env, git = experiment_project
+    stack_env = {**run_env, "STACK_ENV_FILE": ENV_FILE}
+    sh(str(STACK), "dvc-remote", str(project), cwd=project, env=stack_env)
+    sh("git", "add", "-A", cwd=project)
+    sh(*git, "commit", "-qm", "experiment, team remote", cwd=project)
+    sh(sys.executable, "-m", "dvc", "push", "-q", cwd=project, env=run_env)
+    clone = project.parent / "clone"
+    sh("git", "clone", "-q", str(project), str(clone), cwd=project.parent)
+    assert not (clone / "data" / "model").exists()
+    sh(str(STACK), "dvc-remote", str(clone), cwd=clone, env=stack_env)
+    sh(sys.executable, "-m", "dvc", "pull", "-q", cwd=clone, env=run_env)
+    for out in ("data/prepared", "data/model"):
+        assert tree_hashes(clone / out) == tree_hashes(project / out) != {}, out
+    tracked = sh("git", "ls-files", "-z", cwd=project).stdout.split("\0")
+    for name in filter(None, tracked):
+        assert_no_secret(secrets, (project / name).read_text(errors="replace"), name)
