@@ -82,7 +82,9 @@ def tracking_uri() -> str:
 
 def artifact_location(uri: str) -> str | None:
     """Where a new experiment keeps artifacts: beside a local store; a server decides for itself."""
-    if uri.startswith("sqlite:///") or uri.startswith("file:") or "://" not in uri:
+    if uri.startswith("sqlite:///"):  # mlartifacts/ beside the database file, wherever that is
+        return (Path(uri.removeprefix("sqlite:///").split("?")[0]).parent / ARTIFACTS_DIR).as_uri()
+    if uri.startswith("file:") or "://" not in uri:
         return (project_root() / ARTIFACTS_DIR).as_uri()
     return None
 
