@@ -199,3 +199,17 @@ def test_two_processes_writing_at_once_lose_no_run(repo):
     for r in runs:
         assert r.info.status == "FINISHED"
         assert len(client.get_metric_history(r.info.run_id, "m")) == 60
+
+
+def test_experiments_open_on_their_training_runs_in_the_mlflow_ui(repo):
+    """MLflow 3's UI opens an experiment without `mlflow.experimentKind` on its GenAI overview."""
+    with tracked_run(TrackingConfig(experiment="new")):
+        pass
+    client = client_for(repo)
+    assert client.get_experiment_by_name("new").tags["mlflow.experimentKind"] == "custom_model_development"
+    # an experiment made before (by an older version of the pipeline, or by hand) is tagged when reused
+    client.create_experiment("older", artifact_location=(repo / "mlartifacts").as_uri())
+    assert "mlflow.experimentKind" not in client.get_experiment_by_name("older").tags
+    with tracked_run(TrackingConfig(experiment="older")):
+        pass
+    assert client.get_experiment_by_name("older").tags["mlflow.experimentKind"] == "custom_model_development"

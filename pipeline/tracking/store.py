@@ -41,6 +41,10 @@ ARTIFACTS_DIR = "mlartifacts"
 RUN_FILE = (
     "mlflow_run.json"  # beside the model: the run evaluate continues; beside checkpoints: the run a resume continues
 )
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, all empty), with it
+# on the table of training runs
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 # SQLite waits this long for a lock held by another writer (two queue workers) before failing
 SQLITE_TIMEOUT_S = 60
 LOCK_RETRIES = 8
@@ -236,15 +240,22 @@ def _client(uri: str):
 
 
 def _experiment_id(client, name: str, uri: str) -> str:
+    """The experiment ``name``, created if missing, tagged so that MLflow's UI opens it on its runs."""
     experiment = retry_locked(lambda: client.get_experiment_by_name(name))
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return retry_locked(lambda: client.create_experiment(name, artifact_location=artifact_location(uri)))
-    except Exception as e:  # another worker created it between our two calls
-        if "already exists" not in str(e).lower() and "unique constraint" not in str(e).lower():
-            raise
-        return client.get_experiment_by_name(name).experiment_id
+    if experiment is None:
+        try:
+            return retry_locked(
+                lambda: client.create_experiment(
+                    name, artifact_location=artifact_location(uri), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+                )
+            )
+        except Exception as e:  # another worker created it between our two calls
+            if "already exists" not in str(e).lower() and "unique constraint" not in str(e).lower():
+                raise
+            experiment = client.get_experiment_by_name(name)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made by hand, or by an older pipeline
+        retry_locked(lambda: client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND))
+    return experiment.experiment_id
 
 
 class _Terminated(BaseException):
