@@ -226,3 +226,40 @@ def test_evaluate_with_test_time_shifts_answers_from_five_views(project):
     np.testing.assert_array_equal(predicted, expected)
     assert metrics["test_accuracy"] == pytest.approx(np.mean(expected == test["labels"]))
     assert metrics["test_time_shifts"] == 1
+
+
+def test_evaluate_registers_the_model_and_the_champion_serves(project):
+    train_in(project)
+    evaluated = evaluate(
+        config=EvaluateConfig(gallery_size=2),
+        model_dir=project / "data/model",
+        test_path=project / "data/prepared/test.npz",
+        out_dir=project / "data/evaluate",
+        metrics_path=project / "data/metrics/evaluate.json",
+        tracking_config=tracking.TrackingConfig(experiment="tests"),
+    )
+    mlflow_client = client(project)
+    (run,) = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("tests").experiment_id])
+    champion = mlflow_client.get_model_version_by_alias("tests-model", "champion")  # <experiment>-model
+    assert str(champion.version) == "1" and champion.run_id == run.info.run_id
+    assert float(champion.tags["validation_accuracy"]) == run.data.metrics["final_best_validation_accuracy"]
+    assert float(champion.tags["test_accuracy"]) == evaluated["test_accuracy"]
+    # what `mlflow models serve -m models:/tests-model@champion` loads
+    test = load_npz(project / "data/prepared/test.npz")
+    out = mlflow.pyfunc.load_model("models:/tests-model@champion").predict(test["images"][:20].astype(np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(out["label"]), load_model(project / "data/model").predict(test["images"][:20])
+    )
+
+
+def test_registering_can_be_turned_off(project):
+    train_in(project, epochs=1)
+    evaluate(
+        config=EvaluateConfig(gallery_size=2),
+        model_dir=project / "data/model",
+        test_path=project / "data/prepared/test.npz",
+        out_dir=project / "data/evaluate",
+        metrics_path=project / "data/metrics/evaluate.json",
+        tracking_config=tracking.TrackingConfig(experiment="tests", registered_model=""),
+    )
+    assert client(project).search_registered_models() == []

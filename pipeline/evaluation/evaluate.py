@@ -25,6 +25,7 @@ from pipeline.data.expand import require_shift
 from pipeline.evaluation.plots import confusion_matrix, plot_confusion, plot_gallery
 from pipeline.evaluation.shifts import shifted_probabilities
 from pipeline.nn.model_io import load_model
+from pipeline.tracking import registry
 from pipeline.tracking import store as tracking
 
 
@@ -99,4 +100,6 @@ def evaluate(
             for name in ("confusion.png", "misclassified.png", "predictions.csv", "confusion.json"):
                 run.log_artifact(out_dir / name, "evaluation")
             run.log_artifact(metrics_path, "evaluation")
+            if tracking_config.registered_model_name:
+                registry.register(run, tracking_config.registered_model_name, metrics["test_accuracy"])
     return metrics
