@@ -263,3 +263,27 @@ def test_registering_can_be_turned_off(project):
         tracking_config=tracking.TrackingConfig(experiment="tests", registered_model=""),
     )
     assert client(project).search_registered_models() == []
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_training_runs_log_system_metrics_unless_turned_off(project, monkeypatch, on):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # MLflow's: seconds between samples
+    settings = params(epochs=2)
+    settings["tracking"]["system_metrics"] = on
+    summary = train_tracked(
+        stage_training(
+            params=settings,
+            prepared_dir=project / "data/prepared",
+            expanded_dir=None,
+            model_dir=project / "data/model",
+            checkpoint_dir=project / "data/checkpoints",
+            metrics_dir=project / "data/metrics",
+            progress=False,
+        )
+    )
+    logged = client(project).get_run(summary["run_id"]).data.metrics
+    system = {name for name in logged if name.startswith("system/")}
+    if on:
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, logged
+    else:
+        assert system == set()

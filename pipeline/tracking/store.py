@@ -58,6 +58,7 @@ class TrackingConfig:
     enabled: bool = True
     # the Model Registry's model that evaluate adds a version to: None is "<experiment>-model", "" is none
     registered_model: str | None = None
+    system_metrics: bool = True  # CPU, memory, disk, network (GPU with nvidia-ml-py) while a training runs
 
     def __post_init__(self):
         require(bool(self.experiment.strip()), "tracking.experiment", self.experiment, "must not be empty")
