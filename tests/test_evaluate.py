@@ -65,6 +65,7 @@ def test_train_and_evaluate_log_one_complete_run(project):
         test_path=project / "data/prepared/test.npz",
         out_dir=project / "data/evaluate",
         metrics_path=project / "data/metrics/evaluate.json",
+        run_file=project / "data/metrics/mlflow_run.json",
         tracking_config=tracking.TrackingConfig(experiment="tests"),
     )
 
@@ -109,6 +110,7 @@ def test_train_and_evaluate_log_one_complete_run(project):
         test_path=project / "data/prepared/test.npz",
         out_dir=project / "data/evaluate",
         metrics_path=project / "data/metrics/evaluate.json",
+        run_file=project / "data/metrics/mlflow_run.json",
         tracking_config=tracking.TrackingConfig(experiment="tests"),
     )
     again = mlflow_client.get_run(run.info.run_id)
@@ -236,6 +238,7 @@ def test_evaluate_registers_the_model_and_the_champion_serves(project):
         test_path=project / "data/prepared/test.npz",
         out_dir=project / "data/evaluate",
         metrics_path=project / "data/metrics/evaluate.json",
+        run_file=project / "data/metrics/mlflow_run.json",
         tracking_config=tracking.TrackingConfig(experiment="tests"),
     )
     mlflow_client = client(project)
@@ -260,6 +263,7 @@ def test_registering_can_be_turned_off(project):
         test_path=project / "data/prepared/test.npz",
         out_dir=project / "data/evaluate",
         metrics_path=project / "data/metrics/evaluate.json",
+        run_file=project / "data/metrics/mlflow_run.json",
         tracking_config=tracking.TrackingConfig(experiment="tests", registered_model=""),
     )
     assert client(project).search_registered_models() == []
@@ -287,3 +291,31 @@ def test_training_runs_log_system_metrics_unless_turned_off(project, monkeypatch
         assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, logged
     else:
         assert system == set()
+
+
+def test_the_model_directory_holds_no_run_id(project):
+    """Two trainings with the same weights give the same model files, so the same DVC hash; each run's
+    id is in data/metrics/mlflow_run.json, apart from the model."""
+    runs = []
+    for name in ("a", "b"):
+        summary = train_tracked(
+            stage_training(
+                params=params(epochs=1),
+                prepared_dir=project / "data/prepared",
+                expanded_dir=None,
+                model_dir=project / name / "model",
+                checkpoint_dir=project / name / "checkpoints",
+                metrics_dir=project / name / "metrics",
+                progress=False,
+            )
+        )
+        runs.append(summary["run_id"])
+        assert json.loads((project / name / "metrics" / "mlflow_run.json").read_text())["run_id"] == summary["run_id"]
+    assert runs[0] != runs[1]
+
+    def contents(directory):
+        return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+    first, second = contents(project / "a" / "model"), contents(project / "b" / "model")
+    assert sorted(map(str, first)) == ["architecture.json", "model.npz"]
+    assert first == second

@@ -212,6 +212,7 @@ def test_the_train_stage_mlflow_and_evaluate_work_with_the_engine(tmp_path, monk
         test_path=tmp_path / "prepared/test.npz",
         out_dir=tmp_path / "evaluate",
         metrics_path=tmp_path / "metrics/evaluate.json",
+        run_file=tmp_path / "metrics/mlflow_run.json",
         tracking_config=tracking.TrackingConfig(experiment="theano"),
     )
     test = np.load(tmp_path / "prepared/test.npz")

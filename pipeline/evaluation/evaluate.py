@@ -55,13 +55,17 @@ def evaluate(
     out_dir: Path,
     metrics_path: Path,
     tracking_config: tracking.TrackingConfig | None = None,
+    run_file: Path | None = None,
 ) -> dict:
-    """Score the model in ``model_dir`` on ``test_path``; returns the metrics written."""
+    """Score the model in ``model_dir`` on ``test_path``; returns the metrics written.
+
+    ``run_file``: the train stage's record of the model's MLflow run (``data/metrics/mlflow_run.json``),
+    which evaluate continues; without it, evaluate opens a run of its own."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     tracking_config = tracking_config or tracking.TrackingConfig(enabled=False)
     test = load_npz(test_path)
     images, actual = test["images"], test["labels"]
-    run_id = tracking.load_run_reference(model_dir)
+    run_id = tracking.load_run_reference(run_file)
 
     with tracking.tracked_run(tracking_config, resume_run_id=run_id, run_name="evaluate") as run:
         model = load_model(model_dir)

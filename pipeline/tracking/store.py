@@ -38,9 +38,9 @@ log = logging.getLogger(__name__)
 ENV_URI = "MLFLOW_TRACKING_URI"
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-RUN_FILE = (
-    "mlflow_run.json"  # beside the model: the run evaluate continues; beside checkpoints: the run a resume continues
-)
+# beside the metrics, not in the model directory (its DVC hash depends on the weights alone): the run
+# evaluate continues; beside checkpoints: the run a resume continues
+RUN_FILE = "mlflow_run.json"
 # MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, all empty), with it
 # on the table of training runs
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -375,14 +375,16 @@ def resumable_run(checkpoint_dir: Path, fingerprint: str) -> str | None:
     return saved.get("run_id") if same else None
 
 
-def save_run_reference(model_dir: Path, run: Run | None) -> None:
-    """Record, beside the model, which run it belongs to (the evaluate stage continues that run)."""
+def save_run_reference(path: Path, run: Run | None) -> None:
+    """Record in ``path`` which run a model belongs to (the evaluate stage continues that run).
+
+    A file apart from the model directory: a run id inside it would give two trainings with the same
+    weights different DVC hashes, and re-run every stage after them."""
     if run is not None:
-        write_json(Path(model_dir) / RUN_FILE, {"run_id": run.run_id, "tracking_uri": tracking_uri()})
+        write_json(Path(path), {"run_id": run.run_id, "tracking_uri": tracking_uri()})
 
 
-def load_run_reference(model_dir: Path) -> str | None:
-    path = Path(model_dir) / RUN_FILE
-    if not path.is_file():
+def load_run_reference(path: Path | None) -> str | None:
+    if path is None or not Path(path).is_file():
         return None
-    return json.loads(path.read_text()).get("run_id")
+    return json.loads(Path(path).read_text()).get("run_id")

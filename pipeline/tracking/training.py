@@ -24,6 +24,7 @@ from pipeline.nn.config import TrainConfig, TrainPaths
 from pipeline.nn.training import EPOCHS_FILE, SUMMARY_FILE, train
 from pipeline.tracking import serving
 from pipeline.tracking.store import (
+    RUN_FILE,
     Run,
     TrackingConfig,
     epoch_logger,
@@ -111,7 +112,7 @@ def _log_inputs(run: Run, job: TrackedTraining) -> None:
 
 
 def _log_outputs(run: Run, job: TrackedTraining, summary: dict) -> None:
-    save_run_reference(job.paths.model, run)
+    save_run_reference(job.paths.metrics / RUN_FILE, run)
     run.log_metrics(
         {
             "final_best_validation_accuracy": summary["best_validation_accuracy"],
