@@ -36,7 +36,9 @@ def make_project(tmp_path: Path) -> Path:
 
 
 def dvc_env(mirror: Path) -> dict:
-    env = dict(os.environ, MNIST_MIRROR=str(mirror))
+    # the project's own store, <project>/mlflow.db, as a user's clone has: not the test's (tests/conftest.py)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    env["MNIST_MIRROR"] = str(mirror)
     # the stages run `python`: make it this interpreter, whatever PATH says
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     return env

@@ -71,3 +71,9 @@ def test_queued_experiments_land_in_the_repository_store(tmp_path):
             etas.add(data["params"]["params.yaml"]["data"]["train"]["eta"])
             assert "test_accuracy" in data["metrics"]["data/metrics/evaluate.json"]["data"]
     assert etas == {0.5, 0.1}
+
+    # the metrics files hold a few numbers, so `dvc exp show` gets few metric columns
+    data = experiments[0]["revs"][0]["data"]
+    for name, most in (("train.json", 10), ("evaluate.json", 3)):
+        metrics = data["metrics"][f"data/metrics/{name}"]["data"]
+        assert len(metrics) <= most and all(isinstance(v, (int, float)) for v in metrics.values()), metrics

@@ -65,6 +65,7 @@ def test_train_and_evaluate_log_one_complete_run(project):
         test_path=project / "data/prepared/test.npz",
         out_dir=project / "data/evaluate",
         metrics_path=project / "data/metrics/evaluate.json",
+        run_file=project / "data/metrics/mlflow_run.json",
         tracking_config=tracking.TrackingConfig(experiment="tests"),
     )
 
@@ -81,7 +82,13 @@ def test_train_and_evaluate_log_one_complete_run(project):
     for digit in range(10):
         mine = actual == digit
         assert metrics["per_class_accuracy"][str(digit)] == pytest.approx(np.mean(predicted[mine] == digit))
-    assert json.loads((project / "data/metrics/evaluate.json").read_text()) == metrics
+    # evaluate.json: a few numbers (dvc exp show); the accuracy per digit beside the plots
+    assert json.loads((project / "data/metrics/evaluate.json").read_text()) == {
+        k: metrics[k] for k in ("test_accuracy", "test_errors", "test_images")
+    }
+    assert (
+        json.loads((project / "data/evaluate" / "per_class_accuracy.json").read_text()) == metrics["per_class_accuracy"]
+    )
     for name in ("confusion.png", "misclassified.png"):
         assert (project / "data/evaluate" / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -109,6 +116,7 @@ def test_train_and_evaluate_log_one_complete_run(project):
         test_path=project / "data/prepared/test.npz",
         out_dir=project / "data/evaluate",
         metrics_path=project / "data/metrics/evaluate.json",
+        run_file=project / "data/metrics/mlflow_run.json",
         tracking_config=tracking.TrackingConfig(experiment="tests"),
     )
     again = mlflow_client.get_run(run.info.run_id)
@@ -226,3 +234,94 @@ def test_evaluate_with_test_time_shifts_answers_from_five_views(project):
     np.testing.assert_array_equal(predicted, expected)
     assert metrics["test_accuracy"] == pytest.approx(np.mean(expected == test["labels"]))
     assert metrics["test_time_shifts"] == 1
+
+
+def test_evaluate_registers_the_model_and_the_champion_serves(project):
+    train_in(project)
+    evaluated = evaluate(
+        config=EvaluateConfig(gallery_size=2),
+        model_dir=project / "data/model",
+        test_path=project / "data/prepared/test.npz",
+        out_dir=project / "data/evaluate",
+        metrics_path=project / "data/metrics/evaluate.json",
+        run_file=project / "data/metrics/mlflow_run.json",
+        tracking_config=tracking.TrackingConfig(experiment="tests"),
+    )
+    mlflow_client = client(project)
+    (run,) = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("tests").experiment_id])
+    champion = mlflow_client.get_model_version_by_alias("tests-model", "champion")  # <experiment>-model
+    assert str(champion.version) == "1" and champion.run_id == run.info.run_id
+    assert float(champion.tags["validation_accuracy"]) == run.data.metrics["final_best_validation_accuracy"]
+    assert float(champion.tags["test_accuracy"]) == evaluated["test_accuracy"]
+    # what `mlflow models serve -m models:/tests-model@champion` loads
+    test = load_npz(project / "data/prepared/test.npz")
+    out = mlflow.pyfunc.load_model("models:/tests-model@champion").predict(test["images"][:20].astype(np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(out["label"]), load_model(project / "data/model").predict(test["images"][:20])
+    )
+
+
+def test_registering_can_be_turned_off(project):
+    train_in(project, epochs=1)
+    evaluate(
+        config=EvaluateConfig(gallery_size=2),
+        model_dir=project / "data/model",
+        test_path=project / "data/prepared/test.npz",
+        out_dir=project / "data/evaluate",
+        metrics_path=project / "data/metrics/evaluate.json",
+        run_file=project / "data/metrics/mlflow_run.json",
+        tracking_config=tracking.TrackingConfig(experiment="tests", registered_model=""),
+    )
+    assert client(project).search_registered_models() == []
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_training_runs_log_system_metrics_unless_turned_off(project, monkeypatch, on):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # MLflow's: seconds between samples
+    settings = params(epochs=2)
+    settings["tracking"]["system_metrics"] = on
+    summary = train_tracked(
+        stage_training(
+            params=settings,
+            prepared_dir=project / "data/prepared",
+            expanded_dir=None,
+            model_dir=project / "data/model",
+            checkpoint_dir=project / "data/checkpoints",
+            metrics_dir=project / "data/metrics",
+            progress=False,
+        )
+    )
+    logged = client(project).get_run(summary["run_id"]).data.metrics
+    system = {name for name in logged if name.startswith("system/")}
+    if on:
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, logged
+    else:
+        assert system == set()
+
+
+def test_the_model_directory_holds_no_run_id(project):
+    """Two trainings with the same weights give the same model files, so the same DVC hash; each run's
+    id is in data/metrics/mlflow_run.json, apart from the model."""
+    runs = []
+    for name in ("a", "b"):
+        summary = train_tracked(
+            stage_training(
+                params=params(epochs=1),
+                prepared_dir=project / "data/prepared",
+                expanded_dir=None,
+                model_dir=project / name / "model",
+                checkpoint_dir=project / name / "checkpoints",
+                metrics_dir=project / name / "metrics",
+                progress=False,
+            )
+        )
+        runs.append(summary["run_id"])
+        assert json.loads((project / name / "metrics" / "mlflow_run.json").read_text())["run_id"] == summary["run_id"]
+    assert runs[0] != runs[1]
+
+    def contents(directory):
+        return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+    first, second = contents(project / "a" / "model"), contents(project / "b" / "model")
+    assert sorted(map(str, first)) == ["architecture.json", "model.npz"]
+    assert first == second

@@ -330,3 +330,17 @@ def test_transient_failures_are_retried_with_backoff(monkeypatch):
     assert tracking.retry_transient(flaky, seconds=10) == "ok" and len(calls) == 3
     assert not tracking.is_transient(tracking_exception("API request failed with error code 401 != 200"))
     assert tracking.is_transient(tracking_exception("API request failed with error code 503 != 200"))
+
+
+def test_experiments_open_on_their_training_runs_in_the_mlflow_ui(repo):
+    """MLflow 3's UI opens an experiment without `mlflow.experimentKind` on its GenAI overview."""
+    with tracked_run(TrackingConfig(experiment="new")):
+        pass
+    client = client_for(repo)
+    assert client.get_experiment_by_name("new").tags["mlflow.experimentKind"] == "custom_model_development"
+    # an experiment made before (by an older version of the pipeline, or by hand) is tagged when reused
+    client.create_experiment("older", artifact_location=(repo / "mlartifacts").as_uri())
+    assert "mlflow.experimentKind" not in client.get_experiment_by_name("older").tags
+    with tracked_run(TrackingConfig(experiment="older")):
+        pass
+    assert client.get_experiment_by_name("older").tags["mlflow.experimentKind"] == "custom_model_development"

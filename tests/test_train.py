@@ -78,7 +78,11 @@ def test_a_small_network_learns_and_the_stage_writes_its_files(tmp_path, data_di
     assert summary["best_validation_accuracy"] > 0.9  # chance is 0.1
     assert summary["epochs_run"] == 3 and summary["stopped"] == "completed"
     saved = json.loads((tmp_path / "metrics" / "train.json").read_text())
-    assert saved == {k: v for k, v in summary.items() if k != "history"}
+    info = json.loads((tmp_path / "metrics" / "train_info.json").read_text())
+    assert {**saved, **info} == {k: v for k, v in summary.items() if k != "history"}
+    # dvc exp show: a few numeric columns; the words apart
+    assert len(saved) <= 10 and all(isinstance(v, (int, float)) for v in saved.values()), saved
+    assert info["stopped"] == "completed" and info["engine"] == "jax"
     with open(tmp_path / "metrics" / "train_epochs.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
@@ -313,7 +317,8 @@ def test_a_nan_cost_stops_with_the_epoch_and_keeps_the_best_model(tmp_path, data
     ):
         run(tmp_path, data_dir, config(epochs=3))
     summary = json.loads((tmp_path / "metrics" / "train.json").read_text())
-    assert summary["stopped"] == "diverged" and summary["epochs_run"] == 1
+    info = json.loads((tmp_path / "metrics" / "train_info.json").read_text())
+    assert info["stopped"] == "diverged" and summary["epochs_run"] == 1
     assert (tmp_path / "model" / "model.npz").exists()
 
 

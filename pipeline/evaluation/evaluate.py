@@ -1,6 +1,7 @@
 """Evaluate the trained model on the test set, and add the results to the training's MLflow run.
 
-Writes test accuracy and per-class accuracy (``data/metrics/evaluate.json``, for ``dvc metrics show``),
+Writes test accuracy and errors (``data/metrics/evaluate.json``, for ``dvc metrics show``), the accuracy
+per digit (``data/evaluate/per_class_accuracy.json``),
 one row per test image with its true and predicted digit (``data/evaluate/predictions.csv``, drawn by
 ``dvc plots show`` as a confusion matrix), the confusion matrix as a picture, and a gallery of the
 misclassified test digits with their true and predicted labels, as the book shows its errors.
@@ -25,7 +26,10 @@ from pipeline.data.expand import require_shift
 from pipeline.evaluation.plots import confusion_matrix, plot_confusion, plot_gallery
 from pipeline.evaluation.shifts import shifted_probabilities
 from pipeline.nn.model_io import load_model
+from pipeline.tracking import registry
 from pipeline.tracking import store as tracking
+
+METRICS_FILE_KEYS = ("test_accuracy", "test_errors", "test_images")
 
 
 @dataclass(frozen=True)
@@ -54,13 +58,17 @@ def evaluate(
     out_dir: Path,
     metrics_path: Path,
     tracking_config: tracking.TrackingConfig | None = None,
+    run_file: Path | None = None,
 ) -> dict:
-    """Score the model in ``model_dir`` on ``test_path``; returns the metrics written."""
+    """Score the model in ``model_dir`` on ``test_path``; returns the metrics written.
+
+    ``run_file``: the train stage's record of the model's MLflow run (``data/metrics/mlflow_run.json``),
+    which evaluate continues; without it, evaluate opens a run of its own."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     tracking_config = tracking_config or tracking.TrackingConfig(enabled=False)
     test = load_npz(test_path)
     images, actual = test["images"], test["labels"]
-    run_id = tracking.load_run_reference(model_dir)
+    run_id = tracking.load_run_reference(run_file)
 
     with tracking.tracked_run(tracking_config, resume_run_id=run_id, run_name="evaluate") as run:
         model = load_model(model_dir)
@@ -88,7 +96,9 @@ def evaluate(
             out_dir / "misclassified.png",
             f"{len(shown)} of the {len(wrong)} misclassified test digits (true \u2192 predicted)",
         )
-        write_json(metrics_path, metrics)
+        # evaluate.json: a few numbers (dvc metrics show, dvc exp show); the per-digit accuracy beside the plots
+        write_json(metrics_path, {k: v for k, v in metrics.items() if k in METRICS_FILE_KEYS})
+        write_json(out_dir / "per_class_accuracy.json", metrics["per_class_accuracy"])
 
         if run is not None:
             # tags, not params: evaluate re-runs alone on the same run when only its settings change,
@@ -96,7 +106,15 @@ def evaluate(
             run.set_tags({f"evaluate.{k}": v for k, v in asdict(config).items()})
             run.log_metrics({"test_accuracy": metrics["test_accuracy"], "test_errors": metrics["test_errors"]})
             run.log_metrics({f"test_accuracy_digit_{d}": a for d, a in metrics["per_class_accuracy"].items()})
-            for name in ("confusion.png", "misclassified.png", "predictions.csv", "confusion.json"):
+            for name in (
+                "confusion.png",
+                "misclassified.png",
+                "predictions.csv",
+                "confusion.json",
+                "per_class_accuracy.json",
+            ):
                 run.log_artifact(out_dir / name, "evaluation")
             run.log_artifact(metrics_path, "evaluation")
+            if tracking_config.registered_model_name:
+                registry.register(run, tracking_config.registered_model_name, metrics["test_accuracy"])
     return metrics

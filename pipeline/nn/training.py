@@ -8,7 +8,8 @@ Writes:
   MODEL/model.npz, MODEL/architecture.json   the best epoch's parameters (see pipeline.nn.model_io)
   METRICS/train_epochs.csv                   per epoch: train_cost, validation_accuracy, seconds,
                                              images_per_second, eta (for `dvc plots`)
-  METRICS/train.json                         summary (for `dvc metrics show`)
+  METRICS/train.json                         summary, numbers only (for `dvc metrics show`)
+  METRICS/train_info.json                    how it stopped, engine, device, epochs requested
   CHECKPOINTS/checkpoint.npz                 state after every epoch, written atomically
 
 A run that is killed (even with SIGKILL) resumes from its last checkpoint and ends with the same
@@ -53,6 +54,10 @@ log = logging.getLogger(__name__)
 
 EPOCHS_FILE = "train_epochs.csv"
 SUMMARY_FILE = "train.json"
+# the summary's words and settings (how it stopped, engine, device): not metrics, so that `dvc exp show`
+# gets a few numeric columns from train.json
+INFO_FILE = "train_info.json"
+NOT_METRICS = ("stopped", "engine", "device", "epochs_requested")
 STATISTICS_IMAGES = 10_000  # the training images that set BatchNorm's statistics after every epoch
 EPOCH_FIELDS = ("epoch", "train_cost", "validation_accuracy", "seconds", "images_per_second", "eta")
 
@@ -283,7 +288,8 @@ def _finish(session: _Session, diverged: int | None) -> dict:
         state["stopped"] = "diverged"
     summary = _summary(config, state, session.n_used, network.count_params(), session.backend)
     write_bytes(paths.metrics / EPOCHS_FILE, epochs_csv(state["history"]))
-    write_json(paths.metrics / SUMMARY_FILE, summary)
+    write_json(paths.metrics / SUMMARY_FILE, {k: v for k, v in summary.items() if k not in NOT_METRICS})
+    write_json(paths.metrics / INFO_FILE, {k: summary[k] for k in NOT_METRICS})
     if session.best_values is not None:
         save_model(
             paths.model,

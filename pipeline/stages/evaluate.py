@@ -16,6 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", type=Path, default=Path("data/prepared/test.npz"), help="test set")
     parser.add_argument("--out", type=Path, default=Path("data/evaluate"), help="directory for plots and predictions")
     parser.add_argument("--metrics", type=Path, default=Path("data/metrics/evaluate.json"), help="metrics file")
+    parser.add_argument(
+        "--run-file",
+        type=Path,
+        default=Path("data/metrics/mlflow_run.json"),
+        help="the train stage's record of the model's MLflow run, which evaluate continues",
+    )
 
     def run(args):
         params = load_params(args.params)
@@ -26,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             test_path=args.test,
             out_dir=args.out,
             metrics_path=args.metrics,
+            run_file=args.run_file,
         )
         print(f"test accuracy {100 * metrics['test_accuracy']:.2f}% ({metrics['test_errors']} errors)")
 

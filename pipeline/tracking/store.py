@@ -40,9 +40,13 @@ log = logging.getLogger(__name__)
 ENV_URI = "MLFLOW_TRACKING_URI"
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-RUN_FILE = (
-    "mlflow_run.json"  # beside the model: the run evaluate continues; beside checkpoints: the run a resume continues
-)
+# beside the metrics, not in the model directory (its DVC hash depends on the weights alone): the run
+# evaluate continues; beside checkpoints: the run a resume continues
+RUN_FILE = "mlflow_run.json"
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, all empty), with it
+# on the table of training runs
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 # SQLite waits this long for a lock held by another writer (two queue workers) before failing
 SQLITE_TIMEOUT_S = 60
 LOCK_RETRIES = 8
@@ -54,9 +58,23 @@ class TrackingConfig:
 
     experiment: str = "nndl-chapter6"
     enabled: bool = True
+    # the Model Registry's model that evaluate adds a version to: None is "<experiment>-model", "" is none
+    registered_model: str | None = None
+    system_metrics: bool = True  # CPU, memory, disk, network (GPU with nvidia-ml-py) while a training runs
 
     def __post_init__(self):
         require(bool(self.experiment.strip()), "tracking.experiment", self.experiment, "must not be empty")
+        if self.registered_model is not None:
+            name = self.registered_model
+            require(name == name.strip(), "tracking.registered_model", name, "must not start or end with spaces")
+            require("'" not in name and "/" not in name, "tracking.registered_model", name, "must not hold ' or /")
+
+    @property
+    def registered_model_name(self) -> str | None:
+        """The registered model's name, or None when registering is off."""
+        if self.registered_model is None:
+            return f"{self.experiment}-model"
+        return self.registered_model or None
 
 
 class TrackingError(PipelineError):
@@ -84,7 +102,9 @@ def tracking_uri() -> str:
 
 def artifact_location(uri: str) -> str | None:
     """Where a new experiment keeps artifacts: beside a local store; a server decides for itself."""
-    if uri.startswith("sqlite:///") or uri.startswith("file:") or "://" not in uri:
+    if uri.startswith("sqlite:///"):  # mlartifacts/ beside the database file, wherever that is
+        return (Path(uri.removeprefix("sqlite:///").split("?")[0]).parent / ARTIFACTS_DIR).as_uri()
+    if uri.startswith("file:") or "://" not in uri:
         return (project_root() / ARTIFACTS_DIR).as_uri()
     return None
 
@@ -336,15 +356,22 @@ def _client(uri: str):
 
 
 def _experiment_id(client, name: str, uri: str) -> str:
+    """The experiment ``name``, created if missing, tagged so that MLflow's UI opens it on its runs."""
     experiment = retry_locked(lambda: client.get_experiment_by_name(name))
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return retry_locked(lambda: client.create_experiment(name, artifact_location=artifact_location(uri)))
-    except Exception as e:  # another worker created it between our two calls
-        if "already exists" not in str(e).lower() and "unique constraint" not in str(e).lower():
-            raise
-        return client.get_experiment_by_name(name).experiment_id
+    if experiment is None:
+        try:
+            return retry_locked(
+                lambda: client.create_experiment(
+                    name, artifact_location=artifact_location(uri), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+                )
+            )
+        except Exception as e:  # another worker created it between our two calls
+            if "already exists" not in str(e).lower() and "unique constraint" not in str(e).lower():
+                raise
+            experiment = client.get_experiment_by_name(name)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made by hand, or by an older pipeline
+        retry_locked(lambda: client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND))
+    return experiment.experiment_id
 
 
 class _Terminated(BaseException):
@@ -453,14 +480,16 @@ def resumable_run(checkpoint_dir: Path, fingerprint: str) -> str | None:
     return saved.get("run_id") if same else None
 
 
-def save_run_reference(model_dir: Path, run: Run | None) -> None:
-    """Record, beside the model, which run it belongs to (the evaluate stage continues that run)."""
+def save_run_reference(path: Path, run: Run | None) -> None:
+    """Record in ``path`` which run a model belongs to (the evaluate stage continues that run).
+
+    A file apart from the model directory: a run id inside it would give two trainings with the same
+    weights different DVC hashes, and re-run every stage after them."""
     if run is not None:
-        write_json(Path(model_dir) / RUN_FILE, {"run_id": run.run_id, "tracking_uri": tracking_uri()})
+        write_json(Path(path), {"run_id": run.run_id, "tracking_uri": tracking_uri()})
 
 
-def load_run_reference(model_dir: Path) -> str | None:
-    path = Path(model_dir) / RUN_FILE
-    if not path.is_file():
+def load_run_reference(path: Path | None) -> str | None:
+    if path is None or not Path(path).is_file():
         return None
-    return json.loads(path.read_text()).get("run_id")
+    return json.loads(Path(path).read_text()).get("run_id")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,9 +21,10 @@ from typing import Any
 from pipeline.core.config import from_section
 from pipeline.nn.checkpoint import fingerprint
 from pipeline.nn.config import TrainConfig, TrainPaths
-from pipeline.nn.training import EPOCHS_FILE, SUMMARY_FILE, train
+from pipeline.nn.training import EPOCHS_FILE, INFO_FILE, SUMMARY_FILE, train
 from pipeline.tracking import serving
 from pipeline.tracking.store import (
+    RUN_FILE,
     Run,
     TrackingConfig,
     epoch_logger,
@@ -31,7 +33,10 @@ from pipeline.tracking.store import (
     resumable_run,
     save_run_reference,
     tracked_run,
+    tracking_uri,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,11 +70,14 @@ def train_tracked(job: TrackedTraining, after: Callable[[Run | None, dict], None
             if not continuing:
                 _log_inputs(run, job)
             on_epoch = epoch_logger(run, continuing)
+        monitor = system_metrics(run, job.tracking, continuing=run.run_id == resume_id) if run is not None else None
         try:
             summary = train(job.config, job.paths, progress=job.progress, on_epoch=on_epoch)
         finally:  # a diverged run still wrote its best model and metrics: keep them with the run
+            if monitor is not None:
+                monitor.finish()
             if run is not None:
-                for path in (job.paths.metrics / SUMMARY_FILE, job.paths.metrics / EPOCHS_FILE):
+                for path in (job.paths.metrics / name for name in (SUMMARY_FILE, INFO_FILE, EPOCHS_FILE)):
                     if path.is_file():
                         run.log_artifact(path, "metrics")
         if run is not None:
@@ -77,6 +85,23 @@ def train_tracked(job: TrackedTraining, after: Callable[[Run | None, dict], None
         if after is not None:
             after(run, summary)
     return {**summary, "run_id": run.run_id if run else None}
+
+
+def system_metrics(run: Run, tracking: TrackingConfig, continuing: bool):
+    """MLflow's system metrics monitor for ``run`` (``system/cpu_utilization_percentage``, ...), started;
+    None when ``tracking.system_metrics`` is off or the monitor cannot start (psutil missing)."""
+    if not tracking.system_metrics:
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # a continued run goes on from the last step it logged; every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s
+        monitor = SystemMetricsMonitor(run.run_id, resume_logging=continuing, tracking_uri=tracking_uri())
+    except Exception as e:  # ImportError: psutil
+        log.warning("MLflow system metrics off: %s", e)
+        return None
+    monitor.start()
+    return monitor
 
 
 def _log_inputs(run: Run, job: TrackedTraining) -> None:
@@ -87,7 +112,7 @@ def _log_inputs(run: Run, job: TrackedTraining) -> None:
 
 
 def _log_outputs(run: Run, job: TrackedTraining, summary: dict) -> None:
-    save_run_reference(job.paths.model, run)
+    save_run_reference(job.paths.metrics / RUN_FILE, run)
     run.log_metrics(
         {
             "final_best_validation_accuracy": summary["best_validation_accuracy"],

@@ -1,0 +1,49 @@
+"""Test isolation: no test writes to the user's MLflow store or leaves anything at the repository root.
+
+Running ``pytest`` inside a checkout that holds the user's own ``mlflow.db`` must not add runs to it:
+
+- ``tracking_store`` (autouse) points every test at a fresh temporary store through
+  ``MLFLOW_TRACKING_URI`` and clears ``DVC_ROOT``; a test that wants another store sets (or
+  deletes) the variable itself, with ``monkeypatch``, which is undone after it;
+- ``repository_root_untouched`` (autouse, once per session) does the same for fixtures wider than
+  a test, and fails the session, naming the entries, when anything new appeared at the root.
+
+Only the standard library and pytest here: tests/test_isolation.py runs this file in a fresh
+directory standing for a repository.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# made by pytest itself, before any test runs, when the cache plugin is on (and gitignored)
+RUNNER_FILES = {".pytest_cache"}
+
+
+def _root_entries() -> set[str]:
+    return set(os.listdir(ROOT)) - RUNNER_FILES
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_root_untouched(tmp_path_factory):
+    before = _root_entries()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('session-store') / 'mlflow.db'}")
+        mp.delenv("DVC_ROOT", raising=False)
+        yield
+    new = sorted(_root_entries() - before)
+    if new:
+        pytest.fail(f"the tests left new entries at the repository root {ROOT}: {', '.join(new)}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def tracking_store(tmp_path_factory, monkeypatch):
+    """A temporary SQLite store for this test (created only if the test logs a run)."""
+    store = tmp_path_factory.mktemp("store") / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    return store
