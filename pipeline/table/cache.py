@@ -76,7 +76,7 @@ def code_version() -> str:
 # the package was laid out in folders (pipeline/*.py): that version and the one after it trained the
 # default `dvc repro` network and quick `bn` and row-8 tables to identical model.npz files
 # (docs/table.md, "Resume").
-SAME_WEIGHTS_AS = {"fe47bddc4df5": "CODE_AFTER_REDESIGN"}
+SAME_WEIGHTS_AS = {"fe47bddc4df5": "51b68d4a31cc"}
 
 
 def load_result(seed_dir: Path, key: str | None, code: str) -> dict | None:
