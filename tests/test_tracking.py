@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.tracking import store as tracking
+from pipeline.tracking.run import Run, is_transient
 from pipeline.tracking.store import TrackingConfig, TrackingError, flatten, tracked_run
 
 
@@ -289,9 +290,9 @@ def tracking_exception(message):
 
 
 def test_unsendable_epoch_metrics_are_buffered_then_sent(monkeypatch):
-    monkeypatch.setattr(tracking.Run, "EPOCH_RETRY_S", 0.0)
+    monkeypatch.setattr(Run, "EPOCH_RETRY_S", 0.0)
     client = FlakyClient()
-    run = tracking.Run(client, "r1")
+    run = Run(client, "r1")
     run.log_metrics({"validation_accuracy": 0.5}, step=1, buffer=True)
     client.down = True
     run.log_metrics({"validation_accuracy": 0.6}, step=2, buffer=True)  # the training goes on
@@ -307,11 +308,11 @@ def test_unsendable_epoch_metrics_are_buffered_then_sent(monkeypatch):
 
 
 def test_a_run_that_cannot_deliver_its_epochs_fails_loudly(monkeypatch):
-    monkeypatch.setattr(tracking.Run, "EPOCH_RETRY_S", 0.0)
+    monkeypatch.setattr(Run, "EPOCH_RETRY_S", 0.0)
     monkeypatch.setenv("PIPELINE_TRACKING_RETRY_S", "1")
     client = FlakyClient()
     client.down = True
-    run = tracking.Run(client, "r-lost")
+    run = Run(client, "r-lost")
     run.log_metrics({"validation_accuracy": 0.5}, step=4, buffer=True)
     with pytest.raises(TrackingError, match=r"run r-lost: the metrics of steps \[4\] could not be delivered"):
         run.close("FINISHED")
@@ -328,8 +329,8 @@ def test_transient_failures_are_retried_with_backoff(monkeypatch):
         return "ok"
 
     assert tracking.retry_transient(flaky, seconds=10) == "ok" and len(calls) == 3
-    assert not tracking.is_transient(tracking_exception("API request failed with error code 401 != 200"))
-    assert tracking.is_transient(tracking_exception("API request failed with error code 503 != 200"))
+    assert not is_transient(tracking_exception("API request failed with error code 401 != 200"))
+    assert is_transient(tracking_exception("API request failed with error code 503 != 200"))
 
 
 def test_experiments_open_on_their_training_runs_in_the_mlflow_ui(repo):

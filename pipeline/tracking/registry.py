@@ -18,7 +18,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from pipeline.tracking.store import Run, retry_locked
+from pipeline.tracking.run import Run, retry_locked
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,10 @@ from pipeline.nn.checkpoint import fingerprint
 from pipeline.nn.config import TrainConfig, TrainPaths
 from pipeline.nn.training import EPOCHS_FILE, INFO_FILE, SUMMARY_FILE, train
 from pipeline.tracking import serving
+from pipeline.tracking.run import Run, epoch_logger
 from pipeline.tracking.store import (
     RUN_FILE,
-    Run,
     TrackingConfig,
-    epoch_logger,
     flatten,
     remember_run,
     resumable_run,
