@@ -1,8 +1,10 @@
 """The pipeline against the RUNNING team stack (tests/stack/run.sh starts and stops it): a wrong
-password, a DVC experiment landing in PostgreSQL and RGW, DVC push/pull, and a training that survives
-a restart of the MLflow server or of PostgreSQL. Every request goes to 127.0.0.1 only."""
+password, a DVC experiment landing in PostgreSQL and RGW, DVC push/pull, experiments shared with
+`dvc exp push`/`pull`, queued experiments, and a training that survives a restart of the MLflow
+server or of PostgreSQL. Every request goes to 127.0.0.1 only."""
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -170,13 +172,16 @@ def wait_for_first_epoch(env, experiment, train, limit_s=300):
 
 
 # ------------------------------------------------------------------ dvc exp run, push, pull
-@pytest.fixture(scope="module")
-def experiment_project(env, secrets, tmp_path_factory):
-    """A new git + DVC project whose `dvc exp run -S train.epochs=1` logged to the stack."""
-    tmp = tmp_path_factory.mktemp("team")
+GIT = ("git", "-c", "user.name=t", "-c", "user.email=t@localhost")
+DVC = (sys.executable, "-m", "dvc")
+
+
+def team_project(env, tmp, prefix):
+    """A new git + DVC project in ``tmp`` (tiny synthetic MNIST mirror, its baseline committed) that
+    logs to the stack's server under a fresh experiment: (project, experiment, the stages' env)."""
     project = make_project(tmp)
     write_mnist(tmp / "mirror", n_train=200, n_test=40)
-    experiment = f"stack-e2e-{uuid.uuid4().hex[:8]}"
+    experiment = f"{prefix}-{uuid.uuid4().hex[:8]}"
     configure(
         project,
         download={"sha256": synthetic_checksums(tmp / "mirror")},
@@ -187,11 +192,24 @@ def experiment_project(env, secrets, tmp_path_factory):
     )
     run_env = client_env(env, **{k: v for k, v in dvc_env(tmp / "mirror").items() if k in ("PATH", "MNIST_MIRROR")})
     run_env.pop("PYTHONPATH")  # the stages run the project's own copy of the pipeline
-    git = ("git", "-c", "user.name=t", "-c", "user.email=t@localhost")
+    # the team's DVC remote in the baseline: `dvc exp push` reads it from the experiment's commit
+    sh(str(STACK), "dvc-remote", str(project), cwd=project, env=stack_env(run_env))
     sh("git", "add", "-A", cwd=project)
-    sh(*git, "commit", "-qm", "baseline", cwd=project)
+    sh(*GIT, "commit", "-qm", "baseline", cwd=project)
+    return project, experiment, run_env
+
+
+def stack_env(run_env):
+    """The environment of `deploy/stack.sh dvc-remote`: a user's, plus where the env file is."""
+    return {**run_env, "STACK_ENV_FILE": ENV_FILE}
+
+
+@pytest.fixture(scope="module")
+def experiment_project(env, secrets, tmp_path_factory):
+    """A new git + DVC project whose `dvc exp run -S train.epochs=1` logged to the stack."""
+    project, experiment, run_env = team_project(env, tmp_path_factory.mktemp("team"), "stack-e2e")
     p = subprocess.run(
-        [sys.executable, "-m", "dvc", "exp", "run", "-S", "train.epochs=1"],
+        [*DVC, "exp", "run", "-S", "train.epochs=1"],
         cwd=project,
         env=run_env,
         capture_output=True,
@@ -200,7 +218,7 @@ def experiment_project(env, secrets, tmp_path_factory):
     )
     assert p.returncode == 0, p.stdout + p.stderr
     assert_no_secret(secrets, p.stdout + p.stderr, "the stages' output")
-    return project, experiment, run_env, git
+    return project, experiment, run_env, GIT
 
 
 def test_dvc_exp_run_lands_a_finished_run_with_its_model_in_rgw(env, experiment_project, tmp_path):
@@ -253,19 +271,106 @@ def tree_hashes(directory):
 
 
 def test_dvc_push_then_a_clone_pulls_identical_outputs(env, secrets, experiment_project):
-    project, _, run_env, git = experiment_project
-    stack_env = {**run_env, "STACK_ENV_FILE": ENV_FILE}
-    sh(str(STACK), "dvc-remote", str(project), cwd=project, env=stack_env)
+    project, _, run_env, git = experiment_project  # its baseline has the team remote (team_project)
     sh("git", "add", "-A", cwd=project)
-    sh(*git, "commit", "-qm", "experiment, team remote", cwd=project)
+    sh(*git, "commit", "-qm", "experiment", cwd=project)
     sh(sys.executable, "-m", "dvc", "push", "-q", cwd=project, env=run_env)
     clone = project.parent / "clone"
     sh("git", "clone", "-q", str(project), str(clone), cwd=project.parent)
     assert not (clone / "data" / "model").exists()
-    sh(str(STACK), "dvc-remote", str(clone), cwd=clone, env=stack_env)
+    sh(str(STACK), "dvc-remote", str(clone), cwd=clone, env=stack_env(run_env))
     sh(sys.executable, "-m", "dvc", "pull", "-q", cwd=clone, env=run_env)
     for out in ("data/prepared", "data/model"):
         assert tree_hashes(clone / out) == tree_hashes(project / out) != {}, out
     tracked = sh("git", "ls-files", "-z", cwd=project).stdout.split("\0")
     for name in filter(None, tracked):
         assert_no_secret(secrets, (project / name).read_text(errors="replace"), name)
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def exp_shown(cwd, run_env):
+    """{experiment name: its metrics files' data} from `dvc exp show --json -A` (all commits)."""
+    shown = json.loads(sh(*DVC, "exp", "show", "--json", "-A", cwd=cwd, env=run_env).stdout)
+    return {
+        e["name"]: rev["data"]["metrics"]
+        for baseline in shown
+        for e in (baseline.get("experiments") or [])
+        for rev in e["revs"]
+        if e.get("name")
+    }
+
+
+# ------------------------------------------------------------------ dvc exp push / pull through a shared git repository
+def test_share_an_experiment_with_exp_push_and_exp_pull(env, secrets, experiment_project, tmp_path):
+    project, experiment, run_env, _ = experiment_project
+    (run,) = runs_of(env, experiment)
+    name = {t["key"]: t["value"] for t in run["data"]["tags"]}["dvc.exp_name"]
+    assert name in sh(*DVC, "exp", "ls", "-A", "--name-only", cwd=project, env=run_env).stdout.split()
+    # the team's git repository: a bare one on this disk; the DVC remote (in the baseline): RGW's bucket
+    origin = tmp_path / "origin.git"
+    sh("git", "init", "-q", "--bare", str(origin), cwd=tmp_path)
+    sh("git", "remote", "add", "origin", str(origin), cwd=project)
+    sh("git", "push", "-q", "origin", "HEAD", cwd=project)
+    pushed = sh(*DVC, "exp", "push", "origin", name, cwd=project, env=run_env)
+    assert_no_secret(secrets, pushed.stdout + pushed.stderr, "`dvc exp push`'s output")
+    assert sh("git", "ls-remote", str(origin), f"refs/exps/*/{name}", cwd=tmp_path).stdout.strip()
+
+    # B: a fresh clone of the team's repository, with the team's DVC remote
+    clone = tmp_path / "b"
+    sh("git", "clone", "-q", str(origin), str(clone), cwd=tmp_path)
+    sh(str(STACK), "dvc-remote", str(clone), cwd=clone, env=stack_env(run_env))
+    assert not (clone / "data" / "model").exists()
+    pulled = sh(*DVC, "exp", "pull", "origin", name, cwd=clone, env=run_env)
+    assert_no_secret(secrets, pulled.stdout + pulled.stderr, "`dvc exp pull`'s output")
+    metrics = exp_shown(clone, run_env)[name]
+    assert metrics == exp_shown(project, run_env)[name]
+    assert 0 <= metrics["data/metrics/evaluate.json"]["data"]["test_accuracy"] <= 1
+    sh(*DVC, "exp", "apply", name, cwd=clone, env=run_env)
+    model = "data/model/model.npz"
+    assert sha256(clone / model) == sha256(project / model)
+    print(f"experiment {name}: pushed from A, pulled and applied in B, {model} identical")
+
+
+# ------------------------------------------------------------------ queued experiments log to the server
+def test_queued_experiments_log_finished_runs_to_the_server(env, secrets, tmp_path):
+    project, experiment, run_env = team_project(env, tmp_path, "stack-queue")
+    etas = ("0.3", "0.2")
+    for eta in etas:
+        sh(*DVC, "exp", "run", "--queue", "-S", f"train.eta={eta}", "-S", "train.epochs=1", cwd=project, env=run_env)
+    # the worker inherits this environment (the server's URI and the pipeline user's login); it
+    # outlives `dvc queue start`, so no pipe to it (that would keep this call waiting)
+    subprocess.run(
+        [*DVC, "queue", "start"],
+        cwd=project,
+        env=run_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+        timeout=120,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            status = sh(*DVC, "queue", "status", cwd=project, env=run_env).stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(3)
+    finally:
+        sh(*DVC, "queue", "stop", cwd=project, env=run_env, check=False)
+    failed = [line.split()[0] for line in status.splitlines() if "Failed" in line]
+    logs = [sh(*DVC, "queue", "logs", t, cwd=project, env=run_env, check=False).stdout for t in failed]
+    assert_no_secret(secrets, status + "\n".join(logs), "the queue's status and logs")
+    assert status.count("Success") == 2, status + "\n".join(logs)
+
+    names = set(sh(*DVC, "exp", "ls", "-A", "--name-only", cwd=project, env=run_env).stdout.split())
+    logged = {}  # eta: the DVC experiment's name, for each run on the server
+    for run in runs_of(env, experiment):
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        assert run["info"]["status"] == "FINISHED" and params["train.epochs"] == "1", run["info"]
+        assert 0 <= {m["key"]: m["value"] for m in run["data"]["metrics"]}["test_accuracy"] <= 1
+        logged[params["train.eta"]] = {t["key"]: t["value"] for t in run["data"]["tags"]}["dvc.exp_name"]
+    assert sorted(logged) == sorted(etas) and set(logged.values()) == names and len(names) == 2, (logged, names)
+    print(f"queued experiments: FINISHED runs on the server, train.eta: DVC experiment {logged}")
