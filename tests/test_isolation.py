@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.tracking.store import TrackingConfig, tracked_run, tracking_uri
+from pipeline.tracking.store import TrackingConfig, sqlite_database, tracked_run, tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_a_test_without_a_store_of_its_own_logs_to_a_temporary_one(tmp_path):
     uri = tracking_uri()
     assert str(ROOT) not in uri, f"a test would log to the repository's own store: {uri}"
-    store = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    store = sqlite_database(uri)
     before = set(os.listdir(ROOT))
     with tracked_run(TrackingConfig(experiment="isolation")) as run:
         run.log_metrics({"m": 1.0})

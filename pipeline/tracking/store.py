@@ -7,9 +7,9 @@ the user's repository even when ``dvc exp run --queue`` or ``--temp`` executes t
 temporary copy under ``.dvc/tmp/exps`` -- so queued runs are not lost when the copy is deleted.
 
 One MLflow run per training: the train stage opens it and logs params, tags, per-epoch metrics and
-the model; the evaluate stage reopens the same run (its id is saved beside the model) and adds the
-test metrics and plots. Whatever ends a stage early -- an error, NaN, Ctrl-C, SIGTERM -- marks the
-run FAILED with the reason as a tag, so nothing is left "running".
+the model; the evaluate stage reopens the same run (its id is saved beside the metrics, in
+``mlflow_run.json``) and adds the test metrics and plots. Whatever ends a stage early -- an error,
+NaN, Ctrl-C, SIGTERM -- marks the run FAILED with the reason as a tag, so nothing is left "running".
 """
 
 from __future__ import annotations
@@ -92,10 +92,15 @@ def tracking_uri() -> str:
     return f"sqlite:///{project_root() / DB_NAME}?timeout={SQLITE_TIMEOUT_S}"
 
 
+def sqlite_database(uri: str) -> Path:
+    """The database file of a ``sqlite:///`` URI (its ``?timeout=`` and other options left out)."""
+    return Path(uri.removeprefix("sqlite:///").split("?")[0])
+
+
 def artifact_location(uri: str) -> str | None:
     """Where a new experiment keeps artifacts: beside a local store; a server decides for itself."""
     if uri.startswith("sqlite:///"):  # mlartifacts/ beside the database file, wherever that is
-        return (Path(uri.removeprefix("sqlite:///").split("?")[0]).parent / ARTIFACTS_DIR).as_uri()
+        return (sqlite_database(uri).parent / ARTIFACTS_DIR).as_uri()
     if uri.startswith("file:") or "://" not in uri:
         return (project_root() / ARTIFACTS_DIR).as_uri()
     return None
@@ -117,7 +122,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             ) from None
         check_login(uri, timeout)
     elif uri.startswith("sqlite:///"):
-        directory = Path(uri.removeprefix("sqlite:///").split("?")[0]).parent
+        directory = sqlite_database(uri).parent
         if not directory.is_dir() or not os.access(directory, os.W_OK):
             raise TrackingError(
                 f"MLflow store {source}: directory {str(directory)!r} does not exist or is not writable"
@@ -195,8 +200,7 @@ def _client(uri: str):
         return MlflowClient(tracking_uri=uri)
     from filelock import FileLock
 
-    database = uri.removeprefix("sqlite:///").split("?")[0]
-    with FileLock(database + ".lock", timeout=SQLITE_TIMEOUT_S):
+    with FileLock(f"{sqlite_database(uri)}.lock", timeout=SQLITE_TIMEOUT_S):
         client = MlflowClient(tracking_uri=uri)
         retry_locked(lambda: client.search_experiments(max_results=1))
     return client

@@ -62,14 +62,14 @@ def train_tracked(job: TrackedTraining, after: Callable[[Run | None, dict], None
     job.paths.require_data()
     resume_id = resumable_run(job.paths.checkpoints, job.run_key)
     with tracked_run(job.tracking, run_name=job.run_name, resume_run_id=resume_id, tags=job.tags) as run:
-        on_epoch = None
+        on_epoch = monitor = None
         if run is not None:
             remember_run(job.paths.checkpoints, run, job.run_key)
             continuing = run.run_id == resume_id
             if not continuing:
                 _log_inputs(run, job)
             on_epoch = epoch_logger(run, continuing)
-        monitor = system_metrics(run, job.tracking, continuing=run.run_id == resume_id) if run is not None else None
+            monitor = system_metrics(run, job.tracking, continuing)
         try:
             summary = train(job.config, job.paths, progress=job.progress, on_epoch=on_epoch)
         finally:  # a diverged run still wrote its best model and metrics: keep them with the run
