@@ -5,11 +5,13 @@ recomputation, the MLflow parent and child runs exist, and a second invocation t
 import json
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pipeline.cluster.config import ClusterConfig
 from pipeline.core.config import ConfigError
 from pipeline.core.files import load_npz, save_npz
 from pipeline.data.splits import load_split
@@ -288,16 +290,24 @@ def test_finished_rows_outlive_a_code_change_and_the_report_names_them(first_run
     assert "| 1 | FC 100, softmax; sigmoid | 97.80% |" in (out / "table" / "report.md").read_text()
 
 
-def test_jobs_train_in_parallel_processes_with_the_same_results(first_run, data, tmp_path, monkeypatch):
+def test_jobs_train_as_tasks_of_a_local_ray_with_the_same_results(first_run, data, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
+    pytest.importorskip("ray", reason="--jobs runs on Ray: pip install -e '.[cluster]'")
     out, _ = first_run
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the worker processes inherit it
     monkeypatch.chdir(tmp_path)
-    parallel = quick_table(
-        data, tmp_path / "table", rows="1,2", repeats=1, jobs=2, tracking_config=TrackingConfig(experiment="table-jobs")
-    )
+    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as ray_tmp:  # short: Ray's socket paths
+        monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+        parallel = quick_table(
+            data,
+            tmp_path / "table",
+            rows="1,2",
+            repeats=1,
+            cluster=ClusterConfig(jobs=2),
+            tracking_config=TrackingConfig(experiment="table-jobs"),
+        )
     assert sorted(parallel["trained"]) == [("1", 1), ("2", 1)]
     for row in ("1", "2"):
         serial = json.loads((out / "table" / row / "seed1" / "result.json").read_text())
@@ -316,6 +326,8 @@ def test_jobs_train_in_parallel_processes_with_the_same_results(first_run, data,
     children = [r for r in runs if r is not parent]
     assert sorted((r.data.tags["row"], r.info.status) for r in children) == [("1", "FINISHED"), ("2", "FINISHED")]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    # a local instance stays on loopback: it never advertises this machine's external address
+    assert {r.data.tags["ray.node_ip"] for r in children} == {"127.0.0.1"}
 
 
 def test_the_best_rows_train_on_their_own_elastic_set_made_once(data, tmp_path, monkeypatch):
@@ -487,7 +499,7 @@ def test_jobs_must_be_at_least_one(data, tmp_path):
             prepared_dir=data / "prepared",
             expanded_dir=data / "expanded",
             out_dir=tmp_path,
-            jobs=0,
+            cluster=ClusterConfig(jobs=0),
         )
 
 

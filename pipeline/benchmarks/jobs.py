@@ -28,13 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cluster.config import ClusterConfig
 from pipeline.core.config import PipelineError, from_section, load_params
 from pipeline.core.files import save_npz
 from pipeline.data.splits import load_split
 from pipeline.nn.backend import Backend
+from pipeline.nn.compile_cache import jax_compilation_cache
 from pipeline.nn.config import TrainConfig
 from pipeline.table import runner
-from pipeline.table.cache import jax_compilation_cache
 from pipeline.table.data import Data
 from pipeline.table.jobs import Job, train_jobs
 from pipeline.table.rows import BY_KEY, ROWS, Row, train_config
@@ -71,7 +72,9 @@ def run_mode(
         config = train_config(row, seed, quick=False, engine=engine, device=device, steps_per_call=500)
         config = dataclasses.replace(config, epochs=epochs)
         todo.append(Job(row.key, seed, networks, config, f"benchmark-{seed}", out / f"seed{seed}", data))
-    table = runner.TableRun(keys=(row.key,), engine=engine, device=device, jobs=jobs, progress=False)
+    table = runner.TableRun(
+        keys=(row.key,), engine=engine, device=device, cluster=ClusterConfig(jobs=jobs), progress=False
+    )
     cache = out / ".jax-cache"
     # --jobs 1 trains in this process, where the table opens the cache around it; workers open their own
     in_here = jax_compilation_cache(cache) if engine == "jax" and jobs == 1 else contextlib.nullcontext()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.cluster import config as cluster
 from pipeline.core import cli
 from pipeline.core.config import from_section, load_params
 from pipeline.nn.config import TrainConfig
@@ -35,17 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("data/table"), help="output directory (report.md, rows)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        help="networks trained at once, each in its own process (default 1; keep 1 on a small CPU)",
-    )
-    parser.add_argument(
         "--report-only",
         action="store_true",
         help="train nothing: write the report from the networks already on disk (rows or seeds "
         "not yet trained show as not run)",
     )
+
+    cluster.add_arguments(parser, max_concurrent=True)
 
     def run(args):
         params = load_params(args.params)
@@ -63,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             steps_per_call=train_settings.steps_per_call,
             tracking_config=tracking_config,
             progress=not args.no_progress,
-            jobs=args.jobs,
+            cluster=cluster.from_args(args),
             report_only=args.report_only,
         )
         print(f"trained {len(results['trained'])} networks; report: {args.out / 'report.md'}")

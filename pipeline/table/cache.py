@@ -3,13 +3,10 @@ its data, and stamped with the training code that made it."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -97,27 +94,3 @@ def last_seed_on_disk(row_dir: Path) -> int:
     """The highest seed of a row with a result on disk (from an earlier call with more repeats), or 0."""
     seeds = [int(p.parent.name[4:]) for p in row_dir.glob(f"seed*/{RESULT_FILE}") if p.parent.name[4:].isdigit()]
     return max(seeds, default=0)
-
-
-@contextlib.contextmanager
-def jax_compilation_cache(directory: Path) -> Iterator[None]:
-    """Keep XLA's compiled programs in ``directory`` while the table runs: the seeds of a row, and rows
-    sharing a network, then compile it once (about 3 s saved per network on 2 CPU cores; the program
-    is the same, so are the numbers). $JAX_COMPILATION_CACHE_DIR, when set, is left in charge."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        yield
-        return
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    previous = [getattr(jax.config, name) for name in names]
-    for name, value in zip(names, (str(directory), 0.0)):
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()  # a cache opened earlier in this process elsewhere is let go
-    try:
-        yield
-    finally:
-        for name, value in zip(names, previous):
-            jax.config.update(name, value)
-        compilation_cache.reset_cache()

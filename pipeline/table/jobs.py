@@ -1,30 +1,30 @@
 """The table's trainings: one (row, seed) trained as a child run of the table's MLflow run and scored
-on the test set, one at a time or ``--jobs`` at once, each in its own process."""
+on the test set; one at a time in this process, or side by side as Ray tasks (``--jobs N`` on this
+machine, ``--ray ADDRESS`` on a cluster: :mod:`pipeline.cluster`)."""
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import dataclasses
 import logging
-import multiprocessing
-import os
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from tqdm import tqdm
 
+from pipeline.cluster.node import Shipment, node_tags, on_node, write_outputs
+from pipeline.cluster.storage import DataRef, SharedStorage
+from pipeline.cluster.tasks import ray_session, run_tasks, shared_storage
 from pipeline.core.config import PipelineError
 from pipeline.core.files import save_npz, write_json
 from pipeline.data.expand import ExpandConfig
 from pipeline.data.splits import load_split
 from pipeline.nn.config import TrainConfig, TrainPaths
 from pipeline.nn.model_io import load_model
-from pipeline.table.cache import PROBABILITIES_FILE, RESULT_FILE, jax_compilation_cache
+from pipeline.table.cache import PROBABILITIES_FILE, RESULT_FILE
 from pipeline.table.data import Data
 from pipeline.table.report import pct
 from pipeline.table.rows import BY_KEY
@@ -53,58 +53,92 @@ class Job:
 def train_jobs(
     todo: list[Job], table: TableRun, *, test: dict, code: str, parent_id: str | None, cache_dir: Path
 ) -> Iterator:
-    """Train every job, ``table.jobs`` at a time; yields (job, result) as each finishes."""
-    if table.jobs == 1 or len(todo) <= 1:
+    """Train every job, one at a time in this process or side by side on Ray (``table.cluster``);
+    yields (job, result) as each finishes."""
+    if table.cluster.local and (table.cluster.jobs == 1 or len(todo) <= 1):
         for job in todo:
             log.info("row %s (%s), seed %d of %d", job.row, BY_KEY[job.row].description, job.seed, job.of)
             yield job, train_one(job, table, test=test, code=code, parent_id=parent_id)
         return
-    # Each JAX process would otherwise take 75% of the GPU's memory at its start, and the second one fail.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    # spawn: a fork would copy this process's JAX runtime and its threads, which JAX does not support
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=min(table.jobs, len(todo)), mp_context=context) as pool:
-        running = {}
-        for job in todo:
-            log.info("row %s (%s), seed %d of %d: started", job.row, BY_KEY[job.row].description, job.seed, job.of)
-            running[pool.submit(_train_in_process, job, table, code=code, parent_id=parent_id, cache_dir=cache_dir)] = (
-                job
-            )
-        try:
-            for future in concurrent.futures.as_completed(running):
-                job = running[future]
-                result = future.result()
-                log.info("row %s, seed %d: done, test accuracy %s", job.row, job.seed, pct(result["test_accuracy"]))
-                yield job, result
-        except BaseException:
-            for future in running:  # the trainings not started yet; those running finish their epoch's checkpoint
-                future.cancel()
-            raise
+    if todo:
+        yield from _train_on_ray(todo, table, code=code, parent_id=parent_id, cache_dir=cache_dir)
 
 
-def _train_in_process(job: Job, table: TableRun, *, code: str, parent_id: str | None, cache_dir: Path) -> dict:
-    """``train_one`` in a worker process of ``--jobs``: its own logging, test set and compilation cache."""
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format=f"%(levelname)s %(name)s [row {job.row} seed {job.seed}]: %(message)s",
-    )
-    test_images, test_labels = load_split(job.data.test)
-    cache = jax_compilation_cache(cache_dir) if job.config.engine == "jax" else contextlib.nullcontext()
-    with cache:
-        return train_one(
-            job,
-            dataclasses.replace(table, progress=False),
-            test={"images": test_images, "labels": test_labels},
-            code=code,
-            parent_id=parent_id,
+def _train_on_ray(todo: list[Job], table: TableRun, *, code: str, parent_id: str | None, cache_dir: Path) -> Iterator:
+    cluster = table.cluster
+    if cluster.local:  # the processes share this machine's compilation cache, as one at a time does
+        storage = None
+        env = {"JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    else:
+        storage, env = shared_storage(cluster, table.tracking)
+    shipments = _shipments(todo, storage) if storage else [None] * len(todo)
+    node_table = dataclasses.replace(table, progress=False)
+    calls = [(job, node_table, code, parent_id, shipment) for job, shipment in zip(todo, shipments)]
+    names = [f"row {job.row} seed {job.seed}" for job in todo]
+    with ray_session(cluster, env), tqdm(total=len(todo), desc="trainings", disable=not table.progress) as bar:
+        for i, (result, files) in run_tasks(train_on_node, calls, cluster, names):
+            job = todo[i]
+            if files:
+                write_outputs(job.seed_dir, files, last=RESULT_FILE)
+                storage.delete(shipments[i].checkpoint_key)
+            accuracy = pct(result["test_accuracy"])
+            log.info("row %s, seed %d: done on %s, test accuracy %s", job.row, job.seed, result["node"], accuracy)
+            bar.update()
+            yield job, result
+
+
+def _shipments(todo: list[Job], storage: SharedStorage) -> list[Shipment]:
+    """Each job's data sets, sent to the shared storage once (by content), and its checkpoint folder."""
+    refs: dict[Path, DataRef] = {}
+
+    def ref(path: Path) -> DataRef:
+        if path not in refs:
+            refs[path] = storage.publish(path)
+        return refs[path]
+
+    shipments = []
+    for job in todo:
+        inputs = {"prepared/validation.npz": ref(job.data.prepared / "validation.npz"), "test.npz": ref(job.data.test)}
+        folder = "prepared" if job.config.dataset == "prepared" else "expanded"
+        inputs[f"{folder}/train.npz"] = ref(job.data.train_path(job.config.dataset))
+        shipments.append(Shipment(storage, f"table-{job.key}", inputs))
+    return shipments
+
+
+def train_on_node(job: Job, table: TableRun, code: str, parent_id: str | None, shipment: Shipment | None):
+    """A Ray task: ``train_one`` on whichever node Ray chose; returns (result, the files written when
+    the node is not this machine)."""
+    label = f"row {job.row} seed {job.seed}"
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s %(name)s [{label}]: %(message)s")
+    if shipment is None:  # this machine: the driver's own folders (and compilation cache, from the env)
+        return train_one(job, table, test=_test_set(job.data.test), code=code, parent_id=parent_id), {}
+    with on_node(shipment) as node:
+        data = Data(node.data / "prepared", node.data / "expanded", node.data / "test.npz")
+        here = dataclasses.replace(job, seed_dir=node.folder, data=data)
+        result = train_one(
+            here, table, test=_test_set(data.test), code=code, parent_id=parent_id, on_checkpoint=node.save_checkpoints
         )
+        return result, node.outputs()
 
 
-def train_one(job: Job, table: TableRun, *, test: dict, code: str, parent_id: str | None) -> dict:
+def _test_set(path: Path) -> dict:
+    images, labels = load_split(path)
+    return {"images": images, "labels": labels}
+
+
+def train_one(
+    job: Job,
+    table: TableRun,
+    *,
+    test: dict,
+    code: str,
+    parent_id: str | None,
+    on_checkpoint: Callable[[], None] | None = None,
+) -> dict:
     """Train (or resume) one network, score it on the test set, write its result.json last."""
     start = time.perf_counter()
-    training = _tracked_training(job, table, parent_id)
+    tags = node_tags()
+    training = dataclasses.replace(_tracked_training(job, table, parent_id, tags), on_checkpoint=on_checkpoint)
     config, scores = job.config, {}
 
     def score_test_set(run, summary):
@@ -135,13 +169,14 @@ def train_one(job: Job, table: TableRun, *, test: dict, code: str, parent_id: st
         "engine": summary["engine"],
         "device": summary["device"],
         "run_id": summary["run_id"],
+        "node": tags.get("ray.node_ip", "this machine"),
         "code": code,
     }
     write_json(job.seed_dir / RESULT_FILE, result)
     return result
 
 
-def _tracked_training(job: Job, table: TableRun, parent_id: str | None) -> TrackedTraining:
+def _tracked_training(job: Job, table: TableRun, parent_id: str | None, node: dict[str, str]) -> TrackedTraining:
     """A (row, seed)'s training, a child run of the table's run (tags row and seed)."""
     row, config = BY_KEY[job.row], job.config
     preset = row.preset if isinstance(row.preset, str) else "custom"  # a row's own list of layers
@@ -155,6 +190,7 @@ def _tracked_training(job: Job, table: TableRun, parent_id: str | None) -> Track
         "device": config.device,
         "quick": table.quick,
         "stage": "table",
+        **node,
     }
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id  # MLflow shows the run nested under the table's run

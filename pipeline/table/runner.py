@@ -21,11 +21,12 @@ bn-shifts and bn-elastic-shifts train nothing: they score their row's networks w
 shifts (pipeline.evaluation.evaluate.shifted_probabilities), on the validation set to pick a seed as above and
 on the test set, once per network (kept in OUT/<row>/seed<k>/test-time-shifts-1.json).
 
---jobs N trains N networks at once, each in its own process (results are the same as one at a
-time). On a 2-core CPU keep 1: one training already uses both cores (two at once: 1.03x). On a
-GPU one training at batch size 10 leaves room (an H200 trained 3.3x more images per second at
-batch size 64), so several at once may finish the table sooner there; that speed-up has not been
-measured yet (python -m pipeline.benchmarks.jobs --device gpu).
+--jobs N trains N networks at once on this machine, as tasks of a local Ray instance (results are
+the same as one at a time; pip install -e ".[cluster]"). On a 2-core CPU keep 1: one training already
+uses both cores. --ray ADDRESS (or auto: $RAY_ADDRESS) runs every (row, seed) as a task on a Ray
+cluster, its data and checkpoints in the shared storage (the DVC remote), --gpus-per-training 0.25
+sharing a GPU four ways; a training whose node dies resumes on another from its last epoch
+(docs/cluster.md).
 
 Writes OUT/report.md (Markdown table: the book's accuracy beside ours), OUT/report.png (both
 against the row), OUT/curves.png (each row's validation error per epoch) and OUT/results.json.
@@ -43,14 +44,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.cluster.config import ClusterConfig
 from pipeline.core.config import ConfigError, PipelineError
 from pipeline.core.files import load_npz, sha256_file, write_json
 from pipeline.data.splits import load_split
+from pipeline.nn.compile_cache import jax_compilation_cache
 from pipeline.table.cache import (
     PROBABILITIES_FILE,
     RESULT_FILE,
     code_version,
-    jax_compilation_cache,
     last_seed_on_disk,
     load_result,
     result_key,
@@ -78,15 +80,13 @@ class TableRun:
     tracking: tracking.TrackingConfig = dataclasses.field(
         default_factory=lambda: tracking.TrackingConfig(enabled=False)
     )
-    jobs: int = 1
+    cluster: ClusterConfig = ClusterConfig()  # one at a time in this process
     report_only: bool = False
     progress: bool = True
 
     def __post_init__(self):
         if self.repeats < 1:
             raise ConfigError(f"Got --repeats {self.repeats}: must be at least 1")
-        if self.jobs < 1:
-            raise ConfigError(f"Got --jobs {self.jobs}: must be at least 1 (trainings at once)")
 
     def seeds_wanted(self, row: Row) -> int:
         return n_seeds(row, self.repeats, self.keys)

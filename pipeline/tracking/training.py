@@ -52,6 +52,9 @@ class TrackedTraining:
     log_datasets: bool = False  # the training and validation sets as MLflow dataset inputs
     log_pyfunc: bool = False  # the model in MLflow's pyfunc format too, for `mlflow models serve`
     progress: bool = True
+    # called when the checkpoint folder changed (the run remembered, an epoch's checkpoint written):
+    # a cluster node copies it to shared storage there
+    on_checkpoint: Callable[[], None] | None = None
 
 
 def train_tracked(job: TrackedTraining, after: Callable[[Run | None, dict], None] | None = None) -> dict:
@@ -70,6 +73,9 @@ def train_tracked(job: TrackedTraining, after: Callable[[Run | None, dict], None
                 _log_inputs(run, job)
             on_epoch = epoch_logger(run, continuing)
             monitor = system_metrics(run, job.tracking, continuing)
+        if job.on_checkpoint is not None:
+            job.on_checkpoint()
+            on_epoch = _then_checkpoint(on_epoch, job.on_checkpoint)
         try:
             summary = train(job.config, job.paths, progress=job.progress, on_epoch=on_epoch)
         finally:  # a diverged run still wrote its best model and metrics: keep them with the run
@@ -84,6 +90,18 @@ def train_tracked(job: TrackedTraining, after: Callable[[Run | None, dict], None
         if after is not None:
             after(run, summary)
     return {**summary, "run_id": run.run_id if run else None}
+
+
+def _then_checkpoint(on_epoch, on_checkpoint):
+    def both(epoch: int, metrics: dict) -> None:
+        # the checkpoint first: a node that dies before logging the epoch leaves it to the next node,
+        # which logs it as restored; the other way round the epoch would be trained and logged twice
+        if not metrics["resumed"]:
+            on_checkpoint()
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+
+    return both
 
 
 def system_metrics(run: Run, tracking: TrackingConfig, continuing: bool):

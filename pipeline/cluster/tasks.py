@@ -1,0 +1,167 @@
+"""The driver's side: start or join Ray, run trainings as Ray tasks, and turn their failures into
+one clear line.
+
+Ray, not a process pool of our own, runs every training side by side: on this machine (``--jobs N``
+starts a local Ray instance of N CPUs) or on a cluster (``--ray ADDRESS``). Each task asks for
+``cpus_per_training`` CPUs and ``gpus_per_training`` GPUs (0.25: four trainings share a GPU). A task
+whose worker process or node dies is run again by Ray (``retries``) on a node that is alive, and the
+training resumes from the checkpoint its node left in the shared storage; an error of the training
+itself (a diverged cost, bad data) is not retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from pipeline.cluster.config import CLUSTER_EXTRA, ClusterConfig
+from pipeline.cluster.storage import SharedStorage, dvc_remote
+from pipeline.core.config import PipelineError
+from pipeline.tracking.store import TrackingConfig, tracking_uri
+
+log = logging.getLogger(__name__)
+
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # pipeline/
+# What a worker needs of the driver's environment to reach the tracking server and the storage
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_REQUEST_CHECKSUM_CALCULATION",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION",
+)
+LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2  # tasks pass settings and small outputs, never data sets
+
+
+def shared_storage(config: ClusterConfig, tracking: TrackingConfig) -> tuple[SharedStorage, dict[str, str]]:
+    """A cluster's storage (``--storage``, else the DVC repository's default remote) and the S3 keys
+    its workers need; refuses, before anything runs, a tracking store that only this machine opens."""
+    uri = tracking_uri()
+    if tracking.enabled and not uri.startswith(("http://", "https://")):
+        raise PipelineError(
+            f"MLflow tracking URI {uri!r} is on this machine only, and the cluster's nodes must log to it: "
+            "set MLFLOW_TRACKING_URI to the team's tracking server (docs/team.md), or tracking.enabled: false"
+        )
+    if config.storage:
+        storage, env = SharedStorage(config.storage, os.environ.get("AWS_ENDPOINT_URL")), {}
+    else:
+        storage, env = dvc_remote()
+    for name, value in env.items():  # this process sends the data: it needs the keys too
+        os.environ.setdefault(name, value)
+    try:
+        storage.exists("files")
+    except Exception as e:  # any client error: unreachable, refused, unknown bucket
+        raise PipelineError(f"shared storage {storage.url} cannot be read: {type(e).__name__}: {e}") from None
+    return storage, env
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise PipelineError(f"running trainings side by side needs Ray: {CLUSTER_EXTRA}") from None
+    return ray
+
+
+@contextlib.contextmanager
+def ray_session(config: ClusterConfig, env: dict[str, str] | None = None) -> Iterator[None]:
+    """Ray started (a local instance) or joined (a cluster) for the duration, shut down after."""
+    if config.local:
+        # before Ray is imported: a local instance then stays on 127.0.0.1 instead of advertising
+        # this machine's external address (ray._private.ray_constants reads it at import)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray = import_ray()
+    runtime_env = {"env_vars": worker_env(config, env or {})}
+    if config.local:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False  # the same, when Ray was imported before this call
+        if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+            # Ray's token auth on, with a token of this process's only (not one saved in ~/.ray)
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        ray.init(
+            num_cpus=config.jobs,
+            include_dashboard=False,
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            runtime_env=runtime_env,
+        )
+    else:
+        # the driver's own code on every node, whatever version a node has installed
+        runtime_env.update(py_modules=[PACKAGE_DIR], excludes=["__pycache__"])
+        try:
+            ray.init(address=config.address, runtime_env=runtime_env)
+        except ConnectionError as e:
+            raise PipelineError(f"cannot join the Ray cluster at --ray {config.address}: {e}") from None
+    try:
+        log.info("Ray: %s", _resources(ray))
+        yield
+    finally:
+        ray.shutdown()
+
+
+def worker_env(config: ClusterConfig, env: dict[str, str]) -> dict[str, str]:
+    """The variables each task's process gets: where to track, the logins, and the storage's keys."""
+    forwarded = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    forwarded["MLFLOW_TRACKING_URI"] = tracking_uri()
+    if config.gpus_per_training:  # JAX would otherwise take 75% of the GPU at its start, and the next task fail
+        forwarded["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    return {**forwarded, **env}
+
+
+def _resources(ray) -> str:
+    total = ray.cluster_resources()
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    return f"{len(nodes)} node(s), {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs"
+
+
+def run_tasks(
+    fn: Callable[..., Any], calls: Sequence[tuple], config: ClusterConfig, names: Sequence[str]
+) -> Iterator[tuple[int, Any]]:
+    """``fn(*calls[i])`` as Ray tasks, at most ``config.max_concurrent`` in flight; yields (i, value) as
+    each finishes. Stopping the iteration cancels the tasks not finished."""
+    ray = import_ray()
+    remote = ray.remote(fn)
+    options = dict(
+        num_cpus=config.cpus_per_training,
+        num_gpus=config.gpus_per_training,
+        max_retries=config.retries,
+        retry_exceptions=False,
+    )
+    limit = config.max_concurrent or len(calls)
+    waiting, running = list(range(len(calls))), {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < limit:
+                i = waiting.pop(0)
+                running[remote.options(name=names[i], **options).remote(*calls[i])] = i
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            i = running.pop(ref)
+            yield i, result_of(ray, ref, names[i], config)
+    finally:
+        for ref in running:
+            ray.cancel(ref)
+
+
+def result_of(ray, ref, name: str, config: ClusterConfig) -> Any:
+    """``ray.get(ref)``; a failure becomes one line naming the training."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause
+        if isinstance(cause, PipelineError):
+            raise PipelineError(str(cause)) from None
+        raise
+    except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError) as e:
+        raise PipelineError(
+            f"{name}: its process or node died {config.retries + 1} times ({type(e).__name__}); "
+            "its last checkpoint is kept: run the same command again to resume"
+        ) from None
