@@ -51,7 +51,9 @@ def open_study(storage: str, name: str, seed: int | None = None) -> Any:
     """Create the study ``name`` in ``storage`` (maximizing, TPE seeded by ``seed``), or load it.
 
     Safe when several drivers call it at once on an empty database: a creation that loses the race
-    to another is retried, then finds the other's tables and study."""
+    to another is retried, then finds the other's tables and study. The sampler lives in this
+    process only: drivers given the same ``seed`` draw the same first (random) points, so give each
+    driver its own."""
     optuna = import_optuna()
     for attempt in range(OPEN_ATTEMPTS):
         try:
@@ -90,18 +92,19 @@ def _engine_kwargs(storage: str) -> dict[str, Any]:
     return {"pool_pre_ping": True}
 
 
-def _lost_a_race(error: BaseException) -> bool:
+def _lost_a_race(error: BaseException | None) -> bool:
     """Whether ``error`` (or what caused it) is another driver's table or row created first."""
     from sqlalchemy import exc
 
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, exc.IntegrityError):
-            return True
-        if isinstance(seen, exc.DBAPIError) and any(word in str(seen).lower() for word in RACE_WORDS):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:  # Optuna wraps sqlalchemy's error in its own
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return any(
+        isinstance(e, exc.IntegrityError)
+        or (isinstance(e, exc.DBAPIError) and any(word in str(e).lower() for word in RACE_WORDS))
+        for e in chain
+    )
 
 
 def _scrub(error: BaseException, storage: str) -> str:
