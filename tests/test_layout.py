@@ -1,5 +1,6 @@
 """The package's layout is its architecture: library folders never import a stage module, and
-dependencies between the folders point one way (core <- data <- nn <- tracking <- evaluation <- table)."""
+dependencies between the folders point one way (core <- data <- nn <- tracking <- evaluation <- table;
+sweep sits beside table, above evaluation and cluster, and only stages import it)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ ALLOWED = {
     "evaluation": {"core", "data", "nn", "tracking"},
     "table": {"core", "data", "nn", "tracking", "evaluation"},
     "benchmarks": {"core", "data", "nn", "tracking", "evaluation", "table"},
+    # cluster: the scale-out folder to come, which sweep's runner will use
+    "sweep": {"core", "data", "nn", "tracking", "evaluation", "cluster"},
 }
 MAX_LINES = 400
 
@@ -51,6 +54,20 @@ def test_library_code_imports_no_stage_and_only_the_folders_below_it(path):
         assert parts[1] in ALLOWED[folder] | {folder}, (
             f"{path} imports {name}: {folder}/ may import only from {sorted(ALLOWED[folder])}"
         )
+
+
+def test_only_stages_import_sweep():
+    importers = sorted(folder for folder, allowed in ALLOWED.items() if "sweep" in allowed)
+    assert not importers, f"{importers} may import sweep/, which only the stages may use"
+
+
+def test_the_folder_order_has_no_cycle():
+    def below(folder: str, seen: frozenset = frozenset()) -> set[str]:
+        assert folder not in seen, f"the folder order loops through {folder}"
+        return {lower for allowed in ALLOWED.get(folder, ()) for lower in {allowed} | below(allowed, seen | {folder})}
+
+    for folder in ALLOWED:
+        below(folder)
 
 
 def test_the_layout_check_sees_an_import_of_a_stage(tmp_path):

@@ -1,0 +1,1 @@
+"""Sweeps of params.yaml values: the search space (DVC's ``-S`` syntax), grids and Optuna studies."""
