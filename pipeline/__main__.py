@@ -23,6 +23,10 @@ STAGES = {
         "pipeline.stages.table",
         "rerun the book's chapter 6 results table and ensemble (not a dvc stage; resumable)",
     ),
+    "sweep": (
+        "pipeline.stages.sweep",
+        "train over params.yaml values: a grid, or an Optuna search; on Ray with --jobs/--ray (resumable)",
+    ),
 }
 
 

@@ -1,6 +1,6 @@
 """The package's layout is its architecture: library folders never import a stage module, and
-dependencies between the folders point one way (core <- data <- nn <- tracking <- evaluation <- table;
-sweep sits beside table, above evaluation and cluster, and only stages import it)."""
+dependencies between the folders point one way (core <- data <- nn <- tracking <- evaluation <-
+cluster <- table; sweep sits beside table, above cluster, and only stages import it)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ ALLOWED = {
     "nn": {"core", "data"},
     "tracking": {"core", "data", "nn"},
     "evaluation": {"core", "data", "nn", "tracking"},
-    "table": {"core", "data", "nn", "tracking", "evaluation"},
-    "benchmarks": {"core", "data", "nn", "tracking", "evaluation", "table"},
-    # cluster: the scale-out folder to come, which sweep's runner will use
+    "cluster": {"core", "data", "nn", "tracking"},
+    "table": {"core", "data", "nn", "tracking", "evaluation", "cluster"},
+    "benchmarks": {"core", "data", "nn", "tracking", "evaluation", "cluster", "table"},
     "sweep": {"core", "data", "nn", "tracking", "evaluation", "cluster"},
 }
 MAX_LINES = 400

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"  # a training's folder of its checkpoint and run reference, locally and in the storage
 DATA = "data"
+TASK_TAG = "cluster.task"  # on a training's MLflow run: the training's key, as in the storage
 
 
 @dataclass(frozen=True)

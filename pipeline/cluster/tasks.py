@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from pipeline.cluster.config import CLUSTER_EXTRA, ClusterConfig
@@ -124,10 +124,12 @@ def _resources(ray) -> str:
 
 
 def run_tasks(
-    fn: Callable[..., Any], calls: Sequence[tuple], config: ClusterConfig, names: Sequence[str]
-) -> Iterator[tuple[int, Any]]:
-    """``fn(*calls[i])`` as Ray tasks, at most ``config.max_concurrent`` in flight; yields (i, value) as
-    each finishes. Stopping the iteration cancels the tasks not finished."""
+    fn: Callable[..., Any], calls: Iterable[tuple[str, tuple]], config: ClusterConfig
+) -> Iterator[tuple[tuple, Any]]:
+    """``fn(*args)`` for each (name, args) of ``calls`` as a Ray task; yields (args, value) as each
+    finishes. At most ``config.max_concurrent`` are in flight (default: as many as the cluster's CPUs
+    and GPUs fit); ``calls`` is read lazily, one when a place is free, so a search can choose the
+    next call from the results so far. Stopping the iteration cancels the tasks not finished."""
     ray = import_ray()
     remote = ray.remote(fn)
     options = dict(
@@ -136,19 +138,30 @@ def run_tasks(
         max_retries=config.retries,
         retry_exceptions=False,
     )
-    limit = config.max_concurrent or len(calls)
-    waiting, running = list(range(len(calls))), {}
+    limit = config.max_concurrent or capacity(ray, config)
+    pending, running = iter(calls), {}
     try:
-        while waiting or running:
-            while waiting and len(running) < limit:
-                i = waiting.pop(0)
-                running[remote.options(name=names[i], **options).remote(*calls[i])] = i
+        while True:
+            while len(running) < limit and (call := next(pending, None)) is not None:
+                name, args = call
+                running[remote.options(name=name, **options).remote(*args)] = call
+            if not running:
+                return
             (ref,), _ = ray.wait(list(running), num_returns=1)
-            i = running.pop(ref)
-            yield i, result_of(ray, ref, names[i], config)
+            name, args = running.pop(ref)
+            yield args, result_of(ray, ref, name, config)
     finally:
         for ref in running:
             ray.cancel(ref)
+
+
+def capacity(ray, config: ClusterConfig) -> int:
+    """How many trainings the cluster runs at once, by the resources each asks for (at least 1)."""
+    total = ray.cluster_resources()
+    fits = total.get("CPU", 0) / config.cpus_per_training
+    if config.gpus_per_training:
+        fits = min(fits, total.get("GPU", 0) / config.gpus_per_training)
+    return max(1, int(fits))
 
 
 def result_of(ray, ref, name: str, config: ClusterConfig) -> Any:

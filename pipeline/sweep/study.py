@@ -139,3 +139,25 @@ def best_trial(study: Any) -> Any | None:
     """The COMPLETE trial of the highest value (validation accuracy), the earliest of ties; None if none."""
     complete = study.get_trials(deepcopy=False, states=(import_optuna().trial.TrialState.COMPLETE,))
     return max((trial for trial in complete if trial.value is not None), key=lambda t: t.value, default=None)
+
+
+RESULT_ATTR = "result"  # the user attr holding a finished trial's result (run id, node, accuracy)
+
+
+def tell(study: Any, number: int, result: dict) -> None:
+    """Finish trial ``number`` with ``result``: COMPLETE with its validation accuracy, or FAIL."""
+    optuna = import_optuna()
+    # Study.tell takes no user attrs: they go to the trial first, through the storage, while it runs
+    storage = study._storage
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    storage.set_trial_user_attr(trial_id, RESULT_ATTR, result)
+    if "failed" in result:
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+    else:
+        study.tell(number, result["validation_accuracy"])
+
+
+def results(study: Any) -> list[dict]:
+    """The results of every finished trial of the study, whichever driver ran it, by trial number."""
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    return [trial.user_attrs[RESULT_ATTR] for trial in trials if RESULT_ATTR in trial.user_attrs]

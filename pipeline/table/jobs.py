@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cluster.node import Shipment, node_tags, on_node, write_outputs
+from pipeline.cluster.node import TASK_TAG, Shipment, node_tags, on_node, write_outputs
 from pipeline.cluster.storage import DataRef, SharedStorage
 from pipeline.cluster.tasks import ray_session, run_tasks, shared_storage
 from pipeline.core.config import PipelineError
@@ -73,14 +73,16 @@ def _train_on_ray(todo: list[Job], table: TableRun, *, code: str, parent_id: str
         storage, env = shared_storage(cluster, table.tracking)
     shipments = _shipments(todo, storage) if storage else [None] * len(todo)
     node_table = dataclasses.replace(table, progress=False)
-    calls = [(job, node_table, code, parent_id, shipment) for job, shipment in zip(todo, shipments)]
-    names = [f"row {job.row} seed {job.seed}" for job in todo]
+    calls = [
+        (f"row {job.row} seed {job.seed}", (job, node_table, code, parent_id, shipment))
+        for job, shipment in zip(todo, shipments)
+    ]
     with ray_session(cluster, env), tqdm(total=len(todo), desc="trainings", disable=not table.progress) as bar:
-        for i, (result, files) in run_tasks(train_on_node, calls, cluster, names):
-            job = todo[i]
+        for (job, *_, shipment), (result, files) in run_tasks(train_on_node, calls, cluster):
             if files:
                 write_outputs(job.seed_dir, files, last=RESULT_FILE)
-                storage.delete(shipments[i].checkpoint_key)
+                storage.delete(shipment.checkpoint_key)
+                tracking.end_orphan_runs(table.tracking, {TASK_TAG: shipment.key}, keep=result["run_id"])
             accuracy = pct(result["test_accuracy"])
             log.info("row %s, seed %d: done on %s, test accuracy %s", job.row, job.seed, result["node"], accuracy)
             bar.update()
@@ -116,7 +118,13 @@ def train_on_node(job: Job, table: TableRun, code: str, parent_id: str | None, s
         data = Data(node.data / "prepared", node.data / "expanded", node.data / "test.npz")
         here = dataclasses.replace(job, seed_dir=node.folder, data=data)
         result = train_one(
-            here, table, test=_test_set(data.test), code=code, parent_id=parent_id, on_checkpoint=node.save_checkpoints
+            here,
+            table,
+            test=_test_set(data.test),
+            code=code,
+            parent_id=parent_id,
+            on_checkpoint=node.save_checkpoints,
+            task=shipment.key,
         )
         return result, node.outputs()
 
@@ -134,10 +142,12 @@ def train_one(
     code: str,
     parent_id: str | None,
     on_checkpoint: Callable[[], None] | None = None,
+    task: str | None = None,
 ) -> dict:
-    """Train (or resume) one network, score it on the test set, write its result.json last."""
+    """Train (or resume) one network, score it on the test set, write its result.json last.
+    ``task``: the cluster's name of the training (its checkpoint folder in the shared storage)."""
     start = time.perf_counter()
-    tags = node_tags()
+    tags = {**node_tags(), **({TASK_TAG: task} if task else {})}
     training = dataclasses.replace(_tracked_training(job, table, parent_id, tags), on_checkpoint=on_checkpoint)
     config, scores = job.config, {}
 

@@ -329,3 +329,42 @@ def load_run_reference(path: Path | None) -> str | None:
     if path is None or not Path(path).is_file():
         return None
     return json.loads(Path(path).read_text()).get("run_id")
+
+
+def find_run(config: TrackingConfig, tags: Mapping[str, str]) -> str | None:
+    """The newest run of the experiment carrying all ``tags``: a sweep's parent run, which every
+    driver of the sweep, on any machine, continues."""
+    if not config.enabled:
+        return None
+    client = _client(tracking_uri())
+    experiment = retry_locked(lambda: client.get_experiment_by_name(config.experiment))
+    if experiment is None:
+        return None
+    query = _tags_query(tags)
+    runs = retry_transient(
+        lambda: client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time DESC"])
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def end_orphan_runs(config: TrackingConfig, tags: Mapping[str, str], keep: str | None) -> list[str]:
+    """Mark KILLED the runs still RUNNING with ``tags`` but ``keep``: those of a training whose node
+    died before it could note its run in the shared storage, so the retry opened another."""
+    if not config.enabled:
+        return []
+    client = _client(tracking_uri())
+    experiment = retry_locked(lambda: client.get_experiment_by_name(config.experiment))
+    query = _tags_query(tags) + " and attributes.status = 'RUNNING'"
+    orphans = [
+        run.info.run_id
+        for run in retry_transient(lambda: client.search_runs([experiment.experiment_id], query))
+        if run.info.run_id != keep
+    ]
+    for run_id in orphans:
+        retry_transient(lambda run_id=run_id: client.set_terminated(run_id, status="KILLED"))
+        log.info("MLflow run %s: its node died; marked KILLED (run %s went on)", run_id, keep)
+    return orphans
+
+
+def _tags_query(tags: Mapping[str, str]) -> str:
+    return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())

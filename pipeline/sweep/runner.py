@@ -1,0 +1,263 @@
+"""Sweep params.yaml values: every point of a grid, or an Optuna search, each point a training.
+
+    python -m pipeline sweep -S train.eta=0.03,0.1,0.3 -S train.epochs=5             # a grid: 3 trainings
+    python -m pipeline sweep -S 'train.eta=tag(log, interval(0.01, 1))' --search optuna --trials 8
+    python -m pipeline sweep ... --ray auto --max-concurrent 4                       # on a Ray cluster
+
+The overrides use ``dvc exp run -S``'s syntax (Hydra's: ``a,b,c``, ``choice()``, ``range()``, and
+for Optuna ``interval()`` and ``tag(log, ...)``). Each trial is an MLflow child run of the sweep's
+run with the train stage's params, per-epoch metrics and model; the sweep's run gets the best trial
+by validation accuracy (never test accuracy: the test set stays unseen until a model is chosen), as
+tags ``best.<key>``, and the metric ``best_validation_accuracy``. OUT holds each trial's folder
+(trials/<key>/: model, metrics, result.json), sweep.json and sweep.png.
+
+The same command again continues: a finished trial is never trained again, an interrupted one
+resumes from its last epoch's checkpoint. ``--trials N`` is the study's total of finished trials,
+as Optuna's MaxTrialsCallback counts them: a second call with a larger N, from this machine or
+another with the same --study-storage (the team's PostgreSQL: $OPTUNA_STORAGE from
+deploy/stack.sh), adds trials to the same study; so do several drivers at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline.cluster.config import ClusterConfig
+from pipeline.cluster.node import TASK_TAG, write_outputs
+from pipeline.cluster.tasks import ray_session, run_tasks, shared_storage
+from pipeline.core.config import ConfigError
+from pipeline.core.files import write_json
+from pipeline.sweep import study as studies
+from pipeline.sweep.report import sweep_summary, write_plot
+from pipeline.sweep.space import SearchSpace
+from pipeline.sweep.trials import RESULT_FILE, Trial, finished, shipment, train_trial
+from pipeline.tracking import store as tracking
+
+log = logging.getLogger(__name__)
+
+SEARCHES = ("grid", "optuna")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One call of the sweep command; validated where it is built."""
+
+    name: str  # the sweep: its folder, its MLflow parent run, its Optuna study
+    space: SearchSpace
+    search: str = "grid"
+    trials: int | None = None  # optuna: the study's total of finished trials
+    study_storage: str | None = None  # optuna: an RDB URL; None: $OPTUNA_STORAGE, else SQLite in OUT
+    seed: int | None = None
+    cluster: ClusterConfig = ClusterConfig()
+    tracking: tracking.TrackingConfig = dataclasses.field(default_factory=tracking.TrackingConfig)
+    progress: bool = True
+
+    def __post_init__(self):
+        if not NAME.match(self.name):
+            raise ConfigError(f"Got --name {self.name!r}: use letters, digits, '.', '_' and '-' (a folder name)")
+        if self.search not in SEARCHES:
+            raise ConfigError(f"Got --search {self.search!r}: must be one of {', '.join(SEARCHES)}")
+        if self.search == "optuna" and (self.trials is None or self.trials < 1):
+            raise ConfigError(f"Got --trials {self.trials}: an Optuna search needs --trials N, N at least 1")
+        if self.search == "grid" and self.trials is not None:
+            raise ConfigError(f"Got --trials {self.trials} with --search grid: a grid trains every point")
+        if not self.space.swept():
+            raise ConfigError("a sweep needs at least one -S key=v1,v2 (or a range/interval) to vary")
+
+
+def default_name(overrides: list[str], search: str) -> str:
+    """The same command, the same sweep: a name from the overrides and the search."""
+    digest = hashlib.sha256(json.dumps([search, *overrides]).encode()).hexdigest()[:8]
+    return f"sweep-{digest}"
+
+
+def run_sweep(sweep: SweepRun, *, prepared_dir: Path, expanded_dir: Path, out_dir: Path) -> dict:
+    """Run what is missing of the sweep; returns sweep.json's content."""
+    out_dir = Path(out_dir)
+    if sweep.search == "grid":
+        sweep.space.grid()  # every point checked before anything trains
+    else:
+        sweep.space.distributions()
+    paths = {"prepared": Path(prepared_dir), "expanded": Path(expanded_dir)}
+    parent_tags = {"sweep": sweep.name, "sweep.role": "parent"}
+    with tracking.tracked_run(
+        sweep.tracking,
+        run_name=sweep.name,
+        resume_run_id=tracking.find_run(sweep.tracking, parent_tags),
+        tags={
+            **parent_tags,
+            "sweep.search": sweep.search,
+            "sweep.space": " ".join(axis.typed for axis in sweep.space.axes),
+        },
+    ) as parent:
+        parent_id = parent.run_id if parent else None
+        if sweep.search == "grid":
+            results = _grid(sweep, paths, out_dir, parent_id)
+        else:
+            results = _optuna(sweep, paths, out_dir, parent_id)
+        summary = sweep_summary(sweep, results)
+        write_json(out_dir / "sweep.json", summary)
+        write_plot(summary, out_dir / "sweep.png")
+        if parent is not None:
+            _record_best(parent, summary)
+            parent.log_artifact(out_dir / "sweep.json")
+            parent.log_artifact(out_dir / "sweep.png")
+    return summary
+
+
+def _space_text(sweep: SweepRun) -> str:
+    return " ".join(axis.typed for axis in sweep.space.axes)
+
+
+def _trial(sweep: SweepRun, point: dict, paths: dict, out_dir: Path, number: int | None = None) -> Trial:
+    key = sweep.space.point_key(point)
+    return Trial(
+        sweep=sweep.name,
+        key=key,
+        point=point,
+        params=sweep.space.apply(sweep.space.params, point),
+        source=sweep.space.source,
+        folder=out_dir / "trials" / key,
+        prepared=paths["prepared"],
+        expanded=paths["expanded"],
+        number=number,
+    )
+
+
+def _grid(sweep: SweepRun, paths: dict, out_dir: Path, parent_id: str | None) -> list[dict]:
+    trials = [_trial(sweep, point, paths, out_dir) for point in sweep.space.grid()]
+    results = [result for trial in trials if (result := finished(trial))]
+    todo = [trial for trial in trials if finished(trial) is None]
+    log.info("sweep %s: %d points, %d finished before, %d to train", sweep.name, len(trials), len(results), len(todo))
+    with tqdm(total=len(todo), desc="trials", disable=not sweep.progress) as bar:
+        for _, result in execute(sweep, todo, parent_id):
+            results.append(result)
+            bar.update()
+    return results
+
+
+def _optuna(sweep: SweepRun, paths: dict, out_dir: Path, parent_id: str | None) -> list[dict]:
+    storage = (
+        sweep.study_storage or os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{(out_dir / 'optuna.db').resolve()}"
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study = studies.open_study(storage, sweep.name, seed=sweep.seed)
+    driver = _driver_id(out_dir)
+    asking = _Asking(study, sweep, paths, out_dir, driver)
+    log.info(
+        "sweep %s: Optuna study in %s, %d of %d trials finished",
+        sweep.name,
+        studies.redact(storage),
+        studies.finished_count(study),
+        sweep.trials,
+    )
+    with tqdm(
+        total=sweep.trials, initial=studies.finished_count(study), desc="trials", disable=not sweep.progress
+    ) as bar:
+        for trial, result in execute(sweep, asking.trials(), parent_id):
+            asking.tell(trial, result)
+            bar.update()
+    return studies.results(study)
+
+
+class _Asking:
+    """The driver's side of an Optuna search: ask a trial when a place is free, tell its result.
+
+    Trials this driver left RUNNING (it was killed) are run first, under their own numbers. A point
+    trained before (TPE may propose it again) is told its earlier result without training again; one
+    being trained right now is told when that training ends."""
+
+    def __init__(self, study, sweep: SweepRun, paths: dict, out_dir: Path, driver: str):
+        self.study, self.sweep, self.paths, self.out_dir, self.driver = study, sweep, paths, out_dir, driver
+        self.in_flight: dict[str, list[int]] = {}  # point key -> Optuna trial numbers waiting for it
+
+    def trials(self) -> Iterator[Trial]:
+        for frozen in studies.own_running_trials(self.study, self.driver):
+            yield from self._start(frozen.number, frozen.params)
+        distributions = self.sweep.space.distributions()
+        while studies.finished_count(self.study) + len(self.in_flight) < self.sweep.trials:
+            asked = self.study.ask(distributions)
+            studies.mark_driver(asked, self.driver)
+            yield from self._start(asked.number, asked.params)
+
+    def _start(self, number: int, point: dict) -> Iterator[Trial]:
+        trial = _trial(self.sweep, dict(point), self.paths, self.out_dir, number)
+        if trial.key in self.in_flight:
+            self.in_flight[trial.key].append(number)
+        elif (earlier := finished(trial)) is not None:
+            self._tell(number, earlier)
+        else:
+            self.in_flight[trial.key] = [number]
+            yield trial
+
+    def tell(self, trial: Trial, result: dict) -> None:
+        for number in self.in_flight.pop(trial.key, [trial.number]):
+            self._tell(number, result)
+
+    def _tell(self, number: int, result: dict) -> None:
+        studies.tell(self.study, number, {**result, "number": number})
+
+
+def execute(sweep: SweepRun, trials, parent_id: str | None) -> Iterator[tuple[Trial, dict]]:
+    """Train each trial, in this process one at a time or as Ray tasks; yields (trial, result)."""
+    cluster = sweep.cluster
+    if cluster.local and cluster.jobs == 1:
+        for trial in trials:
+            log.info("%s: %s", trial.name, sweep.space.describe(trial.point))
+            yield trial, train_trial(trial, parent_id, None)[0]
+        return
+    storage, env = (None, {}) if cluster.local else shared_storage(cluster, sweep.tracking)
+    refs: dict = {}
+    calls = ((trial.name, (trial, parent_id, shipment(trial, storage, refs) if storage else None)) for trial in trials)
+    with ray_session(cluster, env):
+        for (trial, _, sent), (result, files) in run_tasks(train_trial, calls, cluster):
+            if files:
+                write_outputs(trial.folder, files, last=RESULT_FILE)
+                storage.delete(sent.checkpoint_key)
+                if "run_id" in result:
+                    tracking.end_orphan_runs(sweep.tracking, {TASK_TAG: sent.key}, keep=result["run_id"])
+            log.info("%s on %s: %s", trial.name, result.get("ray.node_ip", "this machine"), _outcome(result))
+            yield trial, result
+
+
+def _outcome(result: dict) -> str:
+    if "failed" in result:
+        return f"failed: {result['failed']}"
+    return f"validation accuracy {100 * result['validation_accuracy']:.2f}%"
+
+
+def _driver_id(out_dir: Path) -> str:
+    """This driver's name in the study, kept in OUT: the same command again is the same driver."""
+    path = out_dir / "driver.json"
+    if path.is_file():
+        return json.loads(path.read_text())["driver"]
+    driver = uuid.uuid4().hex
+    write_json(path, {"driver": driver})
+    return driver
+
+
+def _record_best(parent, summary: dict) -> None:
+    best = summary["best"]
+    parent.log_metrics({"trials_finished": len(summary["trials"])})
+    if best is None:
+        return
+    parent.log_metrics({"best_validation_accuracy": best["validation_accuracy"]})
+    parent.set_tags(
+        {
+            "best.trial": best["key"],
+            **({"best.run_id": best["run_id"]} if best.get("run_id") else {}),
+            **{f"best.{key}": value for key, value in best["point"].items()},
+        }
+    )
