@@ -15,6 +15,8 @@ directory standing for a repository.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -31,10 +33,14 @@ def _root_entries() -> set[str]:
 @pytest.fixture(scope="session", autouse=True)
 def repository_root_untouched(tmp_path_factory):
     before = _root_entries()
+    # a local Ray instance (--jobs N) keeps its session files here, not in /tmp/ray; short, for its sockets
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('session-store') / 'mlflow.db'}")
         mp.delenv("DVC_ROOT", raising=False)
+        mp.setenv("RAY_TMPDIR", ray_tmp)
         yield
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     new = sorted(_root_entries() - before)
     if new:
         pytest.fail(f"the tests left new entries at the repository root {ROOT}: {', '.join(new)}", pytrace=False)

@@ -1,0 +1,188 @@
+"""The sweep command end to end on small synthetic digits: a grid in dvc exp run -S syntax, trained
+in this process and on a local Ray instance (--jobs 2) to the same numbers, an Optuna search that a
+second call extends and a restarted driver finishes, every trial an MLflow child run like a train
+stage run, the best chosen by validation accuracy; and bad input refused in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_table import write_set
+
+from pipeline.core.files import load_npz
+from pipeline.stages import sweep as sweep_stage
+from pipeline.sweep import study as studies
+from pipeline.tracking.store import flatten
+
+GRID = ["-S", "train.eta=0.05,0.5", "-S", "train.epochs=2", "-S", "train.architecture=shallow"]
+SEARCH = ["-S", "train.eta=tag(log, interval(0.01, 1))", "-S", "train.epochs=2", "-S", "train.architecture=shallow"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep-data")
+    for name, n, seed in [("prepared/train", 300, 1), ("prepared/validation", 100, 2), ("expanded/train", 300, 4)]:
+        write_set(root / f"{name}.npz", n, seed)
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    (root / "params.yaml").write_text(params.read_text())
+    return root
+
+
+def sweep(data: Path, out: Path, *args: str) -> int:
+    return sweep_stage.main(
+        [
+            "--params",
+            str(data / "params.yaml"),
+            "--prepared",
+            str(data / "prepared"),
+            "--expanded",
+            str(data / "expanded"),
+            "--out",
+            str(out),
+            "--no-progress",
+            *args,
+        ]
+    )
+
+
+def runs(experiment: str = "nndl-chapter6"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    return client, (client.search_runs([found.experiment_id]) if found else [])
+
+
+def children_of(all_runs, parent) -> list:
+    return [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
+def test_a_grid_trains_each_point_once_as_a_child_run_like_the_train_stage(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert sweep(data, tmp_path / "grid", *GRID, "--name", "grid") == 0
+    client, all_runs = runs()
+    (parent,) = [r for r in all_runs if r.data.tags.get("sweep.role") == "parent"]
+    children = children_of(all_runs, parent)
+    assert sorted(r.data.params["train.eta"] for r in children) == ["0.05", "0.5"]
+    assert {r.info.status for r in children} == {"FINISHED"}
+    params = __import__("yaml").safe_load((data / "params.yaml").read_text())
+    for run in children:
+        # the train stage's params (every section but evaluate, with the trial's values), its curves, its model
+        expected = flatten({k: v for k, v in params.items() if k != "evaluate"})
+        assert set(expected) | {"architecture.resolved"} <= set(run.data.params)
+        assert run.data.params["train.epochs"] == "2" and run.data.params["train.architecture"] == "shallow"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "validation_accuracy")]
+        assert steps == [1, 2]
+        files = {f.path for f in client.list_artifacts(run.info.run_id, "model_files")}
+        assert "model_files/model.npz" in files
+    # the best by validation accuracy, as the children recorded it (never by test accuracy)
+    best = max(children, key=lambda r: r.data.metrics["final_best_validation_accuracy"])
+    assert parent.data.tags["best.train.eta"] == best.data.params["train.eta"]
+    assert parent.data.tags["best.run_id"] == best.info.run_id
+    assert parent.data.metrics["best_validation_accuracy"] == best.data.metrics["final_best_validation_accuracy"]
+    summary = json.loads((tmp_path / "grid" / "sweep.json").read_text())
+    assert summary["best"]["run_id"] == best.info.run_id and summary["finished"] == 2
+    assert (tmp_path / "grid" / "sweep.png").stat().st_size > 10_000
+    assert not any("test_accuracy" in r.data.metrics for r in children)
+
+    # the same command again trains nothing and adds no run
+    assert sweep(data, tmp_path / "grid", *GRID, "--name", "grid") == 0
+    _, again = runs()
+    assert len(again) == len(all_runs)
+    assert json.loads((tmp_path / "grid" / "sweep.json").read_text())["trials"] == summary["trials"]
+
+
+def test_a_grid_on_a_local_ray_gives_the_same_numbers_as_in_process(data, tmp_path, monkeypatch):
+    pytest.importorskip("ray", reason="--jobs runs on Ray: pip install -e '.[cluster]'")
+    monkeypatch.chdir(tmp_path)
+    assert sweep(data, tmp_path / "one", *GRID, "--name", "one") == 0
+    assert sweep(data, tmp_path / "ray", *GRID, "--name", "ray", "--jobs", "2") == 0
+    one = json.loads((tmp_path / "one" / "sweep.json").read_text())["trials"]
+    ray = json.loads((tmp_path / "ray" / "sweep.json").read_text())["trials"]
+    assert [(t["key"], t["validation_accuracy"], t["best_epoch"]) for t in one] == [
+        (t["key"], t["validation_accuracy"], t["best_epoch"]) for t in ray
+    ]
+    assert {t["ray.node_ip"] for t in ray} == {"127.0.0.1"}  # a local instance stays on loopback
+    for trial in one:  # bit for bit the same weights
+        a = load_npz(tmp_path / "one" / "trials" / trial["key"] / "model" / "model.npz")
+        b = load_npz(tmp_path / "ray" / "trials" / trial["key"] / "model" / "model.npz")
+        assert all((a[name] == b[name]).all() for name in a)
+
+
+def test_an_optuna_search_grows_with_a_second_call_and_a_restarted_driver_finishes_its_trials(
+    data, tmp_path, monkeypatch
+):
+    optuna = pytest.importorskip("optuna", reason="pip install -e '.[cluster]'")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "search"
+    assert sweep(data, out, *SEARCH, "--name", "search", "--search", "optuna", "--trials", "3", "--seed", "1") == 0
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    study = optuna.load_study(study_name="search", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+
+    # a driver killed after asking a trial leaves it RUNNING: the same command runs it under its number
+    driver = json.loads((out / "driver.json").read_text())["driver"]
+    orphan = study.ask({"train.eta": optuna.distributions.FloatDistribution(0.01, 1, log=True)})
+    studies.mark_driver(orphan, driver)
+    assert sweep(data, out, *SEARCH, "--name", "search", "--search", "optuna", "--trials", "5", "--seed", "2") == 0
+    study = optuna.load_study(study_name="search", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 5
+    assert study.trials[3].number == orphan.number and study.trials[3].params == orphan.params
+
+    _, all_runs = runs()
+    (parent,) = [r for r in all_runs if r.data.tags.get("sweep.role") == "parent"]
+    children = children_of(all_runs, parent)
+    assert sorted(int(r.data.tags["sweep.optuna_trial"]) for r in children) == [0, 1, 2, 3, 4]
+    assert {r.info.status for r in children} == {"FINISHED"}
+    for trial in study.trials:  # Optuna's value is the child run's validation accuracy
+        (child,) = [r for r in children if r.data.tags["sweep.optuna_trial"] == str(trial.number)]
+        assert trial.value == child.data.metrics["final_best_validation_accuracy"]
+    assert parent.data.metrics["best_validation_accuracy"] == study.best_value
+
+    # the same command again: the study has its 5 trials; nothing trains
+    assert sweep(data, out, *SEARCH, "--name", "search", "--search", "optuna", "--trials", "5") == 0
+    assert len(optuna.load_study(study_name="search", storage=storage).trials) == 5
+    assert len(runs()[1]) == len(all_runs)
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["-S", "train.etaa=0.1,0.2"], "train.etaa"),
+        (["-S", "train.eta=0.1,abc"], "abc"),
+        (["-S", "train.eta=interval(0.01, 1)"], "interval"),
+        (["-S", "train.eta=0.1,0.2", "--search", "optuna"], "--trials"),
+        (["-S", "train.eta=0.1,0.2", "--jobs", "0"], "--jobs 0"),
+        (["-S", "train.eta=0.1,0.2", "--gpus-per-training", "1.5"], "1.5"),
+        (["-S", "train.eta=0.1,0.2", "--name", "../x"], "../x"),
+        (["-S", "train.eta=0.1"], "at least one"),
+    ],
+)
+def test_bad_input_is_one_line_before_anything_is_written(data, tmp_path, monkeypatch, args, says):
+    monkeypatch.chdir(tmp_path)
+    command = [sys.executable, "-m", "pipeline", "sweep", "--params", str(data / "params.yaml")]
+    command += ["--prepared", str(data / "prepared"), "--out", str(tmp_path / "out"), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_jobs_without_ray_names_the_extra_to_install(data, tmp_path):
+    code = (
+        "import sys; sys.modules['ray'] = None\n"  # as if Ray were not installed
+        "from pipeline.__main__ import main\n"
+        f"sys.exit(main(['sweep', '--params', {str(data / 'params.yaml')!r}, '--prepared', {str(data / 'prepared')!r},"
+        f" '--out', {str(tmp_path / 'out')!r}, '-S', 'train.eta=0.1,0.2', '-S', 'train.epochs=1', '--jobs', '2']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 1
+    assert (
+        done.stderr.strip().splitlines()[-1]
+        == 'error: running trainings side by side needs Ray: pip install -e ".[cluster]"'
+    )
