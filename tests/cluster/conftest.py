@@ -25,7 +25,8 @@ from nodes import Cluster, missing_env
 
 HERE = Path(__file__).resolve().parent
 MISSING = missing_env()
-REASON = f"no running cluster: {', '.join(MISSING)} not set (tests/cluster/run.sh starts one, as root)"
+_NAMES = "the CLUSTER_* variables" if len(MISSING) > 3 else ", ".join(MISSING)
+REASON = f"no running cluster: {_NAMES} not set (tests/cluster/run.sh starts one, as root)"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -94,6 +94,13 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 def _signal(pids, sig) -> None:
     for pid in pids:
         try:
@@ -331,19 +338,31 @@ class Cluster:
             time.sleep(0.2)
         return left
 
-    def stop_node(self, node: str, grace: float = 15) -> list[int]:
-        """TERM every process of the node, wait up to ``grace`` s, KILL what is left, wait until
-        the namespace is empty (bounded). Returns the PIDs it signalled; raises if any outlived KILL."""
-        pids = self.node_pids(node)
-        _signal(pids, signal.SIGTERM)
+    def stop_node(self, node: str, grace: float = 3) -> list[int]:
+        """TERM the raylet first (it tells the GCS, ends its workers), then every other process of
+        the node, each step waiting up to ``grace`` s; KILL what is left (the head's GCS and
+        autoscaler monitor linger on SIGTERM trying to flush to agents already gone), and wait
+        until the namespace is empty (bounded). Returns the PIDs signalled; raises if any outlived KILL."""
+        signalled: set[int] = set()
+
+        def term(pids):
+            signalled.update(pids)
+            _signal(pids, signal.SIGTERM)
+
+        raylets = [p for p in self.node_pids(node) if _comm(p) == "raylet"]
+        term(raylets)
+        deadline = time.monotonic() + grace
+        while set(raylets) & set(self.node_pids(node)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        term(self.node_pids(node))
         left = self._wait_gone(node, grace)
         if left:
-            pids = sorted(set(pids) | set(left))
+            signalled.update(left)
             _signal(left, signal.SIGKILL)
             left = self._wait_gone(node, 10)
         if left:
             raise RuntimeError(f"{node}: {left} still running after KILL")
-        return pids
+        return sorted(signalled)
 
     def kill_worker(self, timeout: float = 90) -> float:
         """SIGKILL every process in the worker's namespace (a machine dying), wait until none is
