@@ -9,6 +9,7 @@ the end; the tests reach the same code through the ``cluster`` fixture (``Cluste
     python tests/cluster/nodes.py kill worker          # KILL every process of the node, wait until it is dead
     python tests/cluster/nodes.py rss head|worker      # RSS in MB, summed over the node's processes
     python tests/cluster/nodes.py pids head|worker     # the PIDs in the node's namespace
+    python tests/cluster/nodes.py scan-logs            # exit 1 if Ray's files hold the token or a stack secret
 
 A node is everything in its namespace: ``ip netns pids NS`` lists its processes (GCS, raylet,
 agents, workers, and any driver started there), and stopping or killing a node signals exactly
@@ -379,6 +380,32 @@ class Cluster:
         self.wait_node("worker", alive=False, timeout=max(10.0, timeout - (time.monotonic() - t0)))
         return time.monotonic() - t0
 
+    def secrets(self) -> set[str]:
+        """The Ray token and every credential of the stack's env file."""
+        from urllib.parse import urlparse
+
+        values = {self.token_path.read_text().strip()}
+        env = self.stack_env() if self.stack_env_file.is_file() else {}
+        values |= {v for k, v in env.items() if re.search(r"PASSWORD|SECRET|ACCESS_KEY", k)}
+        if env.get("OPTUNA_STORAGE"):
+            values.add(urlparse(env["OPTUNA_STORAGE"]).password or "")
+        return {v for v in values if len(v) >= 16}
+
+    def files_with_secrets(self) -> tuple[list[Path], int]:
+        """Files under both nodes' Ray --temp-dir (logs, session data) that hold a secret, and how
+        many files were read. Names only: the values are never returned or printed."""
+        needles = [v.encode() for v in self.secrets()]
+        hits, n = [], 0
+        for node in NODES:
+            for f in sorted((self.node_dir(node) / "ray").rglob("*")):
+                if f.is_symlink() or not f.is_file():
+                    continue
+                n += 1
+                data = f.read_bytes()
+                if any(v in data for v in needles):
+                    hits.append(f)
+        return hits, n
+
     def foreign_connections(self, node: str) -> list[str]:
         """``ss -tunpH`` lines in the node's namespace whose peer is neither in CLUSTER_SUBNET nor
         loopback (listening and unconnected sockets have no peer and are left out)."""
@@ -432,6 +459,7 @@ def main(argv=None) -> int:
     for cmd in ("start", "stop", "kill", "rss", "pids"):
         sp = sub.add_parser(cmd)
         sp.add_argument("node", choices=NODES)
+    sub.add_parser("scan-logs", help="exit 1 if a file under the nodes' Ray temp dirs holds a secret")
     g = sub.add_parser("_gcs", help="internal: runs inside the head namespace")
     g.add_argument("what", choices=("alive", "dead", "state"))
     g.add_argument("ip", nargs="?")
@@ -450,6 +478,12 @@ def main(argv=None) -> int:
         print(f"nodes: worker killed, seen dead after {c.kill_worker():.1f} s")
     elif args.cmd == "rss":
         print(c.node_rss_mb(args.node))
+    elif args.cmd == "scan-logs":
+        hits, n = c.files_with_secrets()
+        for f in hits:
+            print(f"nodes: a secret (Ray token or stack credential) in {f}")
+        print(f"nodes: {len(hits)} of {n} files under the nodes' Ray temp dirs hold a secret")
+        return 1 if hits else 0
     elif args.cmd == "pids":
         print(" ".join(map(str, c.node_pids(args.node))))
     return 0

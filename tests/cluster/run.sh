@@ -105,6 +105,8 @@ finish() {
         fi
     done
     echo "cluster: ray nodes down in $((SECONDS - t0)) s"
+    # neither the Ray token nor a stack credential in Ray's logs and session files (names only)
+    if [[ -s $CLUSTER_RAY_TOKEN_PATH ]]; then "$PY" "$NODES" scan-logs || bad=1; fi
     # the stack (its own checks are tests/stack's; here: its recorded PIDs end)
     local stack_pids=()
     for f in "$STACK_DIR"/run/*.pid; do [[ -s $f ]] && stack_pids+=("$(head -n1 "$f")"); done
