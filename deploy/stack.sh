@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# deploy/stack.sh -- a team's shared services on ONE machine, all bound to 127.0.0.1:
+# deploy/stack.sh -- a team's shared services on ONE machine, all bound to 127.0.0.1 (or STACK_HOST):
 #
 #   PostgreSQL 15   MLflow's tracking store, MLflow's user store, an `optuna` database
 #   Ceph RGW        S3 API (ceph-mon + one memstore ceph-osd + radosgw, cephx auth) with two
@@ -30,10 +30,11 @@
 #   STACK_MON_PORT     ceph-mon (msgr v2)                      (default 3300)
 #   STACK_RGW_PORT     RADOS Gateway (S3)                     (default 7480)
 #   STACK_MLFLOW_PORT  MLflow tracking server and UI           (default 5000)
+#   STACK_HOST         PostgreSQL, RGW, MLflow listen here; the env file's URLs name it (default 127.0.0.1)
 #   STACK_MLFLOW_WORKERS  uvicorn workers                      (default 2)
 #   STACK_MEMSTORE_BYTES  memstore OSD capacity                (default 4 GiB; data lives in RAM)
 #   STACK_PYTHON       python with mlflow/boto3/psycopg2      (default: python3 on PATH, i.e. the venv)
-#   The ports are recorded in the state directory at the first `up`; later commands use those.
+#   The ports and STACK_HOST are recorded in the state directory at the first `up`; later commands use those.
 #
 # The env file (`. deploy/.env`) exports: MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME/PASSWORD
 # (the `pipeline` user), STACK_READER_USERNAME/PASSWORD (read-only), STACK_ADMIN_USERNAME/PASSWORD,
@@ -85,6 +86,7 @@ PIPELINE_USER=pipeline
 READER_USER=reader
 
 say() { echo "stack: $*"; }
+is_loopback() { [[ $1 == 127.0.0.1 ]]; }
 die() { echo "stack: $*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- state, ports
@@ -101,9 +103,16 @@ load_conf() {
     else
         PG_PORT=${STACK_PG_PORT:-5433} MON_PORT=${STACK_MON_PORT:-3300}
         RGW_PORT=${STACK_RGW_PORT:-7480} MLFLOW_PORT=${STACK_MLFLOW_PORT:-5000}
-        printf 'PG_PORT=%s\nMON_PORT=%s\nRGW_PORT=%s\nMLFLOW_PORT=%s\n' \
-            "$PG_PORT" "$MON_PORT" "$RGW_PORT" "$MLFLOW_PORT" > "$STACK_DIR/ports"
+        HOST=${STACK_HOST:-127.0.0.1}
+        printf 'PG_PORT=%s\nMON_PORT=%s\nRGW_PORT=%s\nMLFLOW_PORT=%s\nHOST=%s\n' \
+            "$PG_PORT" "$MON_PORT" "$RGW_PORT" "$MLFLOW_PORT" "$HOST" > "$STACK_DIR/ports"
     fi
+    # a state directory from before STACK_HOST existed was made for loopback
+    HOST=${HOST:-127.0.0.1}
+    if [[ -n ${STACK_HOST:-} && $STACK_HOST != "$HOST" ]]; then
+        echo "stack: STACK_HOST=$STACK_HOST ignored: $STACK_DIR serves $HOST (recorded at its first up)" >&2
+    fi
+    [[ $HOST =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "STACK_HOST: an IPv4 address, got '$HOST'"
     MLFLOW_WORKERS=${STACK_MLFLOW_WORKERS:-2}
     MEMSTORE_BYTES=${STACK_MEMSTORE_BYTES:-4294967296}
     CEPHCONF=$CEPH/ceph.conf
@@ -168,11 +177,11 @@ fail() {
     exit 1
 }
 
-http_ok() {  # http_ok URL: any HTTP answer below 500 from a loopback URL
-    "$PY" - "$1" <<'EOF'
+http_ok() {  # http_ok URL: any HTTP answer below 500 from a URL on loopback or STACK_HOST
+    "$PY" - "$1" "$HOST" <<'EOF'
 import sys, urllib.request, urllib.error
-url = sys.argv[1]
-assert url.startswith("http://127.0.0.1:")
+url, host = sys.argv[1:3]
+assert url.startswith(("http://127.0.0.1:", f"http://{host}:"))
 try:
     urllib.request.urlopen(url, timeout=3)
 except urllib.error.HTTPError as e:
@@ -211,7 +220,7 @@ start_postgres() {
         as_pg mkdir -p "$PGDIR/run"
         as_pg tee -a "$PGDIR/data/postgresql.conf" > /dev/null <<EOF
 # deploy/stack.sh
-listen_addresses = '127.0.0.1'
+listen_addresses = '$HOST'
 port = $PG_PORT
 unix_socket_directories = '$PGDIR/run'
 password_encryption = 'scram-sha-256'
@@ -219,11 +228,15 @@ shared_buffers = 64MB
 max_connections = 100
 log_min_error_statement = panic
 EOF
+        if ! is_loopback "$HOST"; then  # clients on STACK_HOST's /24 (initdb admits loopback only)
+            printf '# deploy/stack.sh: STACK_HOST\nhost all all %s/24 scram-sha-256\n' "${HOST%.*}.0" \
+                | as_pg tee -a "$PGDIR/data/pg_hba.conf" > /dev/null
+        fi
     fi
     as_pg "$PGBIN/pg_ctl" -D "$PGDIR/data" -l "$PGDIR/postgres.log" -w -t 60 start > /dev/null 2>&1 \
         || fail postgres "pg_ctl start failed"
     head -n1 "$PGDIR/data/postmaster.pid" > "$RUN/postgres.pid"
-    wait_for postgres 60 "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"
+    wait_for postgres 60 "$PGBIN/pg_isready" -q -h "$HOST" -p "$PG_PORT"
     if [[ ! -f $PGDIR/roles-done ]]; then
         local v_mlflow v_optuna
         v_mlflow=$(secret pg_mlflow | scram) v_optuna=$(secret pg_optuna | scram)
@@ -239,9 +252,9 @@ EOF
         touch "$PGDIR/roles-done"
     fi
     # libpq reads the password from here: no password in any URI or command line
-    printf '127.0.0.1:%s:*:mlflow:%s\n' "$PG_PORT" "$(secret pg_mlflow)" > "$SECRETS/pgpass"
+    printf '%s:%s:*:mlflow:%s\n' "$HOST" "$PG_PORT" "$(secret pg_mlflow)" > "$SECRETS/pgpass"
     chmod 0600 "$SECRETS/pgpass"
-    say "postgres up on 127.0.0.1:$PG_PORT (pid $(pid_of postgres))"
+    say "postgres up on $HOST:$PG_PORT (pid $(pid_of postgres))"
 }
 
 # ---------------------------------------------------------------- Ceph: mon, osd, rgw
@@ -288,7 +301,7 @@ mon_warn_on_pool_no_redundancy = false
 auth_allow_insecure_global_id_reclaim = false
 
 [client.rgw.a]
-rgw_frontends = beast endpoint=127.0.0.1:$RGW_PORT
+rgw_frontends = beast endpoint=$HOST:$RGW_PORT
 rgw_data = $CEPH/rgw
 # debug level 1 writes an access log line per request, with the access key id of presigned URLs
 debug_rgw = 0/5
@@ -351,8 +364,8 @@ start_ceph() {
     fi
     if [[ -n $(pid_of radosgw) ]]; then say "radosgw already running"; else
         spawn radosgw "$LOGS/radosgw.out" radosgw -f -c "$CEPHCONF" -n client.rgw.a
-        wait_for radosgw 120 http_ok "http://127.0.0.1:$RGW_PORT/"
-        say "radosgw up on 127.0.0.1:$RGW_PORT (pid $(pid_of radosgw))"
+        wait_for radosgw 120 http_ok "http://$HOST:$RGW_PORT/"
+        say "radosgw up on $HOST:$RGW_PORT (pid $(pid_of radosgw))"
     fi
     if [[ ! -s $SECRETS/s3_secret_key ]]; then
         # radosgw-admin generates the keys; they go from its stdout straight into the secrets dir
@@ -383,7 +396,7 @@ osd_up() { ceph_ osd stat -f json | "$PY" -c 'import json,sys; sys.exit(0 if jso
 s3_env() {
     AWS_ACCESS_KEY_ID=$(cat "$SECRETS/s3_access_key") AWS_SECRET_ACCESS_KEY=$(cat "$SECRETS/s3_secret_key")
     export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
-    export AWS_ENDPOINT_URL=http://127.0.0.1:$RGW_PORT MLFLOW_S3_ENDPOINT_URL=http://127.0.0.1:$RGW_PORT
+    export AWS_ENDPOINT_URL=http://$HOST:$RGW_PORT MLFLOW_S3_ENDPOINT_URL=http://$HOST:$RGW_PORT
     export AWS_DEFAULT_REGION=us-east-1
     export AWS_REQUEST_CHECKSUM_CALCULATION=when_required AWS_RESPONSE_CHECKSUM_VALIDATION=when_required
 }
@@ -395,29 +408,33 @@ start_mlflow() {
     cat > "$MLDIR/basic_auth.ini" <<EOF
 [mlflow]
 default_permission = READ
-database_uri = postgresql+psycopg2://mlflow@127.0.0.1:$PG_PORT/mlflow_auth
+database_uri = postgresql+psycopg2://mlflow@$HOST:$PG_PORT/mlflow_auth
 admin_username = $ADMIN_USER
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 EOF
     s3_env
+    local net=()   # MLflow's security middleware admits only loopback Host headers unless told otherwise
+    if ! is_loopback "$HOST"; then
+        net=(--allowed-hosts "$HOST:$MLFLOW_PORT,$HOST" --cors-allowed-origins "http://$HOST:$MLFLOW_PORT")
+    fi
     (
         export PGPASSFILE=$SECRETS/pgpass
-        export MLFLOW_BACKEND_STORE_URI=postgresql+psycopg2://mlflow@127.0.0.1:$PG_PORT/mlflow
+        export MLFLOW_BACKEND_STORE_URI=postgresql+psycopg2://mlflow@$HOST:$PG_PORT/mlflow
         export MLFLOW_AUTH_CONFIG_PATH=$MLDIR/basic_auth.ini
         MLFLOW_AUTH_ADMIN_PASSWORD=$(secret mlflow_admin) MLFLOW_FLASK_SERVER_SECRET_KEY=$(secret flask_secret)
         export MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY
         export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
         cd "$MLDIR"
-        spawn mlflow "$LOGS/mlflow.log" mlflow server --app-name basic-auth --host 127.0.0.1 --port "$MLFLOW_PORT" \
-            --workers "$MLFLOW_WORKERS" --artifacts-destination "s3://$ARTIFACT_BUCKET/mlartifacts"
+        spawn mlflow "$LOGS/mlflow.log" mlflow server --app-name basic-auth --host "$HOST" --port "$MLFLOW_PORT" \
+            --workers "$MLFLOW_WORKERS" --artifacts-destination "s3://$ARTIFACT_BUCKET/mlartifacts" ${net[@]+"${net[@]}"}
     )
-    wait_for mlflow 180 http_ok "http://127.0.0.1:$MLFLOW_PORT/health"
+    wait_for mlflow 180 http_ok "http://$HOST:$MLFLOW_PORT/health"
     mlflow_users || fail mlflow "creating the MLflow users failed"
-    say "mlflow up on http://127.0.0.1:$MLFLOW_PORT (pid $(pid_of mlflow))"
+    say "mlflow up on http://$HOST:$MLFLOW_PORT (pid $(pid_of mlflow))"
 }
 
 mlflow_users() {  # create the pipeline and reader users (idempotent), as the stack admin
-    STACK_URL=http://127.0.0.1:$MLFLOW_PORT STACK_SECRETS=$SECRETS \
+    STACK_URL=http://$HOST:$MLFLOW_PORT STACK_SECRETS=$SECRETS \
     STACK_USERS="$ADMIN_USER $PIPELINE_USER $READER_USER" "$PY" - <<'EOF' >> "$LOGS/mlflow-users.log" 2>&1
 import base64, json, os, urllib.error, urllib.request
 url, d = os.environ["STACK_URL"], os.environ["STACK_SECRETS"]
@@ -446,7 +463,7 @@ write_env() {
     {
         echo "# written by deploy/stack.sh up -- secrets: never commit, never print"
         q() { printf "export %s='%s'\n" "$1" "$2"; }
-        q MLFLOW_TRACKING_URI "http://127.0.0.1:$MLFLOW_PORT"
+        q MLFLOW_TRACKING_URI "http://$HOST:$MLFLOW_PORT"
         q MLFLOW_TRACKING_USERNAME "$PIPELINE_USER"
         q MLFLOW_TRACKING_PASSWORD "$(secret mlflow_pipeline)"
         q STACK_READER_USERNAME "$READER_USER"
@@ -455,15 +472,15 @@ write_env() {
         q STACK_ADMIN_PASSWORD "$(secret mlflow_admin)"
         q AWS_ACCESS_KEY_ID "$(cat "$SECRETS/s3_access_key")"
         q AWS_SECRET_ACCESS_KEY "$(cat "$SECRETS/s3_secret_key")"
-        q AWS_ENDPOINT_URL "http://127.0.0.1:$RGW_PORT"
-        q MLFLOW_S3_ENDPOINT_URL "http://127.0.0.1:$RGW_PORT"
+        q AWS_ENDPOINT_URL "http://$HOST:$RGW_PORT"
+        q MLFLOW_S3_ENDPOINT_URL "http://$HOST:$RGW_PORT"
         q AWS_DEFAULT_REGION us-east-1
         q AWS_REQUEST_CHECKSUM_CALCULATION when_required
         q AWS_RESPONSE_CHECKSUM_VALIDATION when_required
         q STACK_ARTIFACT_BUCKET "$ARTIFACT_BUCKET"
         q STACK_DVC_BUCKET "$DVC_BUCKET"
         q DVC_REMOTE_URL "s3://$DVC_BUCKET/dvc"
-        q OPTUNA_STORAGE "postgresql+psycopg2://optuna:$(secret pg_optuna)@127.0.0.1:$PG_PORT/optuna"
+        q OPTUNA_STORAGE "postgresql+psycopg2://optuna:$(secret pg_optuna)@$HOST:$PG_PORT/optuna"
         q STACK_DIR "$STACK_DIR"
     } > "$tmp"
     chmod 0600 "$tmp"
@@ -592,5 +609,5 @@ case ${1:-} in
     restart) shift; do_restart "$@" ;;
     install) do_install ;;
     destroy) do_down; rm -rf "$STACK_DIR"; rm -f "$STACK_ENV_FILE"; say "state removed" ;;
-    *) sed -n '2,32p' "$0"; exit 2 ;;
+    *) sed -n '2,37p' "$0"; exit 2 ;;
 esac
