@@ -39,6 +39,7 @@ def repository_root_untouched(tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('session-store') / 'mlflow.db'}")
         mp.delenv("DVC_ROOT", raising=False)
         mp.setenv("RAY_TMPDIR", ray_tmp)
+        mp.setenv("DVC_NO_ANALYTICS", "1")  # dvc's usage reports would go to the internet
         yield
     shutil.rmtree(ray_tmp, ignore_errors=True)
     new = sorted(_root_entries() - before)

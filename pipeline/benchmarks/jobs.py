@@ -1,4 +1,5 @@
-"""Benchmark the table's ``--jobs``: N trainings at once, each in its own process, against one at a time.
+"""Benchmark the table's ``--jobs``: N trainings at once as tasks of a local Ray instance (a GPU shared
+``1/N`` each, with ``--device gpu``), against one at a time.
 
 Trains ``--networks`` seeds of a table row's network and settings (default row 8: two conv layers,
 FC 1000 twice, dropout) for ``--epochs`` epochs on a synthetic set of ``--images`` images (10,000
@@ -62,6 +63,11 @@ def make_data(root: Path, images: int) -> Data:
     return Data(root / "prepared", root / "expanded", root / "prepared" / "test.npz")
 
 
+def _cluster(jobs: int, device: str) -> ClusterConfig:
+    """``jobs`` at once; on a GPU each asks Ray for its share of the one GPU (0.25 for four)."""
+    return ClusterConfig(jobs=jobs, gpus_per_training=round(1 / jobs, 4) if device == "gpu" and jobs > 1 else 0.0)
+
+
 def run_mode(
     row: Row, *, networks: int, jobs: int, epochs: int, data: Data, out: Path, engine: str, device: str
 ) -> float:
@@ -73,7 +79,7 @@ def run_mode(
         config = dataclasses.replace(config, epochs=epochs)
         todo.append(Job(row.key, seed, networks, config, f"benchmark-{seed}", out / f"seed{seed}", data))
     table = runner.TableRun(
-        keys=(row.key,), engine=engine, device=device, cluster=ClusterConfig(jobs=jobs), progress=False
+        keys=(row.key,), engine=engine, device=device, cluster=_cluster(jobs, device), progress=False
     )
     cache = out / ".jax-cache"
     # --jobs 1 trains in this process, where the table opens the cache around it; workers open their own

@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.cluster.config import CLUSTER_EXTRA, ClusterConfig
@@ -26,25 +27,49 @@ from pipeline.tracking.store import TrackingConfig, tracking_uri
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # pipeline/
-# What a worker needs of the driver's environment to reach the tracking server and the storage
+# What a worker needs of the driver's environment to reach the tracking server and the storage:
+# settings, in Ray's runtime_env; logins and keys, with each task (Ray's runtime-env agent writes
+# a runtime_env, env_vars included, into its log)
 FORWARDED_ENV = (
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_INSECURE_TLS",
     "MLFLOW_HTTP_REQUEST_TIMEOUT",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
     "AWS_DEFAULT_REGION",
     "AWS_ENDPOINT_URL",
     "AWS_REQUEST_CHECKSUM_CALCULATION",
     "AWS_RESPONSE_CHECKSUM_VALIDATION",
 )
+SECRET_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """The driver's logins and keys, sent with each task and set in its process's environment; never
+    printed (no repr) and never in a runtime_env. A node's own values win."""
+
+    values: dict[str, str] = field(repr=False)
+
+    @classmethod
+    def of(cls, extra: dict[str, str]) -> Secrets:
+        return cls({**{name: os.environ[name] for name in SECRET_ENV if os.environ.get(name)}, **extra})
+
+    def apply(self) -> None:
+        for name, value in self.values.items():
+            os.environ.setdefault(name, value)
+
+
+def with_secrets(secrets: Secrets, fn: Callable[..., Any], *args) -> Any:
+    """What each Ray task runs: ``fn(*args)`` once the secrets are in its environment."""
+    secrets.apply()
+    return fn(*args)
+
+
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2  # tasks pass settings and small outputs, never data sets
 
 
-def shared_storage(config: ClusterConfig, tracking: TrackingConfig) -> tuple[SharedStorage, dict[str, str]]:
-    """A cluster's storage (``--storage``, else the DVC repository's default remote) and the S3 keys
-    its workers need; refuses, before anything runs, a tracking store that only this machine opens."""
+def shared_storage(config: ClusterConfig, tracking: TrackingConfig) -> SharedStorage:
+    """A cluster's storage (``--storage``, else the DVC repository's default remote; its S3 keys go
+    to this process's environment, and from there with each task: :class:`Secrets`); refuses,
+    before anything runs, a tracking store that only this machine opens."""
     uri = tracking_uri()
     if tracking.enabled and not uri.startswith(("http://", "https://")):
         raise PipelineError(
@@ -55,13 +80,13 @@ def shared_storage(config: ClusterConfig, tracking: TrackingConfig) -> tuple[Sha
         storage, env = SharedStorage(config.storage, os.environ.get("AWS_ENDPOINT_URL")), {}
     else:
         storage, env = dvc_remote()
-    for name, value in env.items():  # this process sends the data: it needs the keys too
+    for name, value in env.items():  # this process sends the data, and its tasks get them from here
         os.environ.setdefault(name, value)
     try:
         storage.exists("files")
     except Exception as e:  # any client error: unreachable, refused, unknown bucket
         raise PipelineError(f"shared storage {storage.url} cannot be read: {type(e).__name__}: {e}") from None
-    return storage, env
+    return storage
 
 
 def import_ray():
@@ -74,7 +99,8 @@ def import_ray():
 
 @contextlib.contextmanager
 def ray_session(config: ClusterConfig, env: dict[str, str] | None = None) -> Iterator[None]:
-    """Ray started (a local instance) or joined (a cluster) for the duration, shut down after."""
+    """Ray started (a local instance) or joined (a cluster) for the duration, shut down after.
+    ``env``: settings for every task's environment (no secrets: see :class:`Secrets`)."""
     if config.local:
         # before Ray is imported: a local instance then stays on 127.0.0.1 instead of advertising
         # this machine's external address (ray._private.ray_constants reads it at import)
@@ -109,7 +135,7 @@ def ray_session(config: ClusterConfig, env: dict[str, str] | None = None) -> Ite
 
 
 def worker_env(config: ClusterConfig, env: dict[str, str]) -> dict[str, str]:
-    """The variables each task's process gets: where to track, the logins, and the storage's keys."""
+    """The settings each task's process gets in its runtime_env: where to track, where the storage is."""
     forwarded = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
     forwarded["MLFLOW_TRACKING_URI"] = tracking_uri()
     if config.gpus_per_training:  # JAX would otherwise take 75% of the GPU at its start, and the next task fail
@@ -124,14 +150,15 @@ def _resources(ray) -> str:
 
 
 def run_tasks(
-    fn: Callable[..., Any], calls: Iterable[tuple[str, tuple]], config: ClusterConfig
+    fn: Callable[..., Any], calls: Iterable[tuple[str, tuple]], config: ClusterConfig, secrets: Secrets | None = None
 ) -> Iterator[tuple[tuple, Any]]:
     """``fn(*args)`` for each (name, args) of ``calls`` as a Ray task; yields (args, value) as each
     finishes. At most ``config.max_concurrent`` are in flight (default: as many as the cluster's CPUs
     and GPUs fit); ``calls`` is read lazily, one when a place is free, so a search can choose the
     next call from the results so far. Stopping the iteration cancels the tasks not finished."""
     ray = import_ray()
-    remote = ray.remote(fn)
+    remote = ray.remote(with_secrets)
+    secrets = secrets or Secrets.of({})
     options = dict(
         num_cpus=config.cpus_per_training,
         num_gpus=config.gpus_per_training,
@@ -144,7 +171,7 @@ def run_tasks(
         while True:
             while len(running) < limit and (call := next(pending, None)) is not None:
                 name, args = call
-                running[remote.options(name=name, **options).remote(*args)] = call
+                running[remote.options(name=name, **options).remote(secrets, fn, *args)] = call
             if not running:
                 return
             (ref,), _ = ray.wait(list(running), num_returns=1)

@@ -218,10 +218,10 @@ def execute(sweep: SweepRun, trials, parent_id: str | None) -> Iterator[tuple[Tr
             log.info("%s: %s", trial.name, sweep.space.describe(trial.point))
             yield trial, train_trial(trial, parent_id, None)[0]
         return
-    storage, env = (None, {}) if cluster.local else shared_storage(cluster, sweep.tracking)
+    storage = None if cluster.local else shared_storage(cluster, sweep.tracking)
     refs: dict = {}
     calls = ((trial.name, (trial, parent_id, shipment(trial, storage, refs) if storage else None)) for trial in trials)
-    with ray_session(cluster, env):
+    with ray_session(cluster):
         for (trial, _, sent), (result, files) in run_tasks(train_trial, calls, cluster):
             if files:
                 write_outputs(trial.folder, files, last=RESULT_FILE)

@@ -70,7 +70,7 @@ def _train_on_ray(todo: list[Job], table: TableRun, *, code: str, parent_id: str
         storage = None
         env = {"JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     else:
-        storage, env = shared_storage(cluster, table.tracking)
+        storage, env = shared_storage(cluster, table.tracking), {}
     shipments = _shipments(todo, storage) if storage else [None] * len(todo)
     node_table = dataclasses.replace(table, progress=False)
     calls = [

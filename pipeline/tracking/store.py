@@ -275,7 +275,7 @@ def tracked_run(
             run_id = None
     if run_id is None:
         experiment_id = _experiment_id(client, config.experiment, uri)
-        all_tags = {**source_tags(), **(tags or {})}
+        all_tags = {key: str(value) for key, value in {**source_tags(), **(tags or {})}.items()}  # REST: strings
         run_id = retry_locked(lambda: client.create_run(experiment_id, run_name=run_name, tags=all_tags)).info.run_id
     elif tags:
         Run(client, run_id).set_tags({**source_tags(), **tags})
