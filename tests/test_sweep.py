@@ -63,7 +63,7 @@ def children_of(all_runs, parent) -> list:
 
 def test_a_grid_trains_each_point_once_as_a_child_run_like_the_train_stage(data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert sweep(data, tmp_path / "grid", *GRID, "--name", "grid") == 0
+    assert sweep(data, tmp_path / "grid", *GRID, "--name", "grid", "--register") == 0
     client, all_runs = runs()
     (parent,) = [r for r in all_runs if r.data.tags.get("sweep.role") == "parent"]
     children = children_of(all_runs, parent)
@@ -88,6 +88,10 @@ def test_a_grid_trains_each_point_once_as_a_child_run_like_the_train_stage(data,
     assert summary["best"]["run_id"] == best.info.run_id and summary["finished"] == 2
     assert (tmp_path / "grid" / "sweep.png").stat().st_size > 10_000
     assert not any("test_accuracy" in r.data.metrics for r in children)
+    # --register: the best trial's model is a version of the registered model, and the champion
+    (version,) = client.search_model_versions("name = 'nndl-chapter6-model'")
+    assert version.run_id == best.info.run_id and "test_accuracy" not in version.tags
+    assert client.get_model_version_by_alias("nndl-chapter6-model", "champion").version == version.version
 
     # the same command again trains nothing and adds no run
     assert sweep(data, tmp_path / "grid", *GRID, "--name", "grid") == 0

@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         help="optuna: the study's database (default: $OPTUNA_STORAGE, else OUT/optuna.db)",
     )
     parser.add_argument("--seed", type=int, default=None, help="optuna: the TPE sampler's seed (one per driver)")
+    parser.add_argument(
+        "--register",
+        action="store_true",
+        help="register the best trial's model (by validation accuracy) as a version of tracking.registered_model; "
+        "its alias champion moves only to a better validation accuracy",
+    )
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"), help="prepared data directory")
     parser.add_argument("--expanded", type=Path, default=Path("data/expanded"), help="expanded data directory")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: data/sweeps/NAME)")
@@ -52,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             cluster=cluster.from_args(args),
             tracking=from_section(TrackingConfig, params, "tracking", source=args.params),
+            register=args.register,
             progress=not args.no_progress,
         )
         out = args.out or Path("data/sweeps") / name

@@ -42,7 +42,9 @@ from pipeline.sweep import study as studies
 from pipeline.sweep.report import sweep_summary, write_plot
 from pipeline.sweep.space import SearchSpace
 from pipeline.sweep.trials import RESULT_FILE, Trial, finished, shipment, train_trial
+from pipeline.tracking import registry
 from pipeline.tracking import store as tracking
+from pipeline.tracking.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class SweepRun:
     seed: int | None = None
     cluster: ClusterConfig = ClusterConfig()
     tracking: tracking.TrackingConfig = dataclasses.field(default_factory=tracking.TrackingConfig)
+    register: bool = False  # the best trial's model as a version of tracking.registered_model
     progress: bool = True
 
     def __post_init__(self):
@@ -71,6 +74,10 @@ class SweepRun:
             raise ConfigError(f"Got --search {self.search!r}: must be one of {', '.join(SEARCHES)}")
         if self.search == "optuna" and (self.trials is None or self.trials < 1):
             raise ConfigError(f"Got --trials {self.trials}: an Optuna search needs --trials N, N at least 1")
+        if self.register and not (self.tracking.enabled and self.tracking.registered_model_name):
+            raise ConfigError(
+                "Got --register with tracking off or tracking.registered_model: '': nothing to register in"
+            )
         if self.search == "grid" and self.trials is not None:
             raise ConfigError(f"Got --trials {self.trials} with --search grid: a grid trains every point")
         if not self.space.swept():
@@ -112,6 +119,11 @@ def run_sweep(sweep: SweepRun, *, prepared_dir: Path, expanded_dir: Path, out_di
         write_plot(summary, out_dir / "sweep.png")
         if parent is not None:
             _record_best(parent, summary)
+            if sweep.register and summary["best"] and summary["best"].get("run_id"):
+                best = Run(parent.client, summary["best"]["run_id"])
+                registered = registry.register(best, sweep.tracking.registered_model_name, test_accuracy=None)
+                if registered is not None:
+                    log.info("registered %s version %s (champion: version %s)", *dataclasses.astuple(registered))
             parent.log_artifact(out_dir / "sweep.json")
             parent.log_artifact(out_dir / "sweep.png")
     return summary

@@ -34,9 +34,10 @@ class Registered:
     champion: str | None  # the version the alias points at after this registration
 
 
-def register(run: Run, name: str, test_accuracy: float) -> Registered | None:
+def register(run: Run, name: str, test_accuracy: float | None) -> Registered | None:
     """Register ``run``'s model as a version of ``name``; move ``champion`` to it if its validation
-    accuracy beats the champion's. None (with a warning) when the run has no trained model."""
+    accuracy beats the champion's. None (with a warning) when the run has no trained model.
+    ``test_accuracy`` None: not measured yet (a sweep's best trial), no tag."""
     client = run.client
     logged = retry_locked(lambda: client.get_run(run.run_id))
     validation = logged.data.metrics.get(VALIDATION_METRIC)
@@ -45,10 +46,11 @@ def register(run: Run, name: str, test_accuracy: float) -> Registered | None:
         return None
     tags = {
         "validation_accuracy": repr(float(validation)),
-        "test_accuracy": repr(float(test_accuracy)),
         "git.commit": logged.data.tags.get("git.commit", ""),
         "dvc.exp_name": os.environ.get("DVC_EXP_NAME") or logged.data.tags.get("dvc.exp_name", ""),
     }
+    if test_accuracy is not None:
+        tags["test_accuracy"] = repr(float(test_accuracy))
     _ensure_registered_model(client, name)
     existing = retry_locked(lambda: client.search_model_versions(f"name = '{name}' and run_id = '{run.run_id}'"))
     if existing:
