@@ -74,12 +74,15 @@ free_port() {  # a port nobody listens on (bounded)
 }
 
 # ---------------------------------------------------------------- teardown (always, from here on)
+starttime() {  # field 22 of /proc/PID/stat (counted after the command name, which may hold spaces)
+    sed 's/.*) //' "/proc/$1/stat" 2> /dev/null | cut -d' ' -f20
+}
 record_pids() {  # "pid starttime" of every process in both namespaces, appended to $ROOT/pids
     local ns p
     for ns in "$NS_A" "$NS_B"; do
         [[ -e /run/netns/$ns ]] || continue
         for p in $(ip netns pids "$ns" 2> /dev/null); do
-            echo "$p $(cut -d' ' -f22 "/proc/$p/stat" 2> /dev/null)" >> "$ROOT/pids"
+            echo "$p $(starttime "$p")" >> "$ROOT/pids"
         done
     done
 }
@@ -124,7 +127,7 @@ finish() {
     # checks: nothing recorded still runs, no namespace, link or address of this run is left
     if [[ -s $ROOT/pids ]]; then
         while read -r p st; do
-            if [[ -e /proc/$p && $(cut -d' ' -f22 "/proc/$p/stat" 2> /dev/null) == "$st" ]]; then
+            if [[ -e /proc/$p && $(starttime "$p") == "$st" ]]; then
                 echo "cluster: pid $p still running after teardown" >&2; bad=1
             fi
         done < <(sort -u "$ROOT/pids")
