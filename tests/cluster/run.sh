@@ -36,6 +36,7 @@ print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-
     echo "cluster: install took $((SECONDS - t0)) s"
 fi
 
+T_UP=$SECONDS
 # ---------------------------------------------------------------- names, addresses
 ROOT=$(mktemp -d /tmp/cluster-ci.XXXXXX)
 chmod 0711 "$ROOT"   # the postgres user must traverse it to the stack's state
@@ -206,7 +207,7 @@ done
 for node in head worker; do
     echo "cluster: rss $node $("$PY" "$NODES" rss "$node") MB ($(ip netns pids "$([[ $node == head ]] && echo "$NS_A" || echo "$NS_B")" | wc -l) processes, after start)"
 done
-echo "cluster: up (network, stack, ray) took $((SECONDS - T_START)) s"
+echo "cluster: up (network, stack, ray) took $((SECONDS - T_UP)) s"
 
 # ---------------------------------------------------------------- tests
 t0=$SECONDS
