@@ -36,6 +36,7 @@ print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-
     echo "cluster: install took $((SECONDS - t0)) s"
 fi
 
+T_UP=$SECONDS
 # ---------------------------------------------------------------- names, addresses
 ROOT=$(mktemp -d /tmp/cluster-ci.XXXXXX)
 chmod 0711 "$ROOT"   # the postgres user must traverse it to the stack's state
@@ -74,12 +75,15 @@ free_port() {  # a port nobody listens on (bounded)
 }
 
 # ---------------------------------------------------------------- teardown (always, from here on)
+starttime() {  # field 22 of /proc/PID/stat (counted after the command name, which may hold spaces)
+    sed 's/.*) //' "/proc/$1/stat" 2> /dev/null | cut -d' ' -f20
+}
 record_pids() {  # "pid starttime" of every process in both namespaces, appended to $ROOT/pids
     local ns p
     for ns in "$NS_A" "$NS_B"; do
         [[ -e /run/netns/$ns ]] || continue
         for p in $(ip netns pids "$ns" 2> /dev/null); do
-            echo "$p $(cut -d' ' -f22 "/proc/$p/stat" 2> /dev/null)" >> "$ROOT/pids"
+            echo "$p $(starttime "$p")" >> "$ROOT/pids"
         done
     done
 }
@@ -124,7 +128,7 @@ finish() {
     # checks: nothing recorded still runs, no namespace, link or address of this run is left
     if [[ -s $ROOT/pids ]]; then
         while read -r p st; do
-            if [[ -e /proc/$p && $(cut -d' ' -f22 "/proc/$p/stat" 2> /dev/null) == "$st" ]]; then
+            if [[ -e /proc/$p && $(starttime "$p") == "$st" ]]; then
                 echo "cluster: pid $p still running after teardown" >&2; bad=1
             fi
         done < <(sort -u "$ROOT/pids")
@@ -203,7 +207,7 @@ done
 for node in head worker; do
     echo "cluster: rss $node $("$PY" "$NODES" rss "$node") MB ($(ip netns pids "$([[ $node == head ]] && echo "$NS_A" || echo "$NS_B")" | wc -l) processes, after start)"
 done
-echo "cluster: up (network, stack, ray) took $((SECONDS - T_START)) s"
+echo "cluster: up (network, stack, ray) took $((SECONDS - T_UP)) s"
 
 # ---------------------------------------------------------------- tests
 t0=$SECONDS
