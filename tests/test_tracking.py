@@ -345,3 +345,23 @@ def test_experiments_open_on_their_training_runs_in_the_mlflow_ui(repo):
     with tracked_run(TrackingConfig(experiment="older")):
         pass
     assert client.get_experiment_by_name("older").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_dead_nodes_run_is_marked_killed_and_the_run_that_went_on_is_kept(tmp_path, monkeypatch):
+    """What the cluster does when a training's retry opened a second run (the first node died before
+    noting its run): the orphan, and only it, ends KILLED; find_run finds a run by its tags."""
+    monkeypatch.chdir(tmp_path)
+    config = TrackingConfig(experiment="orphans")
+    task = {"cluster.task": "table-abc"}
+    with tracked_run(config, run_name="dead node", tags=task, finish=False) as orphan:
+        pass
+    with tracked_run(config, run_name="other training", tags={"cluster.task": "table-xyz"}, finish=False) as other:
+        pass
+    with tracked_run(config, run_name="the retry", tags=task, finish=False) as retry:
+        assert tracking.end_orphan_runs(config, task, keep=retry.run_id) == [orphan.run_id]
+    client = MlflowClient()
+    status = {run_id: client.get_run(run_id).info.status for run_id in (orphan.run_id, other.run_id, retry.run_id)}
+    assert status == {orphan.run_id: "KILLED", other.run_id: "RUNNING", retry.run_id: "RUNNING"}
+    assert tracking.find_run(config, {"cluster.task": "table-xyz"}) == other.run_id
+    assert tracking.find_run(config, {"cluster.task": "nothing"}) is None
+    assert tracking.end_orphan_runs(TrackingConfig(enabled=False), task, keep=None) == []

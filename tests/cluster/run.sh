@@ -7,6 +7,7 @@
 # Traffic stays on loopback and on the run's own /24: the namespaces have no other route.
 #   tests/cluster/run.sh          # SKIP_INSTALL=1: skip installing the stack's and the cluster's packages
 #   CLUSTER_TESTS='tests/cluster/test_ray_nodes.py::test_x ...'   a subset (node IDs, split on spaces)
+#   CLUSTER_COMMAND='python tests/cluster/measure_quick_table.py'   a measurement instead of pytest
 #   KEEP_CLUSTER_DIR=1            keep the temporary folder (logs) even when everything passed
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -213,6 +214,10 @@ echo "cluster: up (network, stack, ray) took $((SECONDS - T_UP)) s"
 t0=$SECONDS
 # --tb=short: the long format would print fixture values; CLUSTER_TESTS split on spaces (node IDs)
 # shellcheck disable=SC2086
-python -m pytest ${CLUSTER_TESTS:-tests/cluster} -q -rP -p no:cacheprovider --tb=short
+if [[ -n ${CLUSTER_COMMAND:-} ]]; then   # a measurement instead of the tests (docs/cluster.md)
+    $CLUSTER_COMMAND
+else
+    python -m pytest ${CLUSTER_TESTS:-tests/cluster} -q -rP -p no:cacheprovider --tb=short
+fi
 echo "cluster: tests took $((SECONDS - t0)) s"
 record_pids

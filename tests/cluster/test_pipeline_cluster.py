@@ -15,52 +15,22 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from test_table import write_set
+from team_project import REPO, driver_argv, make_project, params_for, pipeline
 
-REPO = Path(__file__).resolve().parents[2]
 SWEEP = ["-S", "train.architecture=conv2_relu", "-S", "train.eta=0.1,0.03", "-S", "train.epochs=6"]
 SEARCH = ["-S", "train.architecture=shallow", "-S", "train.eta=tag(log, interval(0.01, 1))", "-S", "train.epochs=2"]
 
 
 @pytest.fixture(scope="session")
-def project(cluster, tmp_path_factory) -> Path:
+def project(cluster) -> Path:
     """A DVC repository as a team member has it: params.yaml, the data sets, the team's remote."""
-    root = cluster.node_dir("head") / "work" / "project"
-    root.mkdir(parents=True)
-    for name, n, seed in [
-        ("prepared/train", 6000, 1),  # a conv net's epoch takes seconds: time to kill a node in the middle
-        ("prepared/validation", 500, 2),
-        ("prepared/test", 500, 3),
-        ("expanded/train", 2000, 4),
-    ]:
-        write_set(root / "data" / f"{name}.npz", n, seed)
-    (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    env = {**os.environ, "STACK_ENV_FILE": str(cluster.stack_env_file), "DVC_NO_ANALYTICS": "1"}
-    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(command, cwd=root, env=env, check=True, timeout=120)
-    subprocess.run([REPO / "deploy" / "stack.sh", "dvc-remote", root], env=env, check=True, timeout=120)
-    return root
-
-
-def params_for(project: Path, experiment: str) -> str:
-    """A params file whose runs go to their own MLflow experiment."""
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["tracking"]["experiment"] = experiment
-    path = project / f"params-{experiment}.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path.name
-
-
-def driver_argv(cluster, project: Path, stage: str, *args: str, experiment: str) -> list:
-    python = cluster.venv / "bin" / "python"
-    return [python, "-m", "pipeline", stage, "--params", params_for(project, experiment), *args]
-
-
-def pipeline(cluster, project: Path, stage: str, *args: str, experiment: str, timeout: float = 900):
-    """``python -m pipeline STAGE ARGS`` as a driver in the head's namespace, logging to the team's server."""
-    argv = driver_argv(cluster, project, stage, *args, experiment=experiment)
-    return cluster.run_in_head(argv, env={"PYTHONPATH": str(REPO)}, cwd=project, timeout=timeout)
+    sizes = {  # a conv net's epoch on 6,000 images takes seconds: time to kill a node in the middle
+        "prepared/train": 6000,
+        "prepared/validation": 500,
+        "prepared/test": 500,
+        "expanded/train": 2000,
+    }
+    return make_project(cluster, cluster.node_dir("head") / "work" / "project", sizes)
 
 
 def on_one_machine(project: Path, out: Path, *args: str):
