@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from test_table import write_set
+from test_table import write_set  # tests/ is on sys.path under pytest, and in measure_quick_table.py
 
 REPO = Path(__file__).resolve().parents[2]
 
