@@ -115,6 +115,7 @@ def ray_session(config: ClusterConfig, env: dict[str, str] | None = None) -> Ite
             # Ray's token auth on, with a token of this process's only (not one saved in ~/.ray)
             os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
         ray.init(
+            address="local",  # a new instance, even where $RAY_ADDRESS names a cluster
             num_cpus=config.jobs,
             include_dashboard=False,
             object_store_memory=LOCAL_OBJECT_STORE_BYTES,

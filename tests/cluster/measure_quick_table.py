@@ -12,12 +12,15 @@ second real machine would buy. Synthetic digits of the quick table's sizes stand
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
+from pathlib import Path
 
-from team_project import make_project, pipeline
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # as under pytest
+from team_project import make_project, pipeline  # noqa: E402
 
-from nodes import Cluster
+from nodes import Cluster  # noqa: E402
 
 SIZES = {"prepared/train": 2000, "prepared/validation": 1000, "prepared/test": 1000, "expanded/train": 2000}
 
