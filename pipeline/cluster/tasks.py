@@ -14,9 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from secrets import token_hex
 from typing import Any
 
 from pipeline.cluster.config import CLUSTER_EXTRA, ClusterConfig
@@ -108,31 +108,39 @@ def ray_session(config: ClusterConfig, env: dict[str, str] | None = None) -> Ite
     ray = import_ray()
     runtime_env = {"env_vars": worker_env(config, env or {})}
     if config.local:
-        from ray._private import ray_constants
-
-        ray_constants.ENABLE_RAY_CLUSTER = False  # the same, when Ray was imported before this call
-        if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
-            # Ray's token auth on, with a token of this process's only (not one saved in ~/.ray)
-            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-        ray.init(
-            address="local",  # a new instance, even where $RAY_ADDRESS names a cluster
-            num_cpus=config.jobs,
-            include_dashboard=False,
-            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-            runtime_env=runtime_env,
-        )
+        _start_local(ray, config, runtime_env)
     else:
-        # the driver's own code on every node, whatever version a node has installed
-        runtime_env.update(py_modules=[PACKAGE_DIR], excludes=["__pycache__"])
-        try:
-            ray.init(address=config.address, runtime_env=runtime_env)
-        except ConnectionError as e:
-            raise PipelineError(f"cannot join the Ray cluster at --ray {config.address}: {e}") from None
+        _join(ray, config, runtime_env)
     try:
         log.info("Ray: %s", _resources(ray))
         yield
     finally:
         ray.shutdown()
+
+
+def _start_local(ray, config: ClusterConfig, runtime_env: dict) -> None:
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # as above, when Ray was imported before this call
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        # Ray's token auth on, with a token of this process's only (not one saved in ~/.ray)
+        os.environ["RAY_AUTH_TOKEN"] = token_hex(32)
+    ray.init(
+        address="local",  # a new instance, even where $RAY_ADDRESS names a cluster
+        num_cpus=config.jobs,
+        include_dashboard=False,
+        object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+        runtime_env=runtime_env,
+    )
+
+
+def _join(ray, config: ClusterConfig, runtime_env: dict) -> None:
+    # the driver's own code on every node, whatever version a node has installed
+    runtime_env.update(py_modules=[PACKAGE_DIR], excludes=["__pycache__"])
+    try:
+        ray.init(address=config.address, runtime_env=runtime_env)
+    except ConnectionError as e:
+        raise PipelineError(f"cannot join the Ray cluster at --ray {config.address}: {e}") from None
 
 
 def worker_env(config: ClusterConfig, env: dict[str, str]) -> dict[str, str]:
@@ -151,7 +159,10 @@ def _resources(ray) -> str:
 
 
 def run_tasks(
-    fn: Callable[..., Any], calls: Iterable[tuple[str, tuple]], config: ClusterConfig, secrets: Secrets | None = None
+    fn: Callable[..., Any],
+    calls: Iterable[tuple[str, tuple]],
+    config: ClusterConfig,
+    credentials: Secrets | None = None,
 ) -> Iterator[tuple[tuple, Any]]:
     """``fn(*args)`` for each (name, args) of ``calls`` as a Ray task; yields (args, value) as each
     finishes. At most ``config.max_concurrent`` are in flight (default: as many as the cluster's CPUs
@@ -159,7 +170,7 @@ def run_tasks(
     next call from the results so far. Stopping the iteration cancels the tasks not finished."""
     ray = import_ray()
     remote = ray.remote(with_secrets)
-    secrets = secrets or Secrets.of({})
+    credentials = credentials or Secrets.of({})
     options = dict(
         num_cpus=config.cpus_per_training,
         num_gpus=config.gpus_per_training,
@@ -172,7 +183,7 @@ def run_tasks(
         while True:
             while len(running) < limit and (call := next(pending, None)) is not None:
                 name, args = call
-                running[remote.options(name=name, **options).remote(secrets, fn, *args)] = call
+                running[remote.options(name=name, **options).remote(credentials, fn, *args)] = call
             if not running:
                 return
             (ref,), _ = ray.wait(list(running), num_returns=1)
