@@ -93,9 +93,9 @@ def default_name(overrides: list[str], search: str) -> str:
 def run_sweep(sweep: SweepRun, *, prepared_dir: Path, expanded_dir: Path, out_dir: Path) -> dict:
     """Run what is missing of the sweep; returns sweep.json's content."""
     out_dir = Path(out_dir)
-    if sweep.search == "grid":
-        sweep.space.grid()  # every point checked before anything trains
-    else:
+    # every point (or the search's bounds) checked before the run opens and anything trains
+    points = sweep.space.grid() if sweep.search == "grid" else None
+    if points is None:
         sweep.space.distributions()
     paths = {"prepared": Path(prepared_dir), "expanded": Path(expanded_dir)}
     parent_tags = {"sweep": sweep.name, "sweep.role": "parent"}
@@ -106,12 +106,12 @@ def run_sweep(sweep: SweepRun, *, prepared_dir: Path, expanded_dir: Path, out_di
         tags={
             **parent_tags,
             "sweep.search": sweep.search,
-            "sweep.space": " ".join(axis.typed for axis in sweep.space.axes),
+            "sweep.space": _space_text(sweep),
         },
     ) as parent:
         parent_id = parent.run_id if parent else None
         if sweep.search == "grid":
-            results = _grid(sweep, paths, out_dir, parent_id)
+            results = _grid(sweep, points, paths, out_dir, parent_id)
         else:
             results = _optuna(sweep, paths, out_dir, parent_id)
         summary = sweep_summary(sweep, results)
@@ -148,10 +148,11 @@ def _trial(sweep: SweepRun, point: dict, paths: dict, out_dir: Path, number: int
     )
 
 
-def _grid(sweep: SweepRun, paths: dict, out_dir: Path, parent_id: str | None) -> list[dict]:
-    trials = [_trial(sweep, point, paths, out_dir) for point in sweep.space.grid()]
-    results = [result for trial in trials if (result := finished(trial))]
-    todo = [trial for trial in trials if finished(trial) is None]
+def _grid(sweep: SweepRun, points: list[dict], paths: dict, out_dir: Path, parent_id: str | None) -> list[dict]:
+    trials = [_trial(sweep, point, paths, out_dir) for point in points]
+    earlier = [finished(trial) for trial in trials]  # each result.json read once
+    results = [result for result in earlier if result is not None]
+    todo = [trial for trial, result in zip(trials, earlier) if result is None]
     log.info("sweep %s: %d points, %d finished before, %d to train", sweep.name, len(trials), len(results), len(todo))
     with tqdm(total=len(todo), desc="trials", disable=not sweep.progress) as bar:
         for _, result in execute(sweep, todo, parent_id):
