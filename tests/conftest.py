@@ -21,6 +21,10 @@ from pathlib import Path
 
 import pytest
 
+# Tests send traffic to 127.0.0.1 only. MLflow 3 starts its usage telemetry when it is imported (before
+# any fixture runs) unless this is set; it is off under CI=true anyway, not in a developer's plain pytest.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
 ROOT = Path(__file__).resolve().parents[1]
 # made by pytest itself, before any test runs, when the cache plugin is on (and gitignored)
 RUNNER_FILES = {".pytest_cache"}

@@ -74,6 +74,16 @@ def test_queued_experiments_land_in_the_repository_store(tmp_path):
 
     # the metrics files hold a few numbers, so `dvc exp show` gets few metric columns
     data = experiments[0]["revs"][0]["data"]
-    for name, most in (("train.json", 10), ("evaluate.json", 3)):
+    metric_names = []
+    for name in ("train.json", "evaluate.json"):
         metrics = data["metrics"][f"data/metrics/{name}"]["data"]
-        assert len(metrics) <= most and all(isinstance(v, (int, float)) for v in metrics.values()), metrics
+        assert all(isinstance(v, (int, float)) for v in metrics.values()), metrics
+        metric_names += metrics
+    assert len(metric_names) <= 2, metric_names
+    # In a terminal DVC hands the whole table to its pager, which scrolls sideways (less -S): the first
+    # screen of a 120-column terminal is each line's first 120 characters of what a pipe gets
+    wanted = ["Experiment", "Created", "State", "Executor", *metric_names]
+    for options, columns in (((), wanted), (("--only-changed",), [*wanted, "train.eta"])):
+        shown = sh(*dvc, "exp", "show", *options, cwd=project, env={**env, "COLUMNS": "120"}).stdout
+        header = next(line for line in shown.splitlines() if "Experiment" in line)
+        assert all(column in header[:120].split() for column in columns), (options, header[:120])

@@ -157,5 +157,5 @@ def test_train_depends_only_on_the_training_set_it_names(tmp_path):
     lock = (project / "dvc.lock").read_text().split("\n  train:")[1].split("\n  evaluate:")[0]
     assert "data/expanded/train.npz" in lock and "data/prepared/train.npz" not in lock
     assert (
-        json.loads((project / "data/metrics/train.json").read_text())["train_images"] == 90 * 6
+        json.loads((project / "data/metrics/train_info.json").read_text())["train_images"] == 90 * 6
     )  # 1 + 4 shifts + 1 elastic

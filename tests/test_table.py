@@ -205,7 +205,10 @@ def test_a_second_invocation_trains_nothing_and_an_interrupted_seed_resumes(firs
     (out / "table" / "3" / "seed1" / "result.json").unlink()
     resumed = runner.run_table(**kwargs)
     assert resumed["trained"] == [("3", 1)]
-    assert json.loads((out / "table" / "3" / "seed1" / "metrics" / "train.json").read_text())["resumed_from_epoch"] == 1
+    assert (
+        json.loads((out / "table" / "3" / "seed1" / "metrics" / "train_info.json").read_text())["resumed_from_epoch"]
+        == 1
+    )
     assert _same_but_time(resumed["lines"], json.loads(results)["lines"])
 
 
@@ -272,7 +275,9 @@ def test_finished_rows_outlive_a_code_change_and_the_report_names_them(first_run
     assert f"row 1: `{trained_by}`; row 2: `{trained_by}`" in report
 
     # code shown to train the same weights as the current code is re-stamped, not named as other code
-    monkeypatch.setitem(cache.SAME_WEIGHTS_AS, trained_by, "0123456789ab")
+    # (also through a version in between)
+    monkeypatch.setitem(cache.SAME_WEIGHTS_AS, trained_by, "aaaaaaaaaaaa")
+    monkeypatch.setitem(cache.SAME_WEIGHTS_AS, "aaaaaaaaaaaa", "0123456789ab")
     quick_table(data, out / "table", rows="1,2", repeats=1)
     assert "every row shown was trained by it" in (out / "table" / "report.md").read_text()
     monkeypatch.delitem(cache.SAME_WEIGHTS_AS, trained_by)

@@ -6,10 +6,8 @@ keeps the parameters of the best validation epoch (ties go to the later epoch, a
 
 Writes:
   MODEL/model.npz, MODEL/architecture.json   the best epoch's parameters (see pipeline.nn.model_io)
-  METRICS/train_epochs.csv                   per epoch: train_cost, validation_accuracy, seconds,
-                                             images_per_second, eta (for `dvc plots`)
-  METRICS/train.json                         summary, numbers only (for `dvc metrics show`)
-  METRICS/train_info.json                    how it stopped, engine, device, epochs requested
+  METRICS/train_epochs.csv, train.json,      the curve, the metrics and the rest of the summary
+  METRICS/train_info.json                    (see pipeline.nn.outputs)
   CHECKPOINTS/checkpoint.npz                 state after every epoch, written atomically
 
 A run that is killed (even with SIGKILL) resumes from its last checkpoint and ends with the same
@@ -25,12 +23,9 @@ fails with a message naming the epoch (try a smaller train.eta).
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import dataclasses
-import io
 import logging
 import os
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -40,7 +35,6 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.core.config import PipelineError
-from pipeline.core.files import write_bytes, write_json
 from pipeline.data import distort
 from pipeline.data.splits import load_split
 from pipeline.nn.architecture import build
@@ -48,58 +42,16 @@ from pipeline.nn.backend import Backend
 from pipeline.nn.checkpoint import CHECKPOINT_FILE, fingerprint, load_checkpoint, save_checkpoint
 from pipeline.nn.config import TrainConfig, TrainPaths
 from pipeline.nn.model_io import save_model
+from pipeline.nn.outputs import summary_of, write_metrics
 from pipeline.nn.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
-EPOCHS_FILE = "train_epochs.csv"
-SUMMARY_FILE = "train.json"
-# the summary's words and settings (how it stopped, engine, device): not metrics, so that `dvc exp show`
-# gets a few numeric columns from train.json
-INFO_FILE = "train_info.json"
-NOT_METRICS = ("stopped", "engine", "device", "epochs_requested")
 STATISTICS_IMAGES = 10_000  # the training images that set BatchNorm's statistics after every epoch
-EPOCH_FIELDS = ("epoch", "train_cost", "validation_accuracy", "seconds", "images_per_second", "eta")
 
 
 class TrainingDiverged(PipelineError):
     """The training cost became NaN or infinite."""
-
-
-# -- outputs -------------------------------------------------------------------------------------
-def epochs_csv(history: list[dict]) -> bytes:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=EPOCH_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: row[k] for k in EPOCH_FIELDS})
-    return out.getvalue().encode()
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _summary(config: TrainConfig, state: dict, n_train: int, n_params: int, backend: Backend) -> dict:
-    history = state["history"]
-    seconds = sum(row["seconds"] for row in history)
-    trained = n_train * len(history)
-    return {
-        "best_validation_accuracy": state["best_accuracy"],
-        "best_epoch": state["best_epoch"],
-        "epochs_run": len(history),
-        "epochs_requested": config.epochs,
-        "stopped": state["stopped"],
-        "final_train_cost": history[-1]["train_cost"] if history else None,
-        "train_images": n_train,
-        "parameters": n_params,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(trained / seconds, 1) if seconds else None,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "engine": config.engine,
-        "device": backend.device_name,
-        "resumed_from_epoch": state["resumed_from_epoch"],
-    }
 
 
 # -- the training --------------------------------------------------------------------------------
@@ -286,10 +238,8 @@ def _finish(session: _Session, diverged: int | None) -> dict:
     config, state, paths, network = session.config, session.state, session.paths, session.trainer.network
     if diverged:
         state["stopped"] = "diverged"
-    summary = _summary(config, state, session.n_used, network.count_params(), session.backend)
-    write_bytes(paths.metrics / EPOCHS_FILE, epochs_csv(state["history"]))
-    write_json(paths.metrics / SUMMARY_FILE, {k: v for k, v in summary.items() if k not in NOT_METRICS})
-    write_json(paths.metrics / INFO_FILE, {k: summary[k] for k in NOT_METRICS})
+    summary = summary_of(config, state, session.n_used, network.count_params(), session.backend.device_name)
+    write_metrics(paths.metrics, summary, state["history"])
     if session.best_values is not None:
         save_model(
             paths.model,

@@ -69,11 +69,11 @@ def code_version() -> str:
 
 
 # Versions of the training code shown to train the same weights, bit for bit, as a later version:
-# a result stamped with a key counts as trained by the value's code. fe47bddc4df5 is the code before
-# the package was laid out in folders (pipeline/*.py): that version and the one after it trained the
-# default `dvc repro` network and quick `bn` and row-8 tables to identical model.npz files
-# (docs/table.md, "Resume").
-SAME_WEIGHTS_AS = {"fe47bddc4df5": "51b68d4a31cc"}
+# a result stamped with a key counts as trained by the value's code, and by the code that one maps to in
+# turn. Each pair trained the default `dvc repro` network and quick `bn` and row-8 tables to identical
+# model.npz files (docs/table.md, "Resume"). fe47bddc4df5: the code before the package was laid out in
+# folders (pipeline/*.py); 51b68d4a31cc: before the summary's files moved out of nn/training.py.
+SAME_WEIGHTS_AS = {"fe47bddc4df5": "51b68d4a31cc", "51b68d4a31cc": "95e6cd7a8476"}
 
 
 def load_result(seed_dir: Path, key: str | None, code: str) -> dict | None:
@@ -85,9 +85,18 @@ def load_result(seed_dir: Path, key: str | None, code: str) -> dict | None:
     result = json.loads(path.read_text())
     if result.get("key") != key:
         return None
-    if SAME_WEIGHTS_AS.get(result.get("code")) == code:
+    if code in _same_weights_chain(result.get("code")):
         result = {**result, "code": code, "restamped_from": result["code"]}
     return result
+
+
+def _same_weights_chain(version: str | None) -> list[str]:
+    """The later versions ``version`` is known to train the same weights as, nearest first."""
+    chain = []
+    while version in SAME_WEIGHTS_AS and len(chain) < len(SAME_WEIGHTS_AS):  # bounded, should a cycle creep in
+        version = SAME_WEIGHTS_AS[version]
+        chain.append(version)
+    return chain
 
 
 def last_seed_on_disk(row_dir: Path) -> int:

@@ -16,7 +16,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from pipeline.core.files import write_bytes
 from pipeline.evaluation.plots import plot_gallery, plt, save_figure
-from pipeline.nn.training import EPOCHS_FILE
+from pipeline.nn.outputs import EPOCHS_FILE
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from typing import Any
 from pipeline.core.config import from_section
 from pipeline.nn.checkpoint import fingerprint
 from pipeline.nn.config import TrainConfig, TrainPaths
-from pipeline.nn.training import EPOCHS_FILE, INFO_FILE, SUMMARY_FILE, train
+from pipeline.nn.outputs import EPOCHS_FILE, INFO_FILE, SUMMARY_FILE
+from pipeline.nn.training import train
 from pipeline.tracking import serving
 from pipeline.tracking.run import Run, epoch_logger
 from pipeline.tracking.store import (

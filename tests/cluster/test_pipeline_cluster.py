@@ -148,7 +148,7 @@ def test_a_worker_killed_mid_sweep_loses_nothing(cluster, project, stack_env):
     steps = [m.step for m in client.get_metric_history(killed_run, "validation_accuracy")]
     assert sorted(steps) == list(range(1, 5)), steps  # every epoch once: none lost, none twice
     key = resumed.data.tags["sweep.trial"]
-    metrics = json.loads((project / "kill-ray" / "trials" / key / "metrics" / "train.json").read_text())
+    metrics = json.loads((project / "kill-ray" / "trials" / key / "metrics" / "train_info.json").read_text())
     assert metrics["resumed_from_epoch"] >= 2
 
     # the same numbers as one uninterrupted training of each point on one machine
