@@ -55,6 +55,22 @@ def test_data_go_to_the_storage_once_by_md5_in_dvcs_layout_and_are_checked_on_ar
     assert not copy.exists()  # nothing half-checked is left for the next training
 
 
+def test_a_driver_publishes_each_file_once_for_all_its_trainings(tmp_path, monkeypatch):
+    storage = SharedStorage(str(tmp_path / "remote"))
+    train, validation = tmp_path / "train.npz", tmp_path / "validation.npz"
+    train.write_bytes(b"train" * 100)
+    validation.write_bytes(b"validation" * 100)
+    published = []
+    real_publish = SharedStorage.publish
+    monkeypatch.setattr(SharedStorage, "publish", lambda self, path: published.append(path) or real_publish(self, path))
+    sent = {}
+    first = storage.publish_each({"prepared/train.npz": train, "prepared/validation.npz": validation}, sent)
+    second = storage.publish_each({"expanded/train.npz": train, "prepared/validation.npz": validation}, sent)
+    assert published == [train, validation]  # the second training's files were all sent already
+    assert first["prepared/train.npz"] == second["expanded/train.npz"] == real_publish(storage, train)
+    assert second["prepared/validation.npz"].md5 == hashlib.md5(validation.read_bytes()).hexdigest()
+
+
 def test_a_nodes_folder_has_its_data_and_last_checkpoint_and_sends_back_only_outputs(tmp_path, monkeypatch):
     monkeypatch.setenv("NNDL_CACHE_DIR", str(tmp_path / "cache"))
     storage = SharedStorage(str(tmp_path / "remote"))

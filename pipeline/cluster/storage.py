@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,13 @@ class SharedStorage:
             log.info("sending %s (%.1f MB) to %s", path, ref.size / 1e6, self.url)
             self.put(path, ref.key)
         return ref
+
+    def publish_each(self, files: Mapping[str, Path], sent: dict[Path, DataRef]) -> dict[str, DataRef]:
+        """``files`` (a name -> its path) published, each path once for all calls that share ``sent``."""
+        for path in files.values():
+            if path not in sent:
+                sent[path] = self.publish(path)
+        return {name: sent[path] for name, path in files.items()}
 
     def fetch(self, ref: DataRef, cache: Path) -> Path:
         """The node's copy of ``ref``: from the cache, or copied from the storage and checked once."""

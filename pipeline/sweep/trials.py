@@ -64,12 +64,7 @@ def finished(trial: Trial) -> dict | None:
 
 def shipment(trial: Trial, storage: SharedStorage, refs: dict[Path, DataRef]) -> Shipment:
     """The trial's files for a node of a cluster; ``refs`` remembers what was sent already."""
-    inputs = {}
-    for name, path in trial.inputs().items():
-        if path not in refs:
-            refs[path] = storage.publish(path)
-        inputs[name] = refs[path]
-    return Shipment(storage, f"sweep-{trial.sweep}-{trial.key}", inputs)
+    return Shipment(storage, f"sweep-{trial.sweep}-{trial.key}", storage.publish_each(trial.inputs(), refs))
 
 
 def train_trial(trial: Trial, parent_id: str | None, sent: Shipment | None) -> tuple[dict, dict[str, bytes]]:

@@ -91,19 +91,16 @@ def _train_on_ray(todo: list[Job], table: TableRun, *, code: str, parent_id: str
 
 def _shipments(todo: list[Job], storage: SharedStorage) -> list[Shipment]:
     """Each job's data sets, sent to the shared storage once (by content), and its checkpoint folder."""
-    refs: dict[Path, DataRef] = {}
-
-    def ref(path: Path) -> DataRef:
-        if path not in refs:
-            refs[path] = storage.publish(path)
-        return refs[path]
-
+    sent: dict[Path, DataRef] = {}
     shipments = []
     for job in todo:
-        inputs = {"prepared/validation.npz": ref(job.data.prepared / "validation.npz"), "test.npz": ref(job.data.test)}
         folder = "prepared" if job.config.dataset == "prepared" else "expanded"
-        inputs[f"{folder}/train.npz"] = ref(job.data.train_path(job.config.dataset))
-        shipments.append(Shipment(storage, f"table-{job.key}", inputs))
+        files = {
+            "prepared/validation.npz": job.data.prepared / "validation.npz",
+            "test.npz": job.data.test,
+            f"{folder}/train.npz": job.data.train_path(job.config.dataset),
+        }
+        shipments.append(Shipment(storage, f"table-{job.key}", storage.publish_each(files, sent)))
     return shipments
 
 
