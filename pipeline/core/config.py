@@ -34,11 +34,14 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file {str(path)!r} not found (run from the repository root, or pass --params)")
-    with path.open() as f:
+    # bytes, so that YAML's reader decodes them and names the bad byte as any other YAML error
+    with path.open("rb") as f:
         try:
             params = yaml.safe_load(f)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid YAML: nested deeper than the parser can follow") from None
     if params is None:
         params = {}
     if not isinstance(params, dict):

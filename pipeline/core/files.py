@@ -14,11 +14,23 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.core.config import PipelineError
+
+
+class OutputError(PipelineError, OSError):
+    """An output that cannot be written where it goes: a file in the way of a directory, or the reverse."""
+
+
+class NpzError(PipelineError, ValueError):
+    """A file that is not an .npz archive of plain arrays; a ValueError, as numpy's own refusals are."""
 
 
 def current_umask() -> int:
@@ -56,18 +68,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
     Before the rename the file gets the umask's permissions and is fsynced; the directory is fsynced after."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())
         fsync_path(tmp)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except IsADirectoryError as e:
+            raise OutputError(f"cannot write {str(path)!r}: {e.strerror}") from None
         fsync_path(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def make_dir(path: str | Path) -> None:
+    """Create the directory ``path`` and its parents; OutputError naming it when a file is in the way."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise OutputError(f"cannot create the directory {str(path)!r}: {e.strerror}") from None
 
 
 def write_bytes(path: str | Path, payload: bytes) -> None:
@@ -91,9 +114,18 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """Load every array of an .npz file into memory, never unpickling."""
-    with np.load(path, allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
+    """Load every array of an .npz file into memory, never unpickling.
+
+    NpzError, naming the file, for anything else: a truncated archive, a lone .npy (np.load would
+    return it bare), an array that would need pickle, a damaged member."""
+    if not zipfile.is_zipfile(path):
+        why = "not found" if not Path(path).exists() else "not an .npz file (a zip archive of arrays)"
+        raise NpzError(f"{path}: {why}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise NpzError(f"{path}: cannot read the arrays ({type(e).__name__}: {e})") from None
 
 
 def sha256_file(path: str | Path) -> str:

@@ -39,6 +39,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.core.config import PipelineError, require
+from pipeline.core.files import make_dir
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,18 @@ class MirrorFailed(Exception):
 def check_mirror(key: str, mirror: str) -> None:
     """Refuse a mirror that is neither an http(s):// or file:// URL nor a directory path."""
     require(isinstance(mirror, str) and mirror.strip() != "", key, mirror, "expected a URL or a directory")
-    if "://" not in mirror:
-        return  # a local directory; whether it holds the files is found out when it is used
-    parts = urllib.parse.urlsplit(mirror)
+    if "://" not in mirror:  # a local directory; whether it holds the files is found out when it is used
+        require("\0" not in mirror, key, mirror, "not a usable path (it holds a NUL byte)")
+        try:
+            Path(mirror).expanduser()
+        except RuntimeError as e:  # ~user of no such user
+            require(False, key, mirror, f"not a usable path ({e})")
+        return
+    try:
+        parts = urllib.parse.urlsplit(mirror)
+        parts.port  # noqa: B018  (read for its check: a port that is no number 0-65535 raises)
+    except ValueError as e:
+        require(False, key, mirror, f"not a valid URL ({e})")
     require(
         parts.scheme in ("http", "https", "file"),
         key,
@@ -143,10 +153,13 @@ def verify(path: Path, sha256: str) -> str | None:
 
 def copy_local(path: Path, part: Path, bar: tqdm) -> None:
     """Copy a file from a local-directory or file:// mirror."""
-    if not path.parent.is_dir():
-        raise MirrorFailed(f"no such directory {path.parent}")
-    if not path.is_file():
-        raise MirrorFailed(f"no such file {path}")
+    try:  # a path the system refuses outright (too long a name) is a bad mirror like any other
+        if not path.parent.is_dir():
+            raise MirrorFailed(f"no such directory {path.parent}")
+        if not path.is_file():
+            raise MirrorFailed(f"no such file {path}")
+    except OSError as e:
+        raise MirrorFailed(f"cannot use the path: {e.strerror}") from None
     bar.reset(total=path.stat().st_size)
     try:
         with path.open("rb") as src, part.open("wb") as dst:
@@ -315,7 +328,7 @@ def download(*, config: DownloadConfig, out_dir: Path, env_mirror: str | None = 
         check_mirror("MNIST_MIRROR", env_mirror)
         mirrors.insert(0, env_mirror)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)
     unreachable: dict[str, str] = {}
     files = {}
     for name, sha256 in config.sha256.items():

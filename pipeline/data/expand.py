@@ -17,8 +17,9 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.core.config import require
-from pipeline.core.files import load_npz, save_npz, write_json
+from pipeline.core.files import save_npz, write_json
 from pipeline.data.distort import elastic
+from pipeline.data.splits import load_split
 
 ELASTIC_CHUNK = 2_000  # images distorted at once: bounds the float64 temporaries to some 50 MB
 MAX_SHIFT = 13  # pixels: a 28x28 digit moved 14 pixels is mostly gone
@@ -92,9 +93,9 @@ def expand_arrays(
 
 def expand(*, config: ExpandConfig, train_path: Path, out_dir: Path, progress: bool = True) -> dict:
     """Read the prepared training set, write the expanded one to ``out_dir/train.npz``."""
-    data = load_npz(train_path)
-    images, labels = expand_arrays(data["images"], data["labels"], config, progress=progress)
+    source_images, source_labels = load_split(Path(train_path))  # checked: uint8 28x28 images, digit labels
+    images, labels = expand_arrays(source_images.reshape(-1, 28, 28), source_labels, config, progress=progress)
     save_npz(Path(out_dir) / "train.npz", images=images, labels=labels)
-    summary = {"count": int(len(labels)), "source_count": int(len(data["labels"])), "config": asdict(config)}
+    summary = {"count": int(len(labels)), "source_count": int(len(source_labels)), "config": asdict(config)}
     write_json(Path(out_dir) / "summary.json", summary)
     return summary

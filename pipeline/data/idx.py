@@ -93,10 +93,17 @@ def read_images(path: str | Path, size: tuple[int, int] = IMAGE_SIZE) -> np.ndar
 def read_labels(path: str | Path) -> np.ndarray:
     """Labels as uint8 of shape (count,), each checked to be a digit 0-9."""
     labels = read_idx(path, LABELS_MAGIC)
-    bad = np.flatnonzero(labels > 9)
-    if bad.size:
-        raise IdxError(f"{path}: label {labels[bad[0]]} at index {bad[0]} is not a digit 0-9 ({bad.size} such labels)")
+    if why := not_digits(labels):
+        raise IdxError(f"{path}: {why}")
     return labels
+
+
+def not_digits(labels: np.ndarray) -> str | None:
+    """Why integer ``labels`` are not all digits 0-9, quoting the first that is not; None when they are."""
+    bad = np.flatnonzero((labels < 0) | (labels > 9))
+    if bad.size:
+        return f"label {labels[bad[0]]} at index {bad[0]} is not a digit 0-9 ({bad.size} such labels)"
+    return None
 
 
 def read_pair(images_path: str | Path, labels_path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ import numpy as np
 
 from pipeline.core.config import PipelineError
 from pipeline.core.files import load_npz
+from pipeline.data.idx import not_digits
 
 
 def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -21,6 +22,11 @@ def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise PipelineError(f"{path}: expected arrays 'images' and 'labels', found {sorted(arrays)}")
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
         raise PipelineError(f"{path}: images must be uint8 (N, 28, 28), got {images.dtype} {images.shape}")
-    if labels.shape != (len(images),) or labels.size and labels.max() > 9:
-        raise PipelineError(f"{path}: labels must be N digits 0-9, got shape {labels.shape}")
+    if labels.shape != (len(images),):
+        raise PipelineError(f"{path}: one label per image, shape ({len(images)},), got shape {labels.shape}")
+    # uint8 below, so a -1 or a 3.7 would silently become a 255 or a 3
+    if labels.dtype.kind not in "iu":
+        raise PipelineError(f"{path}: labels must be integer digits 0-9, got dtype {labels.dtype}")
+    if why := not_digits(labels):
+        raise PipelineError(f"{path}: {why}")
     return images.reshape(len(images), 784), labels.astype(np.uint8, copy=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pipeline.core.config import ConfigError
 
 FIXED, CHOICE, RANGE, INTERVAL = "fixed", "choice", "range", "interval"
+MAX_VALUES = 1_000  # values of one override; and trainings of one grid (pipeline.sweep.space)
 
 
 @dataclass(frozen=True)
@@ -134,11 +136,18 @@ def _known_keys(params: Mapping[str, Any], key: str) -> str:
 
 
 def _strings(override: Override, typed: str, source: str) -> list[str]:
-    """A choice's or range's values as override text, as DVC's queue writes them (BasicSweeper)."""
+    """A choice's or range's values as override text, as DVC's queue writes them (BasicSweeper).
+
+    At most MAX_VALUES: each is typed and checked one by one (milliseconds each), so range(1,100000000)
+    would hold the sweep for days before its first training."""
     try:
-        return list(override.sweep_string_iterator())
+        strings = list(itertools.islice(override.sweep_string_iterator(), MAX_VALUES + 1))
     except (HydraException, ValueError) as e:
         raise refusal([typed], source, _hydra_reason(e)) from None
+    if len(strings) > MAX_VALUES:
+        why = f"gives more than the {MAX_VALUES:,} values a sweep's override may have: narrow it"
+        raise refusal([typed], source, why)
+    return strings
 
 
 def _typed_value(params: Mapping[str, Any], override: Override, text: str, typed: str, source: str) -> Any:

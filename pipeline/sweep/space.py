@@ -20,6 +20,7 @@ import decimal
 import hashlib
 import itertools
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from pipeline.sweep.overrides import (
     CHOICE,
     FIXED,
     INTERVAL,
+    MAX_VALUES,
     Axis,
     one_line,
     parse_axis,
@@ -74,6 +76,14 @@ class SearchSpace:
                 self.source,
                 "interval(...) is continuous and a grid needs a finite list: give a,b,c, choice(...) or "
                 "range(...), or sample it with --search optuna",
+            )
+        sizes = [len(axis.values) for axis in self.swept()]
+        if math.prod(sizes) > MAX_VALUES:
+            raise refusal(
+                [axis.typed for axis in self.swept()],
+                self.source,
+                f"a grid of {' x '.join(map(str, sizes))} = {math.prod(sizes):,} trainings, more than the "
+                f"{MAX_VALUES:,} a grid may have: narrow the values, or sample them with --search optuna --trials N",
             )
         keys = [axis.key for axis in self.swept()]
         points = [dict(zip(keys, values)) for values in itertools.product(*(a.values for a in self.swept()))]

@@ -5,6 +5,7 @@ be sent kept and sent again, so that a run never silently misses an epoch."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import re
@@ -57,7 +58,16 @@ def is_transient(error: Exception) -> bool:
 
 def retry_seconds(default: float = 180.0) -> float:
     """How long one tracking call keeps retrying transient failures ($PIPELINE_TRACKING_RETRY_S)."""
-    return float(os.environ.get("PIPELINE_TRACKING_RETRY_S", default))
+    text = os.environ.get("PIPELINE_TRACKING_RETRY_S")
+    if text is None:
+        return default
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds >= 0:  # NaN too
+        raise TrackingError(f"Got PIPELINE_TRACKING_RETRY_S={text!r}: expected a number of seconds, 0 or more")
+    return seconds
 
 
 def retry_transient(call: Callable[[], Any], seconds: float | None = None) -> Any:

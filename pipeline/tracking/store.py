@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import urllib.error
@@ -30,7 +31,7 @@ from typing import Any
 
 from pipeline.core.config import require
 from pipeline.core.files import write_json
-from pipeline.tracking.run import Run, TrackingError, retry_locked, retry_transient
+from pipeline.tracking.run import Run, TrackingError, retry_locked, retry_seconds, retry_transient
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,8 @@ def artifact_location(uri: str) -> str | None:
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail early, naming the URI, when the store cannot be used: before any training starts."""
-    source = f"{ENV_URI}={uri!r}" if os.environ.get(ENV_URI) else f"the default store {uri!r}"
+    source = _uri_source(uri)
+    retry_seconds()  # a bad $PIPELINE_TRACKING_RETRY_S fails here, not at the first retry
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
@@ -127,6 +129,10 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             raise TrackingError(
                 f"MLflow store {source}: directory {str(directory)!r} does not exist or is not writable"
             )
+
+
+def _uri_source(uri: str) -> str:
+    return f"{ENV_URI}={uri!r}" if os.environ.get(ENV_URI) else f"the default store {uri!r}"
 
 
 def check_login(uri: str, timeout: float = 5.0) -> None:
@@ -190,6 +196,7 @@ def source_tags() -> dict[str, str]:
 def _client(uri: str):
     """A client whose store exists: the first process to touch a new SQLite file creates its schema
     while holding a file lock, since two workers migrating one new database at once collide."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     if not uri.startswith("sqlite:///"):
@@ -197,7 +204,13 @@ def _client(uri: str):
         # that Run's own retries (bounded by PIPELINE_TRACKING_RETRY_S) and its buffer decide
         for name, value in (("MAX_RETRIES", "3"), ("BACKOFF_FACTOR", "1"), ("TIMEOUT", "30")):
             os.environ.setdefault(f"MLFLOW_HTTP_REQUEST_{name}", value)
-        return MlflowClient(tracking_uri=uri)
+        try:
+            return MlflowClient(tracking_uri=uri)
+        except MlflowException as e:  # a scheme MLflow has no store for, or a bare path (its retired file store)
+            raise TrackingError(
+                f"MLflow store {_uri_source(uri)}: {' '.join(e.message.split())} "
+                f"(use sqlite:///path/to/mlflow.db or http://host:port, or unset {ENV_URI})"
+            ) from None
     from filelock import FileLock
 
     with FileLock(f"{sqlite_database(uri)}.lock", timeout=SQLITE_TIMEOUT_S):
@@ -308,10 +321,9 @@ def remember_run(checkpoint_dir: Path, run: Run, fingerprint: str) -> None:
 
 def resumable_run(checkpoint_dir: Path, fingerprint: str) -> str | None:
     """The run to continue: the one that trained the checkpoint with these very params, in this store."""
-    path = Path(checkpoint_dir) / RUN_FILE
-    if not path.is_file():
+    saved = read_run_file(Path(checkpoint_dir) / RUN_FILE)
+    if saved is None:
         return None
-    saved = json.loads(path.read_text())
     same = saved.get("fingerprint") == fingerprint and saved.get("tracking_uri") == tracking_uri()
     return saved.get("run_id") if same else None
 
@@ -326,9 +338,27 @@ def save_run_reference(path: Path, run: Run | None) -> None:
 
 
 def load_run_reference(path: Path | None) -> str | None:
-    if path is None or not Path(path).is_file():
+    """The run id in ``path`` (the train stage's ``mlflow_run.json``); None when there is no such file."""
+    saved = read_run_file(path) if path is not None else None
+    return saved.get("run_id") if saved is not None else None
+
+
+def read_run_file(path: Path) -> dict[str, Any] | None:
+    """A run file (``mlflow_run.json``) as a dict whose run_id, if any, is an id; None when there is none."""
+    if not Path(path).is_file():
         return None
-    return json.loads(Path(path).read_text()).get("run_id")
+    redo = "delete it, or rerun the train stage, which writes it"
+    try:
+        saved = json.loads(Path(path).read_bytes())
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON
+        raise TrackingError(f"{path}: not valid JSON ({type(e).__name__}: {e}); {redo}") from None
+    if not isinstance(saved, dict):
+        raise TrackingError(f"{path}: expected an object with a run_id, got {type(saved).__name__}; {redo}")
+    run_id = saved.get("run_id")
+    # it goes into the store's queries and URLs: letters, digits, - and _ only, as MLflow's own ids
+    if run_id is not None and not (isinstance(run_id, str) and re.fullmatch(r"[\w-]{1,128}", run_id)):
+        raise TrackingError(f"{path}: run_id={run_id!r} is not an MLflow run id; {redo}")
+    return saved
 
 
 def find_run(config: TrackingConfig, tags: Mapping[str, str]) -> str | None:
