@@ -127,6 +127,10 @@ def test_labels_that_are_not_digits_are_refused(tmp_path, labels, says):
     (tmp_path / "params.yaml").write_text("expand: {}\n")
     assert stage(tmp_path, "expand", "--train", "train.npz", "--out", "out") == [f"error: train.npz: {says}"]
     assert not (tmp_path / "out").exists()
+    # the test set too, before a model is loaded or a run opened (the model here does not even exist)
+    evaluate = ("evaluate", "--test", "train.npz", "--model", "model", "--out", "out", "--metrics", "out/m.json")
+    assert stage(tmp_path, *evaluate) == [f"error: train.npz: {says}"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_expand_refuses_images_that_are_not_28x28(tmp_path):

@@ -493,6 +493,20 @@ def assert_shifted_row(results: dict, key: str, out: Path, data: Path, monkeypat
     assert "test.npz" in read and "validation.npz" not in read  # nothing to score: validation is not read
 
 
+@pytest.mark.parametrize("repeats", [0, -5, 101, 10**9])
+def test_repeats_outside_1_to_100_are_refused(data, tmp_path, repeats):
+    with pytest.raises(ConfigError, match=rf"Got --repeats {repeats}: must be 1 to 100"):
+        runner.run_table(
+            rows="1",
+            quick=True,
+            repeats=repeats,
+            prepared_dir=data / "prepared",
+            expanded_dir=data / "expanded",
+            out_dir=tmp_path,
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_jobs_must_be_at_least_one(data, tmp_path):
     with pytest.raises(ConfigError, match="Got --jobs 0"):
         runner.run_table(
@@ -536,6 +550,9 @@ def test_row_selection_and_seed_counts():
     assert table_rows.n_seeds(table_rows.BY_KEY["4"], 3) == 3
     with pytest.raises(ConfigError, match="Got --rows '10'"):
         table_rows.select_rows("1,10")
+    for nothing in ("", ",,", " "):
+        with pytest.raises(ConfigError, match=f"Got --rows {nothing!r}: name at least one row"):
+            table_rows.select_rows(nothing)
 
 
 def test_the_distort_row_is_row_8_with_fresh_distortions_every_epoch():

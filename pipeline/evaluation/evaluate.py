@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.config import require
-from pipeline.core.files import load_npz, write_bytes, write_json
+from pipeline.core.files import write_bytes, write_json
 from pipeline.data.expand import require_shift
+from pipeline.data.splits import load_split
 from pipeline.evaluation.plots import confusion_matrix, plot_confusion, plot_gallery
 from pipeline.evaluation.shifts import shifted_probabilities
 from pipeline.nn.model_io import load_model
@@ -68,8 +69,8 @@ def evaluate(
     which evaluate continues; without it, evaluate opens a run of its own."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     tracking_config = tracking_config or tracking.TrackingConfig(enabled=False)
-    test = load_npz(test_path)
-    images, actual = test["images"], test["labels"]
+    flat, actual = load_split(Path(test_path))  # checked: uint8 28x28 images, one digit 0-9 per image
+    images = flat.reshape(-1, 28, 28)
     run_id = tracking.load_run_reference(run_file)
 
     with tracking.tracked_run(tracking_config, resume_run_id=run_id, run_name="evaluate") as run:

@@ -354,6 +354,8 @@ def select_rows(spec: str | Sequence[str] | None) -> list[str]:
     if spec is None:
         return list(BOOK_ROWS)
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if not names:
+        raise ConfigError(f"Got --rows {spec!r}: name at least one row, e.g. --rows 1,2 (or leave --rows out)")
     wanted = set()
     for name in names:
         keys = GROUPS.get(name, (name,) if name in BY_KEY else None)

@@ -66,6 +66,8 @@ from pipeline.tracking import store as tracking
 
 log = logging.getLogger(__name__)
 
+MAX_REPEATS = 100  # the committee rows need 10 seeds; a billion would list a billion seeds before training
+
 
 @dataclass(frozen=True)
 class TableRun:
@@ -85,8 +87,8 @@ class TableRun:
     progress: bool = True
 
     def __post_init__(self):
-        if self.repeats < 1:
-            raise ConfigError(f"Got --repeats {self.repeats}: must be at least 1")
+        if not 1 <= self.repeats <= MAX_REPEATS:
+            raise ConfigError(f"Got --repeats {self.repeats}: must be 1 to {MAX_REPEATS} (seeds per row)")
 
     def seeds_wanted(self, row: Row) -> int:
         return n_seeds(row, self.repeats, self.keys)
