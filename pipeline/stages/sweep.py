@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="KEY=VALUES",
-        help="a params.yaml value, or values to sweep, in dvc exp run -S syntax (repeatable)",
+        help="a params.yaml value, or values to sweep, in dvc exp run -S syntax (repeatable; at most 1,000 values "
+        "each, and 1,000 trainings a grid)",
     )
     parser.add_argument("--search", default="grid", choices=runner.SEARCHES, help="grid (default) or optuna (TPE)")
     parser.add_argument("--trials", type=int, default=None, help="optuna: the study's total of finished trials")
