@@ -64,3 +64,34 @@ def test_the_registered_model_setting():
     for bad in (" digits", "a'b", "a/b"):
         with pytest.raises(ConfigError, match="tracking.registered_model"):
             TrackingConfig(registered_model=bad)
+
+
+def test_the_best_of_many_is_registered_if_its_run_still_exists_and_the_parent_says_which(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    deleted = trained_run(tmp_path, 0.99)
+    client.delete_run(deleted.run_id)
+    with tracked_run(TrackingConfig(experiment="reg")) as no_model:  # a table's training: no pyfunc model
+        no_model.log_metrics({"final_best_validation_accuracy": 0.98})
+    best, tied = trained_run(tmp_path, 0.95), trained_run(tmp_path, 0.95)
+    gone = tmp_path / "removed"  # a model folder since deleted
+    candidates = [
+        registry.Candidate(None, tmp_path / "model", 1.0),  # trained with tracking off
+        registry.Candidate("0" * 32, tmp_path / "model", 0.999),  # a run of another store
+        registry.Candidate(deleted.run_id, tmp_path / "model", 0.99),
+        registry.Candidate(no_model.run_id, gone, 0.98),  # its pyfunc model cannot be made
+        registry.Candidate(best.run_id, gone, 0.95, test_accuracy=0.5, labels={"row": "3", "seed": 2}),
+        registry.Candidate(tied.run_id, gone, 0.95),  # a tie goes to the earlier candidate
+    ]
+    with tracked_run(TrackingConfig(experiment="reg")) as parent:
+        assert registry.register_best(parent, candidates, "digits") == registry.Registered("digits", "1", "1")
+        assert registry.register_best(parent, candidates[:4], "digits") is None
+    (version,) = client.search_model_versions("name = 'digits'")
+    assert version.run_id == best.run_id and version.tags["test_accuracy"] == "0.5"
+    tags = client.get_run(parent.run_id).data.tags
+    assert {k: v for k, v in tags.items() if k.startswith("registered.")} == {
+        "registered.run_id": best.run_id,
+        "registered.version": "1",
+        "registered.row": "3",
+        "registered.seed": "2",
+    }

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from test_table import write_set
 
 from pipeline.core.files import load_npz
@@ -92,6 +93,10 @@ def test_a_grid_trains_each_point_once_as_a_child_run_like_the_train_stage(data,
     (version,) = client.search_model_versions("name = 'nndl-chapter6-model'")
     assert version.run_id == best.info.run_id and "test_accuracy" not in version.tags
     assert client.get_model_version_by_alias("nndl-chapter6-model", "champion").version == version.version
+    assert (parent.data.tags["registered.run_id"], parent.data.tags["registered.trial"]) == (
+        best.info.run_id,
+        parent.data.tags["best.trial"],
+    )
 
     # the same command again trains nothing and adds no run
     assert sweep(data, tmp_path / "grid", *GRID, "--name", "grid") == 0
@@ -174,6 +179,23 @@ def test_bad_input_is_one_line_before_anything_is_written(data, tmp_path, monkey
     assert done.returncode == 1, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "tracking, says",
+    [({"enabled": False}, "tracking.enabled: false"), ({"registered_model": ""}, "tracking.registered_model: ''")],
+)
+def test_register_with_nothing_to_register_in_is_one_line_before_anything_is_written(
+    data, tmp_path, capsys, tracking, says
+):
+    values = yaml.safe_load((data / "params.yaml").read_text())
+    values["tracking"].update(tracking)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(values))
+    argv = ["--params", str(params), "--prepared", str(data / "prepared"), "--out", str(tmp_path / "out")]
+    assert sweep_stage.main([*argv, *GRID, "--register"]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"error: Got --register with {says}: nothing to register in"]
     assert not (tmp_path / "out").exists()
 
 

@@ -20,6 +20,7 @@ from pipeline.table import cache, runner
 from pipeline.table import lines as table_lines
 from pipeline.table import rows as table_rows
 from pipeline.table.data import Data
+from pipeline.tracking import registry
 from pipeline.tracking.store import TrackingConfig
 
 from reference import np_shift, python_vote
@@ -68,24 +69,28 @@ def first_run(data, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(out)  # the git tags are looked up in the working directory
-        code = table_stage.main(
-            [
-                "--quick",
-                "--repeats",
-                "1",
-                "--params",
-                str(data / "params.yaml"),
-                "--prepared",
-                str(data / "prepared"),
-                "--expanded",
-                str(data / "expanded"),
-                "--out",
-                str(out / "table"),
-                "--no-progress",
-            ]
-        )
+        code = table_command(data, out / "table", "--repeats", "1")
     assert code == 0
     return out, uri
+
+
+def table_command(data, out_dir, *args, params=None) -> int:
+    """``python -m pipeline table --quick ...`` on the synthetic data, in this process."""
+    return table_stage.main(
+        [
+            "--quick",
+            "--params",
+            str(params or data / "params.yaml"),
+            "--prepared",
+            str(data / "prepared"),
+            "--expanded",
+            str(data / "expanded"),
+            "--out",
+            str(out_dir),
+            "--no-progress",
+            *args,
+        ]
+    )
 
 
 def markdown_rows(report: str) -> dict[str, list[str]]:
@@ -219,25 +224,7 @@ def test_report_only_trains_nothing_and_names_what_is_missing(first_run, data, t
     (copy / "report.md").unlink()
     # seed 2 of row 8 interrupted before its result was written; best and distort never trained
     (copy / "8" / "seed2" / "result.json").unlink()
-    code = table_stage.main(
-        [
-            "--quick",
-            "--repeats",
-            "1",
-            "--rows",
-            "all",
-            "--report-only",
-            "--params",
-            str(data / "params.yaml"),
-            "--prepared",
-            str(data / "prepared"),
-            "--expanded",
-            str(data / "expanded"),
-            "--out",
-            str(copy),
-            "--no-progress",
-        ]
-    )
+    code = table_command(data, copy, "--repeats", "1", "--rows", "all", "--report-only")
     assert code == 0
     printed = capsys.readouterr().out
     assert "trained 0 networks" in printed
@@ -330,6 +317,83 @@ def test_jobs_train_as_tasks_of_a_local_ray_with_the_same_results(first_run, dat
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
     # a local instance stays on loopback: it never advertises this machine's external address
     assert {r.data.tags["ray.node_ip"] for r in children} == {"127.0.0.1"}
+
+
+def test_register_makes_the_best_single_network_by_validation_the_champion(first_run, data, monkeypatch, capsys):
+    import mlflow.pyfunc
+    from mlflow.tracking import MlflowClient
+
+    out, uri = first_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(out)
+    client = MlflowClient(tracking_uri=uri)
+    assert table_command(data, out / "table", "--rows", "1,2", "--repeats", "1", "--register") == 0  # trains nothing
+    assert capsys.readouterr().out.splitlines()[-1] == "registered table-test-model version 1 (champion: version 1)"
+
+    # every training of the table counts, not only rows 1 and 2: the best by validation accuracy, ties to
+    # the earlier row, then the lower seed; the ensembles (9, 9avg) have no run of their own
+    runs = client.search_runs([client.get_experiment_by_name("table-test").experiment_id], max_results=1000)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    order = {row.key: i for i, row in enumerate(table_rows.ROWS)}
+    ranked = sorted(
+        (r for r in runs if r is not parent),
+        key=lambda r: (
+            -r.data.metrics["final_best_validation_accuracy"],
+            order[r.data.tags["row"]],
+            int(r.data.tags["seed"]),
+        ),
+    )
+    best, runner_up = ranked[0], ranked[1]
+    champion = client.get_model_version_by_alias("table-test-model", "champion")
+    assert str(champion.version) == "1" and champion.run_id == best.info.run_id
+    seed_dir = out / "table" / best.data.tags["row"] / f"seed{best.data.tags['seed']}"
+    result = json.loads((seed_dir / "result.json").read_text())
+    assert float(champion.tags["validation_accuracy"]) == result["best_validation_accuracy"]
+    assert float(champion.tags["test_accuracy"]) == result["test_accuracy"]
+    tags = client.get_run(parent.info.run_id).data.tags
+    assert (tags["registered.run_id"], tags["registered.row"], tags["registered.seed"], tags["registered.version"]) == (
+        best.info.run_id,
+        best.data.tags["row"],
+        best.data.tags["seed"],
+        "1",
+    )
+    # the pyfunc model is logged to the registered network's run only
+    with_pyfunc = [r for r in ranked if any(a.path == "model" for a in client.list_artifacts(r.info.run_id))]
+    assert with_pyfunc == [best]
+    images = load_npz(out / "table" / "quick-data" / "prepared" / "test.npz")["images"][:8]
+    served = mlflow.pyfunc.load_model("models:/table-test-model@champion").predict(images.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(served["label"]), load_model(seed_dir / "model").predict(images))
+
+    # the best network's run deleted: the next best is a new version, and the champion does not move to it
+    client.delete_run(best.info.run_id)
+    try:
+        again = quick_table(
+            data,
+            out / "table",
+            rows="1",
+            repeats=1,
+            register=True,
+            tracking_config=TrackingConfig(experiment="table-test"),
+        )
+    finally:
+        client.restore_run(best.info.run_id)
+    assert again["registered"] == registry.Registered("table-test-model", "2", "1")
+    assert client.get_model_version("table-test-model", "2").run_id == runner_up.info.run_id
+    assert client.get_model_version_by_alias("table-test-model", "champion").run_id == best.info.run_id
+
+
+@pytest.mark.parametrize(
+    "tracking, says",
+    [("enabled: false", "tracking.enabled: false"), ("registered_model: ''", "tracking.registered_model: ''")],
+)
+def test_register_with_nothing_to_register_in_is_one_line_before_anything_is_written(
+    data, tmp_path, capsys, tracking, says
+):
+    params = tmp_path / "params.yaml"
+    params.write_text(f"train:\n  engine: jax\n  device: cpu\ntracking:\n  experiment: table-test\n  {tracking}\n")
+    assert table_command(data, tmp_path / "out", "--rows", "1", "--register", params=params) == 1
+    assert capsys.readouterr().err.splitlines() == [f"error: Got --register with {says}: nothing to register in"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_best_rows_train_on_their_own_elastic_set_made_once(data, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from pipeline.nn.config import TrainConfig
 from pipeline.table import runner
 from pipeline.table.report import pct
 from pipeline.table.rows import BY_KEY, GROUPS, QUICK
+from pipeline.tracking.registry import Registered
 from pipeline.tracking.store import TrackingConfig
 
 
@@ -41,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         help="train nothing: write the report from the networks already on disk (rows or seeds "
         "not yet trained show as not run)",
     )
-
+    parser.add_argument(
+        "--register",
+        action="store_true",
+        help="register the best single network (by validation accuracy) as a version of "
+        "tracking.registered_model; its alias champion moves only to a better validation accuracy",
+    )
     cluster.add_arguments(parser, max_concurrent=True)
 
     def run(args):
@@ -62,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             cluster=cluster.from_args(args),
             report_only=args.report_only,
+            register=args.register,
         )
         print(f"trained {len(results['trained'])} networks; report: {args.out / 'report.md'}")
         if results["missing"]:
@@ -69,8 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         for line in results["lines"]:
             if line["ours"] is not None:
                 print(f"  row {line['row']:>9}: ours {pct(line['ours'])}, book {pct(line['book'])}")
+        if args.register:
+            print(registered_text(results["registered"]))
 
     return cli.run(run, parser, argv)
+
+
+def registered_text(registered: Registered | None) -> str:
+    if registered is None:
+        return "registered nothing: no network with an MLflow run and a model (see the warning above)"
+    return f"registered {registered.name} version {registered.version} (champion: version {registered.champion})"
 
 
 def missing_text(missing: list[tuple[str, int]]) -> str:

@@ -44,7 +44,6 @@ from pipeline.sweep.space import SearchSpace
 from pipeline.sweep.trials import RESULT_FILE, Trial, finished, shipment, train_trial
 from pipeline.tracking import registry
 from pipeline.tracking import store as tracking
-from pipeline.tracking.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +73,8 @@ class SweepRun:
             raise ConfigError(f"Got --search {self.search!r}: must be one of {', '.join(SEARCHES)}")
         if self.search == "optuna" and (self.trials is None or self.trials < 1):
             raise ConfigError(f"Got --trials {self.trials}: an Optuna search needs --trials N, N at least 1")
-        if self.register and not (self.tracking.enabled and self.tracking.registered_model_name):
-            raise ConfigError(
-                "Got --register with tracking off or tracking.registered_model: '': nothing to register in"
-            )
+        if self.register:
+            registry.require_registry(self.tracking)
         if self.search == "grid" and self.trials is not None:
             raise ConfigError(f"Got --trials {self.trials} with --search grid: a grid trains every point")
         if not self.space.swept():
@@ -119,11 +116,8 @@ def run_sweep(sweep: SweepRun, *, prepared_dir: Path, expanded_dir: Path, out_di
         write_plot(summary, out_dir / "sweep.png")
         if parent is not None:
             _record_best(parent, summary)
-            if sweep.register and summary["best"] and summary["best"].get("run_id"):
-                best = Run(parent.client, summary["best"]["run_id"])
-                registered = registry.register(best, sweep.tracking.registered_model_name, test_accuracy=None)
-                if registered is not None:
-                    log.info("registered %s version %s (champion: version %s)", *dataclasses.astuple(registered))
+            if sweep.register:
+                registry.register_best(parent, _candidates(summary, out_dir), sweep.tracking.registered_model_name)
             parent.log_artifact(out_dir / "sweep.json")
             parent.log_artifact(out_dir / "sweep.png")
     return summary
@@ -259,6 +253,20 @@ def _driver_id(out_dir: Path) -> str:
     driver = uuid.uuid4().hex
     write_json(path, {"driver": driver})
     return driver
+
+
+def _candidates(summary: dict, out_dir: Path) -> list[registry.Candidate]:
+    """The finished trials, in the summary's order: ties go to the earlier trial, as its best does."""
+    return [
+        registry.Candidate(
+            run_id=trial.get("run_id"),
+            model_dir=out_dir / "trials" / trial["key"] / "model",
+            validation_accuracy=trial["validation_accuracy"],
+            labels={"trial": trial["key"]},
+        )
+        for trial in summary["trials"]
+        if "validation_accuracy" in trial
+    ]
 
 
 def _record_best(parent, summary: dict) -> None:

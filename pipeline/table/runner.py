@@ -33,6 +33,13 @@ against the row), OUT/curves.png (each row's validation error per epoch) and OUT
 Engine, device and steps_per_call come from the train section of --params; everything else from
 the row. Each training is an MLflow child run (tags row, seed) of one parent
 run per table (tag table=chapter6), which also gets the report.
+
+--register, once the trainings are done, registers the table's best single network by validation
+accuracy (never test; not an ensemble, not a test-time-shift row; networks of earlier calls count
+while their MLflow run exists) as a version of tracking.registered_model: its pyfunc model is logged
+to its run then, the trainings log none. The alias champion moves to it only when its validation
+accuracy beats the champion's. The parent run gets the tags registered.run_id, registered.row,
+registered.seed and registered.version.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ from pipeline.table.jobs import Job, train_jobs
 from pipeline.table.lines import ensemble_line, shifted_line, training_line
 from pipeline.table.report import write_report
 from pipeline.table.rows import BY_KEY, QUICK, ROWS, Row, n_seeds, select_rows, train_config
+from pipeline.tracking import registry
 from pipeline.tracking import store as tracking
 
 log = logging.getLogger(__name__)
@@ -84,11 +92,14 @@ class TableRun:
     )
     cluster: ClusterConfig = ClusterConfig()  # one at a time in this process
     report_only: bool = False
+    register: bool = False  # the best network by validation accuracy as a version of tracking.registered_model
     progress: bool = True
 
     def __post_init__(self):
         if not 1 <= self.repeats <= MAX_REPEATS:
             raise ConfigError(f"Got --repeats {self.repeats}: must be 1 to {MAX_REPEATS} (seeds per row)")
+        if self.register:
+            registry.require_registry(self.tracking)
 
     def seeds_wanted(self, row: Row) -> int:
         return n_seeds(row, self.repeats, self.keys)
@@ -182,7 +193,36 @@ def _run(table: TableRun, data: Data, out_dir: Path) -> dict:
             parent.log_metrics(
                 {f"row_{line['row']}_test_accuracy": line["ours"] for line in lines if line["ours"] is not None}
             )
-    return {**results_json, "trained": trained, "missing": missing, "parent_run_id": parent.run_id if parent else None}
+        registered = None
+        if table.register:  # (tracking is on: TableRun refuses --register without it)
+            registered = registry.register_best(
+                parent, _candidates(found, out_dir), table.tracking.registered_model_name
+            )
+    return {
+        **results_json,
+        "trained": trained,
+        "missing": missing,
+        "parent_run_id": parent.run_id if parent else None,
+        "registered": registered,
+    }
+
+
+def _candidates(found: dict, out_dir: Path) -> list[registry.Candidate]:
+    """Every single network of the table, this call's and earlier calls', in table order (ties go to
+    the earlier row, then the lower seed). The ensembles and the test-time-shift rows are not one
+    trained network: they are left out."""
+    return [
+        registry.Candidate(
+            run_id=result.get("run_id"),
+            model_dir=out_dir / row.key / f"seed{seed}" / "model",
+            validation_accuracy=result["best_validation_accuracy"],
+            test_accuracy=result["test_accuracy"],
+            labels={"row": row.key, "seed": seed},
+        )
+        for row in ROWS
+        if row.trains
+        for seed, result in sorted(found[row.key].items())
+    ]
 
 
 def _plan(table: TableRun, data: Data, out_dir: Path, code: str, test_sha: str) -> tuple[dict, list, list]:

@@ -10,15 +10,27 @@ reports, it never chooses. Then::
 
 Evaluating the same run again (only the evaluate settings changed) updates its version's tags rather
 than adding a version.
+
+``sweep --register`` and ``table --register`` register the best of many trainings
+(:func:`register_best`): of the networks whose run still exists, the one with the best validation
+accuracy; its pyfunc model logged first from its model folder when its run has none (the table's
+trainings log none: only the registered network pays for it); the parent run tagged
+``registered.*``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from pipeline.tracking.run import Run, retry_locked
+from pipeline.core.config import ConfigError
+from pipeline.tracking import serving
+from pipeline.tracking.run import Run, retry_locked, retry_transient
+from pipeline.tracking.store import TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +46,78 @@ class Registered:
     champion: str | None  # the version the alias points at after this registration
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One trained network of many (a sweep's trial, a table's (row, seed)) that may be registered."""
+
+    run_id: str | None  # None: trained with tracking off, nothing to register
+    model_dir: Path  # the pipeline's model folder (model.npz, architecture.json)
+    validation_accuracy: float
+    test_accuracy: float | None = None  # a tag of the version; never chooses
+    labels: Mapping[str, Any] = field(default_factory=dict)  # tagged registered.<key> on the parent run
+
+
+def require_registry(config: TrackingConfig) -> None:
+    """Refuse ``--register`` before anything trains when there is no registered model to add to."""
+    if not config.enabled:
+        raise ConfigError("Got --register with tracking.enabled: false: nothing to register in")
+    if not config.registered_model_name:
+        raise ConfigError(
+            f"Got --register with tracking.registered_model: {config.registered_model!r}: nothing to register in"
+        )
+
+
+def register_best(parent: Run, candidates: Sequence[Candidate], name: str) -> Registered | None:
+    """Register, as :func:`register` does, the candidate with the best validation accuracy (ties: the
+    earlier in ``candidates``) whose run still exists, logging its pyfunc model from its model folder
+    first if the run has none; tag ``parent`` with what was registered. None (with a warning) when
+    no candidate is left or its run cannot be registered."""
+    best = _best_available(parent.client, candidates)
+    if best is None:
+        log.warning("nothing registered: no trained network with an MLflow run (and a model) to register")
+        return None
+    run = Run(parent.client, best.run_id)
+    if not _has_model(parent.client, best.run_id):  # logged here, once, rather than by every training
+        serving.log_pyfunc(run, best.model_dir)
+    registered = register(run, name, best.test_accuracy)
+    if registered is not None:
+        labels = {f"registered.{key}": value for key, value in best.labels.items()}
+        parent.set_tags({"registered.run_id": best.run_id, "registered.version": registered.version, **labels})
+        log.info(
+            "registered %s version %s (champion: version %s)", registered.name, registered.version, registered.champion
+        )
+    return registered
+
+
+def _best_available(client, candidates: Sequence[Candidate]) -> Candidate | None:
+    """The best by validation accuracy of those that can still be registered: a cached result may
+    name a run of another store or a deleted one, and a model folder since removed matters when the
+    run has no pyfunc model yet (another driver's trial has one, its folder on that machine)."""
+    ranked = sorted(candidates, key=lambda c: -c.validation_accuracy)  # stable: ties keep their order
+    for candidate in ranked:
+        if not candidate.run_id or not _run_exists(client, candidate.run_id):
+            continue
+        if candidate.model_dir.is_dir() or _has_model(client, candidate.run_id):
+            return candidate
+    return None
+
+
+def _run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = retry_transient(lambda: client.get_run(run_id))
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return run.info.lifecycle_stage != "deleted"
+
+
+def _has_model(client, run_id: str) -> bool:
+    return any(a.path == MODEL_ARTIFACT for a in retry_transient(lambda: client.list_artifacts(run_id)))
+
+
 def register(run: Run, name: str, test_accuracy: float | None) -> Registered | None:
     """Register ``run``'s model as a version of ``name``; move ``champion`` to it if its validation
     accuracy beats the champion's. None (with a warning) when the run has no trained model.
@@ -41,7 +125,7 @@ def register(run: Run, name: str, test_accuracy: float | None) -> Registered | N
     client = run.client
     logged = retry_locked(lambda: client.get_run(run.run_id))
     validation = logged.data.metrics.get(VALIDATION_METRIC)
-    if validation is None or not any(a.path == MODEL_ARTIFACT for a in client.list_artifacts(run.run_id)):
+    if validation is None or not _has_model(client, run.run_id):
         log.warning("model not registered: run %s holds no trained pyfunc model", run.run_id)
         return None
     tags = {
