@@ -81,7 +81,7 @@ def train_tracked(job: TrackedTraining, after: Callable[[Run | None, dict], None
             summary = train(job.config, job.paths, progress=job.progress, on_epoch=on_epoch)
         finally:  # a diverged run still wrote its best model and metrics: keep them with the run
             if monitor is not None:
-                monitor.finish()
+                stop_system_metrics(monitor)
             if run is not None:
                 for path in (job.paths.metrics / name for name in (SUMMARY_FILE, INFO_FILE, EPOCHS_FILE)):
                     if path.is_file():
@@ -120,6 +120,19 @@ def system_metrics(run: Run, tracking: TrackingConfig, continuing: bool):
         return None
     monitor.start()
     return monitor
+
+
+def stop_system_metrics(monitor) -> None:
+    """Stop ``monitor``, logging the samples of its last, unfinished interval too: MLflow's ``finish``
+    drops them, so a training shorter than one interval (10 s) would log no system metrics at all."""
+    monitor.finish()
+    try:
+        tail = monitor.aggregate_metrics()
+        if tail:
+            monitor.publish_metrics(tail)
+            monitor.mlflow_logger.flush()
+    except Exception as e:  # the run's training is done: its system metrics are not worth failing it for
+        log.warning("MLflow system metrics of the last %s s not logged: %s", monitor.sampling_interval, e)
 
 
 def _log_inputs(run: Run, job: TrackedTraining) -> None:
