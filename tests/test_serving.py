@@ -16,7 +16,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.core.files import load_npz
 from pipeline.nn.model_io import load_model
+from pipeline.tracking import registry
 from pipeline.tracking.serving import BadInput, as_images, digit_classifier
+from pipeline.tracking.store import TrackingConfig, tracked_run
 from pipeline.tracking.training import stage_training, train_tracked
 
 from synthetic import TINY_NET, write_prepared
@@ -92,6 +94,10 @@ def test_mlflow_models_serve_answers_predictions(tmp_path, monkeypatch):
     # the model carries the whole package, so it loads where the pipeline is not installed
     carried = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model/code/pipeline")}
     assert {"core", "data", "nn", "tracking"} <= carried, carried
+    # registered as the evaluate stage does, and served by its alias, as the registry's docs say
+    with tracked_run(TrackingConfig(), resume_run_id=run.info.run_id) as resumed:
+        registered = registry.register(resumed, "served-model", test_accuracy=None)
+    assert registered.champion == registered.version == "1"
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,7 +113,7 @@ def test_mlflow_models_serve_answers_predictions(tmp_path, monkeypatch):
             "models",
             "serve",
             "-m",
-            f"runs:/{run.info.run_id}/model",
+            "models:/served-model@champion",
             "--env-manager",
             "local",
             "--host",
