@@ -179,7 +179,7 @@ def test_bad_input_is_named_before_any_scoring(saved_models, tmp_path, capsys):
     ):
         ensemble_models(model_dirs=model_dirs, data_path=tmp_path / "unlabelled.npz", progress=False)
     np.savez(tmp_path / "short.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(3, np.uint8))
-    with pytest.raises(PipelineError, match=r"short.npz: labels must be N digits 0-9, got shape \(3,\)"):
+    with pytest.raises(PipelineError, match=r"short.npz: one label per image, shape \(4,\), got shape \(3,\)"):
         ensemble_models(model_dirs=model_dirs, data_path=tmp_path / "short.npz", progress=False)
     # on the command line: one line naming the problem, exit status 1
     (tmp_path / "params.yaml").write_text("train: {}\n")
