@@ -147,6 +147,13 @@ def test_train_depends_only_on_the_training_set_it_names(tmp_path):
     sh(*dvc, "repro", cwd=project, env=env)
     assert "data/prepared/train.npz" in (project / "dvc.lock").read_text().split("\n  train:")[1]
 
+    # every stage run again leaves git status clean: DVC records what the data and params determine
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "repro", cwd=project)
+    assert "Running stage 'train'" in sh(*dvc, "repro", "--force", cwd=project, env=env).stdout
+    assert sh("git", "status", "--porcelain", cwd=project).stdout == ""
+    assert (project / "data/metrics/train_timings.json").is_file()  # the timings: written, ignored by git
+
     configure(project, expand={"elastic_copies": 1})
     out = sh(*dvc, "repro", cwd=project, env=env).stdout
     assert "Running stage 'expand'" in out and "Running stage 'train'" not in out, out

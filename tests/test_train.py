@@ -79,14 +79,18 @@ def test_a_small_network_learns_and_the_stage_writes_its_files(tmp_path, data_di
     assert summary["epochs_run"] == 3 and summary["stopped"] == "completed"
     saved = json.loads((tmp_path / "metrics" / "train.json").read_text())
     info = json.loads((tmp_path / "metrics" / "train_info.json").read_text())
-    assert {**saved, **info} == {k: v for k, v in summary.items() if k != "history"}
-    # dvc exp show: one numeric column; the rest apart
+    timings = json.loads((tmp_path / "metrics" / "train_timings.json").read_text())
+    per_epoch = timings.pop("epochs")
+    assert {**saved, **info, **timings} == {k: v for k, v in summary.items() if k != "history"}
+    assert per_epoch == [{k: r[k] for k in ("epoch", "seconds", "images_per_second")} for r in summary["history"]]
+    # dvc exp show: one numeric column; the rest apart; what changes from run to run in neither
     assert saved == {"best_validation_accuracy": summary["best_validation_accuracy"]}
     assert info["stopped"] == "completed" and info["engine"] == "jax"
+    assert not {"seconds", "images_per_second", "peak_rss_mb", "resumed_from_epoch"} & set(info)
     with open(tmp_path / "metrics" / "train_epochs.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    assert set(rows[0]) == {"epoch", "train_cost", "validation_accuracy", "seconds", "images_per_second", "eta"}
+    assert set(rows[0]) == {"epoch", "train_cost", "validation_accuracy", "eta"}
     assert float(rows[-1]["train_cost"]) < float(rows[0]["train_cost"])
     best = max(rows[::-1], key=lambda r: float(r["validation_accuracy"]))
     assert summary["best_epoch"] == int(best["epoch"])
@@ -285,8 +289,9 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(tmp_path, data_dir):
     finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
     resumed = {
-        **json.loads((tmp_path / "killed" / "metrics" / "train.json").read_text()),
-        **json.loads((tmp_path / "killed" / "metrics" / "train_info.json").read_text()),
+        name: value
+        for file in ("train.json", "train_info.json", "train_timings.json")
+        for name, value in json.loads((tmp_path / "killed" / "metrics" / file).read_text()).items()
     }
     assert resumed["resumed_from_epoch"] == state["epochs_done"]
 

@@ -42,7 +42,7 @@ import numpy as np
 from pipeline.core.config import PipelineError
 from pipeline.nn.architecture import build, resolve
 from pipeline.nn.backend import DEVICES, ENGINES, THEANO_ENV, Backend, engine_unavailable
-from pipeline.nn.outputs import INFO_FILE
+from pipeline.nn.outputs import TIMINGS_FILE
 from pipeline.nn.trainer import Trainer
 
 ETA, LMBDA, BATCHES_PER_EPOCH = 0.03, 0.1, 5000  # the book's ReLU run: 50,000 images in batches of 10
@@ -201,7 +201,7 @@ def peak_memory_mb(images: int, batch_size: int) -> dict:
         ]
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
         subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
-        return json.loads((tmp / "metrics" / INFO_FILE).read_text())
+        return json.loads((tmp / "metrics" / TIMINGS_FILE).read_text())
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 from pipeline.core.config import from_section
 from pipeline.nn.checkpoint import fingerprint
 from pipeline.nn.config import TrainConfig, TrainPaths
-from pipeline.nn.outputs import EPOCHS_FILE, INFO_FILE, SUMMARY_FILE
+from pipeline.nn.outputs import EPOCHS_FILE, INFO_FILE, SUMMARY_FILE, TIMINGS_FILE
 from pipeline.nn.training import train
 from pipeline.tracking import serving
 from pipeline.tracking.run import Run, epoch_logger
@@ -83,7 +83,7 @@ def train_tracked(job: TrackedTraining, after: Callable[[Run | None, dict], None
             if monitor is not None:
                 stop_system_metrics(monitor)
             if run is not None:
-                for path in (job.paths.metrics / name for name in (SUMMARY_FILE, INFO_FILE, EPOCHS_FILE)):
+                for path in (job.paths.metrics / name for name in (SUMMARY_FILE, INFO_FILE, EPOCHS_FILE, TIMINGS_FILE)):
                     if path.is_file():
                         run.log_artifact(path, "metrics")
         if run is not None:
