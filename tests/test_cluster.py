@@ -16,7 +16,7 @@ from pipeline.cluster.node import Shipment, on_node, write_outputs
 from pipeline.cluster.storage import SharedStorage, dvc_remote
 from pipeline.cluster.tasks import Secrets, shared_storage, with_secrets
 from pipeline.core.config import ConfigError, PipelineError
-from pipeline.tracking.store import TrackingConfig
+from pipeline.tracking import TrackingConfig
 
 
 @pytest.mark.parametrize(

@@ -73,7 +73,7 @@ def test_repository_params_yaml_is_valid():
     from pipeline.data.prepare import PrepareConfig
     from pipeline.evaluation.evaluate import EvaluateConfig
     from pipeline.nn.config import TrainConfig
-    from pipeline.tracking.store import TrackingConfig
+    from pipeline.tracking import TrackingConfig
 
     sections = {
         "download": DownloadConfig,

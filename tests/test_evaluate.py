@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline import tracking
 from pipeline.core.config import ConfigError, PipelineError
 from pipeline.core.files import load_npz
 from pipeline.evaluation.evaluate import EvaluateConfig, evaluate, shifted_probabilities
 from pipeline.nn.architecture import build, resolve
 from pipeline.nn.model_io import load_model, save_model
 from pipeline.nn.training import TrainingDiverged
-from pipeline.tracking import store as tracking
 from pipeline.tracking.training import stage_training, train_tracked
 
 from reference import np_shift

@@ -22,7 +22,7 @@ from pipeline.core.files import load_npz, write_json
 from pipeline.data.splits import load_split
 from pipeline.nn.checkpoint import load_checkpoint
 from pipeline.sweep.space import parse_space
-from pipeline.tracking.store import TrackingConfig, TrackingError, load_run_reference, tracked_run
+from pipeline.tracking import TrackingConfig, TrackingError, load_run_reference, tracked_run
 
 from synthetic import write_mnist, write_prepared
 

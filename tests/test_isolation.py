@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.tracking.store import TrackingConfig, sqlite_database, tracked_run, tracking_uri
+from pipeline.tracking import TrackingConfig, sqlite_database, tracked_run, tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,7 @@ import urllib.request
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking.store import TrackingConfig, tracked_run
+from pipeline.tracking import TrackingConfig, tracked_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")

@@ -4,8 +4,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.core.config import ConfigError
-from pipeline.tracking import registry
-from pipeline.tracking.store import TrackingConfig, tracked_run
+from pipeline.tracking import TrackingConfig, registry, tracked_run
 
 
 def trained_run(tmp_path, validation):

@@ -16,9 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.core.files import load_npz
 from pipeline.nn.model_io import load_model
-from pipeline.tracking import registry
+from pipeline.tracking import TrackingConfig, registry, tracked_run
 from pipeline.tracking.serving import BadInput, as_images, digit_classifier
-from pipeline.tracking.store import TrackingConfig, tracked_run
 from pipeline.tracking.training import stage_training, train_tracked
 
 from synthetic import TINY_NET, write_prepared

@@ -17,7 +17,7 @@ from test_table import write_set
 from pipeline.core.files import load_npz
 from pipeline.stages import sweep as sweep_stage
 from pipeline.sweep import study as studies
-from pipeline.tracking.store import flatten
+from pipeline.tracking import flatten
 
 GRID = ["-S", "train.eta=0.05,0.5", "-S", "train.epochs=2", "-S", "train.architecture=shallow"]
 SEARCH = ["-S", "train.eta=tag(log, interval(0.01, 1))", "-S", "train.epochs=2", "-S", "train.architecture=shallow"]

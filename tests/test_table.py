@@ -20,8 +20,7 @@ from pipeline.table import cache, runner
 from pipeline.table import lines as table_lines
 from pipeline.table import rows as table_rows
 from pipeline.table.data import Data
-from pipeline.tracking import registry
-from pipeline.tracking.store import TrackingConfig
+from pipeline.tracking import TrackingConfig, registry
 
 from reference import np_shift, python_vote
 from synthetic import digit_images

@@ -170,9 +170,9 @@ def test_a_small_conv_network_learns_the_synthetic_digits():
 def test_the_train_stage_mlflow_and_evaluate_work_with_the_engine(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
+    from pipeline import tracking
     from pipeline.evaluation.evaluate import EvaluateConfig, evaluate
     from pipeline.nn.model_io import load_model
-    from pipeline.tracking import store as tracking
     from pipeline.tracking.training import stage_training, train_tracked
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

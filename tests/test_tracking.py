@@ -11,9 +11,9 @@ import urllib.request
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import store as tracking
+from pipeline import tracking
+from pipeline.tracking import TrackingConfig, TrackingError, flatten, tracked_run
 from pipeline.tracking.run import Run, is_transient
-from pipeline.tracking.store import TrackingConfig, TrackingError, flatten, tracked_run
 
 
 @pytest.fixture
@@ -179,7 +179,7 @@ def test_two_processes_writing_at_once_lose_no_run(repo):
     script = textwrap.dedent(
         """
         import sys
-        from pipeline.tracking.store import TrackingConfig, tracked_run
+        from pipeline.tracking import TrackingConfig, tracked_run
         with tracked_run(TrackingConfig(experiment="parallel"), run_name=sys.argv[1]) as run:
             for step in range(60):
                 run.log_metrics({"m": step}, step=step)

@@ -18,7 +18,7 @@ from pipeline.cluster.storage import DataRef, SharedStorage, clear, node_cache
 from pipeline.core.files import write_bytes
 from pipeline.nn.checkpoint import CHECKPOINT_FILE
 from pipeline.nn.compile_cache import jax_compilation_cache
-from pipeline.tracking.store import RUN_FILE
+from pipeline.tracking import RUN_FILE
 
 log = logging.getLogger(__name__)
 

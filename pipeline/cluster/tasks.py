@@ -22,7 +22,7 @@ from typing import Any
 from pipeline.cluster.config import CLUSTER_EXTRA, ClusterConfig
 from pipeline.cluster.storage import SharedStorage, dvc_remote
 from pipeline.core.config import PipelineError
-from pipeline.tracking.store import TrackingConfig, tracking_uri
+from pipeline.tracking import TrackingConfig, tracking_uri
 
 log = logging.getLogger(__name__)
 

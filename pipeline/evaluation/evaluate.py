@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import tracking
 from pipeline.core.config import require
 from pipeline.core.files import write_bytes, write_json
 from pipeline.data.expand import require_shift
@@ -28,7 +29,6 @@ from pipeline.evaluation.plots import confusion_matrix, plot_confusion, plot_gal
 from pipeline.evaluation.shifts import shifted_probabilities
 from pipeline.nn.model_io import load_model
 from pipeline.tracking import registry
-from pipeline.tracking import store as tracking
 
 # the one column evaluate.json adds to `dvc exp show` (see pipeline.nn.outputs); the errors are the
 # run's metric test_errors and the rows of predictions.csv that differ

@@ -7,7 +7,7 @@ from pathlib import Path
 from pipeline.core import cli
 from pipeline.core.config import from_section, load_params
 from pipeline.evaluation import evaluate
-from pipeline.tracking.store import TrackingConfig
+from pipeline.tracking import TrackingConfig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from pipeline.core import cli
 from pipeline.core.config import from_section, load_params
 from pipeline.sweep import runner
 from pipeline.sweep.space import parse_space
-from pipeline.tracking.store import TrackingConfig
+from pipeline.tracking import TrackingConfig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,8 @@ from pipeline.nn.config import TrainConfig
 from pipeline.table import runner
 from pipeline.table.report import pct
 from pipeline.table.rows import BY_KEY, GROUPS, QUICK
+from pipeline.tracking import TrackingConfig
 from pipeline.tracking.registry import Registered
-from pipeline.tracking.store import TrackingConfig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline import tracking
 from pipeline.cluster.config import ClusterConfig
 from pipeline.cluster.node import TASK_TAG, write_outputs
 from pipeline.cluster.tasks import ray_session, run_tasks, shared_storage
@@ -43,7 +44,6 @@ from pipeline.sweep.report import sweep_summary, write_plot
 from pipeline.sweep.space import SearchSpace
 from pipeline.sweep.trials import RESULT_FILE, Trial, finished, shipment, train_trial
 from pipeline.tracking import registry
-from pipeline.tracking import store as tracking
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from pipeline.sweep.overrides import (
     refusal,
     refuse_overlaps,
 )
-from pipeline.tracking.store import TrackingConfig
+from pipeline.tracking import TrackingConfig
 
 # the sections a training reads, with their configs; the others belong to stages a sweep does not run
 TRAINING_SECTIONS = {"train": TrainConfig, "tracking": TrackingConfig}

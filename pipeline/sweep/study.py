@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from pipeline.core.config import PipelineError
-from pipeline.tracking.store import SQLITE_TIMEOUT_S
+from pipeline.tracking import SQLITE_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 

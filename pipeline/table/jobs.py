@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from pipeline import tracking
 from pipeline.cluster.node import TASK_TAG, Shipment, node_tags, on_node, write_outputs
 from pipeline.cluster.storage import DataRef, SharedStorage
 from pipeline.cluster.tasks import ray_session, run_tasks, shared_storage
@@ -28,7 +29,6 @@ from pipeline.table.cache import PROBABILITIES_FILE, RESULT_FILE
 from pipeline.table.data import Data
 from pipeline.table.report import pct
 from pipeline.table.rows import BY_KEY
-from pipeline.tracking import store as tracking
 from pipeline.tracking.training import TrackedTraining, train_tracked
 
 if TYPE_CHECKING:

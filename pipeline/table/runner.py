@@ -51,6 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import tracking
 from pipeline.cluster.config import ClusterConfig
 from pipeline.core.config import ConfigError, PipelineError
 from pipeline.core.files import load_npz, sha256_file, write_json
@@ -70,7 +71,6 @@ from pipeline.table.lines import ensemble_line, shifted_line, training_line
 from pipeline.table.report import write_report
 from pipeline.table.rows import BY_KEY, QUICK, ROWS, Row, n_seeds, select_rows, train_config
 from pipeline.tracking import registry
-from pipeline.tracking import store as tracking
 
 log = logging.getLogger(__name__)
 

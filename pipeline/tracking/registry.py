@@ -29,8 +29,8 @@ from typing import Any
 
 from pipeline.core.config import ConfigError
 from pipeline.tracking import serving
+from pipeline.tracking.config import TrackingConfig
 from pipeline.tracking.run import Run, retry_locked, retry_transient
-from pipeline.tracking.store import TrackingConfig
 
 log = logging.getLogger(__name__)
 

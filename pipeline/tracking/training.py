@@ -24,17 +24,12 @@ from pipeline.nn.config import TrainConfig, TrainPaths
 from pipeline.nn.outputs import EPOCHS_FILE, INFO_FILE, SUMMARY_FILE, TIMINGS_FILE
 from pipeline.nn.training import train
 from pipeline.tracking import serving
+from pipeline.tracking.config import TrackingConfig
+from pipeline.tracking.lifecycle import tracked_run
+from pipeline.tracking.location import tracking_uri
 from pipeline.tracking.run import Run, epoch_logger
-from pipeline.tracking.store import (
-    RUN_FILE,
-    TrackingConfig,
-    flatten,
-    remember_run,
-    resumable_run,
-    save_run_reference,
-    tracked_run,
-    tracking_uri,
-)
+from pipeline.tracking.run_files import RUN_FILE, remember_run, resumable_run, save_run_reference
+from pipeline.tracking.tags import flatten
 
 log = logging.getLogger(__name__)
 
