@@ -8,9 +8,9 @@ import pytest
 
 from pipeline.core.config import PipelineError
 from pipeline.nn.backend import Backend, jax_gpus
+from pipeline.nn.compiled import Trainer
 from pipeline.nn.layers import ConvPool, FullyConnected, Softmax
 from pipeline.nn.network import Network
-from pipeline.nn.trainer import Trainer
 
 # These run where JAX has CUDA and a GPU (the device machine); CI has none, so there they skip.
 requires_gpu = pytest.mark.skipif(not jax_gpus(), reason="JAX sees no GPU (pip install '.[gpu]')")

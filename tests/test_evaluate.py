@@ -14,9 +14,9 @@ from pipeline.core.config import ConfigError, PipelineError
 from pipeline.core.files import load_npz
 from pipeline.evaluation.evaluate import EvaluateConfig, evaluate, shifted_probabilities
 from pipeline.nn.architecture import build, resolve
+from pipeline.nn.fit import TrainingDiverged
 from pipeline.nn.model_io import load_model, save_model
-from pipeline.nn.training import TrainingDiverged
-from pipeline.tracking.training import stage_training, train_tracked
+from pipeline.tracking.tracked import stage_training, train_tracked
 
 from reference import np_shift
 from synthetic import TINY_NET, write_prepared

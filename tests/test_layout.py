@@ -1,6 +1,7 @@
-"""The package's layout is its architecture: library folders never import a stage module, and
+"""The package's layout is its architecture: library folders never import a stage module,
 dependencies between the folders point one way (core <- data <- nn <- tracking <- evaluation <-
-cluster <- table; sweep sits beside table, above cluster, and only stages import it)."""
+cluster <- table; sweep sits beside table, above cluster, and only stages import it), and no module
+imports, by any path, one that imports it back (imports inside functions and for type checking count)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,60 @@ def test_the_folder_order_has_no_cycle():
 
     for folder in ALLOWED:
         below(folder)
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each module of the package -> the modules of the package it imports (a name imported from a
+    module counts as that module)."""
+    modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+    def module_of(name: str) -> str:
+        while name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    return {name: {module_of(n) for n in imported(path)} - {name} for name, path in modules.items()}
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other, directly or not (Tarjan's strongly connected
+    components of more than one module)."""
+    index, low, stack, circles = {}, {}, [], []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in graph.get(node, ()):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            group = []
+            while not group or group[-1] != node:
+                group.append(stack.pop())
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return circles
+
+
+def test_no_modules_import_each_other():
+    assert import_circles(import_graph()) == []
+
+
+def test_the_circle_check_finds_a_circle_through_three_modules():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set()}
+    assert import_circles(graph) == [["a", "b", "c"]]
+    assert import_circles({**graph, "c": {"d"}}) == []
 
 
 def test_the_layout_check_sees_an_import_of_a_stage(tmp_path):

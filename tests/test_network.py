@@ -6,9 +6,9 @@ import pytensor.tensor as pt
 import pytest
 
 from pipeline.nn.backend import Backend
+from pipeline.nn.compiled import Inference, Trainer
 from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 from pipeline.nn.network import Network
-from pipeline.nn.trainer import Inference, Trainer
 
 from reference import np_batch_norm, np_conv
 

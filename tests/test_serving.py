@@ -18,7 +18,7 @@ from pipeline.core.files import load_npz
 from pipeline.nn.model_io import load_model
 from pipeline.tracking import TrackingConfig, registry, tracked_run
 from pipeline.tracking.serving import BadInput, as_images, digit_classifier
-from pipeline.tracking.training import stage_training, train_tracked
+from pipeline.tracking.tracked import stage_training, train_tracked
 
 from synthetic import TINY_NET, write_prepared
 

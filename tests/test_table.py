@@ -16,10 +16,11 @@ from pipeline.core.files import load_npz, save_npz
 from pipeline.data.splits import load_split
 from pipeline.nn.model_io import load_model
 from pipeline.stages import table as table_stage
-from pipeline.table import cache, runner
 from pipeline.table import lines as table_lines
+from pipeline.table import results as table_results
 from pipeline.table import rows as table_rows
-from pipeline.table.data import Data
+from pipeline.table import runner
+from pipeline.table.datasets import Data
 from pipeline.tracking import TrackingConfig, registry
 
 from reference import np_shift, python_vote
@@ -247,7 +248,7 @@ def test_finished_rows_outlive_a_code_change_and_the_report_names_them(first_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(out)
     trained_by = json.loads((out / "table" / "1" / "seed1" / "result.json").read_text())["code"]
-    assert trained_by == cache.code_version() and re.fullmatch(r"[0-9a-f]{12}", trained_by)
+    assert trained_by == table_results.code_version() and re.fullmatch(r"[0-9a-f]{12}", trained_by)
     assert (
         f"Training code: `{trained_by}` (a hash of the training sources); every row shown was trained by it."
         in (out / "table" / "report.md").read_text()
@@ -262,11 +263,11 @@ def test_finished_rows_outlive_a_code_change_and_the_report_names_them(first_run
 
     # code shown to train the same weights as the current code is re-stamped, not named as other code
     # (also through a version in between)
-    monkeypatch.setitem(cache.SAME_WEIGHTS_AS, trained_by, "aaaaaaaaaaaa")
-    monkeypatch.setitem(cache.SAME_WEIGHTS_AS, "aaaaaaaaaaaa", "0123456789ab")
+    monkeypatch.setitem(table_results.SAME_WEIGHTS_AS, trained_by, "aaaaaaaaaaaa")
+    monkeypatch.setitem(table_results.SAME_WEIGHTS_AS, "aaaaaaaaaaaa", "0123456789ab")
     quick_table(data, out / "table", rows="1,2", repeats=1)
     assert "every row shown was trained by it" in (out / "table" / "report.md").read_text()
-    monkeypatch.delitem(cache.SAME_WEIGHTS_AS, trained_by)
+    monkeypatch.delitem(table_results.SAME_WEIGHTS_AS, trained_by)
 
     # a seed never trained is trained, by the current code
     more = quick_table(data, out / "table", rows="1", repeats=2)
@@ -449,15 +450,16 @@ def test_a_result_keyed_before_the_distort_fields_existed_still_matches(data):
         k: v for k, v in dataclasses.asdict(config).items() if k != "steps_per_call" and not k.startswith("distort_")
     }
     before.update(
-        train=cache.file_sha256(data / "expanded" / "train.npz"),
-        validation=cache.file_sha256(data / "prepared" / "validation.npz"),
+        train=table_results.file_sha256(data / "expanded" / "train.npz"),
+        validation=table_results.file_sha256(data / "prepared" / "validation.npz"),
         test="t",
     )
     assert (
-        cache.result_key(config, sets, "t") == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+        table_results.result_key(config, sets, "t")
+        == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
     )
     distorted = dataclasses.replace(config, distort_rotation=5.0)
-    assert cache.result_key(distorted, sets, "t") != cache.result_key(config, sets, "t")
+    assert table_results.result_key(distorted, sets, "t") != table_results.result_key(config, sets, "t")
 
 
 def test_the_distort_rows_train_end_to_end_with_their_distortions(data, tmp_path, monkeypatch):

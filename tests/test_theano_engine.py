@@ -16,10 +16,10 @@ import pytest
 
 from pipeline.core.config import ConfigError, PipelineError
 from pipeline.nn.backend import THEANO_INSTALL, Backend, graph
+from pipeline.nn.compiled import Trainer
 from pipeline.nn.config import TrainConfig
 from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 from pipeline.nn.network import Network
-from pipeline.nn.trainer import Trainer
 
 from reference import np_batch_norm, np_conv, np_pool, sigmoid
 from synthetic import digit_images, write_prepared
@@ -147,7 +147,7 @@ def test_batch_norm_trains_on_batch_moments_and_infers_with_the_statistics_the_t
 
 @theano_only
 def test_a_small_conv_network_learns_the_synthetic_digits():
-    from pipeline.nn.trainer import Trainer
+    from pipeline.nn.compiled import Trainer
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 800).astype(np.uint8)
@@ -173,7 +173,7 @@ def test_the_train_stage_mlflow_and_evaluate_work_with_the_engine(tmp_path, monk
     from pipeline import tracking
     from pipeline.evaluation.evaluate import EvaluateConfig, evaluate
     from pipeline.nn.model_io import load_model
-    from pipeline.tracking.training import stage_training, train_tracked
+    from pipeline.tracking.tracked import stage_training, train_tracked
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     write_prepared(tmp_path / "prepared")

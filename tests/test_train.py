@@ -16,10 +16,10 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.core.config import ConfigError, from_section
 from pipeline.core.files import load_npz
+from pipeline.nn.compiled import Trainer
 from pipeline.nn.config import TrainConfig, TrainPaths
+from pipeline.nn.fit import TrainingDiverged, train
 from pipeline.nn.model_io import load_model
-from pipeline.nn.trainer import Trainer
-from pipeline.nn.training import TrainingDiverged, train
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_NET = [
@@ -171,7 +171,7 @@ DISTORTED = dict(distort_rotation=10.0, distort_scale=0.1, distort_alpha=20.0, d
 
 
 def test_each_epoch_distorts_every_image_afresh_and_reproducibly(data_dir):
-    from pipeline.nn.training import _epoch_images
+    from pipeline.nn.fit import _epoch_images
 
     images = load_npz(data_dir / "prepared" / "train.npz")["images"].reshape(-1, 784)
     cfg = config(**DISTORTED)

@@ -37,7 +37,7 @@ from pipeline.nn.backend import Backend
 from pipeline.nn.compile_cache import jax_compilation_cache
 from pipeline.nn.config import TrainConfig
 from pipeline.table import runner
-from pipeline.table.data import Data
+from pipeline.table.datasets import Data
 from pipeline.table.jobs import Job, train_jobs
 from pipeline.table.rows import BY_KEY, ROWS, Row, train_config
 
@@ -78,7 +78,7 @@ def run_mode(
         config = train_config(row, seed, quick=False, engine=engine, device=device, steps_per_call=500)
         config = dataclasses.replace(config, epochs=epochs)
         todo.append(Job(row.key, seed, networks, config, f"benchmark-{seed}", out / f"seed{seed}", data))
-    table = runner.TableRun(
+    table = runner.TableConfig(
         keys=(row.key,), engine=engine, device=device, cluster=_cluster(jobs, device), progress=False
     )
     cache = out / ".jax-cache"

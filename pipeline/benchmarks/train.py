@@ -42,8 +42,8 @@ import numpy as np
 from pipeline.core.config import PipelineError
 from pipeline.nn.architecture import build, resolve
 from pipeline.nn.backend import DEVICES, ENGINES, THEANO_ENV, Backend, engine_unavailable
+from pipeline.nn.compiled import Trainer
 from pipeline.nn.outputs import TIMINGS_FILE
-from pipeline.nn.trainer import Trainer
 
 ETA, LMBDA, BATCHES_PER_EPOCH = 0.03, 0.1, 5000  # the book's ReLU run: 50,000 images in batches of 10
 REPO = Path(__file__).resolve().parents[2]

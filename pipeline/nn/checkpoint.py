@@ -26,10 +26,10 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent  # pipeline/
 # The code that computes a training's steps, relative to the package: a change to any of them makes a
 # checkpoint unusable (and the table names the networks it trained as trained by other code).
 TRAINING_SOURCES = (
-    "nn/training.py",
+    "nn/fit.py",
     "nn/config.py",
     "nn/checkpoint.py",
-    "nn/trainer.py",
+    "nn/compiled.py",
     "nn/network.py",
     "nn/layers.py",
     "nn/convolution.py",

@@ -24,8 +24,8 @@ from pipeline.core.config import PipelineError
 from pipeline.core.files import save_npz, write_json
 from pipeline.nn.architecture import build, resolve
 from pipeline.nn.backend import Backend
+from pipeline.nn.compiled import Inference
 from pipeline.nn.network import Network
-from pipeline.nn.trainer import Inference
 
 FORMAT = 1
 WEIGHTS_FILE = "model.npz"

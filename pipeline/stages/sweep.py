@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(args):
         params = load_params(args.params)
         name = args.name or runner.default_name(args.overrides, args.search)
-        sweep = runner.SweepRun(
+        sweep = runner.SweepConfig(
             name=name,
             space=parse_space(args.overrides, params, source=args.params),
             search=args.search,

@@ -1,5 +1,5 @@
 """``python -m pipeline train``: train the network of params.yaml, tracked by MLflow
-(:mod:`pipeline.nn.training`, :mod:`pipeline.tracking.training`)."""
+(:mod:`pipeline.nn.fit`, :mod:`pipeline.tracking.tracked`)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from pathlib import Path
 
 from pipeline.core import cli
 from pipeline.core.config import load_params
-from pipeline.nn import training
+from pipeline.nn import fit
 from pipeline.nn.architecture import PRESETS
-from pipeline.tracking.training import stage_training, train_tracked
+from pipeline.tracking.tracked import stage_training, train_tracked
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.stage_parser("train", training.__doc__)
+    parser = cli.stage_parser("train", fit.__doc__)
     parser.epilog = f"train.architecture presets (the book's networks): {', '.join(PRESETS)}"
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"), help="prepared data directory")
     parser.add_argument("--expanded", type=Path, default=Path("data/expanded"), help="expanded data directory")

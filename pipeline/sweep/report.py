@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 from pipeline.evaluation.plots import plt, save_figure
 
 if TYPE_CHECKING:
-    from pipeline.sweep.runner import SweepRun
+    from pipeline.sweep.runner import SweepConfig
 
 
-def sweep_summary(sweep: SweepRun, results: list[dict]) -> dict:
+def sweep_summary(sweep: SweepConfig, results: list[dict]) -> dict:
     """sweep.json's content: the trials in order, and the best one, chosen by validation accuracy
     (ties: the earlier trial), never by test accuracy."""
     trials = sorted(results, key=lambda r: (r.get("number") is None, r.get("number") or 0, r["key"]))

@@ -52,7 +52,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 @dataclass(frozen=True)
-class SweepRun:
+class SweepConfig:
     """One call of the sweep command; validated where it is built."""
 
     name: str  # the sweep: its folder, its MLflow parent run, its Optuna study
@@ -87,7 +87,7 @@ def default_name(overrides: list[str], search: str) -> str:
     return f"sweep-{digest}"
 
 
-def run_sweep(sweep: SweepRun, *, prepared_dir: Path, expanded_dir: Path, out_dir: Path) -> dict:
+def run_sweep(sweep: SweepConfig, *, prepared_dir: Path, expanded_dir: Path, out_dir: Path) -> dict:
     """Run what is missing of the sweep; returns sweep.json's content."""
     out_dir = Path(out_dir)
     # every point (or the search's bounds) checked before the run opens and anything trains
@@ -123,11 +123,11 @@ def run_sweep(sweep: SweepRun, *, prepared_dir: Path, expanded_dir: Path, out_di
     return summary
 
 
-def _space_text(sweep: SweepRun) -> str:
+def _space_text(sweep: SweepConfig) -> str:
     return " ".join(axis.typed for axis in sweep.space.axes)
 
 
-def _trial(sweep: SweepRun, point: dict, paths: dict, out_dir: Path, number: int | None = None) -> Trial:
+def _trial(sweep: SweepConfig, point: dict, paths: dict, out_dir: Path, number: int | None = None) -> Trial:
     key = sweep.space.point_key(point)
     return Trial(
         sweep=sweep.name,
@@ -142,7 +142,7 @@ def _trial(sweep: SweepRun, point: dict, paths: dict, out_dir: Path, number: int
     )
 
 
-def _grid(sweep: SweepRun, points: list[dict], paths: dict, out_dir: Path, parent_id: str | None) -> list[dict]:
+def _grid(sweep: SweepConfig, points: list[dict], paths: dict, out_dir: Path, parent_id: str | None) -> list[dict]:
     trials = [_trial(sweep, point, paths, out_dir) for point in points]
     earlier = [finished(trial) for trial in trials]  # each result.json read once
     results = [result for result in earlier if result is not None]
@@ -155,7 +155,7 @@ def _grid(sweep: SweepRun, points: list[dict], paths: dict, out_dir: Path, paren
     return results
 
 
-def _optuna(sweep: SweepRun, paths: dict, out_dir: Path, parent_id: str | None) -> list[dict]:
+def _optuna(sweep: SweepConfig, paths: dict, out_dir: Path, parent_id: str | None) -> list[dict]:
     storage = (
         sweep.study_storage or os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{(out_dir / 'optuna.db').resolve()}"
     )
@@ -186,7 +186,7 @@ class _Asking:
     trained before (TPE may propose it again) is told its earlier result without training again; one
     being trained right now is told when that training ends."""
 
-    def __init__(self, study, sweep: SweepRun, paths: dict, out_dir: Path, driver: str):
+    def __init__(self, study, sweep: SweepConfig, paths: dict, out_dir: Path, driver: str):
         self.study, self.sweep, self.paths, self.out_dir, self.driver = study, sweep, paths, out_dir, driver
         self.in_flight: dict[str, list[int]] = {}  # point key -> Optuna trial numbers waiting for it
 
@@ -217,7 +217,7 @@ class _Asking:
         studies.tell(self.study, number, {**result, "number": number})
 
 
-def execute(sweep: SweepRun, trials, parent_id: str | None) -> Iterator[tuple[Trial, dict]]:
+def execute(sweep: SweepConfig, trials, parent_id: str | None) -> Iterator[tuple[Trial, dict]]:
     """Train each trial, in this process one at a time or as Ray tasks; yields (trial, result)."""
     cluster = sweep.cluster
     if cluster.local and cluster.jobs == 1:

@@ -17,8 +17,8 @@ from pipeline.cluster.node import TASK_TAG, Shipment, node_tags, on_node
 from pipeline.cluster.storage import DataRef, SharedStorage
 from pipeline.core.files import write_json
 from pipeline.nn.config import TrainConfig
-from pipeline.nn.training import TrainingDiverged
-from pipeline.tracking.training import TrackedTraining, stage_training, train_tracked
+from pipeline.nn.fit import TrainingDiverged
+from pipeline.tracking.tracked import TrackedTraining, stage_training, train_tracked
 
 log = logging.getLogger(__name__)
 

@@ -25,14 +25,14 @@ from pipeline.data.expand import ExpandConfig
 from pipeline.data.splits import load_split
 from pipeline.nn.config import TrainConfig, TrainPaths
 from pipeline.nn.model_io import load_model
-from pipeline.table.cache import PROBABILITIES_FILE, RESULT_FILE
-from pipeline.table.data import Data
+from pipeline.table.datasets import Data
 from pipeline.table.report import pct
+from pipeline.table.results import PROBABILITIES_FILE, RESULT_FILE
 from pipeline.table.rows import BY_KEY
-from pipeline.tracking.training import TrackedTraining, train_tracked
+from pipeline.tracking.tracked import TrackedTraining, train_tracked
 
 if TYPE_CHECKING:
-    from pipeline.table.runner import TableRun
+    from pipeline.table.runner import TableConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Job:
 
 
 def train_jobs(
-    todo: list[Job], table: TableRun, *, test: dict, code: str, parent_id: str | None, cache_dir: Path
+    todo: list[Job], table: TableConfig, *, test: dict, code: str, parent_id: str | None, cache_dir: Path
 ) -> Iterator:
     """Train every job, one at a time in this process or side by side on Ray (``table.cluster``);
     yields (job, result) as each finishes."""
@@ -64,7 +64,9 @@ def train_jobs(
         yield from _train_on_ray(todo, table, code=code, parent_id=parent_id, cache_dir=cache_dir)
 
 
-def _train_on_ray(todo: list[Job], table: TableRun, *, code: str, parent_id: str | None, cache_dir: Path) -> Iterator:
+def _train_on_ray(
+    todo: list[Job], table: TableConfig, *, code: str, parent_id: str | None, cache_dir: Path
+) -> Iterator:
     cluster = table.cluster
     if cluster.local:  # the processes share this machine's compilation cache, as one at a time does
         storage = None
@@ -104,7 +106,7 @@ def _shipments(todo: list[Job], storage: SharedStorage) -> list[Shipment]:
     return shipments
 
 
-def train_on_node(job: Job, table: TableRun, code: str, parent_id: str | None, shipment: Shipment | None):
+def train_on_node(job: Job, table: TableConfig, code: str, parent_id: str | None, shipment: Shipment | None):
     """A Ray task: ``train_one`` on whichever node Ray chose; returns (result, the files written when
     the node is not this machine)."""
     label = f"row {job.row} seed {job.seed}"
@@ -133,7 +135,7 @@ def _test_set(path: Path) -> dict:
 
 def train_one(
     job: Job,
-    table: TableRun,
+    table: TableConfig,
     *,
     test: dict,
     code: str,
@@ -183,7 +185,7 @@ def train_one(
     return result
 
 
-def _tracked_training(job: Job, table: TableRun, parent_id: str | None, node: dict[str, str]) -> TrackedTraining:
+def _tracked_training(job: Job, table: TableConfig, parent_id: str | None, node: dict[str, str]) -> TrackedTraining:
     """A (row, seed)'s training, a child run of the table's run (tags row and seed)."""
     row, config = BY_KEY[job.row], job.config
     preset = row.preset if isinstance(row.preset, str) else "custom"  # a row's own list of layers

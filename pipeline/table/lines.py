@@ -16,7 +16,7 @@ from pipeline.data.splits import load_split
 from pipeline.evaluation import ensemble
 from pipeline.evaluation.shifts import shifted_probabilities
 from pipeline.nn.model_io import load_model
-from pipeline.table.data import Data
+from pipeline.table.datasets import Data
 from pipeline.table.rows import BY_KEY, Row
 
 

@@ -57,7 +57,11 @@ from pipeline.core.config import ConfigError, PipelineError
 from pipeline.core.files import load_npz, sha256_file, write_json
 from pipeline.data.splits import load_split
 from pipeline.nn.compile_cache import jax_compilation_cache
-from pipeline.table.cache import (
+from pipeline.table.datasets import Data, quick_data, row_data, source_of
+from pipeline.table.jobs import Job, train_jobs
+from pipeline.table.lines import ensemble_line, shifted_line, training_line
+from pipeline.table.report import write_report
+from pipeline.table.results import (
     PROBABILITIES_FILE,
     RESULT_FILE,
     code_version,
@@ -65,10 +69,6 @@ from pipeline.table.cache import (
     load_result,
     result_key,
 )
-from pipeline.table.data import Data, quick_data, row_data, source_of
-from pipeline.table.jobs import Job, train_jobs
-from pipeline.table.lines import ensemble_line, shifted_line, training_line
-from pipeline.table.report import write_report
 from pipeline.table.rows import BY_KEY, QUICK, ROWS, Row, n_seeds, select_rows, train_config
 from pipeline.tracking import registry
 
@@ -78,7 +78,7 @@ MAX_REPEATS = 100  # the committee rows need 10 seeds; a billion would list a bi
 
 
 @dataclass(frozen=True)
-class TableRun:
+class TableConfig:
     """One call of the table command: what to train and report, and how; validated where it is built."""
 
     keys: tuple[str, ...]  # the selected rows, in table order (rows.select_rows)
@@ -117,8 +117,8 @@ def run_table(
     """Train what is missing of ``rows``, write the report; returns results.json's content plus
     ``trained``, the (row, seed) pairs trained (or resumed) by this call, and ``missing``, those
     still to train (none, unless ``report_only``: then the report shows what is on disk and nothing
-    trains). ``settings`` are the other fields of :class:`TableRun`."""
-    table = TableRun(
+    trains). ``settings`` are the other fields of :class:`TableConfig`."""
+    table = TableConfig(
         keys=tuple(select_rows(rows)), tracking=tracking_config or tracking.TrackingConfig(enabled=False), **settings
     )
     prepared_dir, expanded_dir, out_dir = Path(prepared_dir), Path(expanded_dir), Path(out_dir)
@@ -132,7 +132,7 @@ def run_table(
         return _run(table, data, out_dir)
 
 
-def _require_data(table: TableRun, data: Data) -> None:
+def _require_data(table: TableConfig, data: Data) -> None:
     """Fail before anything trains when a data set the selected rows need is missing."""
     for path in (data.prepared / "validation.npz", data.test):
         if not path.is_file():
@@ -145,7 +145,7 @@ def _require_data(table: TableRun, data: Data) -> None:
             )
 
 
-def _run(table: TableRun, data: Data, out_dir: Path) -> dict:
+def _run(table: TableConfig, data: Data, out_dir: Path) -> dict:
     # the code as this process loaded it (hashed once, at the start): its files may be edited while a
     # table trains for hours
     code = code_version()
@@ -194,7 +194,7 @@ def _run(table: TableRun, data: Data, out_dir: Path) -> dict:
                 {f"row_{line['row']}_test_accuracy": line["ours"] for line in lines if line["ours"] is not None}
             )
         registered = None
-        if table.register:  # (tracking is on: TableRun refuses --register without it)
+        if table.register:  # (tracking is on: TableConfig refuses --register without it)
             registered = registry.register_best(
                 parent, _candidates(found, out_dir), table.tracking.registered_model_name
             )
@@ -225,7 +225,7 @@ def _candidates(found: dict, out_dir: Path) -> list[registry.Candidate]:
     ]
 
 
-def _plan(table: TableRun, data: Data, out_dir: Path, code: str, test_sha: str) -> tuple[dict, list, list]:
+def _plan(table: TableConfig, data: Data, out_dir: Path, code: str, test_sha: str) -> tuple[dict, list, list]:
     """What is on disk already and what to train: (found {row: {seed: result}}, the jobs to train,
     the (row, seed) pairs missing from a report-only call)."""
     found: dict[str, dict[int, dict]] = {row.key: {} for row in ROWS}
@@ -265,7 +265,7 @@ def _plan(table: TableRun, data: Data, out_dir: Path, code: str, test_sha: str) 
     return found, todo, missing
 
 
-def _lines(table: TableRun, found: dict, data: Data, out_dir: Path, test: dict) -> list[dict]:
+def _lines(table: TableConfig, found: dict, data: Data, out_dir: Path, test: dict) -> list[dict]:
     """results.json's lines, in table order; a row made of another row's networks comes after that row."""
     lines = []
     for row in ROWS:

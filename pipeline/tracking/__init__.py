@@ -3,7 +3,7 @@ whose calls are retried.
 
 The names below are the package's API (``from pipeline import tracking``, then ``tracking.tracked_run``).
 The training inside a run, the registry and serving are modules of their own, which import MLflow's
-heavier parts: ``pipeline.tracking.training``, ``pipeline.tracking.registry``, ``pipeline.tracking.serving``.
+heavier parts: ``pipeline.tracking.tracked``, ``pipeline.tracking.registry``, ``pipeline.tracking.serving``.
 """
 
 from pipeline.tracking.config import TrackingConfig

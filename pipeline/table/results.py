@@ -15,7 +15,7 @@ from pipeline.nn.checkpoint import training_source_hashes
 from pipeline.nn.config import TrainConfig
 
 if TYPE_CHECKING:
-    from pipeline.table.data import Data
+    from pipeline.table.datasets import Data
 
 
 RESULT_FILE = "result.json"
@@ -72,7 +72,7 @@ def code_version() -> str:
 # a result stamped with a key counts as trained by the value's code, and by the code that one maps to in
 # turn. Each pair trained the default `dvc repro` network and quick `bn` and row-8 tables to identical
 # model.npz files (docs/table.md, "Resume"). fe47bddc4df5: the code before the package was laid out in
-# folders (pipeline/*.py); 51b68d4a31cc: before the summary's files moved out of nn/training.py.
+# folders (pipeline/*.py); 51b68d4a31cc: before the summary's files moved out of nn/fit.py.
 SAME_WEIGHTS_AS = {"fe47bddc4df5": "51b68d4a31cc", "51b68d4a31cc": "95e6cd7a8476"}
 
 

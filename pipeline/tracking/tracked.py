@@ -1,4 +1,4 @@
-"""One tracked, resumable training: :func:`pipeline.nn.training.train` inside an MLflow run.
+"""One tracked, resumable training: :func:`pipeline.nn.fit.train` inside an MLflow run.
 
 Used by the train stage and by every (row, seed) of the table. The steps, in order: find the run a
 killed training left (its id is kept beside the checkpoints with a key of everything that defines
@@ -21,8 +21,8 @@ from typing import Any
 from pipeline.core.config import from_section
 from pipeline.nn.checkpoint import fingerprint
 from pipeline.nn.config import TrainConfig, TrainPaths
+from pipeline.nn.fit import train
 from pipeline.nn.outputs import EPOCHS_FILE, INFO_FILE, SUMMARY_FILE, TIMINGS_FILE
-from pipeline.nn.training import train
 from pipeline.tracking import serving
 from pipeline.tracking.config import TrackingConfig
 from pipeline.tracking.lifecycle import tracked_run

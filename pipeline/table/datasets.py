@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline.core.files import save_npz
 from pipeline.data.expand import ExpandConfig, expand
 from pipeline.data.splits import load_split
-from pipeline.table.cache import file_sha256
+from pipeline.table.results import file_sha256
 from pipeline.table.rows import QUICK, Row
 
 log = logging.getLogger(__name__)

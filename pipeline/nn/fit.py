@@ -40,10 +40,10 @@ from pipeline.data.splits import load_split
 from pipeline.nn.architecture import build
 from pipeline.nn.backend import Backend
 from pipeline.nn.checkpoint import CHECKPOINT_FILE, fingerprint, load_checkpoint, save_checkpoint
+from pipeline.nn.compiled import Trainer
 from pipeline.nn.config import TrainConfig, TrainPaths
 from pipeline.nn.model_io import save_model
 from pipeline.nn.outputs import summary_of, write_metrics
-from pipeline.nn.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
