@@ -4,11 +4,13 @@ Mirrors are tried in order: first $MNIST_MIRROR if it is set, then download.mirr
 A mirror is an http:// or https:// URL, a file:// URL, or a local directory holding the four
 *-ubyte.gz files. A mirror that fails for a file (an HTTP error, an HTML page, wrong or truncated
 bytes) is skipped with a warning naming it, and the next one is tried. Dropped connections,
-timeouts and 5xx answers are retried download.retries times with exponential backoff, resuming
-where they stopped (HTTP Range). A mirror that has not delivered a file within download.deadline
-seconds (retries included) is abandoned with a warning, for that file and the ones after it, so a
-mirror trickling bytes just fast enough never to trip download.timeout cannot hold the stage for
-long. Files already present and verified are not fetched again.
+timeouts (download.timeout seconds without a byte) and 5xx answers are retried download.retries
+times with exponential backoff, resuming where they stopped (HTTP Range). Two limits abandon a slow
+mirror with a warning, for that file and the ones after it: a connection that has averaged under
+download.min_rate bytes/s over the last download.timeout seconds (curl's --speed-limit and
+--speed-time), and a file not delivered within download.deadline seconds (retries included), so a
+mirror trickling bytes cannot hold the stage for long. Files already present and verified are not
+fetched again.
 
 Offline, point MNIST_MIRROR at a local copy of the files. A relative path is taken from the
 current directory; an absolute path is safest, since `dvc exp run --temp` runs in a copy:
@@ -33,6 +35,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +104,7 @@ def check_mirror(key: str, mirror: str) -> None:
 class DownloadConfig:
     mirrors: list[str]
     timeout: float = 30.0
+    min_rate: float = 1024.0
     deadline: float = 300.0
     retries: int = 3
     backoff: float = 1.0
@@ -111,6 +115,7 @@ class DownloadConfig:
         for i, mirror in enumerate(self.mirrors):
             check_mirror(f"download.mirrors[{i}]", mirror)
         require(self.timeout > 0, "download.timeout", self.timeout, "must be positive (seconds)")
+        require(self.min_rate >= 0, "download.min_rate", self.min_rate, "must be 0 (off) or more (bytes per second)")
         require(self.deadline > 0, "download.deadline", self.deadline, "must be positive (seconds per file and mirror)")
         require(self.retries >= 0, "download.retries", self.retries, "must be 0 or more")
         require(self.backoff >= 0, "download.backoff", self.backoff, "must be 0 or more (seconds)")
@@ -188,6 +193,36 @@ class Deadline:
                 f"too slow: {have}{of} bytes after download.deadline={self.seconds:g} s; abandoned", unreachable=True
             )
 
+    def read_timeout(self, timeout: float) -> float:
+        """How long one read may wait: ``timeout`` (download.timeout), but never past the deadline."""
+        return max(min(timeout, self.left()), 0.001)
+
+
+class RateFloor:
+    """curl's --speed-limit and --speed-time: a connection that has averaged under ``rate`` bytes/s
+    over the last ``seconds`` is too slow. A silent one is left to the read timeout (and retried)."""
+
+    def __init__(self, rate: float, seconds: float):
+        self.rate = rate
+        self.seconds = seconds
+        # (when, bytes received by then), one every seconds/16 at most: the starts a window can have
+        self.marks = deque([(time.monotonic(), 0)])
+
+    def check(self, received: int) -> None:
+        """Raise MirrorFailed (abandoning the mirror for the later files too) once the rate stayed under the floor."""
+        now = time.monotonic()
+        while len(self.marks) > 1 and now - self.marks[1][0] >= self.seconds:
+            self.marks.popleft()  # the window starts at the newest mark at least ``seconds`` old
+        since, then = self.marks[0]
+        if now - since >= self.seconds and received - then < self.rate * (now - since):
+            raise MirrorFailed(
+                f"too slow: {received - then} bytes in the last {now - since:.1f} s, under "
+                f"download.min_rate={self.rate:g} bytes/s for download.timeout={self.seconds:g} s; abandoned",
+                unreachable=True,
+            )
+        if now - self.marks[-1][0] >= self.seconds / 16:
+            self.marks.append((now, received))
+
 
 def resumed_from(response: http.client.HTTPResponse, have: int) -> int:
     """The byte offset ``response`` starts at: ``have`` for a matching 206, 0 for a full 200."""
@@ -199,29 +234,54 @@ def resumed_from(response: http.client.HTTPResponse, have: int) -> int:
     return have
 
 
+def check_gzip(response: http.client.HTTPResponse, first: bytes) -> None:
+    """Refuse a body whose ``first`` bytes are not gzip's (an HTML page, most often)."""
+    if not GZIP_MAGIC.startswith(first[:2]):
+        kind = response.headers.get_content_type()
+        what = "an HTML page" if "html" in kind or b"<html" in first[:1024].lower() else "not gzip data"
+        raise MirrorFailed(f"served {what} (Content-Type {kind}, starting {first[:40]!r})")
+
+
+def arriving(response: http.client.HTTPResponse, have: int, total: int | None, timeout: float, deadline: Deadline):
+    """The chunks of ``response``'s body as they arrive (``have`` bytes of ``total`` before them). A read
+    waits download.timeout for data, never past ``deadline``: passing it raises MirrorFailed."""
+    # http.client keeps the socket only inside its file object
+    sock = response.fp.raw._sock
+    while True:
+        sock.settimeout(deadline.read_timeout(timeout))
+        try:
+            # read1: whatever has arrived, so a stall or a reset loses nothing already received
+            chunk = response.read1(CHUNK)
+        except TimeoutError:
+            deadline.check(have, total)  # cut short by the deadline, not by a stall
+            raise
+        if not chunk:
+            return
+        yield chunk
+        have += len(chunk)
+        deadline.check(have, total)
+
+
 def receive(
-    response: http.client.HTTPResponse, part: Path, start: int, bar: tqdm, deadline: Deadline | None = None
+    response: http.client.HTTPResponse, part: Path, start: int, bar: tqdm, config: DownloadConfig, deadline: Deadline
 ) -> None:
     """Write the body of ``response`` into ``part`` from byte ``start`` (appending when resumed).
 
-    Past ``deadline`` it stops with MirrorFailed, however steadily the bytes still arrive."""
+    Past ``deadline``, or below download.min_rate, it stops with MirrorFailed."""
     length = response.headers.get("Content-Length")
     total = start + int(length) if length else None
     bar.reset(total=total)
     bar.update(start)
     received = 0
+    floor = RateFloor(config.min_rate, config.timeout)
     with part.open("ab" if start else "wb") as f:
-        # read1: whatever has arrived, so a stall or a reset loses nothing already received
-        while chunk := response.read1(CHUNK):
-            if start + received == 0 and not GZIP_MAGIC.startswith(chunk[:2]):
-                kind = response.headers.get_content_type()
-                what = "an HTML page" if "html" in kind or b"<html" in chunk[:1024].lower() else "not gzip data"
-                raise MirrorFailed(f"served {what} (Content-Type {kind}, starting {chunk[:40]!r})")
+        for chunk in arriving(response, start, total, config.timeout, deadline):
+            if start + received == 0:
+                check_gzip(response, chunk)
             f.write(chunk)
             received += len(chunk)
             bar.update(len(chunk))
-            if deadline is not None:
-                deadline.check(start + received, total)
+            floor.check(received)
     # http.client returns b"" rather than raising when the connection closes early
     if total is not None and start + received < total:
         raise ConnectionResetError(f"connection closed after {start + received} of {total} bytes")
@@ -249,12 +309,12 @@ def fetch_http(url: str, part: Path, config: DownloadConfig, bar: tqdm) -> None:
         try:
             request = urllib.request.Request(url, headers=headers)
             # no single read may wait past the deadline either
-            with urllib.request.urlopen(request, timeout=max(min(config.timeout, deadline.left()), 0.001)) as response:
+            with urllib.request.urlopen(request, timeout=deadline.read_timeout(config.timeout)) as response:
                 answered = True
                 start = resumed_from(response, have)
                 etag = response.headers.get("ETag")
                 validator = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
-                receive(response, part, start, bar, deadline)
+                receive(response, part, start, bar, config, deadline)
             return
         except urllib.error.HTTPError as e:
             answered = True
