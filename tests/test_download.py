@@ -480,6 +480,8 @@ def test_local_directory_and_file_url_mirrors(tmp_path, synthetic, monkeypatch, 
         ({"mirrors": []}, r"Got download.mirrors=\[\]: list at least one mirror"),
         ({"mirrors": ["/data"], "retries": -1}, r"Got download.retries=-1: must be 0 or more"),
         ({"mirrors": ["/data"], "timeout": 0}, r"Got download.timeout=0.0: must be positive"),
+        ({"mirrors": ["/data"], "min_rate": -0.5}, r"Got download.min_rate=-0.5: must be 0 \(off\) or more \(bytes"),
+        ({"mirrors": ["/data"], "min_rate": "1k"}, r"Got download.min_rate='1k': expected a number"),
         ({"mirrors": ["/data"], "deadline": -1}, r"Got download.deadline=-1.0: must be positive \(seconds per file"),
         ({"mirrors": ["/data"], "deadline": "1h"}, r"Got download.deadline='1h': expected a number"),
         ({"mirrors": ["/data"], "backoff": "soon"}, r"Got download.backoff='soon': expected a number"),
@@ -499,10 +501,29 @@ def test_bad_params_name_key_and_value(section, message):
         from_section(DownloadConfig, {"download": section}, "download", source="params.yaml")
 
 
+def test_no_rate_floor_is_the_edge_of_download_min_rate():
+    assert from_section(DownloadConfig, {"download": {"mirrors": ["/data"], "min_rate": 0}}, "download").min_rate == 0
+
+
 def test_repository_params_are_valid():
     settings = load_config(DownloadConfig, "download", ROOT / "params.yaml")
-    assert settings.mirrors and settings.timeout > 0 and settings.sha256 == MNIST_SHA256
-    assert settings.deadline == 300.0 and "deadline" in yaml.safe_load((ROOT / "params.yaml").read_text())["download"]
+    assert settings.mirrors and settings.sha256 == MNIST_SHA256
+    written = yaml.safe_load((ROOT / "params.yaml").read_text())["download"]
+    assert {key: written[key] for key in ("timeout", "min_rate", "deadline", "retries", "backoff")} == {
+        "timeout": 30.0,
+        "min_rate": 1024,
+        "deadline": 300.0,
+        "retries": 3,
+        "backoff": 1.0,
+    }
+    defaults = DownloadConfig(mirrors=["/data"])  # what a params.yaml without them gets: the same
+    assert (defaults.timeout, defaults.min_rate, defaults.deadline, defaults.retries, defaults.backoff) == (
+        settings.timeout,
+        settings.min_rate,
+        settings.deadline,
+        settings.retries,
+        settings.backoff,
+    )
 
 
 def test_help():
