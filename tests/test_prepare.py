@@ -1,4 +1,6 @@
+import gzip
 import json
+import struct
 import subprocess
 import sys
 
@@ -7,7 +9,7 @@ import pytest
 
 from pipeline.core.config import ConfigError, from_section
 from pipeline.core.files import load_npz
-from pipeline.data.idx import write_idx
+from pipeline.data.idx import MAX_DATA_BYTES, write_idx
 from pipeline.data.prepare import SOURCES, PrepareConfig, prepare
 
 from synthetic import write_mnist
@@ -102,3 +104,25 @@ def test_cli_refuses_images_that_are_not_28x28_and_writes_nothing(tmp_path, whic
         "expected 28x28, the size of MNIST's images and of the networks' input"
     ]
     assert not out.exists()
+
+
+def test_cli_refuses_a_header_declaring_one_image_too_many_in_one_line(tmp_path):
+    """342,393 images of 28x28 is one past the bytes a header may declare; the file itself is tiny."""
+    write_mnist(tmp_path / "raw", n_train=20, n_test=10)
+    count = MAX_DATA_BYTES // 784 + 1
+    images_file = tmp_path / "raw" / SOURCES["train"][0]
+    images_file.write_bytes(gzip.compress(struct.pack(">4I", 0x803, count, 28, 28) + bytes(784)))
+    (tmp_path / "params.yaml").write_text("prepare: {train_size: 10, validation_size: 5}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "prepare", "--params", str(tmp_path / "params.yaml")]
+        + ["--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: {images_file}: header declares shape ({count}, 28, 28) = {count * 784} bytes of data, more than "
+        "the 268435456 an MNIST-format file may have here; refused before reading it"
+    ]
+    assert not (tmp_path / "out").exists()
