@@ -46,24 +46,37 @@ def test_declared_count_larger_than_data(tmp_path):
         read_images(path)
 
 
-def test_trailing_bytes_are_refused(tmp_path):
+def test_one_trailing_byte_is_refused(tmp_path):
     path = tmp_path / "labels"
     path.write_bytes(header(0x801, 3) + bytes(4))
-    with pytest.raises(IdxError, match="the file has 4"):
+    with pytest.raises(IdxError) as error:
         read_labels(path)
+    assert str(error.value) == f"{path}: header declares shape (3,) = 3 bytes of data, but the file has 4"
 
 
-def test_short_header(tmp_path):
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (b"\x00\x00\x08", "3 bytes is too short for an IDX header"),
+        (b"\x00\x00\x08\x03" + bytes(11), "15 bytes is too short for a 3-dimensional IDX header"),
+    ],
+    ids=["no-magic", "one-byte-short"],
+)
+def test_short_header(tmp_path, content, says):
     path = tmp_path / "images"
-    path.write_bytes(b"\x00\x00\x08\x03\x00\x00")
-    with pytest.raises(IdxError, match="too short"):
+    path.write_bytes(content)
+    with pytest.raises(IdxError) as error:
         read_images(path)
+    assert str(error.value) == f"{path}: {says}"
 
 
-def test_label_out_of_range(tmp_path):
-    write_idx(tmp_path / "l", np.array([1, 2, 12, 3], dtype=np.uint8))
-    with pytest.raises(IdxError, match=r"label 12 at index 2 is not a digit"):
+def test_labels_are_the_digits_0_to_9_and_10_is_not_one(tmp_path):
+    write_idx(tmp_path / "digits", np.arange(10, dtype=np.uint8))
+    np.testing.assert_array_equal(read_labels(tmp_path / "digits"), np.arange(10))
+    write_idx(tmp_path / "l", np.array([9, 0, 10, 3, 255], dtype=np.uint8))
+    with pytest.raises(IdxError) as error:
         read_labels(tmp_path / "l")
+    assert str(error.value) == f"{tmp_path / 'l'}: label 10 at index 2 is not a digit 0-9 (2 such labels)"
 
 
 def test_count_mismatch_between_images_and_labels(tmp_path):
@@ -85,7 +98,7 @@ def test_writer_leaves_no_temporary_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.gz"]
 
 
-@pytest.mark.parametrize("rows, cols", [(32, 32), (28, 27), (1, 784)])
+@pytest.mark.parametrize("rows, cols", [(32, 32), (28, 27), (27, 28), (28, 29), (1, 784)])
 def test_images_that_are_not_28x28_are_refused(tmp_path, rows, cols):
     write_idx(tmp_path / "images.gz", np.zeros((5, rows, cols), dtype=np.uint8))
     with pytest.raises(

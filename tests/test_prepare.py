@@ -25,32 +25,49 @@ def test_split_is_first_train_and_last_validation(tmp_path):
     validation = load_npz(tmp_path / "out" / "validation.npz")
     test = load_npz(tmp_path / "out" / "test.npz")
     np.testing.assert_array_equal(train["images"], arrays["train_images"][:70])
+    np.testing.assert_array_equal(train["labels"], arrays["train_labels"][:70])
     np.testing.assert_array_equal(validation["images"], arrays["train_images"][80:])
     np.testing.assert_array_equal(validation["labels"], arrays["train_labels"][80:])
+    np.testing.assert_array_equal(test["images"], arrays["test_images"])
     np.testing.assert_array_equal(test["labels"], arrays["test_labels"])
     assert train["images"].dtype == np.uint8 and train["images"].shape == (70, 28, 28)
 
-    assert summary["train"]["count"] == 70
     recorded = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert recorded["validation"]["label_counts"] == np.bincount(arrays["train_labels"][80:], minlength=10).tolist()
-    assert recorded["test"]["count"] == 20
+    assert recorded == summary
+    for name, labels in [
+        ("train", arrays["train_labels"][:70]),
+        ("validation", arrays["train_labels"][80:]),
+        ("test", arrays["test_labels"]),
+    ]:
+        assert summary[name] == {"count": len(labels), "label_counts": np.bincount(labels, minlength=10).tolist()}
 
 
-def test_split_larger_than_data_is_refused_before_writing(tmp_path):
+def test_a_split_of_exactly_all_the_images_is_accepted(tmp_path):
+    """45 + 5 of 50: the two parts meet, with no image in both and none left out."""
+    arrays = write_mnist(tmp_path / "raw", n_train=50, n_test=10)
+    prepare(config=PrepareConfig(train_size=45, validation_size=5), raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+    train = load_npz(tmp_path / "out" / "train.npz")
+    validation = load_npz(tmp_path / "out" / "validation.npz")
+    np.testing.assert_array_equal(np.concatenate([train["images"], validation["images"]]), arrays["train_images"])
+
+
+def test_split_one_image_larger_than_the_data_is_refused_before_writing(tmp_path):
     write_mnist(tmp_path / "raw", n_train=50, n_test=10)
-    with pytest.raises(
-        ConfigError, match=r"prepare.train_size=45 \+ prepare.validation_size=10 = 55: more than the 50"
-    ):
+    with pytest.raises(ConfigError) as error:
         prepare(
-            config=PrepareConfig(train_size=45, validation_size=10), raw_dir=tmp_path / "raw", out_dir=tmp_path / "out"
+            config=PrepareConfig(train_size=45, validation_size=6), raw_dir=tmp_path / "raw", out_dir=tmp_path / "out"
         )
+    assert str(error.value) == (
+        "Got prepare.train_size=45 + prepare.validation_size=6 = 51: more than the 50 training images"
+    )
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
     "section, message",
     [
-        ({"validation_size": -5}, r"Got prepare.validation_size=-5: must be positive"),
+        ({"validation_size": 0}, r"Got prepare.validation_size=0: must be positive"),
+        ({"train_size": 0}, r"Got prepare.train_size=0: must be positive"),
         ({"train_size": "many"}, r"Got prepare.train_size='many': expected an integer"),
         ({"train_size": 10.5}, r"Got prepare.train_size=10.5: expected an integer"),
         ({"valdation_size": 3}, r"unknown key prepare.valdation_size \(value 3\)"),
@@ -79,8 +96,10 @@ def test_cli_reports_missing_raw_files(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 1
-    assert "missing train-images-idx3-ubyte.gz" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: {tmp_path / 'nothing'}: missing train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+        "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (run `python -m pipeline download` first)"
+    ]
 
 
 @pytest.mark.parametrize("which", ["train", "test"])
