@@ -179,6 +179,20 @@ def skips(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
 
 
+def fetch(tmp_path, synthetic, caplog, *mirrors, **settings) -> dict:
+    """Download the synthetic files from ``mirrors`` with ``settings``, capturing the warnings."""
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.download"):
+        return download(config=config(*mirrors, sha256=synthetic[2], **settings), out_dir=tmp_path, progress=False)
+
+
+def seconds_to_give_up(mirror, segment: str, skip: str, caplog) -> float:
+    """From the server's receiving the one request of ``segment`` to the client's warning ``skip``
+    (less a little: the server notes the request after the client's clock started)."""
+    (asked,) = [t for s, *_, t in mirror.requests if s == segment]
+    (given_up,) = [r.created for r in caplog.records if r.getMessage() == skip]
+    return given_up - (time.time() - time.monotonic() + asked)
+
+
 def assert_verified(out_dir: Path, synthetic):
     """Every file is in place with the original content, and nothing else (no .part) is left."""
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(NAMES)
@@ -239,12 +253,7 @@ def test_trickling_mirror_is_abandoned_at_the_deadline_for_the_next(tmp_path, sy
     """320 bytes/s never trips the 5 s read timeout; the 0.5 s deadline moves on to the next mirror."""
     assert len(synthetic[1][NAMES[0]]) > 320 * 2  # the whole file would take over 2 s to trickle
     began = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.download"):
-        summary = download(
-            config=config(mirror.url("paced-320"), mirror.url("good"), timeout=5.0, deadline=0.5, sha256=synthetic[2]),
-            out_dir=tmp_path,
-            progress=False,
-        )
+    summary = fetch(tmp_path, synthetic, caplog, mirror.url("paced-320"), mirror.url("good"), timeout=5.0, deadline=0.5)
     assert time.monotonic() - began < 2.0
     assert_verified(tmp_path, synthetic)
     assert set(summary["files"].values()) == {mirror.url("good") + name for name in NAMES}
@@ -262,12 +271,7 @@ def test_a_mirror_under_the_rate_floor_is_abandoned_after_the_speed_time(tmp_pat
     """curl's --speed-limit 4000 --speed-time 1: a mirror at 3,000 bytes/s goes after 1 s, not at the
     30 s deadline, for this file and the others, and the next mirror gives them all."""
     slow = mirror.url("paced-3000")
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.download"):
-        summary = download(
-            config=config(slow, mirror.url("good"), timeout=1.0, min_rate=4000, deadline=30.0, sha256=synthetic[2]),
-            out_dir=tmp_path,
-            progress=False,
-        )
+    summary = fetch(tmp_path, synthetic, caplog, slow, mirror.url("good"), timeout=1.0, min_rate=4000, deadline=30.0)
     assert_verified(tmp_path, synthetic)
     assert set(summary["files"].values()) == {mirror.url("good") + name for name in NAMES}
     (skip,) = skips(caplog)
@@ -280,10 +284,7 @@ def test_a_mirror_under_the_rate_floor_is_abandoned_after_the_speed_time(tmp_pat
     received, window = int(match[1]), float(match[2])
     assert 1.0 <= window < 1.5 and received < 4000 * window
     # abandoned at about the speed-time after its request, measured here from the server's side
-    (asked,) = [t for s, *_, t in mirror.requests if s == "paced-3000"]
-    (given_up,) = [r.created for r in caplog.records if r.getMessage() == skip]
-    # (less a little: the server notes the request after the client's clock started)
-    assert 0.9 <= given_up - (time.time() - time.monotonic() + asked) < 2.0
+    assert 0.9 <= seconds_to_give_up(mirror, "paced-3000", skip, caplog) < 2.0
     assert mirror.count("paced-3000") == 1
 
 
@@ -291,12 +292,7 @@ def test_a_mirror_just_above_the_rate_floor_is_kept(tmp_path, synthetic, mirror,
     """5,000 bytes/s against a floor of 4,000 over 1 s windows: slow, but never too slow."""
     paced = mirror.url("paced-5000")
     began = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.download"):
-        summary = download(
-            config=config(paced, mirror.url("good"), timeout=1.0, min_rate=4000, deadline=30.0, sha256=synthetic[2]),
-            out_dir=tmp_path,
-            progress=False,
-        )
+    summary = fetch(tmp_path, synthetic, caplog, paced, mirror.url("good"), timeout=1.0, min_rate=4000, deadline=30.0)
     assert_verified(tmp_path, synthetic)
     assert summary["files"] == {name: paced + name for name in NAMES}
     assert caplog.records == [] and mirror.count("good") == 0
@@ -311,12 +307,7 @@ def test_a_stalled_read_longer_than_the_time_left_ends_at_the_deadline(tmp_path,
     that says nothing, or that goes silent 0.8 s into the file (after its connection's timeout was set),
     is abandoned at 1.5 s, not at 10 s (nor at 0.8 + 1.5 s)."""
     stalled = mirror.url(mode)
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.download"):
-        summary = download(
-            config=config(stalled, mirror.url("good"), timeout=10.0, deadline=1.5, sha256=synthetic[2]),
-            out_dir=tmp_path,
-            progress=False,
-        )
+    summary = fetch(tmp_path, synthetic, caplog, stalled, mirror.url("good"), timeout=10.0, deadline=1.5)
     assert_verified(tmp_path, synthetic)
     assert set(summary["files"].values()) == {mirror.url("good") + name for name in NAMES}
     (skip,) = skips(caplog)
@@ -327,9 +318,7 @@ def test_a_stalled_read_longer_than_the_time_left_ends_at_the_deadline(tmp_path,
         r"after download.deadline=1.5 s; abandoned",
         skip,
     ), skip
-    (asked,) = [t for s, *_, t in mirror.requests if s == mode]
-    (given_up,) = [r.created for r in caplog.records if r.getMessage() == skip]
-    assert 1.4 <= given_up - (time.time() - time.monotonic() + asked) < 2.2
+    assert 1.4 <= seconds_to_give_up(mirror, mode, skip, caplog) < 2.2
 
 
 @pytest.fixture
@@ -365,14 +354,7 @@ def test_retries_wait_twice_as_long_each_time(tmp_path, synthetic, mirror, waits
 
 def test_a_retry_wait_is_cut_short_by_the_deadline(tmp_path, synthetic, mirror, waits, caplog):
     """download.backoff 0.2 s, download.deadline 0.3 s: the second wait (0.4 s) is cut to what is left."""
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.download"):
-        download(
-            config=config(
-                mirror.url("error"), mirror.url("good"), retries=3, backoff=0.2, deadline=0.3, sha256=synthetic[2]
-            ),
-            out_dir=tmp_path,
-            progress=False,
-        )
+    fetch(tmp_path, synthetic, caplog, mirror.url("error"), mirror.url("good"), retries=3, backoff=0.2, deadline=0.3)
     assert_verified(tmp_path, synthetic)
     first, second = waits
     assert first == 0.2 and 0 < second <= 0.1

@@ -78,23 +78,16 @@ def test_bad_params_name_key_and_value(section, message):
         from_section(PrepareConfig, {"prepare": section}, "prepare", source="params.yaml")
 
 
+def prepare_cli(tmp_path, raw, out=None) -> subprocess.CompletedProcess:
+    """``python -m pipeline prepare`` in ``tmp_path`` with its params.yaml."""
+    args = ["--params", str(tmp_path / "params.yaml"), "--raw", str(raw)] + (["--out", str(out)] if out else [])
+    command = [sys.executable, "-m", "pipeline", "prepare", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+
+
 def test_cli_reports_missing_raw_files(tmp_path):
     (tmp_path / "params.yaml").write_text("prepare: {train_size: 10, validation_size: 5}\n")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "prepare",
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "--raw",
-            str(tmp_path / "nothing"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    result = prepare_cli(tmp_path, tmp_path / "nothing")
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         f"error: {tmp_path / 'nothing'}: missing train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
@@ -110,13 +103,7 @@ def test_cli_refuses_images_that_are_not_28x28_and_writes_nothing(tmp_path, whic
     write_idx(tmp_path / "raw" / images_file, np.zeros((count, 32, 32), dtype=np.uint8))
     (tmp_path / "params.yaml").write_text("prepare: {train_size: 10, validation_size: 5}\n")
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "prepare", "--params", str(tmp_path / "params.yaml")]
-        + ["--raw", str(tmp_path / "raw"), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    result = prepare_cli(tmp_path, tmp_path / "raw", out)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         f"error: {tmp_path / 'raw' / images_file}: images of 32x32 pixels (header shape ({count}, 32, 32)); "
@@ -132,13 +119,7 @@ def test_cli_refuses_a_header_declaring_one_image_too_many_in_one_line(tmp_path)
     images_file = tmp_path / "raw" / SOURCES["train"][0]
     images_file.write_bytes(gzip.compress(struct.pack(">4I", 0x803, count, 28, 28) + bytes(784)))
     (tmp_path / "params.yaml").write_text("prepare: {train_size: 10, validation_size: 5}\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "prepare", "--params", str(tmp_path / "params.yaml")]
-        + ["--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    result = prepare_cli(tmp_path, tmp_path / "raw", tmp_path / "out")
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         f"error: {images_file}: header declares shape ({count}, 28, 28) = {count * 784} bytes of data, more than "
