@@ -426,7 +426,9 @@ def test_present_files_are_not_fetched_again(tmp_path, synthetic, mirror, caplog
         summary = download(config=config(mirror.url("good"), sha256=synthetic[2]), out_dir=tmp_path, progress=False)
     assert mirror.requests == []
     assert summary["files"] == {name: "already present" for name in NAMES}
-    assert sum("already present and verified" in r.getMessage() for r in caplog.records) == len(NAMES)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / name}: already present and verified" for name in NAMES
+    ]
 
     # a damaged file is fetched again, and only that one
     (tmp_path / NAMES[1]).write_bytes(gzip.compress(b"damaged"))
