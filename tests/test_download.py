@@ -33,22 +33,23 @@ class Mirror:
     Modes: good (Content-Length, ETag, Range -> 206), missing (404), wrong (valid gzip of other
     bytes), html (an HTML page with status 200), truncated (the first half of the gzip, as if whole),
     drop (the first request for each file is cut off half-way; later ones honour Range), stall (the
-    same, but it goes silent for a second before closing), error (always 503), trickle (the whole
-    file announced, then 16 bytes every 50 ms: never silent long enough to trip a read timeout).
-    Every request is recorded as (segment, file, headers).
+    same, but it goes silent for a second before closing), error (always 503), silent (reads the
+    request, then says nothing), paced-<rate>[-<seconds>] (the whole file announced, then <rate>
+    bytes/s, every 20 ms what is due by then; silent after <seconds>, if given).
+    Every request is recorded as (segment, file, headers, monotonic time).
     """
 
     def __init__(self, files: dict[str, bytes]):
         self.files = files
-        self.requests: list[tuple[str, str, dict]] = []
-        self.stopping = threading.Event()  # ends any trickle still sending
+        self.requests: list[tuple[str, str, dict, float]] = []
+        self.stopping = threading.Event()  # ends any paced or silent answer still going
         mirror = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 _, segment, name = self.path.split("/", 2)
-                mirror.requests.append((segment, name, dict(self.headers)))
-                mirror.answer(self, segment.split("-")[0], name)
+                mirror.requests.append((segment, name, dict(self.headers), time.monotonic()))
+                mirror.answer(self, segment, name)
 
             def log_message(self, *args):  # keep the test output quiet
                 pass
@@ -61,12 +62,13 @@ class Mirror:
         return f"http://127.0.0.1:{self.server.server_address[1]}/{segment}/"
 
     def count(self, segment: str) -> int:
-        return sum(1 for s, _, _ in self.requests if s == segment)
+        return sum(1 for s, *_ in self.requests if s == segment)
 
     def etag(self, name: str) -> str:
         return '"' + hashlib.sha256(self.files[name]).hexdigest()[:16] + '"'
 
-    def answer(self, h: http.server.BaseHTTPRequestHandler, mode: str, name: str) -> None:
+    def answer(self, h: http.server.BaseHTTPRequestHandler, segment: str, name: str) -> None:
+        mode, *label = segment.split("-")
         if name not in self.files or mode == "missing":
             return h.send_error(404)
         if mode == "error":
@@ -78,22 +80,12 @@ class Mirror:
             return self.send(h, 200, gzip.compress(b"not mnist" + gzip.decompress(data)), "application/gzip")
         if mode == "truncated":
             return self.send(h, 200, data[: len(data) // 2], "application/gzip")
-        if mode == "trickle":
-            h.send_response(200)
-            h.send_header("Content-Type", "application/gzip")
-            h.send_header("Content-Length", str(len(data)))
-            h.end_headers()
-            try:
-                for i in range(0, len(data), 16):
-                    if self.stopping.wait(0.05):
-                        break
-                    h.wfile.write(data[i : i + 16])
-                    h.wfile.flush()
-            except OSError:  # the client gave up on us
-                pass
-            h.close_connection = True
+        if mode == "silent":
+            self.stopping.wait(60)
             return
-        first = sum(1 for s, n, _ in self.requests if n == name and s.startswith(mode)) == 1
+        if mode == "paced":
+            return self.pace(h, data, float(label[0]), float(label[1]) if len(label) > 1 else None)
+        first = sum(1 for s, n, *_ in self.requests if n == name and s.startswith(mode)) == 1
         if mode in ("drop", "stall") and first:
             h.send_response(200)
             h.send_header("Content-Length", str(len(data)))
@@ -117,6 +109,26 @@ class Mirror:
             self.etag(name),
             f"bytes {start}-{len(data) - 1}/{len(data)}" if start else None,
         )
+
+    def pace(self, h, data: bytes, rate: float, silent_after: float | None) -> None:
+        """Send ``data`` at ``rate`` bytes/s: a late tick catches up, so any second has its share."""
+        h.send_response(200)
+        h.send_header("Content-Type", "application/gzip")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        began, sent = time.monotonic(), 0
+        try:
+            while sent < len(data) and not self.stopping.wait(0.02):
+                elapsed = time.monotonic() - began
+                if silent_after is not None and elapsed >= silent_after:
+                    self.stopping.wait(60)
+                    break
+                due = min(len(data), int(rate * elapsed))
+                h.wfile.write(data[sent:due])
+                sent = due
+        except OSError:  # the client gave up on us
+            pass
+        h.close_connection = True
 
     @staticmethod
     def send(h, status, body, content_type, etag=None, content_range=None):
@@ -150,11 +162,35 @@ def mirror(synthetic):
     server.server.server_close()
 
 
-def config(*mirrors, sha256=None, retries=2, timeout=5.0, deadline=300.0):
+def config(*mirrors, sha256=None, retries=2, timeout=5.0, deadline=300.0, backoff=0.0, min_rate=1024.0):
     sha256 = sha256 or MNIST_SHA256
     return DownloadConfig(
-        mirrors=list(mirrors), timeout=timeout, deadline=deadline, retries=retries, backoff=0.0, sha256=sha256
+        mirrors=list(mirrors),
+        timeout=timeout,
+        min_rate=min_rate,
+        deadline=deadline,
+        retries=retries,
+        backoff=backoff,
+        sha256=sha256,
     )
+
+
+def skips(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
+
+
+def fetch(tmp_path, synthetic, caplog, *mirrors, **settings) -> dict:
+    """Download the synthetic files from ``mirrors`` with ``settings``, capturing the warnings."""
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.download"):
+        return download(config=config(*mirrors, sha256=synthetic[2], **settings), out_dir=tmp_path, progress=False)
+
+
+def seconds_to_give_up(mirror, segment: str, skip: str, caplog) -> float:
+    """From the server's receiving the one request of ``segment`` to the client's warning ``skip``
+    (less a little: the server notes the request after the client's clock started)."""
+    (asked,) = [t for s, *_, t in mirror.requests if s == segment]
+    (given_up,) = [r.created for r in caplog.records if r.getMessage() == skip]
+    return given_up - (time.time() - time.monotonic() + asked)
 
 
 def assert_verified(out_dir: Path, synthetic):
@@ -170,7 +206,7 @@ def test_good_mirror(tmp_path, synthetic, mirror, slash):
     summary = download(config=config(url, sha256=synthetic[2]), out_dir=tmp_path / "raw", progress=False)
     assert_verified(tmp_path / "raw", synthetic)
     assert summary["files"] == {name: mirror.url("good") + name for name in NAMES}
-    assert [name for _, name, _ in mirror.requests] == NAMES
+    assert [name for _, name, *_ in mirror.requests] == NAMES
 
 
 @pytest.mark.parametrize(
@@ -204,7 +240,7 @@ def test_dropped_or_stalled_connection_is_resumed_with_range(tmp_path, synthetic
         download(config=config(mirror.url(mode), timeout=0.2, sha256=synthetic[2]), out_dir=tmp_path, progress=False)
     assert_verified(tmp_path, synthetic)
     for name in NAMES:
-        first, second = [headers for _, n, headers in mirror.requests if n == name]
+        first, second = [headers for _, n, headers, _ in mirror.requests if n == name]
         assert "Range" not in first
         half = len(synthetic[1][name]) // 2
         assert second["Range"] == f"bytes={half}-"
@@ -214,27 +250,116 @@ def test_dropped_or_stalled_connection_is_resumed_with_range(tmp_path, synthetic
 
 
 def test_trickling_mirror_is_abandoned_at_the_deadline_for_the_next(tmp_path, synthetic, mirror, caplog):
-    """16 bytes every 50 ms never trips the 5 s read timeout; the 0.5 s deadline moves on to the next mirror."""
-    assert len(synthetic[1][NAMES[0]]) > 16 * 20 * 2  # the whole file would take over 2 s to trickle
+    """320 bytes/s never trips the 5 s read timeout; the 0.5 s deadline moves on to the next mirror."""
+    assert len(synthetic[1][NAMES[0]]) > 320 * 2  # the whole file would take over 2 s to trickle
     began = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.download"):
-        summary = download(
-            config=config(mirror.url("trickle"), mirror.url("good"), timeout=5.0, deadline=0.5, sha256=synthetic[2]),
-            out_dir=tmp_path,
-            progress=False,
-        )
+    summary = fetch(tmp_path, synthetic, caplog, mirror.url("paced-320"), mirror.url("good"), timeout=5.0, deadline=0.5)
     assert time.monotonic() - began < 2.0
     assert_verified(tmp_path, synthetic)
     assert set(summary["files"].values()) == {mirror.url("good") + name for name in NAMES}
-    skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
-    assert len(skips) == 1, skips  # abandoned once, then not tried again for the other files
+    assert len(skips(caplog)) == 1, skips(caplog)  # abandoned once, then not tried again for the other files
     size = len(synthetic[1][NAMES[0]])
     assert re.fullmatch(
-        rf"skipping mirror {re.escape(mirror.url('trickle') + NAMES[0])}: too slow: \d+ of {size} bytes "
+        rf"skipping mirror {re.escape(mirror.url('paced-320') + NAMES[0])}: too slow: \d+ of {size} bytes "
         r"after download.deadline=0.5 s; abandoned",
-        skips[0],
-    ), skips[0]
-    assert mirror.count("trickle") == 1
+        skips(caplog)[0],
+    ), skips(caplog)[0]
+    assert mirror.count("paced-320") == 1
+
+
+def test_a_mirror_under_the_rate_floor_is_abandoned_after_the_speed_time(tmp_path, synthetic, mirror, caplog):
+    """curl's --speed-limit 4000 --speed-time 1: a mirror at 3,000 bytes/s goes after 1 s, not at the
+    30 s deadline, for this file and the others, and the next mirror gives them all."""
+    slow = mirror.url("paced-3000")
+    summary = fetch(tmp_path, synthetic, caplog, slow, mirror.url("good"), timeout=1.0, min_rate=4000, deadline=30.0)
+    assert_verified(tmp_path, synthetic)
+    assert set(summary["files"].values()) == {mirror.url("good") + name for name in NAMES}
+    (skip,) = skips(caplog)
+    match = re.fullmatch(
+        rf"skipping mirror {re.escape(slow + NAMES[0])}: too slow: (\d+) bytes in the last (\S+) s, under "
+        r"download.min_rate=4000 bytes/s for download.timeout=1 s; abandoned",
+        skip,
+    )
+    assert match, skip
+    received, window = int(match[1]), float(match[2])
+    assert 1.0 <= window < 1.5 and received < 4000 * window
+    # abandoned at about the speed-time after its request, measured here from the server's side
+    assert 0.9 <= seconds_to_give_up(mirror, "paced-3000", skip, caplog) < 2.0
+    assert mirror.count("paced-3000") == 1
+
+
+def test_a_mirror_just_above_the_rate_floor_is_kept(tmp_path, synthetic, mirror, caplog):
+    """5,000 bytes/s against a floor of 4,000 over 1 s windows: slow, but never too slow."""
+    paced = mirror.url("paced-5000")
+    began = time.monotonic()
+    summary = fetch(tmp_path, synthetic, caplog, paced, mirror.url("good"), timeout=1.0, min_rate=4000, deadline=30.0)
+    assert_verified(tmp_path, synthetic)
+    assert summary["files"] == {name: paced + name for name in NAMES}
+    assert caplog.records == [] and mirror.count("good") == 0
+    # the largest file alone took over two windows at this rate: the floor was checked, and held
+    assert len(synthetic[1][NAMES[0]]) > 2 * 5000
+    assert time.monotonic() - began >= sum(map(len, synthetic[1].values())) / 5000
+
+
+@pytest.mark.parametrize("mode", ["silent", "paced-5000-0.8"], ids=["says-nothing", "goes-silent-mid-file"])
+def test_a_stalled_read_longer_than_the_time_left_ends_at_the_deadline(tmp_path, synthetic, mirror, caplog, mode):
+    """download.timeout 10 s, download.deadline 1.5 s: a read waits only for the time left. A mirror
+    that says nothing, or that goes silent 0.8 s into the file (after its connection's timeout was set),
+    is abandoned at 1.5 s, not at 10 s (nor at 0.8 + 1.5 s)."""
+    stalled = mirror.url(mode)
+    summary = fetch(tmp_path, synthetic, caplog, stalled, mirror.url("good"), timeout=10.0, deadline=1.5)
+    assert_verified(tmp_path, synthetic)
+    assert set(summary["files"].values()) == {mirror.url("good") + name for name in NAMES}
+    (skip,) = skips(caplog)
+    size = len(synthetic[1][NAMES[0]])
+    have = r"0" if mode == "silent" else rf"\d+ of {size}"
+    assert re.fullmatch(
+        rf"skipping mirror {re.escape(stalled + NAMES[0])}: too slow: {have} bytes "
+        r"after download.deadline=1.5 s; abandoned",
+        skip,
+    ), skip
+    assert 1.4 <= seconds_to_give_up(mirror, mode, skip, caplog) < 2.2
+
+
+@pytest.fixture
+def waits(monkeypatch):
+    """The seconds each time.sleep of the test's own thread asks for; it still sleeps them."""
+    asked = []
+    sleep = time.sleep
+    caller = threading.current_thread()
+
+    def recorded(seconds):
+        if threading.current_thread() is caller:
+            asked.append(seconds)
+        sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", recorded)
+    return asked
+
+
+def test_retries_wait_twice_as_long_each_time(tmp_path, synthetic, mirror, waits):
+    """download.backoff 0.05 s, 3 retries: before each file's retries, 0.05, 0.1, 0.2 s, as the server saw."""
+    download(
+        config=config(mirror.url("error"), mirror.url("good"), retries=3, backoff=0.05, sha256=synthetic[2]),
+        out_dir=tmp_path,
+        progress=False,
+    )
+    assert_verified(tmp_path, synthetic)
+    assert waits == [0.05, 0.1, 0.2] * len(NAMES)
+    for name in NAMES:
+        times = [t for s, n, _, t in mirror.requests if s == "error" and n == name]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert len(gaps) == 3 and all(gap >= wait for gap, wait in zip(gaps, [0.05, 0.1, 0.2])), gaps
+
+
+def test_a_retry_wait_is_cut_short_by_the_deadline(tmp_path, synthetic, mirror, waits, caplog):
+    """download.backoff 0.2 s, download.deadline 0.3 s: the second wait (0.4 s) is cut to what is left."""
+    fetch(tmp_path, synthetic, caplog, mirror.url("error"), mirror.url("good"), retries=3, backoff=0.2, deadline=0.3)
+    assert_verified(tmp_path, synthetic)
+    first, second = waits
+    assert first == 0.2 and 0 < second <= 0.1
+    assert skips(caplog)[0].endswith("too slow: 0 bytes after download.deadline=0.3 s; abandoned")
+    assert mirror.count("error") == 2  # no third request: the deadline had passed
 
 
 def test_every_mirror_bad_lists_them_all_and_leaves_nothing(tmp_path, synthetic, mirror):
@@ -301,12 +426,14 @@ def test_present_files_are_not_fetched_again(tmp_path, synthetic, mirror, caplog
         summary = download(config=config(mirror.url("good"), sha256=synthetic[2]), out_dir=tmp_path, progress=False)
     assert mirror.requests == []
     assert summary["files"] == {name: "already present" for name in NAMES}
-    assert sum("already present and verified" in r.getMessage() for r in caplog.records) == len(NAMES)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / name}: already present and verified" for name in NAMES
+    ]
 
     # a damaged file is fetched again, and only that one
     (tmp_path / NAMES[1]).write_bytes(gzip.compress(b"damaged"))
     download(config=config(mirror.url("good"), sha256=synthetic[2]), out_dir=tmp_path, progress=False)
-    assert [name for _, name, _ in mirror.requests] == [NAMES[1]]
+    assert [name for _, name, *_ in mirror.requests] == [NAMES[1]]
     assert_verified(tmp_path, synthetic)
 
 
@@ -337,6 +464,8 @@ def test_local_directory_and_file_url_mirrors(tmp_path, synthetic, monkeypatch, 
         ({"mirrors": []}, r"Got download.mirrors=\[\]: list at least one mirror"),
         ({"mirrors": ["/data"], "retries": -1}, r"Got download.retries=-1: must be 0 or more"),
         ({"mirrors": ["/data"], "timeout": 0}, r"Got download.timeout=0.0: must be positive"),
+        ({"mirrors": ["/data"], "min_rate": -0.5}, r"Got download.min_rate=-0.5: must be 0 \(off\) or more \(bytes"),
+        ({"mirrors": ["/data"], "min_rate": "1k"}, r"Got download.min_rate='1k': expected a number"),
         ({"mirrors": ["/data"], "deadline": -1}, r"Got download.deadline=-1.0: must be positive \(seconds per file"),
         ({"mirrors": ["/data"], "deadline": "1h"}, r"Got download.deadline='1h': expected a number"),
         ({"mirrors": ["/data"], "backoff": "soon"}, r"Got download.backoff='soon': expected a number"),
@@ -356,10 +485,29 @@ def test_bad_params_name_key_and_value(section, message):
         from_section(DownloadConfig, {"download": section}, "download", source="params.yaml")
 
 
+def test_no_rate_floor_is_the_edge_of_download_min_rate():
+    assert from_section(DownloadConfig, {"download": {"mirrors": ["/data"], "min_rate": 0}}, "download").min_rate == 0
+
+
 def test_repository_params_are_valid():
     settings = load_config(DownloadConfig, "download", ROOT / "params.yaml")
-    assert settings.mirrors and settings.timeout > 0 and settings.sha256 == MNIST_SHA256
-    assert settings.deadline == 300.0 and "deadline" in yaml.safe_load((ROOT / "params.yaml").read_text())["download"]
+    assert settings.mirrors and settings.sha256 == MNIST_SHA256
+    written = yaml.safe_load((ROOT / "params.yaml").read_text())["download"]
+    assert {key: written[key] for key in ("timeout", "min_rate", "deadline", "retries", "backoff")} == {
+        "timeout": 30.0,
+        "min_rate": 1024,
+        "deadline": 300.0,
+        "retries": 3,
+        "backoff": 1.0,
+    }
+    defaults = DownloadConfig(mirrors=["/data"])  # what a params.yaml without them gets: the same
+    assert (defaults.timeout, defaults.min_rate, defaults.deadline, defaults.retries, defaults.backoff) == (
+        settings.timeout,
+        settings.min_rate,
+        settings.deadline,
+        settings.retries,
+        settings.backoff,
+    )
 
 
 def test_help():

@@ -1,3 +1,6 @@
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 
@@ -89,11 +92,20 @@ def test_same_seed_same_output_other_seed_other_order():
     assert not np.array_equal(a[0], c[0])
 
 
-def test_larger_shifts_and_elastic_copies_count():
-    images = np.zeros((10, 28, 28), dtype=np.uint8)
+def test_larger_shifts_and_elastic_copies_are_all_there():
+    """max_shift 2 adds the four 2-pixel shifts to the book's four; each elastic copy is a new image."""
+    rng = np.random.default_rng(5)
+    images = rng.integers(1, 256, (10, 28, 28), dtype=np.uint8)
     labels = np.arange(10, dtype=np.uint8)
-    out_images, _ = expand_arrays(images, labels, ExpandConfig(max_shift=2, elastic_copies=3))
-    assert len(out_images) == 10 * (1 + 8 + 3)
+    out_images, out_labels = expand_arrays(images, labels, ExpandConfig(max_shift=2, elastic_copies=3))
+    assert len(out_images) == 10 * (1 + 8 + 3) and np.bincount(out_labels).tolist() == [12] * 10
+    got = [(image.tobytes(), label) for image, label in zip(out_images, out_labels)]
+    moves = [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (2, 0), (-2, 0), (0, 2), (0, -2)]
+    shifted = {(shift(images[i : i + 1], dy, dx)[0].tobytes(), labels[i]) for i in range(10) for dy, dx in moves}
+    assert len(shifted) == 90 and shifted <= set(got)
+    elastic_copies = [(image, label) for image, label in got if (image, label) not in shifted]
+    assert len({image for image, _ in elastic_copies}) == 30  # three distinct copies of every image
+    assert sorted(label for _, label in elastic_copies) == sorted(labels.tolist() * 3)
 
 
 def test_elastic_with_zero_alpha_is_identity_and_alpha_moves_pixels():
@@ -119,13 +131,21 @@ def test_expand_stage_writes_npz(tmp_path):
     )
     summary = expand(config=ExpandConfig(), train_path=tmp_path / "train.npz", out_dir=tmp_path / "out", progress=False)
     data = load_npz(tmp_path / "out" / "train.npz")
-    assert summary["count"] == 40 and data["images"].shape == (40, 28, 28)
+    source = load_npz(tmp_path / "train.npz")
+    images, labels = expand_arrays(source["images"], source["labels"], ExpandConfig())
+    np.testing.assert_array_equal(data["images"], images)
+    np.testing.assert_array_equal(data["labels"], labels)
+    assert summary == {"count": 40, "source_count": 8, "config": dataclasses.asdict(ExpandConfig())}
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
 
 
 @pytest.mark.parametrize(
     "section, message",
     [
         ({"max_shift": -1}, r"Got expand.max_shift=-1: must be 0..13"),
+        ({"max_shift": 14}, r"Got expand.max_shift=14: must be 0..13 pixels"),
+        ({"elastic_copies": -1}, r"Got expand.elastic_copies=-1: must be >= 0"),
+        ({"elastic_alpha": -0.5}, r"Got expand.elastic_alpha=-0.5: must be >= 0"),
         ({"elastic_sigma": 0}, r"Got expand.elastic_sigma=0.0: must be > 0"),
         ({"seed": "x"}, r"Got expand.seed='x': expected an integer"),
         ({"shift": 1}, r"unknown key expand.shift"),
@@ -134,3 +154,12 @@ def test_expand_stage_writes_npz(tmp_path):
 def test_bad_params(section, message):
     with pytest.raises(ConfigError, match=message):
         from_section(ExpandConfig, {"expand": section}, "expand")
+
+
+@pytest.mark.parametrize("max_shift", [0, 13])
+def test_the_edges_of_max_shift_are_accepted(max_shift):
+    """0: the images alone; 13: a digit moved 13 pixels, the furthest that keeps some of it."""
+    images = np.full((1, 28, 28), 7, dtype=np.uint8)
+    out_images, _ = expand_arrays(images, np.zeros(1, np.uint8), ExpandConfig(max_shift=max_shift))
+    assert len(out_images) == 1 + 4 * max_shift
+    assert min(int((image > 0).sum()) for image in out_images) == 28 * (28 - max_shift)

@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 import pytest
 
-from pipeline.data.idx import IdxError, read_images, read_labels, read_pair, write_idx
+from pipeline.data.idx import MAX_DATA_BYTES, IdxError, read_idx, read_images, read_labels, read_pair, write_idx
 
 
 def header(magic, *dims):
@@ -46,24 +46,37 @@ def test_declared_count_larger_than_data(tmp_path):
         read_images(path)
 
 
-def test_trailing_bytes_are_refused(tmp_path):
+def test_one_trailing_byte_is_refused(tmp_path):
     path = tmp_path / "labels"
     path.write_bytes(header(0x801, 3) + bytes(4))
-    with pytest.raises(IdxError, match="the file has 4"):
+    with pytest.raises(IdxError) as error:
         read_labels(path)
+    assert str(error.value) == f"{path}: header declares shape (3,) = 3 bytes of data, but the file has 4"
 
 
-def test_short_header(tmp_path):
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (b"\x00\x00\x08", "3 bytes is too short for an IDX header"),
+        (b"\x00\x00\x08\x03" + bytes(11), "15 bytes is too short for a 3-dimensional IDX header"),
+    ],
+    ids=["no-magic", "one-byte-short"],
+)
+def test_short_header(tmp_path, content, says):
     path = tmp_path / "images"
-    path.write_bytes(b"\x00\x00\x08\x03\x00\x00")
-    with pytest.raises(IdxError, match="too short"):
+    path.write_bytes(content)
+    with pytest.raises(IdxError) as error:
         read_images(path)
+    assert str(error.value) == f"{path}: {says}"
 
 
-def test_label_out_of_range(tmp_path):
-    write_idx(tmp_path / "l", np.array([1, 2, 12, 3], dtype=np.uint8))
-    with pytest.raises(IdxError, match=r"label 12 at index 2 is not a digit"):
+def test_labels_are_the_digits_0_to_9_and_10_is_not_one(tmp_path):
+    write_idx(tmp_path / "digits", np.arange(10, dtype=np.uint8))
+    np.testing.assert_array_equal(read_labels(tmp_path / "digits"), np.arange(10))
+    write_idx(tmp_path / "l", np.array([9, 0, 10, 3, 255], dtype=np.uint8))
+    with pytest.raises(IdxError) as error:
         read_labels(tmp_path / "l")
+    assert str(error.value) == f"{tmp_path / 'l'}: label 10 at index 2 is not a digit 0-9 (2 such labels)"
 
 
 def test_count_mismatch_between_images_and_labels(tmp_path):
@@ -85,7 +98,7 @@ def test_writer_leaves_no_temporary_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.gz"]
 
 
-@pytest.mark.parametrize("rows, cols", [(32, 32), (28, 27), (1, 784)])
+@pytest.mark.parametrize("rows, cols", [(32, 32), (28, 27), (27, 28), (28, 29), (1, 784)])
 def test_images_that_are_not_28x28_are_refused(tmp_path, rows, cols):
     write_idx(tmp_path / "images.gz", np.zeros((5, rows, cols), dtype=np.uint8))
     with pytest.raises(
@@ -104,6 +117,63 @@ def test_a_header_claiming_billions_of_images_is_refused_before_reading(tmp_path
         r"more than the 268435456 an MNIST-format file may have here; refused before reading it",
     ):
         read_images(path)
+
+
+# The limit is on the bytes a header declares, not on its count: as many labels as 2**28 bytes hold,
+# but only 342,392 images of 28x28 (342,392 * 784 = 268,435,328 bytes; one more is 268,436,112).
+AT_THE_LIMIT = [
+    ("labels", 0x801, (MAX_DATA_BYTES,)),
+    ("images", 0x803, (MAX_DATA_BYTES // 784, 28, 28)),
+    ("32x32 images", 0x803, (MAX_DATA_BYTES // 1024, 32, 32)),  # exactly 2**28 bytes in three dimensions
+]
+
+
+@pytest.mark.parametrize("what, magic, shape", AT_THE_LIMIT, ids=[what for what, *_ in AT_THE_LIMIT])
+def test_a_header_at_the_limit_is_accepted(tmp_path, what, magic, shape):
+    """Its header passes; what refuses this (tiny) file is only that the data is not there."""
+    assert MAX_DATA_BYTES - 784 < np.prod(shape) <= MAX_DATA_BYTES
+    path = tmp_path / "file.gz"
+    path.write_bytes(gzip.compress(header(magic, *shape)))
+    with pytest.raises(IdxError) as error:
+        read_idx(path, magic)
+    assert str(error.value) == (
+        f"{path}: header declares shape {shape} = {np.prod(shape)} bytes of data, but the file has 0"
+    )
+
+
+@pytest.mark.parametrize("what, magic, shape", AT_THE_LIMIT, ids=[what for what, *_ in AT_THE_LIMIT])
+def test_a_header_one_past_the_limit_is_refused_in_one_line_before_reading(tmp_path, what, magic, shape):
+    """One more label, image or byte: refused from its header, without reading (or allocating) its data."""
+    shape = (shape[0] + 1,) + shape[1:]
+    path = tmp_path / "file.gz"
+    path.write_bytes(gzip.compress(header(magic, *shape) + bytes(1 << 20)))  # data there, never read
+    tracemalloc.start()
+    try:
+        with pytest.raises(IdxError) as error:
+            read_idx(path, magic)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(error.value) == (
+        f"{path}: header declares shape {shape} = {np.prod(shape)} bytes of data, more than the "
+        f"268435456 an MNIST-format file may have here; refused before reading it"
+    )
+    assert peak < 256 << 10, peak  # the header and gzip's buffers, not the 1 MiB that follows
+
+
+def test_the_largest_count_of_images_is_read_whole(tmp_path):
+    """The limit at work on real data: 342,392 images (256 MiB, of zeros so the file stays small) read back."""
+    count = MAX_DATA_BYTES // 784
+    path = tmp_path / "images.gz"
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 31)  # gzip format
+    with open(path, "wb") as f:
+        f.write(compressor.compress(header(0x803, count, 28, 28)))
+        for _ in range(count // 1000):
+            f.write(compressor.compress(bytes(784 * 1000)))
+        f.write(compressor.compress(bytes(784 * (count % 1000))))
+        f.write(compressor.flush())
+    images = read_images(path)
+    assert images.shape == (count, 28, 28) and not images.any()
 
 
 def test_a_gzip_bomb_is_refused_without_holding_it_in_memory(tmp_path):

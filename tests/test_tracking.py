@@ -199,7 +199,8 @@ def test_two_processes_writing_at_once_lose_no_run(repo):
     assert sorted(r.info.run_name for r in runs) == ["w0", "w1"]
     for r in runs:
         assert r.info.status == "FINISHED"
-        assert len(client.get_metric_history(r.info.run_id, "m")) == 60
+        history = client.get_metric_history(r.info.run_id, "m")
+        assert sorted((m.step, m.value) for m in history) == [(step, float(step)) for step in range(60)]
 
 
 @pytest.fixture
@@ -319,18 +320,97 @@ def test_a_run_that_cannot_deliver_its_epochs_fails_loudly(monkeypatch):
     assert client.terminated is None
 
 
-def test_transient_failures_are_retried_with_backoff(monkeypatch):
+class Clock:
+    """Stands for the time module in pipeline.tracking.run: a sleep is recorded and moves the clock on."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.waits: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return 1.8e9 + self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The retries' clock, and their jitter: ``clock.jitter`` is what random.random() gives them."""
+    from types import SimpleNamespace
+
+    from pipeline.tracking import run as run_module
+
+    fake = Clock()
+    fake.jitter = 0.0
+    monkeypatch.setattr(run_module, "time", fake)
+    monkeypatch.setattr(run_module, "random", SimpleNamespace(random=lambda: fake.jitter))
+    return fake
+
+
+def refused(failures: int):
+    """A call that fails ``failures`` times as MLflow's client does while its server is down."""
     calls = []
 
-    def flaky():
-        calls.append(time.monotonic())
-        if len(calls) < 3:
-            raise ConnectionResetError("connection reset by peer")
+    def call():
+        calls.append(len(calls))
+        if len(calls) <= failures:
+            raise tracking_exception("API request to http://127.0.0.1:5000/x failed: [Errno 111] Connection refused")
         return "ok"
 
-    assert tracking.retry_transient(flaky, seconds=10) == "ok" and len(calls) == 3
+    return call, calls
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.999])
+def test_transient_retries_wait_twice_as_long_each_time_up_to_10_s(clock, jitter):
+    clock.jitter = jitter
+    call, calls = refused(8)
+    assert tracking.retry_transient(call, seconds=1000) == "ok" and len(calls) == 9
+    assert clock.waits == pytest.approx([d * (1 + jitter / 2) for d in (0.5, 1, 2, 4, 8, 10, 10, 10)])
+
+
+@pytest.mark.parametrize(
+    "jitter, seconds, waits",
+    [
+        (0.0, 15.5, [0.5, 1, 2, 4, 8]),  # the fifth wait ends exactly at the budget: taken
+        (0.0, 15.49, [0.5, 1, 2, 4]),  # one past: the error is raised instead of waiting
+        (0.999, 20.0, [0.74975, 1.4995, 2.999, 5.998]),  # the jittered 12 s wait would end at 23.2
+    ],
+)
+def test_transient_retries_end_within_pipeline_tracking_retry_s(clock, monkeypatch, jitter, seconds, waits):
+    clock.jitter = jitter
+    monkeypatch.setenv("PIPELINE_TRACKING_RETRY_S", str(seconds))
+    call, calls = refused(100)
+    with pytest.raises(Exception, match="Connection refused"):
+        tracking.retry_transient(call)
+    assert clock.waits == pytest.approx(waits) and len(calls) == len(waits) + 1
+    assert clock.now <= seconds
+
+
+def test_only_transient_failures_are_retried(clock):
+    def denied():
+        raise tracking_exception("API request failed with error code 401 != 200")
+
+    with pytest.raises(Exception, match="401"):
+        tracking.retry_transient(denied, seconds=1000)
+    assert clock.waits == []
     assert not is_transient(tracking_exception("API request failed with error code 401 != 200"))
     assert is_transient(tracking_exception("API request failed with error code 503 != 200"))
+
+
+def test_a_locked_sqlite_store_is_retried_with_growing_waits(clock):
+    from pipeline.tracking.run import LOCK_RETRIES, retry_locked
+
+    def locked():
+        raise tracking_exception("(sqlite3.OperationalError) database is locked")
+
+    with pytest.raises(Exception, match="database is locked"):
+        retry_locked(locked)
+    assert clock.waits == pytest.approx([0.2 * 2**attempt for attempt in range(LOCK_RETRIES - 1)])
 
 
 def test_experiments_open_on_their_training_runs_in_the_mlflow_ui(repo):

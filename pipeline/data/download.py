@@ -4,11 +4,13 @@ Mirrors are tried in order: first $MNIST_MIRROR if it is set, then download.mirr
 A mirror is an http:// or https:// URL, a file:// URL, or a local directory holding the four
 *-ubyte.gz files. A mirror that fails for a file (an HTTP error, an HTML page, wrong or truncated
 bytes) is skipped with a warning naming it, and the next one is tried. Dropped connections,
-timeouts and 5xx answers are retried download.retries times with exponential backoff, resuming
-where they stopped (HTTP Range). A mirror that has not delivered a file within download.deadline
-seconds (retries included) is abandoned with a warning, for that file and the ones after it, so a
-mirror trickling bytes just fast enough never to trip download.timeout cannot hold the stage for
-long. Files already present and verified are not fetched again.
+timeouts (download.timeout seconds without a byte) and 5xx answers are retried download.retries
+times with exponential backoff, resuming where they stopped (HTTP Range). Two limits abandon a slow
+mirror with a warning, for that file and the ones after it: a connection that has averaged under
+download.min_rate bytes/s over the last download.timeout seconds (curl's --speed-limit and
+--speed-time), and a file not delivered within download.deadline seconds (retries included), so a
+mirror trickling bytes cannot hold the stage for long. Files already present and verified are not
+fetched again.
 
 Offline, point MNIST_MIRROR at a local copy of the files. A relative path is taken from the
 current directory; an absolute path is safest, since `dvc exp run --temp` runs in a copy:
@@ -40,6 +42,7 @@ from tqdm import tqdm
 
 from pipeline.core.config import PipelineError, require
 from pipeline.core.files import make_dir
+from pipeline.data.slow import Deadline, MirrorFailed, RateFloor
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +62,6 @@ TRANSIENT = (TimeoutError, ConnectionResetError, ConnectionAbortedError, http.cl
 
 class DownloadError(PipelineError):
     """No mirror gave a verified copy of a file."""
-
-
-class MirrorFailed(Exception):
-    """This mirror cannot give this file. ``unreachable``: it never answered, or it was too slow (past
-    download.deadline), so skip it for the other files too."""
-
-    def __init__(self, why: str, unreachable: bool = False):
-        super().__init__(why)
-        self.unreachable = unreachable
 
 
 def check_mirror(key: str, mirror: str) -> None:
@@ -101,6 +95,7 @@ def check_mirror(key: str, mirror: str) -> None:
 class DownloadConfig:
     mirrors: list[str]
     timeout: float = 30.0
+    min_rate: float = 1024.0
     deadline: float = 300.0
     retries: int = 3
     backoff: float = 1.0
@@ -111,6 +106,7 @@ class DownloadConfig:
         for i, mirror in enumerate(self.mirrors):
             check_mirror(f"download.mirrors[{i}]", mirror)
         require(self.timeout > 0, "download.timeout", self.timeout, "must be positive (seconds)")
+        require(self.min_rate >= 0, "download.min_rate", self.min_rate, "must be 0 (off) or more (bytes per second)")
         require(self.deadline > 0, "download.deadline", self.deadline, "must be positive (seconds per file and mirror)")
         require(self.retries >= 0, "download.retries", self.retries, "must be 0 or more")
         require(self.backoff >= 0, "download.backoff", self.backoff, "must be 0 or more (seconds)")
@@ -170,25 +166,6 @@ def copy_local(path: Path, part: Path, bar: tqdm) -> None:
         raise MirrorFailed(f"cannot copy: {e}") from None
 
 
-class Deadline:
-    """The moment, ``seconds`` from now, after which a mirror is abandoned for being too slow."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.at = time.monotonic() + seconds
-
-    def left(self) -> float:
-        return self.at - time.monotonic()
-
-    def check(self, have: int, total: int | None = None) -> None:
-        """Raise MirrorFailed (abandoning the mirror for the later files too) once the deadline has passed."""
-        if self.left() <= 0:
-            of = f" of {total}" if total is not None else ""
-            raise MirrorFailed(
-                f"too slow: {have}{of} bytes after download.deadline={self.seconds:g} s; abandoned", unreachable=True
-            )
-
-
 def resumed_from(response: http.client.HTTPResponse, have: int) -> int:
     """The byte offset ``response`` starts at: ``have`` for a matching 206, 0 for a full 200."""
     if response.status != 206:
@@ -199,29 +176,54 @@ def resumed_from(response: http.client.HTTPResponse, have: int) -> int:
     return have
 
 
+def check_gzip(response: http.client.HTTPResponse, first: bytes) -> None:
+    """Refuse a body whose ``first`` bytes are not gzip's (an HTML page, most often)."""
+    if not GZIP_MAGIC.startswith(first[:2]):
+        kind = response.headers.get_content_type()
+        what = "an HTML page" if "html" in kind or b"<html" in first[:1024].lower() else "not gzip data"
+        raise MirrorFailed(f"served {what} (Content-Type {kind}, starting {first[:40]!r})")
+
+
+def arriving(response: http.client.HTTPResponse, have: int, total: int | None, timeout: float, deadline: Deadline):
+    """The chunks of ``response``'s body as they arrive (``have`` bytes of ``total`` before them). A read
+    waits download.timeout for data, never past ``deadline``: passing it raises MirrorFailed."""
+    # http.client keeps the socket only inside its file object
+    sock = response.fp.raw._sock
+    while True:
+        sock.settimeout(deadline.read_timeout(timeout))
+        try:
+            # read1: whatever has arrived, so a stall or a reset loses nothing already received
+            chunk = response.read1(CHUNK)
+        except TimeoutError:
+            deadline.check(have, total)  # cut short by the deadline, not by a stall
+            raise
+        if not chunk:
+            return
+        yield chunk
+        have += len(chunk)
+        deadline.check(have, total)
+
+
 def receive(
-    response: http.client.HTTPResponse, part: Path, start: int, bar: tqdm, deadline: Deadline | None = None
+    response: http.client.HTTPResponse, part: Path, start: int, bar: tqdm, config: DownloadConfig, deadline: Deadline
 ) -> None:
     """Write the body of ``response`` into ``part`` from byte ``start`` (appending when resumed).
 
-    Past ``deadline`` it stops with MirrorFailed, however steadily the bytes still arrive."""
+    Past ``deadline``, or below download.min_rate, it stops with MirrorFailed."""
     length = response.headers.get("Content-Length")
     total = start + int(length) if length else None
     bar.reset(total=total)
     bar.update(start)
     received = 0
+    floor = RateFloor(config.min_rate, config.timeout)
     with part.open("ab" if start else "wb") as f:
-        # read1: whatever has arrived, so a stall or a reset loses nothing already received
-        while chunk := response.read1(CHUNK):
-            if start + received == 0 and not GZIP_MAGIC.startswith(chunk[:2]):
-                kind = response.headers.get_content_type()
-                what = "an HTML page" if "html" in kind or b"<html" in chunk[:1024].lower() else "not gzip data"
-                raise MirrorFailed(f"served {what} (Content-Type {kind}, starting {chunk[:40]!r})")
+        for chunk in arriving(response, start, total, config.timeout, deadline):
+            if start + received == 0:
+                check_gzip(response, chunk)
             f.write(chunk)
             received += len(chunk)
             bar.update(len(chunk))
-            if deadline is not None:
-                deadline.check(start + received, total)
+            floor.check(received)
     # http.client returns b"" rather than raising when the connection closes early
     if total is not None and start + received < total:
         raise ConnectionResetError(f"connection closed after {start + received} of {total} bytes")
@@ -249,12 +251,12 @@ def fetch_http(url: str, part: Path, config: DownloadConfig, bar: tqdm) -> None:
         try:
             request = urllib.request.Request(url, headers=headers)
             # no single read may wait past the deadline either
-            with urllib.request.urlopen(request, timeout=max(min(config.timeout, deadline.left()), 0.001)) as response:
+            with urllib.request.urlopen(request, timeout=deadline.read_timeout(config.timeout)) as response:
                 answered = True
                 start = resumed_from(response, have)
                 etag = response.headers.get("ETag")
                 validator = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
-                receive(response, part, start, bar, deadline)
+                receive(response, part, start, bar, config, deadline)
             return
         except urllib.error.HTTPError as e:
             answered = True

@@ -25,6 +25,7 @@ LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 IMAGE_SIZE = (28, 28)  # (rows, cols) of every MNIST image
 # The most data bytes a header may declare: 2**28, over five times MNIST's largest file (47 MB). A
 # larger claim is refused before any data is read, so a small gzip file cannot expand into gigabytes.
+# It bounds bytes, not counts: 342,392 images of 28x28 (60,000 in MNIST), or 2**28 labels.
 MAX_DATA_BYTES = 2**28
 
 

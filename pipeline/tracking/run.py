@@ -71,17 +71,20 @@ def retry_seconds(default: float = 180.0) -> float:
 
 
 def retry_transient(call: Callable[[], Any], seconds: float | None = None) -> Any:
-    """Run ``call``, retrying transient failures with jittered exponential backoff for at most ``seconds``."""
+    """Run ``call``, retrying transient failures with jittered exponential backoff for at most ``seconds``:
+    waits of 0.5, 1, 2, 4, 8, then 10 s, each up to half longer at random, and none that would end past
+    ``seconds``."""
     deadline = time.monotonic() + (retry_seconds() if seconds is None else seconds)
     delay = 0.5
     while True:
         try:
             return call()
         except Exception as e:
-            if not is_transient(e) or time.monotonic() + delay > deadline:
+            wait = delay * (1 + random.random() / 2)  # jittered: a cluster's workers do not all retry at once
+            if not is_transient(e) or time.monotonic() + wait > deadline:
                 raise
-            log.warning("MLflow call failed (%s); retrying in %.1f s", str(e).splitlines()[0][:200], delay)
-            time.sleep(delay * (1 + random.random() / 2))
+            log.warning("MLflow call failed (%s); retrying in %.1f s", str(e).splitlines()[0][:200], wait)
+            time.sleep(wait)
             delay = min(2 * delay, 10.0)
 
 
