@@ -18,6 +18,7 @@ from pipeline.nn.model_io import load_model
 from pipeline.stages import table as table_stage
 from pipeline.table import cache, runner
 from pipeline.table import lines as table_lines
+from pipeline.table import report as table_report
 from pipeline.table import rows as table_rows
 from pipeline.table.data import Data
 from pipeline.tracking import registry
@@ -663,11 +664,18 @@ def test_a_row_takes_the_seed_with_the_best_validation_accuracy_ties_to_the_lowe
         }
 
     row = table_rows.BY_KEY["4"]
-    line = table_lines.training_line(row, [result(1, 0.98, 0.97), result(2, 0.99, 0.96), result(3, 0.99, 0.95)], 3)
-    assert (line["best_seed"], line["ours"]) == (2, 0.96)
+    tied = table_lines.training_line(row, [result(1, 0.98, 0.97), result(2, 0.99, 0.96), result(3, 0.99, 0.95)], 3)
+    assert (tied["best_seed"], tied["ours"]) == (2, 0.96)
+    assert tied["tie"] == "tie with seed 3 at 99.00%: the earlier, seed 2, is kept"
     line = table_lines.training_line(row, [result(1, 0.97, 0.97), result(2, 0.96, 0.99)], 3)
-    assert (line["best_seed"], line["ours"], line["n"]) == (1, 0.97, 2)
+    assert (line["best_seed"], line["ours"], line["n"]) == (1, 0.97, 2) and "tie" not in line
     assert line["mean"] == pytest.approx(0.98) and line["std"] == pytest.approx(np.std([0.97, 0.99], ddof=1))
+
+    # the report names the tie, once, and no row without one
+    results = {"quick": False, "quick_settings": None, "code": "c", "lines": [tied, {**line, "row": "5"}]}
+    report = table_report.report_markdown(results)
+    assert report.count("tie with") == 1
+    assert "Ties of validation accuracy: row 4: tie with seed 3 at 99.00%: the earlier, seed 2, is kept." in report
 
 
 def test_a_committee_of_ten_combines_seeds_1_to_10_and_waits_for_all_ten():
