@@ -180,14 +180,21 @@ def test_the_driver_runs_at_most_max_concurrent_trainings_at_once_and_reaches_it
         tracking=TrackingConfig(enabled=False),
         compile_cache=tmp_path / "jax-cache",
     )
-    trainings = [Training(f"probe {i}", f"probe-{i}", tmp_path / f"t{i}", {}, i) for i in range(total)]
-    finished = list(run_trainings(trainings, driver))
-    results = [result for _, result in finished]
-    assert sorted(r["task"] for r in results) == list(range(total))
-    assert [training.task for training, _ in finished] == [r["task"] for r in results]
-    assert peak_in_flight(results) == cap
+    finished, in_flight = [], []
+
+    def trainings():  # read by the driver one when a place is free: what it has in flight is seen here
+        for i in range(total):
+            in_flight.append(i + 1 - len(finished))
+            yield Training(f"probe {i}", f"probe-{i}", tmp_path / f"t{i}", {}, i)
+
+    for training, result in run_trainings(trainings(), driver):
+        assert training.task == result["task"]
+        finished.append(result)
+    assert sorted(r["task"] for r in finished) == list(range(total))
+    assert max(in_flight) == cap  # never more in flight than the cap, and the cap reached
+    assert peak_in_flight(finished) == cap  # and that many ran at once in the workers
     # each in a Ray worker, sharing the driver's compilation cache as one at a time does
-    assert {(r["worker"], r["cache"]) for r in results} == {(True, str(tmp_path / "jax-cache"))}
+    assert {(r["worker"], r["cache"]) for r in finished} == {(True, str(tmp_path / "jax-cache"))}
 
 
 def test_the_peak_is_counted_from_overlapping_times():
