@@ -40,6 +40,14 @@ def test_cluster_settings_are_refused_naming_the_option(settings, says):
         ClusterConfig(**settings)
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [{"jobs": 1}, {"max_concurrent": 1}, {"cpus_per_training": 0.01}, {"gpus_per_training": 1}, {"retries": 0}],
+)
+def test_cluster_settings_at_their_edge_are_accepted(settings):
+    assert {key: getattr(ClusterConfig(**settings), key) for key in settings} == settings
+
+
 def test_data_go_to_the_storage_once_by_md5_in_dvcs_layout_and_are_checked_on_arrival(tmp_path):
     storage = SharedStorage(str(tmp_path / "remote"))
     data = tmp_path / "train.npz"
@@ -218,3 +226,23 @@ def test_one_training_or_jobs_1_runs_in_this_process_with_the_compile_cache(tmp_
         driver = Driver(train, cluster, TrackingConfig(enabled=False), compile_cache=tmp_path / "cache")
         assert [(t.task, r) for t, r in run_trainings(trainings, driver)] == [(7, {"task": 7})]
     assert seen == [(7, Place(), str(tmp_path / "cache"))] * 2
+
+
+def test_runs_a_dead_node_left_running_are_ended_only_once_a_result_names_the_run_that_went_on(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.cluster import driver as cluster_driver
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("orphans")
+    went_on, orphan, other = (
+        client.create_run(experiment, tags={cluster_node.TASK_TAG: key}).info.run_id for key in ("k", "k", "other")
+    )
+    config = TrackingConfig(experiment="orphans")
+    for result in ({"failed": "cost diverged"}, {"run_id": None}):  # no run to keep: none is ended
+        cluster_driver._end_orphan_runs(config, "k", result)
+        assert {client.get_run(r).info.status for r in (went_on, orphan, other)} == {"RUNNING"}
+    cluster_driver._end_orphan_runs(config, "k", {"run_id": went_on})
+    status = {r: client.get_run(r).info.status for r in (went_on, orphan, other)}
+    assert status == {went_on: "RUNNING", orphan: "KILLED", other: "RUNNING"}  # another training's run is not touched

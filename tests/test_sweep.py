@@ -83,8 +83,12 @@ def test_a_grid_trains_each_point_once_as_a_child_run_like_the_train_stage(data,
         assert steps == [1, 2]
         files = {f.path for f in client.list_artifacts(run.info.run_id, "model_files")}
         assert "model_files/model.npz" in files
-    # the best by validation accuracy, as the children recorded it (never by test accuracy)
-    best = max(children, key=lambda r: r.data.metrics["final_best_validation_accuracy"])
+    # the best by validation accuracy, as the children recorded it (never by test accuracy); ties: the
+    # earlier point of the grid (eta 0.05)
+    best = min(
+        children,
+        key=lambda r: (-r.data.metrics["final_best_validation_accuracy"], float(r.data.params["train.eta"])),
+    )
     assert parent.data.tags["best.train.eta"] == best.data.params["train.eta"]
     assert parent.data.tags["best.run_id"] == best.info.run_id
     assert parent.data.metrics["best_validation_accuracy"] == best.data.metrics["final_best_validation_accuracy"]

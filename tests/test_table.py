@@ -558,6 +558,11 @@ def assert_shifted_row(results: dict, key: str, out: Path, data: Path, monkeypat
     assert "test.npz" in read and "validation.npz" not in read  # nothing to score: validation is not read
 
 
+@pytest.mark.parametrize("repeats", [1, 100])
+def test_repeats_of_1_and_100_are_accepted(repeats):
+    assert runner.TableRun(keys=("1",), repeats=repeats).seeds_wanted(table_rows.BY_KEY["1"]) == repeats
+
+
 @pytest.mark.parametrize("repeats", [0, -5, 101, 10**9])
 def test_repeats_outside_1_to_100_are_refused(data, tmp_path, repeats):
     with pytest.raises(ConfigError, match=rf"Got --repeats {repeats}: must be 1 to 100"):
