@@ -329,7 +329,7 @@ def test_register_makes_the_best_single_network_by_validation_the_champion(first
     monkeypatch.chdir(out)
     client = MlflowClient(tracking_uri=uri)
     assert table_command(data, out / "table", "--rows", "1,2", "--repeats", "1", "--register") == 0  # trains nothing
-    assert capsys.readouterr().out.splitlines()[-1] == "registered table-test-model version 1 (champion: version 1)"
+    printed = capsys.readouterr().out.splitlines()[-1]
 
     # every training of the table counts, not only rows 1 and 2: the best by validation accuracy, ties to
     # the earlier row, then the lower seed; the ensembles (9, 9avg) have no run of their own
@@ -345,6 +345,11 @@ def test_register_makes_the_best_single_network_by_validation_the_champion(first
         ),
     )
     best, runner_up = ranked[0], ranked[1]
+    accuracy = best.data.metrics["final_best_validation_accuracy"]
+    tied = [r for r in ranked[1:] if r.data.metrics["final_best_validation_accuracy"] == accuracy]
+    names = [f"row {r.data.tags['row']} seed {r.data.tags['seed']}" for r in (best, *tied)]
+    tie = f"; tie with {', '.join(names[1:])} at {100 * accuracy:.2f}%: the earlier, {names[0]}, is registered"
+    assert printed == "registered table-test-model version 1 (champion: version 1)" + (tie if tied else "")
     champion = client.get_model_version_by_alias("table-test-model", "champion")
     assert str(champion.version) == "1" and champion.run_id == best.info.run_id
     seed_dir = out / "table" / best.data.tags["row"] / f"seed{best.data.tags['seed']}"
@@ -378,7 +383,11 @@ def test_register_makes_the_best_single_network_by_validation_the_champion(first
         )
     finally:
         client.restore_run(best.info.run_id)
-    assert again["registered"] == registry.Registered("table-test-model", "2", "1")
+    accuracy = runner_up.data.metrics["final_best_validation_accuracy"]
+    tied = [r for r in ranked[2:] if r.data.metrics["final_best_validation_accuracy"] == accuracy]
+    names = [f"row {r.data.tags['row']} seed {r.data.tags['seed']}" for r in (runner_up, *tied)]
+    tie = f"tie with {', '.join(names[1:])} at {100 * accuracy:.2f}%: the earlier, {names[0]}, is registered"
+    assert again["registered"] == registry.Registered("table-test-model", "2", "1", tie=tie if tied else "")
     assert client.get_model_version("table-test-model", "2").run_id == runner_up.info.run_id
     assert client.get_model_version_by_alias("table-test-model", "champion").run_id == best.info.run_id
 
