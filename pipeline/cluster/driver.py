@@ -84,13 +84,14 @@ def run_trainings(trainings: Iterable[Training], driver: Driver) -> Iterator[tup
     """Train each of ``trainings``; yields (training, its result) as each finishes, its outputs in
     its folder. ``trainings`` is read lazily, one when a place is free, so a search can choose the
     next from the results so far."""
-    if in_process(trainings, driver.cluster):
-        cache = jax_compilation_cache(driver.compile_cache) if driver.compile_cache else contextlib.nullcontext()
-        with cache:
-            for training in trainings:
-                yield training, driver.train(training.task, Place())
+    if not in_process(trainings, driver.cluster):
+        yield from _on_ray(trainings, driver)
         return
-    yield from _on_ray(trainings, driver)
+    for training in trainings:
+        # opened around each training only: a call with nothing to train does not even import JAX
+        with jax_compilation_cache(driver.compile_cache) if driver.compile_cache else contextlib.nullcontext():
+            result = driver.train(training.task, Place())
+        yield training, result
 
 
 def _on_ray(trainings: Iterable[Training], driver: Driver) -> Iterator[tuple[Training, dict]]:
