@@ -80,10 +80,14 @@ def test_the_best_of_many_is_registered_if_its_run_still_exists_and_the_parent_s
         registry.Candidate(deleted.run_id, tmp_path / "model", 0.99),
         registry.Candidate(no_model.run_id, gone, 0.98),  # its pyfunc model cannot be made
         registry.Candidate(best.run_id, gone, 0.95, test_accuracy=0.5, labels={"row": "3", "seed": 2}),
-        registry.Candidate(tied.run_id, gone, 0.95),  # a tie goes to the earlier candidate
+        registry.Candidate(tied.run_id, gone, 0.95, labels={"row": "3", "seed": 3}),  # ties: the earlier wins
+        registry.Candidate(no_model.run_id, gone, 0.95, labels={"row": "4", "seed": 1}),  # tied, but no model
     ]
     with tracked_run(TrackingConfig(experiment="reg")) as parent:
-        assert registry.register_best(parent, candidates, "digits") == registry.Registered("digits", "1", "1")
+        assert registry.register_best(parent, candidates, "digits") == registry.Registered(
+            "digits", "1", "1", tie="tie with row 3 seed 3 at 95.00%: the earlier, row 3 seed 2, is registered"
+        )
+        assert registry.register_best(parent, candidates[:5], "digits").tie == ""  # alone at 0.95
         assert registry.register_best(parent, candidates[:4], "digits") is None
     (version,) = client.search_model_versions("name = 'digits'")
     assert version.run_id == best.run_id and version.tags["test_accuracy"] == "0.5"

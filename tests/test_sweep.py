@@ -16,8 +16,11 @@ from test_table import write_set
 
 from pipeline.core.files import load_npz
 from pipeline.stages import sweep as sweep_stage
+from pipeline.sweep import runner
 from pipeline.sweep import study as studies
-from pipeline.tracking import flatten
+from pipeline.sweep.report import sweep_summary
+from pipeline.sweep.space import parse_space
+from pipeline.tracking import TrackingConfig, flatten
 
 GRID = ["-S", "train.eta=0.05,0.5", "-S", "train.epochs=2", "-S", "train.architecture=shallow"]
 SEARCH = ["-S", "train.eta=tag(log, interval(0.01, 1))", "-S", "train.epochs=2", "-S", "train.architecture=shallow"]
@@ -80,8 +83,12 @@ def test_a_grid_trains_each_point_once_as_a_child_run_like_the_train_stage(data,
         assert steps == [1, 2]
         files = {f.path for f in client.list_artifacts(run.info.run_id, "model_files")}
         assert "model_files/model.npz" in files
-    # the best by validation accuracy, as the children recorded it (never by test accuracy)
-    best = max(children, key=lambda r: r.data.metrics["final_best_validation_accuracy"])
+    # the best by validation accuracy, as the children recorded it (never by test accuracy); ties: the
+    # earlier point of the grid (eta 0.05)
+    best = min(
+        children,
+        key=lambda r: (-r.data.metrics["final_best_validation_accuracy"], float(r.data.params["train.eta"])),
+    )
     assert parent.data.tags["best.train.eta"] == best.data.params["train.eta"]
     assert parent.data.tags["best.run_id"] == best.info.run_id
     assert parent.data.metrics["best_validation_accuracy"] == best.data.metrics["final_best_validation_accuracy"]
@@ -156,6 +163,70 @@ def test_an_optuna_search_grows_with_a_second_call_and_a_restarted_driver_finish
     assert sweep(data, out, *SEARCH, "--name", "search", "--search", "optuna", "--trials", "5") == 0
     assert len(optuna.load_study(study_name="search", storage=storage).trials) == 5
     assert len(runs()[1]) == len(all_runs)
+
+
+def test_an_optuna_search_with_two_trainings_in_flight_finishes_exactly_its_trials(data, tmp_path, monkeypatch):
+    optuna = pytest.importorskip("optuna", reason="pip install -e '.[cluster]'")
+    pytest.importorskip("ray", reason="--jobs runs on Ray: pip install -e '.[cluster]'")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)  # the sweep's own cache, checked below
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "two"
+    args = [*SEARCH, "--name", "two", "--search", "optuna", "--trials", "3", "--seed", "1", "--jobs", "2"]
+    assert sweep(data, out, *args) == 0
+    study = optuna.load_study(study_name="two", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    _, all_runs = runs()
+    (parent,) = [r for r in all_runs if r.data.tags.get("sweep.role") == "parent"]
+    children = children_of(all_runs, parent)
+    assert sorted(int(r.data.tags["sweep.optuna_trial"]) for r in children) == [0, 1, 2]
+    assert {(r.info.status, r.data.tags["ray.node_ip"]) for r in children} == {("FINISHED", "127.0.0.1")}
+    assert len(all_runs) == 4  # the parent and three trainings: none begun past the budget
+    assert any((out / ".jax-cache").iterdir())  # the workers shared the sweep's compilation cache
+
+
+def test_a_point_asked_again_while_it_trains_counts_toward_the_budget(data, tmp_path):
+    """Two trainings in flight, as --jobs 2 runs them, and Optuna asking the same point three times:
+    those three trials are the budget of 3, and nothing more is asked or trained."""
+    pytest.importorskip("optuna", reason="pip install -e '.[cluster]'")
+    space = parse_space(["train.eta=0.05,0.5"], yaml.safe_load((data / "params.yaml").read_text()))
+    sweep_run = runner.SweepConfig(
+        name="budget", space=space, search="optuna", trials=3, tracking=TrackingConfig(enabled=False)
+    )
+    study = studies.open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "budget")
+    for eta in (0.05, 0.05, 0.05, 0.5, 0.5):  # what Optuna will propose, in this order
+        study.enqueue_trial({"train.eta": eta})
+    paths = {"prepared": data / "prepared", "expanded": data / "expanded"}
+    asking = runner._Asking(study, sweep_run, paths, tmp_path, "driver")
+    pending, running, trained = asking.trials(), [], []
+    while True:  # as the driver reads the trials: a new one only when one of two places is free
+        while len(running) < 2 and (trial := next(pending, None)) is not None:
+            running.append(trial)
+        if not running:
+            break
+        trial = running.pop(0)
+        trained.append(trial.point["train.eta"])
+        asking.tell(trial, {"key": trial.key, "point": dict(trial.point), "validation_accuracy": 0.9})
+    assert trained == [0.05]
+    states = [t.state.name for t in study.get_trials()]
+    assert states.count("COMPLETE") == 3 and "RUNNING" not in states
+
+
+def test_a_tie_goes_to_the_earlier_trial_and_the_summary_says_so(data):
+    space = parse_space(["train.eta=0.05,0.5"], yaml.safe_load((data / "params.yaml").read_text()))
+    sweep_run = runner.SweepConfig(name="ties", space=space, tracking=TrackingConfig(enabled=False))
+    results = [  # as an Optuna study holds them: in any order, numbered
+        {"key": "c", "number": 3, "point": {}, "validation_accuracy": 0.985},
+        {"key": "a", "number": 1, "point": {}, "validation_accuracy": 0.985},
+        {"key": "b", "number": 2, "point": {}, "validation_accuracy": 0.99},
+        {"key": "d", "number": 4, "point": {}, "failed": "cost diverged"},
+    ]
+    assert (sweep_summary(sweep_run, results)["best"]["number"], sweep_summary(sweep_run, results)["tie"]) == (2, "")
+    results[2]["validation_accuracy"] = 0.985
+    summary = sweep_summary(sweep_run, results)
+    assert summary["best"]["number"] == 1
+    assert summary["tie"] == "tie with trial 2, trial 3 at 98.50%: the earlier, trial 1, is kept"
+    grid = [{**r, "number": None} for r in results[:2]]  # a grid's points: by key
+    assert sweep_summary(sweep_run, grid)["tie"] == "tie with trial c at 98.50%: the earlier, trial a, is kept"
 
 
 @pytest.mark.parametrize(

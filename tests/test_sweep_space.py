@@ -274,3 +274,38 @@ def test_the_space_and_study_modules_import_optuna_only_when_asked():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+# +extra keys: no training reads them, so every point is the same training config, checked once;
+# the edge is what is tested, not the config checks (train.seed=range(0,1000) takes 20 s)
+@pytest.mark.parametrize("count", [1_000, 1_001])
+def test_an_override_may_have_1000_values_and_not_one_more(count, params):
+    override = f"+extra.n=range(0,{count})"
+    if count == 1_000:
+        (axis,) = parse_space([override], params).axes
+        assert axis.values == tuple(range(1_000))  # every value, in order, none dropped at the limit
+        return
+    assert refusal([override], params) == (
+        f"-S {override} (params.yaml): gives more than the 1,000 values a sweep's override may have: narrow it"
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, size",
+    [
+        (["+extra.a=range(0,8)", "+extra.b=range(0,125)"], "8 x 125 = 1,000"),
+        (["+extra.a=range(0,7)", "+extra.b=range(0,11)", "+extra.c=range(0,13)"], "7 x 11 x 13 = 1,001"),
+    ],
+    ids=["1000", "1001"],
+)
+def test_a_grid_may_have_1000_trainings_and_not_one_more(overrides, size, params):
+    space = parse_space(overrides, params)
+    if size.endswith("= 1,000"):
+        points = space.grid()
+        assert len(points) == 1_000 and len({tuple(point.values()) for point in points}) == 1_000
+        assert (points[0], points[-1]) == ({"extra.a": 0, "extra.b": 0}, {"extra.a": 7, "extra.b": 124})
+        return
+    assert refusal(overrides, params) == (
+        f"{' '.join(f'-S {o}' for o in overrides)} (params.yaml): a grid of {size} trainings, more than the "
+        "1,000 a grid may have: narrow the values, or sample them with --search optuna --trials N"
+    )

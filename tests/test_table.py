@@ -17,6 +17,7 @@ from pipeline.data.splits import load_split
 from pipeline.nn.model_io import load_model
 from pipeline.stages import table as table_stage
 from pipeline.table import lines as table_lines
+from pipeline.table import report as table_report
 from pipeline.table import results as table_results
 from pipeline.table import rows as table_rows
 from pipeline.table import runner
@@ -211,7 +212,7 @@ def test_a_second_invocation_trains_nothing_and_an_interrupted_seed_resumes(firs
     resumed = runner.run_table(**kwargs)
     assert resumed["trained"] == [("3", 1)]
     assert (
-        json.loads((out / "table" / "3" / "seed1" / "metrics" / "train_info.json").read_text())["resumed_from_epoch"]
+        json.loads((out / "table" / "3" / "seed1" / "metrics" / "train_timings.json").read_text())["resumed_from_epoch"]
         == 1
     )
     assert _same_but_time(resumed["lines"], json.loads(results)["lines"])
@@ -328,7 +329,7 @@ def test_register_makes_the_best_single_network_by_validation_the_champion(first
     monkeypatch.chdir(out)
     client = MlflowClient(tracking_uri=uri)
     assert table_command(data, out / "table", "--rows", "1,2", "--repeats", "1", "--register") == 0  # trains nothing
-    assert capsys.readouterr().out.splitlines()[-1] == "registered table-test-model version 1 (champion: version 1)"
+    printed = capsys.readouterr().out.splitlines()[-1]
 
     # every training of the table counts, not only rows 1 and 2: the best by validation accuracy, ties to
     # the earlier row, then the lower seed; the ensembles (9, 9avg) have no run of their own
@@ -344,6 +345,11 @@ def test_register_makes_the_best_single_network_by_validation_the_champion(first
         ),
     )
     best, runner_up = ranked[0], ranked[1]
+    accuracy = best.data.metrics["final_best_validation_accuracy"]
+    tied = [r for r in ranked[1:] if r.data.metrics["final_best_validation_accuracy"] == accuracy]
+    names = [f"row {r.data.tags['row']} seed {r.data.tags['seed']}" for r in (best, *tied)]
+    tie = f"; tie with {', '.join(names[1:])} at {100 * accuracy:.2f}%: the earlier, {names[0]}, is registered"
+    assert printed == "registered table-test-model version 1 (champion: version 1)" + (tie if tied else "")
     champion = client.get_model_version_by_alias("table-test-model", "champion")
     assert str(champion.version) == "1" and champion.run_id == best.info.run_id
     seed_dir = out / "table" / best.data.tags["row"] / f"seed{best.data.tags['seed']}"
@@ -377,7 +383,11 @@ def test_register_makes_the_best_single_network_by_validation_the_champion(first
         )
     finally:
         client.restore_run(best.info.run_id)
-    assert again["registered"] == registry.Registered("table-test-model", "2", "1")
+    accuracy = runner_up.data.metrics["final_best_validation_accuracy"]
+    tied = [r for r in ranked[2:] if r.data.metrics["final_best_validation_accuracy"] == accuracy]
+    names = [f"row {r.data.tags['row']} seed {r.data.tags['seed']}" for r in (runner_up, *tied)]
+    tie = f"tie with {', '.join(names[1:])} at {100 * accuracy:.2f}%: the earlier, {names[0]}, is registered"
+    assert again["registered"] == registry.Registered("table-test-model", "2", "1", tie=tie if tied else "")
     assert client.get_model_version("table-test-model", "2").run_id == runner_up.info.run_id
     assert client.get_model_version_by_alias("table-test-model", "champion").run_id == best.info.run_id
 
@@ -558,6 +568,11 @@ def assert_shifted_row(results: dict, key: str, out: Path, data: Path, monkeypat
     assert "test.npz" in read and "validation.npz" not in read  # nothing to score: validation is not read
 
 
+@pytest.mark.parametrize("repeats", [1, 100])
+def test_repeats_of_1_and_100_are_accepted(repeats):
+    assert runner.TableConfig(keys=("1",), repeats=repeats).seeds_wanted(table_rows.BY_KEY["1"]) == repeats
+
+
 @pytest.mark.parametrize("repeats", [0, -5, 101, 10**9])
 def test_repeats_outside_1_to_100_are_refused(data, tmp_path, repeats):
     with pytest.raises(ConfigError, match=rf"Got --repeats {repeats}: must be 1 to 100"):
@@ -664,11 +679,18 @@ def test_a_row_takes_the_seed_with_the_best_validation_accuracy_ties_to_the_lowe
         }
 
     row = table_rows.BY_KEY["4"]
-    line = table_lines.training_line(row, [result(1, 0.98, 0.97), result(2, 0.99, 0.96), result(3, 0.99, 0.95)], 3)
-    assert (line["best_seed"], line["ours"]) == (2, 0.96)
+    tied = table_lines.training_line(row, [result(1, 0.98, 0.97), result(2, 0.99, 0.96), result(3, 0.99, 0.95)], 3)
+    assert (tied["best_seed"], tied["ours"]) == (2, 0.96)
+    assert tied["tie"] == "tie with seed 3 at 99.00%: the earlier, seed 2, is kept"
     line = table_lines.training_line(row, [result(1, 0.97, 0.97), result(2, 0.96, 0.99)], 3)
-    assert (line["best_seed"], line["ours"], line["n"]) == (1, 0.97, 2)
+    assert (line["best_seed"], line["ours"], line["n"]) == (1, 0.97, 2) and "tie" not in line
     assert line["mean"] == pytest.approx(0.98) and line["std"] == pytest.approx(np.std([0.97, 0.99], ddof=1))
+
+    # the report names the tie, once, and no row without one
+    results = {"quick": False, "quick_settings": None, "code": "c", "lines": [tied, {**line, "row": "5"}]}
+    report = table_report.report_markdown(results)
+    assert report.count("tie with") == 1
+    assert "Ties of validation accuracy: row 4: tie with seed 3 at 99.00%: the earlier, seed 2, is kept." in report
 
 
 def test_a_committee_of_ten_combines_seeds_1_to_10_and_waits_for_all_ten():

@@ -19,7 +19,6 @@ On the project's 2-core CPU one training already keeps both cores busy, so expec
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
 import sys
@@ -32,13 +31,11 @@ import numpy as np
 from pipeline.cluster.config import ClusterConfig
 from pipeline.core.config import PipelineError, from_section, load_params
 from pipeline.core.files import save_npz
-from pipeline.data.splits import load_split
 from pipeline.nn.backend import Backend
-from pipeline.nn.compile_cache import jax_compilation_cache
 from pipeline.nn.config import TrainConfig
 from pipeline.table import runner
 from pipeline.table.datasets import Data
-from pipeline.table.jobs import Job, train_jobs
+from pipeline.table.jobs import Job, JobContext, train_jobs
 from pipeline.table.rows import BY_KEY, ROWS, Row, train_config
 
 
@@ -72,7 +69,6 @@ def run_mode(
     row: Row, *, networks: int, jobs: int, epochs: int, data: Data, out: Path, engine: str, device: str
 ) -> float:
     """Wall seconds to train ``networks`` seeds of ``row``, ``jobs`` at a time, from an empty cache."""
-    test_images, test_labels = load_split(data.test)
     todo = []
     for seed in range(1, networks + 1):
         config = train_config(row, seed, quick=False, engine=engine, device=device, steps_per_call=500)
@@ -81,21 +77,9 @@ def run_mode(
     table = runner.TableConfig(
         keys=(row.key,), engine=engine, device=device, cluster=_cluster(jobs, device), progress=False
     )
-    cache = out / ".jax-cache"
-    # --jobs 1 trains in this process, where the table opens the cache around it; workers open their own
-    in_here = jax_compilation_cache(cache) if engine == "jax" and jobs == 1 else contextlib.nullcontext()
-    start = time.perf_counter()
-    with in_here:
-        finished = list(
-            train_jobs(
-                todo,
-                table,
-                test={"images": test_images, "labels": test_labels},
-                code="benchmark",
-                parent_id=None,
-                cache_dir=cache,
-            )
-        )
+    context = JobContext(table, code="benchmark", parent_id=None)
+    start = time.perf_counter()  # the driver opens the cache, in this process or for its workers
+    finished = list(train_jobs(todo, context, cache_dir=out / ".jax-cache"))
     seconds = time.perf_counter() - start
     if len(finished) != networks:
         raise PipelineError(f"--jobs {jobs}: {len(finished)} of {networks} trainings finished")

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if summary["best"] is not None:
             best = summary["best"]
             point = " ".join(f"{key}={value}" for key, value in best["point"].items())
-            print(f"  best: {point}, validation accuracy {100 * best['validation_accuracy']:.2f}%")
+            tie = f" ({summary['tie']})" if summary["tie"] else ""
+            print(f"  best: {point}, validation accuracy {100 * best['validation_accuracy']:.2f}%{tie}")
 
     return cli.run(run, parser, argv)

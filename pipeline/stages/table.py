@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 def registered_text(registered: Registered | None) -> str:
     if registered is None:
         return "registered nothing: no network with an MLflow run and a model (see the warning above)"
-    return f"registered {registered.name} version {registered.version} (champion: version {registered.champion})"
+    text = f"registered {registered.name} version {registered.version} (champion: version {registered.champion})"
+    return text + (f"; {registered.tie}" if registered.tie else "")
 
 
 def missing_text(missing: list[tuple[str, int]]) -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.evaluation.plots import plt, save_figure
+from pipeline.tracking.registry import earliest_best, tie_note
 
 if TYPE_CHECKING:
     from pipeline.sweep.runner import SweepConfig
@@ -13,10 +14,10 @@ if TYPE_CHECKING:
 
 def sweep_summary(sweep: SweepConfig, results: list[dict]) -> dict:
     """sweep.json's content: the trials in order, and the best one, chosen by validation accuracy
-    (ties: the earlier trial), never by test accuracy."""
+    (ties: the earlier trial, and ``tie`` says which trials it tied with), never by test accuracy."""
     trials = sorted(results, key=lambda r: (r.get("number") is None, r.get("number") or 0, r["key"]))
     scored = [r for r in trials if "validation_accuracy" in r]
-    best = max(scored, key=lambda r: r["validation_accuracy"], default=None)  # max keeps the first of ties
+    best, tied = earliest_best(scored, lambda r: r["validation_accuracy"])
     return {
         "name": sweep.name,
         "search": sweep.search,
@@ -25,7 +26,13 @@ def sweep_summary(sweep: SweepConfig, results: list[dict]) -> dict:
         "finished": len(scored),
         "failed": len(trials) - len(scored),
         "best": best,
+        "tie": tie_note(trial_name(best), [trial_name(r) for r in tied], best["validation_accuracy"]) if best else "",
     }
+
+
+def trial_name(result: dict) -> str:
+    """ "trial 3" (its Optuna number), or for a grid's point "trial <key>"."""
+    return f"trial {result['number'] if result.get('number') is not None else result['key']}"
 
 
 def write_plot(summary: dict, path: Path) -> None:

@@ -21,13 +21,14 @@ deploy/stack.sh), adds trials to the same study; so do several drivers at once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,14 +36,13 @@ from tqdm import tqdm
 
 from pipeline import tracking
 from pipeline.cluster.config import ClusterConfig
-from pipeline.cluster.node import TASK_TAG, write_outputs
-from pipeline.cluster.tasks import ray_session, run_tasks, shared_storage
+from pipeline.cluster.driver import Driver, Training, run_trainings
 from pipeline.core.config import ConfigError
 from pipeline.core.files import write_json
 from pipeline.sweep import study as studies
 from pipeline.sweep.report import sweep_summary, write_plot
 from pipeline.sweep.space import SearchSpace
-from pipeline.sweep.trials import RESULT_FILE, Trial, finished, shipment, train_trial
+from pipeline.sweep.trials import Trial, finished, train_trial
 from pipeline.tracking import registry
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def _grid(sweep: SweepConfig, points: list[dict], paths: dict, out_dir: Path, pa
     todo = [trial for trial, result in zip(trials, earlier) if result is None]
     log.info("sweep %s: %d points, %d finished before, %d to train", sweep.name, len(trials), len(results), len(todo))
     with tqdm(total=len(todo), desc="trials", disable=not sweep.progress) as bar:
-        for _, result in execute(sweep, todo, parent_id):
+        for _, result in execute(sweep, [trial.training() for trial in todo], parent_id, out_dir):
             results.append(result)
             bar.update()
     return results
@@ -173,7 +173,7 @@ def _optuna(sweep: SweepConfig, paths: dict, out_dir: Path, parent_id: str | Non
     with tqdm(
         total=sweep.trials, initial=studies.finished_count(study), desc="trials", disable=not sweep.progress
     ) as bar:
-        for trial, result in execute(sweep, asking.trials(), parent_id):
+        for trial, result in execute(sweep, (trial.training() for trial in asking.trials()), parent_id, out_dir):
             asking.tell(trial, result)
             bar.update()
     return studies.results(study)
@@ -194,10 +194,15 @@ class _Asking:
         for frozen in studies.own_running_trials(self.study, self.driver):
             yield from self._start(frozen.number, frozen.params)
         distributions = self.sweep.space.distributions()
-        while studies.finished_count(self.study) + len(self.in_flight) < self.sweep.trials:
+        while studies.finished_count(self.study) + self.asked_in_flight() < self.sweep.trials:
             asked = self.study.ask(distributions)
             studies.mark_driver(asked, self.driver)
             yield from self._start(asked.number, asked.params)
+
+    def asked_in_flight(self) -> int:
+        """The trials asked and not yet told: every one will finish, so each counts toward --trials
+        (a point asked twice while it trains is one training but two trials)."""
+        return sum(len(numbers) for numbers in self.in_flight.values())
 
     def _start(self, number: int, point: dict) -> Iterator[Trial]:
         trial = _trial(self.sweep, dict(point), self.paths, self.out_dir, number)
@@ -217,26 +222,19 @@ class _Asking:
         studies.tell(self.study, number, {**result, "number": number})
 
 
-def execute(sweep: SweepConfig, trials, parent_id: str | None) -> Iterator[tuple[Trial, dict]]:
+def execute(
+    sweep: SweepConfig, trainings: Iterable[Training], parent_id: str | None, out_dir: Path
+) -> Iterator[tuple[Trial, dict]]:
     """Train each trial, in this process one at a time or as Ray tasks; yields (trial, result)."""
-    cluster = sweep.cluster
-    if cluster.local and cluster.jobs == 1:
-        for trial in trials:
-            log.info("%s: %s", trial.name, sweep.space.describe(trial.point))
-            yield trial, train_trial(trial, parent_id, None)[0]
-        return
-    storage = None if cluster.local else shared_storage(cluster, sweep.tracking)
-    refs: dict = {}
-    calls = ((trial.name, (trial, parent_id, shipment(trial, storage, refs) if storage else None)) for trial in trials)
-    with ray_session(cluster):
-        for (trial, _, sent), (result, files) in run_tasks(train_trial, calls, cluster):
-            if files:
-                write_outputs(trial.folder, files, last=RESULT_FILE)
-                storage.delete(sent.checkpoint_key)
-                if "run_id" in result:
-                    tracking.end_orphan_runs(sweep.tracking, {TASK_TAG: sent.key}, keep=result["run_id"])
-            log.info("%s on %s: %s", trial.name, result.get("ray.node_ip", "this machine"), _outcome(result))
-            yield trial, result
+    driver = Driver(
+        train=functools.partial(train_trial, parent_id),
+        cluster=sweep.cluster,
+        tracking=sweep.tracking,
+        compile_cache=out_dir / ".jax-cache",
+    )
+    for training, result in run_trainings(trainings, driver):
+        log.info("%s on %s: %s", training.name, result.get("ray.node_ip", "this machine"), _outcome(result))
+        yield training.task, result
 
 
 def _outcome(result: dict) -> str:

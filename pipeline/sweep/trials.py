@@ -13,16 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.cluster.node import TASK_TAG, Shipment, node_tags, on_node
-from pipeline.cluster.storage import DataRef, SharedStorage
+from pipeline.cluster.driver import RESULT_FILE, Place, Training
+from pipeline.cluster.node import TASK_TAG, node_tags
 from pipeline.core.files import write_json
 from pipeline.nn.config import TrainConfig
 from pipeline.nn.fit import TrainingDiverged
 from pipeline.tracking.tracked import TrackedTraining, stage_training, train_tracked
 
 log = logging.getLogger(__name__)
-
-RESULT_FILE = "result.json"  # written last: a trial folder holding it is finished
 
 
 @dataclass(frozen=True)
@@ -47,13 +45,14 @@ class Trial:
     def dataset(self) -> str:
         return self.params["train"].get("dataset", TrainConfig.dataset)
 
-    def inputs(self) -> dict[str, Path]:
-        """The data files the training reads, by their name under its data folder."""
+    def training(self) -> Training:
+        """The trial for :func:`pipeline.cluster.driver.run_trainings`, with the data files it reads."""
         train = self.prepared if self.dataset == "prepared" else self.expanded
-        return {
+        inputs = {
             f"{self.dataset}/train.npz": train / "train.npz",
             "prepared/validation.npz": self.prepared / "validation.npz",
         }
+        return Training(self.name, f"sweep-{self.sweep}-{self.key}", self.folder, inputs, self)
 
 
 def finished(trial: Trial) -> dict | None:
@@ -62,21 +61,15 @@ def finished(trial: Trial) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def shipment(trial: Trial, storage: SharedStorage, refs: dict[Path, DataRef]) -> Shipment:
-    """The trial's files for a node of a cluster; ``refs`` remembers what was sent already."""
-    return Shipment(storage, f"sweep-{trial.sweep}-{trial.key}", storage.publish_each(trial.inputs(), refs))
-
-
-def train_trial(trial: Trial, parent_id: str | None, sent: Shipment | None) -> tuple[dict, dict[str, bytes]]:
-    """Train ``trial`` (a Ray task, or a call in this process when ``sent`` is None); returns its result
-    and, on a node of a cluster, the files it wrote, for the driver's folder."""
-    if sent is None:
-        return _train(trial, parent_id), {}
-    with on_node(sent) as node:
-        here = dataclasses.replace(
+def train_trial(parent_id: str | None, trial: Trial, place: Place) -> dict:
+    """Train ``trial`` where the driver put it (:class:`pipeline.cluster.driver.Place`): in this
+    machine's folders, or in its folder on a node of a cluster; its result, RESULT_FILE written last."""
+    if place.node is not None:
+        node = place.node
+        trial = dataclasses.replace(
             trial, folder=node.folder, prepared=node.data / "prepared", expanded=node.data / "expanded"
         )
-        return _train(here, parent_id, on_checkpoint=node.save_checkpoints, task=sent.key), node.outputs()
+    return _train(trial, parent_id, on_checkpoint=place.on_checkpoint, task=place.task)
 
 
 def _train(

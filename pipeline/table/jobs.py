@@ -5,6 +5,7 @@ machine, ``--ray ADDRESS`` on a cluster: :mod:`pipeline.cluster`)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -16,9 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import tracking
-from pipeline.cluster.node import TASK_TAG, Shipment, node_tags, on_node, write_outputs
-from pipeline.cluster.storage import DataRef, SharedStorage
-from pipeline.cluster.tasks import ray_session, run_tasks, shared_storage
+from pipeline.cluster.driver import RESULT_FILE, Driver, Place, Training, in_process, run_trainings
+from pipeline.cluster.node import TASK_TAG, node_tags
 from pipeline.core.config import PipelineError
 from pipeline.core.files import save_npz, write_json
 from pipeline.data.expand import ExpandConfig
@@ -27,7 +27,7 @@ from pipeline.nn.config import TrainConfig, TrainPaths
 from pipeline.nn.model_io import load_model
 from pipeline.table.datasets import Data
 from pipeline.table.report import pct
-from pipeline.table.results import PROBABILITIES_FILE, RESULT_FILE
+from pipeline.table.results import PROBABILITIES_FILE
 from pipeline.table.rows import BY_KEY
 from pipeline.tracking.tracked import TrackedTraining, train_tracked
 
@@ -49,83 +49,58 @@ class Job:
     seed_dir: Path
     data: Data  # the row's data (see row_data)
 
+    def training(self) -> Training:
+        """The job for :func:`pipeline.cluster.driver.run_trainings`, with the data files it reads."""
+        folder = "prepared" if self.config.dataset == "prepared" else "expanded"
+        inputs = {
+            "prepared/validation.npz": self.data.prepared / "validation.npz",
+            "test.npz": self.data.test,
+            f"{folder}/train.npz": self.data.train_path(self.config.dataset),
+        }
+        return Training(f"row {self.row} seed {self.seed}", f"table-{self.key}", self.seed_dir, inputs, self)
 
-def train_jobs(
-    todo: list[Job], table: TableConfig, *, test: dict, code: str, parent_id: str | None, cache_dir: Path
-) -> Iterator:
+
+@dataclass(frozen=True)
+class JobContext:
+    """What every job of one table call shares."""
+
+    table: TableConfig
+    code: str  # the training code's version (cache.code_version), stamped on each result
+    parent_id: str | None  # the table's MLflow run
+
+
+def train_jobs(todo: list[Job], context: JobContext, cache_dir: Path) -> Iterator[tuple[Job, dict]]:
     """Train every job, one at a time in this process or side by side on Ray (``table.cluster``);
-    yields (job, result) as each finishes."""
-    if table.cluster.local and (table.cluster.jobs == 1 or len(todo) <= 1):
-        for job in todo:
-            log.info("row %s (%s), seed %d of %d", job.row, BY_KEY[job.row].description, job.seed, job.of)
-            yield job, train_one(job, table, test=test, code=code, parent_id=parent_id)
-        return
-    if todo:
-        yield from _train_on_ray(todo, table, code=code, parent_id=parent_id, cache_dir=cache_dir)
-
-
-def _train_on_ray(
-    todo: list[Job], table: TableConfig, *, code: str, parent_id: str | None, cache_dir: Path
-) -> Iterator:
-    cluster = table.cluster
-    if cluster.local:  # the processes share this machine's compilation cache, as one at a time does
-        storage = None
-        env = {"JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    else:
-        storage, env = shared_storage(cluster, table.tracking), {}
-    shipments = _shipments(todo, storage) if storage else [None] * len(todo)
-    node_table = dataclasses.replace(table, progress=False)
-    calls = [
-        (f"row {job.row} seed {job.seed}", (job, node_table, code, parent_id, shipment))
-        for job, shipment in zip(todo, shipments)
-    ]
-    with ray_session(cluster, env), tqdm(total=len(todo), desc="trainings", disable=not table.progress) as bar:
-        for (job, *_, shipment), (result, files) in run_tasks(train_on_node, calls, cluster):
-            if files:
-                write_outputs(job.seed_dir, files, last=RESULT_FILE)
-                storage.delete(shipment.checkpoint_key)
-                tracking.end_orphan_runs(table.tracking, {TASK_TAG: shipment.key}, keep=result["run_id"])
+    yields (job, result) as each finishes. ``cache_dir``: XLA's compilation cache, for the jax engine."""
+    table = context.table
+    driver = Driver(
+        train=functools.partial(run_job, context),
+        cluster=table.cluster,
+        tracking=table.tracking,
+        compile_cache=cache_dir if table.engine == "jax" else None,
+    )
+    trainings = [job.training() for job in todo]
+    quiet = not table.progress or in_process(trainings, table.cluster)  # one at a time: each has its own bar
+    with tqdm(total=len(todo), desc="trainings", disable=quiet) as bar:
+        for training, result in run_trainings(trainings, driver):
+            job = training.task
             accuracy = pct(result["test_accuracy"])
             log.info("row %s, seed %d: done on %s, test accuracy %s", job.row, job.seed, result["node"], accuracy)
             bar.update()
             yield job, result
 
 
-def _shipments(todo: list[Job], storage: SharedStorage) -> list[Shipment]:
-    """Each job's data sets, sent to the shared storage once (by content), and its checkpoint folder."""
-    sent: dict[Path, DataRef] = {}
-    shipments = []
-    for job in todo:
-        folder = "prepared" if job.config.dataset == "prepared" else "expanded"
-        files = {
-            "prepared/validation.npz": job.data.prepared / "validation.npz",
-            "test.npz": job.data.test,
-            f"{folder}/train.npz": job.data.train_path(job.config.dataset),
-        }
-        shipments.append(Shipment(storage, f"table-{job.key}", storage.publish_each(files, sent)))
-    return shipments
-
-
-def train_on_node(job: Job, table: TableConfig, code: str, parent_id: str | None, shipment: Shipment | None):
-    """A Ray task: ``train_one`` on whichever node Ray chose; returns (result, the files written when
-    the node is not this machine)."""
-    label = f"row {job.row} seed {job.seed}"
-    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s %(name)s [{label}]: %(message)s")
-    if shipment is None:  # this machine: the driver's own folders (and compilation cache, from the env)
-        return train_one(job, table, test=_test_set(job.data.test), code=code, parent_id=parent_id), {}
-    with on_node(shipment) as node:
+def run_job(context: JobContext, job: Job, place: Place) -> dict:
+    """One job where the driver put it: in this machine's folders, or in its folder on a node."""
+    log.info("row %s (%s), seed %d of %d", job.row, BY_KEY[job.row].description, job.seed, job.of)
+    table = dataclasses.replace(context.table, progress=False) if place.worker else context.table
+    if place.node is not None:
+        node = place.node
         data = Data(node.data / "prepared", node.data / "expanded", node.data / "test.npz")
-        here = dataclasses.replace(job, seed_dir=node.folder, data=data)
-        result = train_one(
-            here,
-            table,
-            test=_test_set(data.test),
-            code=code,
-            parent_id=parent_id,
-            on_checkpoint=node.save_checkpoints,
-            task=shipment.key,
-        )
-        return result, node.outputs()
+        job = dataclasses.replace(job, seed_dir=node.folder, data=data)
+    return train_one(
+        job, table, code=context.code, parent_id=context.parent_id, on_checkpoint=place.on_checkpoint, task=place.task
+    )
 
 
 def _test_set(path: Path) -> dict:
@@ -137,7 +112,6 @@ def train_one(
     job: Job,
     table: TableConfig,
     *,
-    test: dict,
     code: str,
     parent_id: str | None,
     on_checkpoint: Callable[[], None] | None = None,
@@ -148,7 +122,7 @@ def train_one(
     start = time.perf_counter()
     tags = {**node_tags(), **({TASK_TAG: task} if task else {})}
     training = dataclasses.replace(_tracked_training(job, table, parent_id, tags), on_checkpoint=on_checkpoint)
-    config, scores = job.config, {}
+    config, scores, test = job.config, {}, _test_set(job.data.test)
 
     def score_test_set(run, summary):
         model = load_model(training.paths.model, engine=config.engine, device=config.device)

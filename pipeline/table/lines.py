@@ -18,6 +18,7 @@ from pipeline.evaluation.shifts import shifted_probabilities
 from pipeline.nn.model_io import load_model
 from pipeline.table.datasets import Data
 from pipeline.table.rows import BY_KEY, Row
+from pipeline.tracking.registry import earliest_best, tie_note
 
 
 def line_head(row: Row, kind: str) -> dict:
@@ -57,12 +58,15 @@ def training_line(row: Row, results: list[dict], n_wanted: int) -> dict:
 
 def pick(seeds: list[dict]) -> dict:
     """The book's figure from seeds' results (best_validation_accuracy, test_accuracy, seed): the test
-    accuracy of the seed with the best validation accuracy, and the mean and spread over all seeds."""
-    best = max(seeds, key=lambda s: s["best_validation_accuracy"])  # ties: the first, the lowest seed
+    accuracy of the seed with the best validation accuracy (``tie``: which seeds had the same), and
+    the mean and spread over all seeds."""
+    best, tied = earliest_best(seeds, lambda s: s["best_validation_accuracy"])  # ties: the lowest seed
     tests = np.array([s["test_accuracy"] for s in seeds])
+    tie = tie_note(f"seed {best['seed']}", [f"seed {s['seed']}" for s in tied], best["best_validation_accuracy"])
     return {
         "ours": best["test_accuracy"],
         "best_seed": best["seed"],
+        **({"tie": tie} if tie else {}),
         "mean": float(tests.mean()),
         "std": float(tests.std(ddof=1)) if len(tests) > 1 else None,
         "n": len(seeds),

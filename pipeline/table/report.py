@@ -60,6 +60,7 @@ def report_markdown(results: dict, pictures: dict[str, str] | None = None) -> st
         "",
         _code_note(results, trainings),
         "",
+        *_tie_notes(results["lines"]),
     ]
     for name, caption in (pictures or {}).items():
         lines += [f"![{caption}]({name})", ""]
@@ -158,6 +159,12 @@ def _code_note(results: dict, trainings: list[dict]) -> str:
         note + f". Some networks were trained by other versions of it ({listed}); delete OUT/<row> and run "
         "the command again to retrain a row with the current code."
     )
+
+
+def _tie_notes(lines: list[dict]) -> list[str]:
+    """Rows whose best validation accuracy several seeds share: which seed the figure comes from."""
+    ties = [f"row {line['row']}: {line['tie']}" for line in lines if line.get("tie")]
+    return [f"Ties of validation accuracy: {'; '.join(ties)}.", ""] if ties else []
 
 
 def plot_report(results: dict, path: Path) -> None:

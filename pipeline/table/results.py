@@ -10,16 +10,13 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.cluster.driver import RESULT_FILE
 from pipeline.core.files import sha256_file
 from pipeline.nn.checkpoint import training_source_hashes
 from pipeline.nn.config import TrainConfig
 
 if TYPE_CHECKING:
     from pipeline.table.datasets import Data
-
-
-RESULT_FILE = "result.json"
-
 
 PROBABILITIES_FILE = "test_probabilities.npz"
 

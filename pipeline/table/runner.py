@@ -58,7 +58,7 @@ from pipeline.core.files import load_npz, sha256_file, write_json
 from pipeline.data.splits import load_split
 from pipeline.nn.compile_cache import jax_compilation_cache
 from pipeline.table.datasets import Data, quick_data, row_data, source_of
-from pipeline.table.jobs import Job, train_jobs
+from pipeline.table.jobs import Job, JobContext, train_jobs
 from pipeline.table.lines import ensemble_line, shifted_line, training_line
 from pipeline.table.report import write_report
 from pipeline.table.results import (
@@ -166,14 +166,8 @@ def _run(table: TableConfig, data: Data, out_dir: Path) -> dict:
             parent.set_tags({"rows": ",".join(table.keys), "repeats": table.repeats})
         found, todo, missing = _plan(table, data, out_dir, code, sha256_file(data.test))
         trained = []
-        for job, result in train_jobs(
-            todo,
-            table,
-            test=test,
-            code=code,
-            parent_id=parent.run_id if parent else None,
-            cache_dir=out_dir / ".jax-cache",
-        ):
+        context = JobContext(table, code, parent.run_id if parent else None)
+        for job, result in train_jobs(todo, context, cache_dir=out_dir / ".jax-cache"):
             found[job.row][job.seed] = result
             trained.append((job.row, job.seed))
         lines = _lines(table, found, data, out_dir, test)

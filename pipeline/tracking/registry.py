@@ -15,17 +15,20 @@ than adding a version.
 (:func:`register_best`): of the networks whose run still exists, the one with the best validation
 accuracy; its pyfunc model logged first from its model folder when its run has none (the table's
 trainings log none: only the registered network pays for it); the parent run tagged
-``registered.*``.
+``registered.*``. Of equal validation accuracies the earlier wins, here as in a table's row and a
+sweep's best (:func:`earliest_best`), and the tie is said (:func:`tie_note`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.core.config import ConfigError
 from pipeline.tracking import serving
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 MODEL_ARTIFACT = "model"  # where the train stage logs the pyfunc model (serving.log_pyfunc)
 VALIDATION_METRIC = "final_best_validation_accuracy"  # logged by the train stage
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Registered:
     name: str
     version: str
     champion: str | None  # the version the alias points at after this registration
+    tie: str = ""  # register_best: the later networks of the same validation accuracy (tie_note), if any
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,27 @@ class Candidate:
     validation_accuracy: float
     test_accuracy: float | None = None  # a tag of the version; never chooses
     labels: Mapping[str, Any] = field(default_factory=dict)  # tagged registered.<key> on the parent run
+
+    @property
+    def name(self) -> str:
+        """The candidate in a message: "row 3 seed 2", "trial 4"."""
+        return " ".join(f"{key} {value}" for key, value in self.labels.items()) or str(self.run_id)
+
+
+def earliest_best(items: Sequence[T], accuracy: Callable[[T], float]) -> tuple[T | None, list[T]]:
+    """The item of the highest ``accuracy``, the earliest of equals, and the later items tied with it:
+    the one rule by which a table's row, a sweep and the registry choose among trainings."""
+    best = max(items, key=accuracy, default=None)  # max keeps the first of equals
+    if best is None:
+        return None, []
+    return best, [item for item in items if item is not best and accuracy(item) == accuracy(best)]
+
+
+def tie_note(kept: str, tied: Sequence[str], accuracy: float, verb: str = "kept") -> str:
+    """ "tie with trial 3 at 98.50%: the earlier, trial 1, is kept"; "" when nothing is tied."""
+    if not tied:
+        return ""
+    return f"tie with {', '.join(tied)} at {100 * accuracy:.2f}%: the earlier, {kept}, is {verb}"
 
 
 def require_registry(config: TrackingConfig) -> None:
@@ -72,7 +98,7 @@ def register_best(parent: Run, candidates: Sequence[Candidate], name: str) -> Re
     earlier in ``candidates``) whose run still exists, logging its pyfunc model from its model folder
     first if the run has none; tag ``parent`` with what was registered. None (with a warning) when
     no candidate is left or its run cannot be registered."""
-    best = _best_available(parent.client, candidates)
+    best, tied = _best_available(parent.client, candidates)
     if best is None:
         log.warning("nothing registered: no trained network with an MLflow run (and a model) to register")
         return None
@@ -81,25 +107,38 @@ def register_best(parent: Run, candidates: Sequence[Candidate], name: str) -> Re
         serving.log_pyfunc(run, best.model_dir)
     registered = register(run, name, best.test_accuracy)
     if registered is not None:
+        tie = tie_note(best.name, [c.name for c in tied], best.validation_accuracy, "registered")
+        registered = dataclasses.replace(registered, tie=tie)
         labels = {f"registered.{key}": value for key, value in best.labels.items()}
         parent.set_tags({"registered.run_id": best.run_id, "registered.version": registered.version, **labels})
         log.info(
-            "registered %s version %s (champion: version %s)", registered.name, registered.version, registered.champion
+            "registered %s version %s (champion: version %s)%s",
+            registered.name,
+            registered.version,
+            registered.champion,
+            f"; {tie}" if tie else "",
         )
     return registered
 
 
-def _best_available(client, candidates: Sequence[Candidate]) -> Candidate | None:
-    """The best by validation accuracy of those that can still be registered: a cached result may
-    name a run of another store or a deleted one, and a model folder since removed matters when the
-    run has no pyfunc model yet (another driver's trial has one, its folder on that machine)."""
+def _best_available(client, candidates: Sequence[Candidate]) -> tuple[Candidate | None, list[Candidate]]:
+    """The best by validation accuracy of those that can still be registered, and the later ones
+    tied with it: a cached result may name a run of another store or a deleted one, and a model
+    folder since removed matters when the run has no pyfunc model yet (another driver's trial has
+    one, its folder on that machine)."""
     ranked = sorted(candidates, key=lambda c: -c.validation_accuracy)  # stable: ties keep their order
-    for candidate in ranked:
-        if not candidate.run_id or not _run_exists(client, candidate.run_id):
-            continue
-        if candidate.model_dir.is_dir() or _has_model(client, candidate.run_id):
-            return candidate
-    return None
+    best = next((candidate for candidate in ranked if _can_register(client, candidate)), None)
+    if best is None:
+        return None, []
+    after = ranked[[c is best for c in ranked].index(True) + 1 :]
+    same = itertools.takewhile(lambda c: c.validation_accuracy == best.validation_accuracy, after)
+    return best, [c for c in same if _can_register(client, c)]
+
+
+def _can_register(client, candidate: Candidate) -> bool:
+    if not candidate.run_id or not _run_exists(client, candidate.run_id):
+        return False
+    return candidate.model_dir.is_dir() or _has_model(client, candidate.run_id)
 
 
 def _run_exists(client, run_id: str) -> bool:
