@@ -18,6 +18,7 @@ from pipeline.core.files import load_npz
 from pipeline.stages import sweep as sweep_stage
 from pipeline.sweep import runner
 from pipeline.sweep import study as studies
+from pipeline.sweep.config import SweepConfig
 from pipeline.sweep.report import sweep_summary
 from pipeline.sweep.space import parse_space
 from pipeline.tracking import TrackingConfig, flatten
@@ -189,7 +190,7 @@ def test_a_point_asked_again_while_it_trains_counts_toward_the_budget(data, tmp_
     those three trials are the budget of 3, and nothing more is asked or trained."""
     pytest.importorskip("optuna", reason="pip install -e '.[cluster]'")
     space = parse_space(["train.eta=0.05,0.5"], yaml.safe_load((data / "params.yaml").read_text()))
-    sweep_run = runner.SweepConfig(
+    sweep_run = SweepConfig(
         name="budget", space=space, search="optuna", trials=3, tracking=TrackingConfig(enabled=False)
     )
     study = studies.open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "budget")
@@ -213,7 +214,7 @@ def test_a_point_asked_again_while_it_trains_counts_toward_the_budget(data, tmp_
 
 def test_a_tie_goes_to_the_earlier_trial_and_the_summary_says_so(data):
     space = parse_space(["train.eta=0.05,0.5"], yaml.safe_load((data / "params.yaml").read_text()))
-    sweep_run = runner.SweepConfig(name="ties", space=space, tracking=TrackingConfig(enabled=False))
+    sweep_run = SweepConfig(name="ties", space=space, tracking=TrackingConfig(enabled=False))
     results = [  # as an Optuna study holds them: in any order, numbered
         {"key": "c", "number": 3, "point": {}, "validation_accuracy": 0.985},
         {"key": "a", "number": 1, "point": {}, "validation_accuracy": 0.985},

@@ -16,11 +16,13 @@ from pipeline.core.files import load_npz, save_npz
 from pipeline.data.splits import load_split
 from pipeline.nn.model_io import load_model
 from pipeline.stages import table as table_stage
+from pipeline.table import datasets as table_datasets
 from pipeline.table import lines as table_lines
 from pipeline.table import report as table_report
 from pipeline.table import results as table_results
 from pipeline.table import rows as table_rows
 from pipeline.table import runner
+from pipeline.table.config import TableConfig
 from pipeline.table.datasets import Data
 from pipeline.tracking import TrackingConfig, registry
 
@@ -460,8 +462,8 @@ def test_a_result_keyed_before_the_distort_fields_existed_still_matches(data):
         k: v for k, v in dataclasses.asdict(config).items() if k != "steps_per_call" and not k.startswith("distort_")
     }
     before.update(
-        train=table_results.file_sha256(data / "expanded" / "train.npz"),
-        validation=table_results.file_sha256(data / "prepared" / "validation.npz"),
+        train=table_datasets.file_sha256(data / "expanded" / "train.npz"),
+        validation=table_datasets.file_sha256(data / "prepared" / "validation.npz"),
         test="t",
     )
     assert (
@@ -570,7 +572,7 @@ def assert_shifted_row(results: dict, key: str, out: Path, data: Path, monkeypat
 
 @pytest.mark.parametrize("repeats", [1, 100])
 def test_repeats_of_1_and_100_are_accepted(repeats):
-    assert runner.TableConfig(keys=("1",), repeats=repeats).seeds_wanted(table_rows.BY_KEY["1"]) == repeats
+    assert TableConfig(keys=("1",), repeats=repeats).seeds_wanted(table_rows.BY_KEY["1"]) == repeats
 
 
 @pytest.mark.parametrize("repeats", [0, -5, 101, 10**9])

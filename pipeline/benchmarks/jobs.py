@@ -33,7 +33,7 @@ from pipeline.core.config import PipelineError, from_section, load_params
 from pipeline.core.files import save_npz
 from pipeline.nn.backend import Backend
 from pipeline.nn.config import TrainConfig
-from pipeline.table import runner
+from pipeline.table.config import TableConfig
 from pipeline.table.datasets import Data
 from pipeline.table.jobs import Job, JobContext, train_jobs
 from pipeline.table.rows import BY_KEY, ROWS, Row, train_config
@@ -74,9 +74,7 @@ def run_mode(
         config = train_config(row, seed, quick=False, engine=engine, device=device, steps_per_call=500)
         config = dataclasses.replace(config, epochs=epochs)
         todo.append(Job(row.key, seed, networks, config, f"benchmark-{seed}", out / f"seed{seed}", data))
-    table = runner.TableConfig(
-        keys=(row.key,), engine=engine, device=device, cluster=_cluster(jobs, device), progress=False
-    )
+    table = TableConfig(keys=(row.key,), engine=engine, device=device, cluster=_cluster(jobs, device), progress=False)
     context = JobContext(table, code="benchmark", parent_id=None)
     start = time.perf_counter()  # the driver opens the cache, in this process or for its workers
     finished = list(train_jobs(todo, context, cache_dir=out / ".jax-cache"))

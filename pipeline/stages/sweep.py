@@ -9,6 +9,7 @@ from pipeline.cluster import config as cluster
 from pipeline.core import cli
 from pipeline.core.config import from_section, load_params
 from pipeline.sweep import runner
+from pipeline.sweep.config import SEARCHES, SweepConfig
 from pipeline.sweep.space import parse_space
 from pipeline.tracking import TrackingConfig
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a params.yaml value, or values to sweep, in dvc exp run -S syntax (repeatable; at most 1,000 values "
         "each, and 1,000 trainings a grid)",
     )
-    parser.add_argument("--search", default="grid", choices=runner.SEARCHES, help="grid (default) or optuna (TPE)")
+    parser.add_argument("--search", default="grid", choices=SEARCHES, help="grid (default) or optuna (TPE)")
     parser.add_argument("--trials", type=int, default=None, help="optuna: the study's total of finished trials")
     parser.add_argument("--name", default=None, help="the sweep's name (default: from the -S values and --search)")
     parser.add_argument(
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(args):
         params = load_params(args.params)
         name = args.name or runner.default_name(args.overrides, args.search)
-        sweep = runner.SweepConfig(
+        sweep = SweepConfig(
             name=name,
             space=parse_space(args.overrides, params, source=args.params),
             search=args.search,

@@ -9,7 +9,7 @@ from pipeline.evaluation.plots import plt, save_figure
 from pipeline.tracking.registry import earliest_best, tie_note
 
 if TYPE_CHECKING:
-    from pipeline.sweep.runner import SweepConfig
+    from pipeline.sweep.config import SweepConfig
 
 
 def sweep_summary(sweep: SweepConfig, results: list[dict]) -> dict:

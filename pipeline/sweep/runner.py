@@ -20,65 +20,27 @@ deploy/stack.sh), adds trials to the same study; so do several drivers at once.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import os
-import re
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from pipeline import tracking
-from pipeline.cluster.config import ClusterConfig
 from pipeline.cluster.driver import Driver, Training, run_trainings
-from pipeline.core.config import ConfigError
 from pipeline.core.files import write_json
 from pipeline.sweep import study as studies
+from pipeline.sweep.config import SweepConfig
 from pipeline.sweep.report import sweep_summary, write_plot
-from pipeline.sweep.space import SearchSpace
 from pipeline.sweep.trials import Trial, finished, train_trial
 from pipeline.tracking import registry
 
 log = logging.getLogger(__name__)
-
-SEARCHES = ("grid", "optuna")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """One call of the sweep command; validated where it is built."""
-
-    name: str  # the sweep: its folder, its MLflow parent run, its Optuna study
-    space: SearchSpace
-    search: str = "grid"
-    trials: int | None = None  # optuna: the study's total of finished trials
-    study_storage: str | None = None  # optuna: an RDB URL; None: $OPTUNA_STORAGE, else SQLite in OUT
-    seed: int | None = None
-    cluster: ClusterConfig = ClusterConfig()
-    tracking: tracking.TrackingConfig = dataclasses.field(default_factory=tracking.TrackingConfig)
-    register: bool = False  # the best trial's model as a version of tracking.registered_model
-    progress: bool = True
-
-    def __post_init__(self):
-        if not NAME.match(self.name):
-            raise ConfigError(f"Got --name {self.name!r}: use letters, digits, '.', '_' and '-' (a folder name)")
-        if self.search not in SEARCHES:
-            raise ConfigError(f"Got --search {self.search!r}: must be one of {', '.join(SEARCHES)}")
-        if self.search == "optuna" and (self.trials is None or self.trials < 1):
-            raise ConfigError(f"Got --trials {self.trials}: an Optuna search needs --trials N, N at least 1")
-        if self.register:
-            registry.require_registry(self.tracking)
-        if self.search == "grid" and self.trials is not None:
-            raise ConfigError(f"Got --trials {self.trials} with --search grid: a grid trains every point")
-        if not self.space.swept():
-            raise ConfigError("a sweep needs at least one -S key=v1,v2 (or a range/interval) to vary")
 
 
 def default_name(overrides: list[str], search: str) -> str:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.files import save_npz
+from pipeline.core.files import save_npz, sha256_file
 from pipeline.data.expand import ExpandConfig, expand
 from pipeline.data.splits import load_split
-from pipeline.table.results import file_sha256
 from pipeline.table.rows import QUICK, Row
 
 log = logging.getLogger(__name__)
@@ -66,3 +66,13 @@ def quick_data(prepared: Path, expanded: Path, out: Path) -> Data:
         save_npz(target, images=images[:count].reshape(-1, 28, 28), labels=labels[:count])
     root = out / "quick-data"
     return Data(root / "prepared", root / "expanded", root / "prepared" / "test.npz")
+
+
+def file_sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_of(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.cache
+def _sha256_of(path: Path, mtime_ns: int, size: int) -> str:
+    return sha256_file(path)  # once per file version: a row's seeds share the 200 MB expanded set

@@ -32,7 +32,7 @@ from pipeline.table.rows import BY_KEY
 from pipeline.tracking.tracked import TrackedTraining, train_tracked
 
 if TYPE_CHECKING:
-    from pipeline.table.runner import TableConfig
+    from pipeline.table.config import TableConfig
 
 log = logging.getLogger(__name__)
 

@@ -4,19 +4,14 @@ its data, and stamped with the training code that made it."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pipeline.cluster.driver import RESULT_FILE
-from pipeline.core.files import sha256_file
 from pipeline.nn.checkpoint import training_source_hashes
 from pipeline.nn.config import TrainConfig
-
-if TYPE_CHECKING:
-    from pipeline.table.datasets import Data
+from pipeline.table.datasets import Data, file_sha256
 
 PROBABILITIES_FILE = "test_probabilities.npz"
 
@@ -45,16 +40,6 @@ def result_key(config: TrainConfig, data: Data, test_sha: str) -> str | None:
             del settings[name]
     settings.update(train=file_sha256(train_path), validation=file_sha256(validation_path), test=test_sha)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    stat = path.stat()
-    return _sha256_of(path.resolve(), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.cache
-def _sha256_of(path: Path, mtime_ns: int, size: int) -> str:
-    return sha256_file(path)  # once per file version: a row's seeds share the 200 MB expanded set
 
 
 def code_version() -> str:

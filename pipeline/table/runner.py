@@ -45,18 +45,16 @@ registered.seed and registered.version.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import tracking
-from pipeline.cluster.config import ClusterConfig
-from pipeline.core.config import ConfigError, PipelineError
+from pipeline.core.config import PipelineError
 from pipeline.core.files import load_npz, sha256_file, write_json
 from pipeline.data.splits import load_split
 from pipeline.nn.compile_cache import jax_compilation_cache
+from pipeline.table.config import TableConfig
 from pipeline.table.datasets import Data, quick_data, row_data, source_of
 from pipeline.table.jobs import Job, JobContext, train_jobs
 from pipeline.table.lines import ensemble_line, shifted_line, training_line
@@ -69,40 +67,10 @@ from pipeline.table.results import (
     load_result,
     result_key,
 )
-from pipeline.table.rows import BY_KEY, QUICK, ROWS, Row, n_seeds, select_rows, train_config
+from pipeline.table.rows import BY_KEY, QUICK, ROWS, select_rows, train_config
 from pipeline.tracking import registry
 
 log = logging.getLogger(__name__)
-
-MAX_REPEATS = 100  # the committee rows need 10 seeds; a billion would list a billion seeds before training
-
-
-@dataclass(frozen=True)
-class TableConfig:
-    """One call of the table command: what to train and report, and how; validated where it is built."""
-
-    keys: tuple[str, ...]  # the selected rows, in table order (rows.select_rows)
-    repeats: int = 3
-    quick: bool = False
-    engine: str = "jax"
-    device: str = "cpu"
-    steps_per_call: int = 500
-    tracking: tracking.TrackingConfig = dataclasses.field(
-        default_factory=lambda: tracking.TrackingConfig(enabled=False)
-    )
-    cluster: ClusterConfig = ClusterConfig()  # one at a time in this process
-    report_only: bool = False
-    register: bool = False  # the best network by validation accuracy as a version of tracking.registered_model
-    progress: bool = True
-
-    def __post_init__(self):
-        if not 1 <= self.repeats <= MAX_REPEATS:
-            raise ConfigError(f"Got --repeats {self.repeats}: must be 1 to {MAX_REPEATS} (seeds per row)")
-        if self.register:
-            registry.require_registry(self.tracking)
-
-    def seeds_wanted(self, row: Row) -> int:
-        return n_seeds(row, self.repeats, self.keys)
 
 
 def run_table(
