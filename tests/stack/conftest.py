@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from servers import SECRET_VARS, read_env_file
+from servers import SECRET_VARS, creds, read_env_file
 
 HERE = Path(__file__).resolve().parent
 ENV_FILE = os.environ.get("STACK_ENV_FILE", "")
@@ -52,3 +52,30 @@ def secrets(env):
     values = [v for v in values if v]
     assert all(len(v) >= 16 for v in values)
     return sorted(set(values))
+
+
+@pytest.fixture(scope="module")
+def pipeline_client(env):
+    """An MlflowClient of the stack's server, logged in as the pipeline user (MLflow reads the login
+    from the environment: set for the module, restored after it)."""
+    from mlflow.tracking import MlflowClient
+
+    user, password = creds(env, "pipeline")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_USERNAME", user)
+        mp.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        yield MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+
+
+@pytest.fixture(scope="module")
+def s3(env):
+    """A boto3 client of the stack's RGW, as its S3 user."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )

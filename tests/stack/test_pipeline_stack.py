@@ -189,10 +189,7 @@ def experiment_project(env, env_file, secrets, tmp_path_factory):
     return project, experiment, run_env, GIT
 
 
-def test_dvc_exp_run_lands_a_finished_run_with_its_model_in_rgw(env, experiment_project, tmp_path):
-    import boto3
-    from mlflow.tracking import MlflowClient
-
+def test_dvc_exp_run_lands_a_finished_run_with_its_model_in_rgw(env, experiment_project, pipeline_client, s3, tmp_path):
     project, experiment, _, _ = experiment_project
     (run,) = runs_of(env, experiment)
     run_id = run["info"]["run_id"]
@@ -202,27 +199,10 @@ def test_dvc_exp_run_lands_a_finished_run_with_its_model_in_rgw(env, experiment_
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert params["train.epochs"] == "1"
     local = (project / "data" / "model" / "model.npz").read_bytes()
-    # through the server, as the pipeline user (the client sends MLFLOW_TRACKING_USERNAME/PASSWORD)
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = creds(env, "pipeline")
-    try:
-        client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-        downloaded = client.download_artifacts(run_id, "model_files/model.npz", str(tmp_path))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    # through the server, as the pipeline user
+    downloaded = pipeline_client.download_artifacts(run_id, "model_files/model.npz", str(tmp_path))
     assert Path(downloaded).read_bytes() == local
     # and as an object in the RGW artifact bucket
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    )
     bucket = env["STACK_ARTIFACT_BUCKET"]
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
     keys = [o["Key"] for page in pages for o in page.get("Contents", []) if run_id in o["Key"]]

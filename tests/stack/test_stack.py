@@ -58,23 +58,10 @@ def test_pipeline_and_reader_are_not_admins(env):
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(env):
+def pipeline_run(pipeline_client):
     """An experiment and a run made by the pipeline user through the MLflow client."""
-    from mlflow.tracking import MlflowClient
-
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = creds(env, "pipeline")
-    try:
-        client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-        exp_id = client.create_experiment(f"stack-test-{uuid.uuid4().hex[:8]}")
-        run = client.create_run(exp_id)
-        yield client, exp_id, run.info.run_id
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    exp_id = pipeline_client.create_experiment(f"stack-test-{uuid.uuid4().hex[:8]}")
+    return pipeline_client, exp_id, pipeline_client.create_run(exp_id).info.run_id
 
 
 def test_reader_can_read_but_not_write(env, pipeline_run):
@@ -116,9 +103,7 @@ def test_reader_can_read_but_not_write(env, pipeline_run):
     )
 
 
-def test_pipeline_logs_metric_and_artifact_into_rgw(env, pipeline_run, tmp_path):
-    import boto3
-
+def test_pipeline_logs_metric_and_artifact_into_rgw(env, pipeline_run, s3, tmp_path):
     client, exp_id, run_id = pipeline_run
     client.log_metric(run_id, "accuracy", 0.9921, step=3)
     payload = os.urandom(3 * 1024 * 1024 + 17)  # several MB: a real upload, not one tiny part
@@ -131,13 +116,6 @@ def test_pipeline_logs_metric_and_artifact_into_rgw(env, pipeline_run, tmp_path)
     assert run.data.metrics["accuracy"] == pytest.approx(0.9921)
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied: no S3 keys on the client
 
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    )
     keys = [
         o["Key"]
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=env["STACK_ARTIFACT_BUCKET"])
