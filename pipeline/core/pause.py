@@ -4,10 +4,11 @@ instead of hoping it lands in the middle of a training.
 With ``PIPELINE_PAUSE_AT_EPOCH=N`` and ``PIPELINE_PAUSE_DIR=DIR`` in its environment, a training
 that has just finished epoch N (its checkpoint written, and copied to a cluster's shared storage;
 its metrics logged: ``pipeline.tracking.training``) writes ``DIR/paused-<pid>.json`` (atomically:
-``{"epoch": N, "pid": ...}``) and waits until ``DIR/release`` exists, then goes on. The marker is named after the process because several trainings (a sweep's
-trials on Ray) may share one DIR; ``release`` lets them all go. An epoch restored from a checkpoint
-is not one the training finished, so a resumed training does not pause again at N. The wait is
-bounded (``LIMIT_S``): a test that never releases fails the training, loudly, instead of hanging.
+``{"epoch": N, "pid": ...}``) and waits until ``DIR/release`` exists, then goes on. The marker is
+named after the process because several trainings (a sweep's trials on Ray) may share one DIR;
+``release`` lets them all go. An epoch restored from a checkpoint is not one the training finished,
+so a resumed training does not pause again at N. The wait is bounded (``LIMIT_S``): a test that
+never releases fails the training, loudly, instead of hanging.
 """
 
 from __future__ import annotations
