@@ -154,6 +154,7 @@ def test_a_worker_killed_mid_sweep_loses_nothing(cluster, project, stack_env):
         release(pause)
         output, _ = driver.communicate(timeout=600)
     finally:
+        release(pause)  # a failure above must not leave trainings holding the nodes' CPUs
         if driver.poll() is None:
             os.killpg(driver.pid, 9)
     assert driver.returncode == 0, output[-4000:]

@@ -163,6 +163,7 @@ def test_a_driver_survives_the_worker_killed_and_started_again(cluster, tmp_path
         release(gate)
         out, err = driver.communicate(timeout=300)
     finally:
+        release(gate)  # a failure above must not leave tasks holding the nodes' CPUs
         if driver.poll() is None:
             os.killpg(driver.pid, 9)
             driver.wait(30)
