@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from servers import free_port
 
 from pipeline.core.config import ConfigError, from_section, load_config
 from pipeline.data.download import MNIST_SHA256, DownloadConfig, DownloadError, download
@@ -363,9 +364,7 @@ def test_a_retry_wait_is_cut_short_by_the_deadline(tmp_path, synthetic, mirror, 
 
 
 def test_every_mirror_bad_lists_them_all_and_leaves_nothing(tmp_path, synthetic, mirror):
-    with socket.socket() as s:  # a port nobody listens on: connection refused
-        s.bind(("127.0.0.1", 0))
-        refused = f"http://127.0.0.1:{s.getsockname()[1]}/mnist"
+    refused = f"http://127.0.0.1:{free_port()}/mnist"  # nobody listens: connection refused
     # the last mirror's bad bytes were written to a .part before verification failed
     modes = ["missing", "html", "error", "wrong", "truncated"]
     mirrors = [refused, str(tmp_path / "no-such-dir")] + [mirror.url(m) for m in modes]
@@ -390,9 +389,7 @@ def test_every_mirror_bad_lists_them_all_and_leaves_nothing(tmp_path, synthetic,
 
 
 def test_unreachable_mirror_is_not_tried_for_the_other_files(tmp_path, synthetic, mirror, caplog):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        refused = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    refused = f"http://127.0.0.1:{free_port()}/"
     with caplog.at_level(logging.WARNING, logger="pipeline.data.download"):
         download(config=config(refused, mirror.url("good"), sha256=synthetic[2]), out_dir=tmp_path, progress=False)
     assert_verified(tmp_path, synthetic)

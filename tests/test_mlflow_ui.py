@@ -14,41 +14,19 @@ GenAI / Model training switch in its sidebar (remembered by the browser, GenAI a
 the tag says; earlier 3.x UIs follow the tag. The screenshot is left in the test's tmp_path.
 """
 
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
+from servers import mlflow_server, stop
 
 from pipeline.tracking import TrackingConfig, tracked_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 RUN_NAME = "conv2_relu-20ep"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(process):
-    """Stop a process started in its own session, and everything it started, by its group id."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.fixture
@@ -59,26 +37,8 @@ def server_with_one_training_run(tmp_path, monkeypatch):
         run.log_params({"train.eta": "0.03"})
         for epoch in (1, 2, 3):
             run.log_metrics({"validation_accuracy": 0.95 + epoch / 100}, step=epoch)
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--workers", "1", "--backend-store-uri", uri, "--artifacts-destination", str(tmp_path / "art")]
-    server = subprocess.Popen(
-        command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).read()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
-        experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name("nndl-chapter6")
-        yield url, experiment
-    finally:
-        stop(server)
+    with mlflow_server(uri, tmp_path / "art", cwd=tmp_path) as url:
+        yield url, MlflowClient(tracking_uri=uri).get_experiment_by_name("nndl-chapter6")
 
 
 def chromium(tmp_path, *args):

@@ -2,10 +2,8 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from servers import free_port, stop, wait_until_answering
 
 from pipeline.core.files import load_npz
 from pipeline.nn.model_io import load_model
@@ -98,9 +97,7 @@ def test_mlflow_models_serve_answers_predictions(tmp_path, monkeypatch):
         registered = registry.register(resumed, "served-model", test_accuracy=None)
     assert registered.champion == registered.version == "1"
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(
         os.environ, MLFLOW_TRACKING_URI=uri, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     )
@@ -127,15 +124,7 @@ def test_mlflow_models_serve_answers_predictions(tmp_path, monkeypatch):
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).read()
-                break
-            except OSError:
-                assert server.poll() is None, "mlflow models serve exited"
-                assert time.monotonic() < deadline, "mlflow models serve did not start"
-                time.sleep(0.5)
+        wait_until_answering(f"http://127.0.0.1:{port}/ping", server, "mlflow models serve")
         test = load_npz(prepared / "test.npz")
         body = json.dumps({"inputs": test["images"][:8].tolist()}).encode()  # 0-255 grey levels, 28x28
         request = urllib.request.Request(
@@ -153,8 +142,7 @@ def test_mlflow_models_serve_answers_predictions(tmp_path, monkeypatch):
             refusals[name] = (error.value.code, json.loads(error.value.read()))
             error.value.close()
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        stop(server)
     expected = load_model(tmp_path / "model").predict(test["images"][:8])
     assert answer["label"] == expected.tolist()
     probabilities = np.array(answer["probabilities"])

@@ -1,15 +1,14 @@
 """Tracking against real MLflow stores: a SQLite file, and a real `mlflow server` on 127.0.0.1."""
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
+from servers import free_port, mlflow_server
 
 from pipeline import tracking
 from pipeline.tracking import TrackingConfig, TrackingError, flatten, tracked_run
@@ -103,9 +102,7 @@ def test_git_and_dvc_tags(repo, monkeypatch):
 
 
 def test_unreachable_server_fails_early_naming_the_uri(repo, monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    port = free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     started = time.monotonic()
     with pytest.raises(TrackingError, match=rf"unreachable \(MLFLOW_TRACKING_URI='http://127.0.0.1:{port}'\)"):
@@ -114,60 +111,20 @@ def test_unreachable_server_fails_early_naming_the_uri(repo, monkeypatch):
     assert time.monotonic() - started < 10
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "art"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=tmp_path,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=2).read()
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("mlflow server did not start")
-    yield uri
-    process.terminate()
-    process.wait(timeout=30)
+def mlflow_server_uri(tmp_path):
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "art", cwd=tmp_path) as uri:
+        yield uri
 
 
-def test_runs_go_to_a_real_tracking_server(repo, monkeypatch, mlflow_server):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+def test_runs_go_to_a_real_tracking_server(repo, monkeypatch, mlflow_server_uri):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server_uri)
     (repo / "a.txt").write_text("artifact")
     with tracked_run(TrackingConfig(experiment="served")) as run:
         run.log_params({"train.eta": "0.03"})
         run.log_metrics({"test_accuracy": 0.99}, step=0)
         run.log_artifact(repo / "a.txt")
-    client = MlflowClient(tracking_uri=mlflow_server)
+    client = MlflowClient(tracking_uri=mlflow_server_uri)
     logged = client.get_run(run.run_id)
     assert logged.info.status == "FINISHED" and logged.data.metrics["test_accuracy"] == 0.99
     assert [a.path for a in client.list_artifacts(run.run_id)] == ["a.txt"]

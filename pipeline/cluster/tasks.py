@@ -22,6 +22,7 @@ from typing import Any
 from pipeline.cluster.config import CLUSTER_EXTRA, ClusterConfig
 from pipeline.cluster.storage import SharedStorage, dvc_remote
 from pipeline.core.config import PipelineError
+from pipeline.core.pause import PAUSE_ENV
 from pipeline.tracking import TrackingConfig, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_REQUEST_CHECKSUM_CALCULATION",
     "AWS_RESPONSE_CHECKSUM_VALIDATION",
+    *PAUSE_ENV,  # a fault test's pause point (pipeline/core/pause.py)
 )
 SECRET_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import from_section
+from pipeline.core.pause import PausePoint
 from pipeline.nn.checkpoint import fingerprint
 from pipeline.nn.config import TrainConfig, TrainPaths
 from pipeline.nn.fit import train
@@ -59,6 +60,7 @@ def train_tracked(job: TrackedTraining, after: Callable[[Run | None, dict], None
     ``after(run, summary)`` runs inside the run once the model is written (the table scores the test
     set there); ``run`` is None when tracking is off."""
     job.paths.require_data()
+    pause = PausePoint.from_env()  # checked before anything starts, not at the pause's epoch
     resume_id = resumable_run(job.paths.checkpoints, job.run_key)
     with tracked_run(job.tracking, run_name=job.run_name, resume_run_id=resume_id, tags=job.tags) as run:
         on_epoch = monitor = None
@@ -72,6 +74,8 @@ def train_tracked(job: TrackedTraining, after: Callable[[Run | None, dict], None
         if job.on_checkpoint is not None:
             job.on_checkpoint()
             on_epoch = _then_checkpoint(on_epoch, job.on_checkpoint)
+        if pause is not None:
+            on_epoch = _then_pause(on_epoch, pause)
         try:
             summary = train(job.config, job.paths, progress=job.progress, on_epoch=on_epoch)
         finally:  # a diverged run still wrote its best model and metrics: keep them with the run
@@ -96,6 +100,17 @@ def _then_checkpoint(on_epoch, on_checkpoint):
             on_checkpoint()
         if on_epoch is not None:
             on_epoch(epoch, metrics)
+
+    return both
+
+
+def _then_pause(on_epoch, pause: PausePoint):
+    def both(epoch: int, metrics: dict) -> None:
+        # last: the epoch is then in the checkpoint (and the shared storage) and on the tracking server
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if not metrics["resumed"]:
+            pause.after_epoch(epoch)
 
     return both
 

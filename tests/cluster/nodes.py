@@ -42,6 +42,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+if str(HERE.parent) not in sys.path:  # run as a script (run.sh): tests/, for servers.py
+    sys.path.insert(0, str(HERE.parent))
+from servers import read_env_file  # noqa: E402
+
 RAY_PORT = 6379
 NODES = ("head", "worker")
 
@@ -66,16 +70,6 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 def missing_env(environ=None) -> list[str]:
     environ = os.environ if environ is None else environ
     return [name for name in ENV_VARS if not environ.get(name)]
-
-
-def read_env_file(path) -> dict[str, str]:
-    """The ``export NAME='value'`` lines that deploy/stack.sh writes."""
-    env = {}
-    for line in Path(path).read_text().splitlines():
-        m = re.fullmatch(r"export (\w+)='([^']*)'", line.strip())
-        if m:
-            env[m[1]] = m[2]
-    return env
 
 
 def _ns_pids(ns: str) -> list[int]:
@@ -263,6 +257,10 @@ class Cluster:
     # ------------------------------------------------------------------ nodes
     def node_pids(self, node: str) -> list[int]:
         return _ns_pids(self.ns(node))
+
+    def node_of(self, pid: int) -> str | None:
+        """ "head" or "worker": the node whose namespace holds process ``pid`` (None: neither)."""
+        return next((node for node in NODES if pid in self.node_pids(node)), None)
 
     def node_rss_mb(self, node: str) -> int:
         """RSS summed over every process in the node's namespace (shared pages counted per process)."""

@@ -1,8 +1,9 @@
 """The pipeline on a real two-node Ray cluster (tests/cluster/run.sh: two network namespaces, the
 team stack on their bridge): the quick table and an Optuna sweep run on both nodes and match a run
 on one machine; a second sweep call adds trials to the same PostgreSQL study; a worker node killed
-in the middle of a sweep costs nothing: its training resumes on the other node from its last
-epoch's checkpoint in the S3 store, to the same numbers, and no MLflow run stays RUNNING."""
+in the middle of a sweep (its training paused after an epoch by pipeline/core/pause.py) costs
+nothing: its training resumes on the other node from that epoch's checkpoint in the S3 store, to
+the same numbers, and no MLflow run stays RUNNING."""
 
 from __future__ import annotations
 
@@ -15,17 +16,20 @@ import time
 from pathlib import Path
 
 import pytest
+from servers import release, wait_for_pause
 from team_project import REPO, driver_argv, make_project, params_for, pipeline
 
-SWEEP = ["-S", "train.architecture=conv2_relu", "-S", "train.eta=0.1,0.03", "-S", "train.epochs=4"]
+PAUSE_AT, EPOCHS = 2, 3
+# two trials, one on each node (1 Ray CPU each), both paused after epoch PAUSE_AT
+SWEEP = ["-S", "train.architecture=shallow", "-S", "train.eta=0.1,0.03", "-S", f"train.epochs={EPOCHS}"]
 SEARCH = ["-S", "train.architecture=shallow", "-S", "train.eta=tag(log, interval(0.01, 1))", "-S", "train.epochs=2"]
 
 
 @pytest.fixture(scope="session")
 def project(cluster) -> Path:
     """A DVC repository as a team member has it: params.yaml, the data sets, the team's remote."""
-    sizes = {  # a conv net's epoch on 4,000 images takes seconds: time to kill a node in the middle
-        "prepared/train": 4000,
+    sizes = {  # the quick table's sizes (it trains on the first 2,000 images)
+        "prepared/train": 2000,
         "prepared/validation": 500,
         "prepared/test": 500,
         "expanded/train": 2000,
@@ -51,6 +55,13 @@ def experiment_runs(stack_env: dict, experiment: str) -> list:
     client = MlflowClient(tracking_uri=stack_env["MLFLOW_TRACKING_URI"])
     found = client.get_experiment_by_name(experiment)
     return client.search_runs([found.experiment_id], max_results=1000) if found else []
+
+
+def validation_steps(stack_env: dict, run) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=stack_env["MLFLOW_TRACKING_URI"])
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "validation_accuracy"))
 
 
 def without_times(value):
@@ -120,36 +131,43 @@ def test_an_optuna_sweep_runs_on_both_nodes_and_a_second_call_adds_to_its_study(
 
 
 def test_a_worker_killed_mid_sweep_loses_nothing(cluster, project, stack_env):
+    pause = project / "pause-kill"  # one file system: both namespaces see it
+    pause.mkdir()
     sweep = [*SWEEP, "--name", "kill", "--no-progress", "--prepared", "data/prepared"]
     driver = cluster.popen_in_head(
         driver_argv(cluster, project, "sweep", *sweep, "--out", "kill-ray", "--ray", "auto", experiment="kill"),
-        env={"PYTHONPATH": str(REPO)},
+        env={"PYTHONPATH": str(REPO), "PIPELINE_PAUSE_AT_EPOCH": str(PAUSE_AT), "PIPELINE_PAUSE_DIR": str(pause)},
         cwd=project,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
     try:
-        killed_run = _wait_for_epoch_on(cluster, stack_env, "kill", cluster.ip("worker"), epoch=2, timeout=400)
+        paused = wait_for_pause(pause, lambda: driver.poll() is None, count=2, limit_s=400)
+        assert sorted(cluster.node_of(p["pid"]) for p in paused) == ["head", "worker"], paused
+        (killed_run,) = [
+            r for r in experiment_runs(stack_env, "kill") if r.data.tags.get("ray.node_ip") == cluster.worker_ip
+        ]
+        assert killed_run.info.status == "RUNNING" and validation_steps(stack_env, killed_run) == list(
+            range(1, PAUSE_AT + 1)
+        )
         noticed = cluster.kill_worker()
+        release(pause)
         output, _ = driver.communicate(timeout=600)
     finally:
+        release(pause)  # a failure above must not leave trainings holding the nodes' CPUs
         if driver.poll() is None:
             os.killpg(driver.pid, 9)
     assert driver.returncode == 0, output[-4000:]
-    print(f"worker killed after epoch 2 of run {killed_run}; the head noticed in {noticed:.0f} s")
+    print(f"worker killed after epoch {PAUSE_AT} of run {killed_run.info.run_id}; the head noticed in {noticed:.0f} s")
 
     runs = experiment_runs(stack_env, "kill")
-    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"} and "RUNNING" not in {r.info.status for r in runs}
-    resumed = next(r for r in runs if r.info.run_id == killed_run)
+    assert "RUNNING" not in {r.info.status for r in runs} and {r.info.status for r in runs} <= {"FINISHED", "KILLED"}
+    resumed = next(r for r in runs if r.info.run_id == killed_run.info.run_id)
     assert resumed.info.status == "FINISHED" and resumed.data.tags["ray.node_ip"] == cluster.ip("head")
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=stack_env["MLFLOW_TRACKING_URI"])
-    steps = [m.step for m in client.get_metric_history(killed_run, "validation_accuracy")]
-    assert sorted(steps) == list(range(1, 5)), steps  # every epoch once: none lost, none twice
+    assert validation_steps(stack_env, resumed) == list(range(1, EPOCHS + 1))  # every epoch once: none lost, none twice
     key = resumed.data.tags["sweep.trial"]
-    metrics = json.loads((project / "kill-ray" / "trials" / key / "metrics" / "train_info.json").read_text())
-    assert metrics["resumed_from_epoch"] >= 2
+    metrics = json.loads((project / "kill-ray" / "trials" / key / "metrics" / "train_timings.json").read_text())
+    assert metrics["resumed_from_epoch"] == PAUSE_AT
 
     # the same numbers as one uninterrupted training of each point on one machine
     local = ["sweep", "--params", params_for(project, "kill-local"), *sweep, "--out", "kill-local"]
@@ -159,22 +177,3 @@ def test_a_worker_killed_mid_sweep_loses_nothing(cluster, project, stack_env):
     assert [(t["key"], t["validation_accuracy"], t["best_epoch"]) for t in ray] == [
         (t["key"], t["validation_accuracy"], t["best_epoch"]) for t in local
     ]
-
-
-def _wait_for_epoch_on(cluster, stack_env, experiment: str, node_ip: str, epoch: int, timeout: float) -> str:
-    """The run training on ``node_ip`` once it has logged ``epoch`` (bounded wait)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for run in experiment_runs(stack_env, experiment):
-            if run.data.tags.get("ray.node_ip") == node_ip and run.info.status == "RUNNING":
-                if run.data.metrics.get("validation_accuracy") is not None and _last_step(stack_env, run) >= epoch:
-                    return run.info.run_id
-        time.sleep(1)
-    raise AssertionError(f"no run on {node_ip} reached epoch {epoch} in {timeout} s")
-
-
-def _last_step(stack_env, run) -> int:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=stack_env["MLFLOW_TRACKING_URI"])
-    return max((m.step for m in client.get_metric_history(run.info.run_id, "validation_accuracy")), default=0)

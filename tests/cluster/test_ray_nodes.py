@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 
 import pytest
+from servers import release, wait_for_pause
 
 # a driver: where it runs, and where a task pinned to each alive node runs
 PLACEMENT = r"""
@@ -33,21 +33,23 @@ pinned = [where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["No
 print(json.dumps({"driver": here(), "nodes": [n["NodeID"] for n in alive], "tasks": ray.get(pinned, timeout=120)}))
 """
 
-# a background driver: short tasks spread over the nodes, retried when their node dies
+# a background driver: tasks spread over the nodes, retried when their node dies; the first two
+# hold their node's one CPU in a pause (pipeline/core/pause.py) until the test releases them
 STEPS = r"""
-import json, sys, time
+import json, sys
+from pathlib import Path
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from pipeline.core.pause import PausePoint
 
 @ray.remote(num_cpus=1, max_retries=5, scheduling_strategy="SPREAD")
-def step(i):
-    time.sleep(0.5)
+def step(i, gate):
+    if gate:
+        PausePoint(1, Path(gate)).after_epoch(1)
     return i, ray.util.get_node_ip_address()
 
 ray.init(logging_level="ERROR", log_to_driver=False)
-n = int(sys.argv[1])
-refs = [step.remote(i) for i in range(n)]
-print("submitted", flush=True)
+n, gate = int(sys.argv[1]), sys.argv[2]
+refs = [step.remote(i, gate if i < 2 else None) for i in range(n)]
 done = ray.get(refs, timeout=300)
 print(json.dumps({"steps": sorted(i for i, _ in done), "ips": sorted({ip for _, ip in done})}), flush=True)
 """
@@ -135,19 +137,21 @@ def test_a_driver_with_a_wrong_token_is_refused(cluster, tmp_path):
     assert "InvalidAuthToken" in out.stderr, out.stderr[-3000:]
 
 
-def test_a_driver_survives_the_worker_killed_and_started_again(cluster):
-    """The harness of the pipeline's fault tests: a background driver, the worker SIGKILLed under
-    it (every process of namespace B), started again; the driver's tasks are retried and all finish."""
-    n = 60
+def test_a_driver_survives_the_worker_killed_and_started_again(cluster, tmp_path):
+    """The harness of the pipeline's fault tests: a background driver whose tasks hold both nodes,
+    the worker SIGKILLed under it (every process of namespace B), started again; the driver's tasks
+    are retried and all finish."""
+    n, gate = 6, tmp_path / "gate"
+    gate.mkdir()
     driver = cluster.popen_in_head(
-        [cluster.venv / "bin" / "python", "-c", STEPS, str(n)],
+        [cluster.venv / "bin" / "python", "-c", STEPS, str(n), str(gate)],
         stack=False,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
     try:
-        assert driver.stdout.readline().strip() == "submitted"
-        time.sleep(3)  # tasks leased on both nodes
+        held = wait_for_pause(gate, lambda: driver.poll() is None, count=2, limit_s=120)
+        assert sorted(cluster.node_of(h["pid"]) for h in held) == ["head", "worker"], held
         for node in ("head", "worker"):
             assert cluster.foreign_connections(node) == [], node
         dead_s = cluster.kill_worker()
@@ -156,8 +160,10 @@ def test_a_driver_survives_the_worker_killed_and_started_again(cluster):
         assert state == {cluster.head_ip: True, cluster.worker_ip: False}, state
         start_s = cluster.start_worker()
         assert cluster.nodes_state()[cluster.worker_ip] is True
+        release(gate)
         out, err = driver.communicate(timeout=300)
     finally:
+        release(gate)  # a failure above must not leave tasks holding the nodes' CPUs
         if driver.poll() is None:
             os.killpg(driver.pid, 9)
             driver.wait(30)

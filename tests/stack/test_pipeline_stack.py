@@ -1,7 +1,8 @@
 """The pipeline against the RUNNING team stack (tests/stack/run.sh starts and stops it): a wrong
 password, a DVC experiment landing in PostgreSQL and RGW, DVC push/pull, experiments shared with
 `dvc exp push`/`pull`, queued experiments, and a training that survives a restart of the MLflow
-server or of PostgreSQL. Every request goes to 127.0.0.1 only."""
+server or of PostgreSQL, restarted while the training is paused after an epoch
+(pipeline/core/pause.py). Every request goes to 127.0.0.1 only."""
 
 import hashlib
 import json
@@ -11,35 +12,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
-from test_stack import ENV_FILE, SECRET_VARS, STACK, creds, http, read_env
+from servers import creds, pid_of, release, restart, stack_command, stack_http, wait_for_pause
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: project.py, synthetic.py
-from project import ROOT, configure, dvc_env, make_project, sh, synthetic_checksums  # noqa: E402
-from synthetic import TINY_NET, write_mnist, write_prepared  # noqa: E402
-
-pytestmark = [
-    pytest.mark.stack,
-    pytest.mark.skipif(
-        not (ENV_FILE and Path(ENV_FILE).is_file()),
-        reason="no running stack: set STACK_ENV_FILE (tests/stack/run.sh does)",
-    ),
-]
-
-
-@pytest.fixture(scope="module")
-def env():
-    e = read_env(ENV_FILE)
-    for key in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"):
-        assert urlparse(e[key]).hostname == "127.0.0.1", key
-    return e
-
-
-@pytest.fixture(scope="module")
-def secrets(env):
-    return [env[k] for k in SECRET_VARS if env.get(k)]
+from project import ROOT, configure, dvc_env, make_project, sh, synthetic_checksums
+from synthetic import TINY_NET, write_mnist, write_prepared
 
 
 def client_env(env, **extra):
@@ -53,18 +31,20 @@ def client_env(env, **extra):
 def runs_of(env, experiment):
     """The runs of ``experiment``, read over REST as the reader user."""
     who = creds(env, "reader")
-    r = http(env, "GET", "/api/2.0/mlflow/experiments/get-by-name", auth=who, params={"experiment_name": experiment})
+    r = stack_http(
+        env, "GET", "/api/2.0/mlflow/experiments/get-by-name", auth=who, params={"experiment_name": experiment}
+    )
     if r.status_code == 404:
         return []
     assert r.status_code == 200, r.text
     exp_id = r.json()["experiment"]["experiment_id"]
-    r = http(env, "POST", "/api/2.0/mlflow/runs/search", auth=who, json={"experiment_ids": [exp_id]})
+    r = stack_http(env, "POST", "/api/2.0/mlflow/runs/search", auth=who, json={"experiment_ids": [exp_id]})
     assert r.status_code == 200, r.text
     return r.json().get("runs", [])
 
 
 def metric_steps(env, run_id, key):
-    r = http(
+    r = stack_http(
         env,
         "GET",
         "/api/2.0/mlflow/metrics/get-history",
@@ -104,42 +84,42 @@ def test_a_wrong_password_stops_the_train_stage_before_training(env, secrets, tm
 
 
 # ------------------------------------------------------------------ faults in the middle of a training
+PAUSE_AT, EPOCHS = 2, 4
+
+
 @pytest.mark.parametrize("component", ["mlflow", "postgres"])
-def test_a_training_survives_a_restart(env, tmp_path, component):
-    epochs = 12
+def test_a_training_survives_a_restart(env, env_file, tmp_path, component):
     experiment = f"stack-fault-{component}-{uuid.uuid4().hex[:8]}"
-    # slow enough (a few seconds an epoch on 2 cores) that the restart falls in the middle of the training
-    write_prepared(tmp_path / "prepared", {"train": 40000, "validation": 2000, "test": 200})
+    write_prepared(tmp_path / "prepared")
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    wide = [{**TINY_NET[0], "n_out": 300}, {**TINY_NET[1], "n_in": 300}]
     configure(
         tmp_path,
-        train={"architecture": wide, "epochs": epochs, "eta": 0.5, "lmbda": 0.0, "steps_per_call": 100},
+        train={"architecture": TINY_NET, "epochs": EPOCHS, "eta": 0.5, "lmbda": 0.0, "steps_per_call": 20},
         tracking={"experiment": experiment},
     )
+    pause = tmp_path / "pause"
+    pause.mkdir()
     log = (tmp_path / "train.log").open("w")
     train = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "train", "--prepared", "prepared", "--no-progress"],
         cwd=tmp_path,
-        env=client_env(env),
+        env=client_env(env, PIPELINE_PAUSE_AT_EPOCH=str(PAUSE_AT), PIPELINE_PAUSE_DIR=str(pause)),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     try:
-        run_id = wait_for_first_epoch(env, experiment, train)
-        t0 = time.monotonic()
-        restart = subprocess.run(
-            [str(STACK), "restart", component],
-            env={**os.environ, "STACK_DIR": env["STACK_DIR"], "STACK_ENV_FILE": ENV_FILE},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert restart.returncode == 0, restart.stdout + restart.stderr
-        restarted_s = time.monotonic() - t0
-        still_training = train.poll() is None  # else the restart did not fall in the middle of the training
-        logged_by_then = metric_steps(env, run_id, "validation_accuracy")
-        rc = train.wait(timeout=600)
+        (paused,) = wait_for_pause(pause, lambda: train.poll() is None)
+        assert paused == {"epoch": PAUSE_AT, "pid": train.pid}
+        (run,) = runs_of(env, experiment)
+        run_id = run["info"]["run_id"]
+        assert metric_steps(env, run_id, "validation_accuracy") == list(range(1, PAUSE_AT + 1))
+        before = pid_of(env, component)
+        restarted_s = restart(component, env, env_file)
+        assert pid_of(env, component) != before, f"{component} kept its process"
+        assert train.poll() is None  # still paused: the restart fell between epochs PAUSE_AT and PAUSE_AT + 1
+        assert metric_steps(env, run_id, "validation_accuracy") == list(range(1, PAUSE_AT + 1))  # none lost
+        release(pause)
+        rc = train.wait(timeout=300)
     finally:
         if train.poll() is None:
             train.kill()
@@ -147,28 +127,16 @@ def test_a_training_survives_a_restart(env, tmp_path, component):
         log.close()
     output = (tmp_path / "train.log").read_text()
     assert rc == 0, output
-    assert still_training, f"the training ended before {component} was back: make it longer\n{output}"
     (run,) = runs_of(env, experiment)
     assert run["info"]["run_id"] == run_id and run["info"]["status"] == "FINISHED"
-    assert metric_steps(env, run_id, "validation_accuracy") == list(range(1, epochs + 1)), output
+    assert metric_steps(env, run_id, "validation_accuracy") == list(range(1, EPOCHS + 1)), output
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert metrics["epochs_run"] == EPOCHS and metrics["final_best_epoch"] >= 1, metrics
     print(
-        f"{component} restarted in {restarted_s:.1f} s during the training (epochs on the server when it was "
-        f"back: {logged_by_then}); "
-        f"run {run_id} FINISHED with validation_accuracy at epochs 1..{epochs}, each once"
+        f"{component} restarted in {restarted_s:.1f} s while the training was paused after epoch {PAUSE_AT}; "
+        f"run {run_id} FINISHED with validation_accuracy at epochs 1..{EPOCHS}, each once"
     )
     print("\n".join(line for line in output.splitlines() if "retrying" in line or "kept to resend" in line)[:3000])
-
-
-def wait_for_first_epoch(env, experiment, train, limit_s=300):
-    """The run id, once the training's first epoch is on the server (bounded)."""
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        assert train.poll() is None, "the training ended before its first epoch was logged"
-        runs = runs_of(env, experiment)
-        if runs and metric_steps(env, runs[0]["info"]["run_id"], "validation_accuracy"):
-            return runs[0]["info"]["run_id"]
-        time.sleep(0.5)
-    pytest.fail(f"no epoch logged within {limit_s} s")
 
 
 # ------------------------------------------------------------------ dvc exp run, push, pull
@@ -176,7 +144,7 @@ GIT = ("git", "-c", "user.name=t", "-c", "user.email=t@localhost")
 DVC = (sys.executable, "-m", "dvc")
 
 
-def team_project(env, tmp, prefix):
+def team_project(env, env_file, tmp, prefix):
     """A new git + DVC project in ``tmp`` (tiny synthetic MNIST mirror, its baseline committed) that
     logs to the stack's server under a fresh experiment: (project, experiment, the stages' env)."""
     project = make_project(tmp)
@@ -193,21 +161,21 @@ def team_project(env, tmp, prefix):
     run_env = client_env(env, **{k: v for k, v in dvc_env(tmp / "mirror").items() if k in ("PATH", "MNIST_MIRROR")})
     run_env.pop("PYTHONPATH")  # the stages run the project's own copy of the pipeline
     # the team's DVC remote in the baseline: `dvc exp push` reads it from the experiment's commit
-    sh(str(STACK), "dvc-remote", str(project), cwd=project, env=stack_env(run_env))
+    sh(*stack_command("dvc-remote", project), cwd=project, env=stack_env(run_env, env_file))
     sh("git", "add", "-A", cwd=project)
     sh(*GIT, "commit", "-qm", "baseline", cwd=project)
     return project, experiment, run_env
 
 
-def stack_env(run_env):
-    """The environment of `deploy/stack.sh dvc-remote`: a user's, plus where the env file is."""
-    return {**run_env, "STACK_ENV_FILE": ENV_FILE}
+def stack_env(run_env, env_file):
+    """The environment of the stack's `dvc-remote`: a user's, plus where the env file is."""
+    return {**run_env, "STACK_ENV_FILE": env_file}
 
 
 @pytest.fixture(scope="module")
-def experiment_project(env, secrets, tmp_path_factory):
+def experiment_project(env, env_file, secrets, tmp_path_factory):
     """A new git + DVC project whose `dvc exp run -S train.epochs=1` logged to the stack."""
-    project, experiment, run_env = team_project(env, tmp_path_factory.mktemp("team"), "stack-e2e")
+    project, experiment, run_env = team_project(env, env_file, tmp_path_factory.mktemp("team"), "stack-e2e")
     p = subprocess.run(
         [*DVC, "exp", "run", "-S", "train.epochs=1"],
         cwd=project,
@@ -221,10 +189,7 @@ def experiment_project(env, secrets, tmp_path_factory):
     return project, experiment, run_env, GIT
 
 
-def test_dvc_exp_run_lands_a_finished_run_with_its_model_in_rgw(env, experiment_project, tmp_path):
-    import boto3
-    from mlflow.tracking import MlflowClient
-
+def test_dvc_exp_run_lands_a_finished_run_with_its_model_in_rgw(env, experiment_project, pipeline_client, s3, tmp_path):
     project, experiment, _, _ = experiment_project
     (run,) = runs_of(env, experiment)
     run_id = run["info"]["run_id"]
@@ -234,27 +199,10 @@ def test_dvc_exp_run_lands_a_finished_run_with_its_model_in_rgw(env, experiment_
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert params["train.epochs"] == "1"
     local = (project / "data" / "model" / "model.npz").read_bytes()
-    # through the server, as the pipeline user (the client sends MLFLOW_TRACKING_USERNAME/PASSWORD)
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = creds(env, "pipeline")
-    try:
-        client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-        downloaded = client.download_artifacts(run_id, "model_files/model.npz", str(tmp_path))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    # through the server, as the pipeline user
+    downloaded = pipeline_client.download_artifacts(run_id, "model_files/model.npz", str(tmp_path))
     assert Path(downloaded).read_bytes() == local
     # and as an object in the RGW artifact bucket
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    )
     bucket = env["STACK_ARTIFACT_BUCKET"]
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
     keys = [o["Key"] for page in pages for o in page.get("Contents", []) if run_id in o["Key"]]
@@ -270,7 +218,7 @@ def tree_hashes(directory):
     }
 
 
-def test_dvc_push_then_a_clone_pulls_identical_outputs(env, secrets, experiment_project):
+def test_dvc_push_then_a_clone_pulls_identical_outputs(env, env_file, secrets, experiment_project):
     project, _, run_env, git = experiment_project  # its baseline has the team remote (team_project)
     sh("git", "add", "-A", cwd=project)
     sh(*git, "commit", "-qm", "experiment", cwd=project)
@@ -278,7 +226,7 @@ def test_dvc_push_then_a_clone_pulls_identical_outputs(env, secrets, experiment_
     clone = project.parent / "clone"
     sh("git", "clone", "-q", str(project), str(clone), cwd=project.parent)
     assert not (clone / "data" / "model").exists()
-    sh(str(STACK), "dvc-remote", str(clone), cwd=clone, env=stack_env(run_env))
+    sh(*stack_command("dvc-remote", clone), cwd=clone, env=stack_env(run_env, env_file))
     sh(sys.executable, "-m", "dvc", "pull", "-q", cwd=clone, env=run_env)
     for out in ("data/prepared", "data/model"):
         assert tree_hashes(clone / out) == tree_hashes(project / out) != {}, out
@@ -304,7 +252,7 @@ def exp_shown(cwd, run_env):
 
 
 # ------------------------------------------------------------------ dvc exp push / pull through a shared git repository
-def test_share_an_experiment_with_exp_push_and_exp_pull(env, secrets, experiment_project, tmp_path):
+def test_share_an_experiment_with_exp_push_and_exp_pull(env, env_file, secrets, experiment_project, tmp_path):
     project, experiment, run_env, _ = experiment_project
     (run,) = runs_of(env, experiment)
     name = {t["key"]: t["value"] for t in run["data"]["tags"]}["dvc.exp_name"]
@@ -321,7 +269,7 @@ def test_share_an_experiment_with_exp_push_and_exp_pull(env, secrets, experiment
     # B: a fresh clone of the team's repository, with the team's DVC remote
     clone = tmp_path / "b"
     sh("git", "clone", "-q", str(origin), str(clone), cwd=tmp_path)
-    sh(str(STACK), "dvc-remote", str(clone), cwd=clone, env=stack_env(run_env))
+    sh(*stack_command("dvc-remote", clone), cwd=clone, env=stack_env(run_env, env_file))
     assert not (clone / "data" / "model").exists()
     pulled = sh(*DVC, "exp", "pull", "origin", name, cwd=clone, env=run_env)
     assert_no_secret(secrets, pulled.stdout + pulled.stderr, "`dvc exp pull`'s output")
@@ -335,8 +283,8 @@ def test_share_an_experiment_with_exp_push_and_exp_pull(env, secrets, experiment
 
 
 # ------------------------------------------------------------------ queued experiments log to the server
-def test_queued_experiments_log_finished_runs_to_the_server(env, secrets, tmp_path):
-    project, experiment, run_env = team_project(env, tmp_path, "stack-queue")
+def test_queued_experiments_log_finished_runs_to_the_server(env, env_file, secrets, tmp_path):
+    project, experiment, run_env = team_project(env, env_file, tmp_path, "stack-queue")
     etas = ("0.3", "0.2")
     for eta in etas:
         sh(*DVC, "exp", "run", "--queue", "-S", f"train.eta={eta}", "-S", "train.epochs=1", cwd=project, env=run_env)

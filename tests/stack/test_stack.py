@@ -1,5 +1,6 @@
 """The team stack of deploy/stack.sh, tested against the RUNNING services (tests/stack/run.sh starts
-and stops them). Skipped unless STACK_ENV_FILE names an env file written by `deploy/stack.sh up`.
+and stops them). Skipped unless STACK_ENV_FILE names an env file written by `deploy/stack.sh up`
+(tests/stack/conftest.py).
 
 Every request goes to 127.0.0.1 only (asserted on each URL)."""
 
@@ -10,97 +11,30 @@ import shutil
 import subprocess
 import uuid
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-STACK = REPO / "deploy" / "stack.sh"
-ENV_FILE = os.environ.get("STACK_ENV_FILE", "")
-
-pytestmark = [
-    pytest.mark.stack,
-    pytest.mark.skipif(
-        not (ENV_FILE and Path(ENV_FILE).is_file()),
-        reason="no running stack: set STACK_ENV_FILE (tests/stack/run.sh does)",
-    ),
-]
-
-# the names whose values are credentials
-SECRET_VARS = (
-    "MLFLOW_TRACKING_PASSWORD",
-    "STACK_READER_PASSWORD",
-    "STACK_ADMIN_PASSWORD",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-)
-
-
-def read_env(path):
-    env = {}
-    for line in Path(path).read_text().splitlines():
-        m = re.fullmatch(r"export (\w+)='([^']*)'", line.strip())
-        if m:
-            env[m[1]] = m[2]
-    return env
-
-
-@pytest.fixture(scope="module")
-def env():
-    e = read_env(ENV_FILE)
-    for key in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"):
-        assert urlparse(e[key]).hostname == "127.0.0.1", key
-    return e
-
-
-@pytest.fixture(scope="module")
-def secrets(env):
-    values = [env[k] for k in SECRET_VARS]
-    values.append(urlparse(env["OPTUNA_STORAGE"]).password)  # the optuna role's password
-    # everything generated in the state directory (PostgreSQL passwords, Flask secret key)
-    secret_dir = Path(env["STACK_DIR"]) / "secrets"
-    values += [f.read_text().strip() for f in secret_dir.iterdir() if f.name != "pgpass"]
-    values = [v for v in values if v]
-    assert all(len(v) >= 16 for v in values)
-    return sorted(set(values))
-
-
-def http(env, method, path, auth=None, **kw):
-    import requests
-
-    url = env["MLFLOW_TRACKING_URI"] + path
-    assert urlparse(url).hostname == "127.0.0.1"
-    return requests.request(method, url, auth=auth, timeout=60, **kw)
-
-
-def creds(env, who):
-    return {
-        "pipeline": (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]),
-        "reader": (env["STACK_READER_USERNAME"], env["STACK_READER_PASSWORD"]),
-        "admin": (env["STACK_ADMIN_USERNAME"], env["STACK_ADMIN_PASSWORD"]),
-    }[who]
-
+from servers import REPO, creds, stack_command, stack_http
 
 SEARCH = "/api/2.0/mlflow/experiments/search?max_results=5"
 
 
 # ------------------------------------------------------------------ basic auth
 def test_no_credentials_is_401(env):
-    assert http(env, "GET", SEARCH).status_code == 401
+    assert stack_http(env, "GET", SEARCH).status_code == 401
 
 
 def test_wrong_password_is_401(env):
     user, _ = creds(env, "pipeline")
-    assert http(env, "GET", SEARCH, auth=(user, "not-the-password")).status_code == 401
+    assert stack_http(env, "GET", SEARCH, auth=(user, "not-the-password")).status_code == 401
 
 
 def test_default_admin_password_is_401(env):
-    assert http(env, "GET", SEARCH, auth=("admin", "password1234")).status_code == 401
-    assert http(env, "GET", SEARCH, auth=(env["STACK_ADMIN_USERNAME"], "password1234")).status_code == 401
+    assert stack_http(env, "GET", SEARCH, auth=("admin", "password1234")).status_code == 401
+    assert stack_http(env, "GET", SEARCH, auth=(env["STACK_ADMIN_USERNAME"], "password1234")).status_code == 401
 
 
 def test_admin_can_read_users(env):
-    r = http(
+    r = stack_http(
         env,
         "GET",
         "/api/2.0/mlflow/users/get",
@@ -113,7 +47,7 @@ def test_admin_can_read_users(env):
 
 def test_pipeline_and_reader_are_not_admins(env):
     for who in ("pipeline", "reader"):
-        r = http(
+        r = stack_http(
             env,
             "POST",
             "/api/2.0/mlflow/users/create",
@@ -124,40 +58,30 @@ def test_pipeline_and_reader_are_not_admins(env):
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(env):
+def pipeline_run(pipeline_client):
     """An experiment and a run made by the pipeline user through the MLflow client."""
-    from mlflow.tracking import MlflowClient
-
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = creds(env, "pipeline")
-    try:
-        client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-        exp_id = client.create_experiment(f"stack-test-{uuid.uuid4().hex[:8]}")
-        run = client.create_run(exp_id)
-        yield client, exp_id, run.info.run_id
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    exp_id = pipeline_client.create_experiment(f"stack-test-{uuid.uuid4().hex[:8]}")
+    return pipeline_client, exp_id, pipeline_client.create_run(exp_id).info.run_id
 
 
 def test_reader_can_read_but_not_write(env, pipeline_run):
     _, exp_id, run_id = pipeline_run
     reader = creds(env, "reader")
-    assert http(env, "GET", SEARCH, auth=reader).status_code == 200
+    assert stack_http(env, "GET", SEARCH, auth=reader).status_code == 200
     assert (
-        http(env, "GET", "/api/2.0/mlflow/experiments/get", auth=reader, params={"experiment_id": exp_id}).status_code
+        stack_http(
+            env, "GET", "/api/2.0/mlflow/experiments/get", auth=reader, params={"experiment_id": exp_id}
+        ).status_code
         == 200
     )
-    assert http(env, "GET", "/api/2.0/mlflow/runs/get", auth=reader, params={"run_id": run_id}).status_code == 200
+    assert stack_http(env, "GET", "/api/2.0/mlflow/runs/get", auth=reader, params={"run_id": run_id}).status_code == 200
     # writes into the pipeline's experiment and run: 403
     assert (
-        http(env, "POST", "/api/2.0/mlflow/runs/create", auth=reader, json={"experiment_id": exp_id}).status_code == 403
+        stack_http(env, "POST", "/api/2.0/mlflow/runs/create", auth=reader, json={"experiment_id": exp_id}).status_code
+        == 403
     )
     assert (
-        http(
+        stack_http(
             env,
             "POST",
             "/api/2.0/mlflow/runs/log-metric",
@@ -167,16 +91,19 @@ def test_reader_can_read_but_not_write(env, pipeline_run):
         == 403
     )
     assert (
-        http(env, "POST", "/api/2.0/mlflow/experiments/delete", auth=reader, json={"experiment_id": exp_id}).status_code
+        stack_http(
+            env, "POST", "/api/2.0/mlflow/experiments/delete", auth=reader, json={"experiment_id": exp_id}
+        ).status_code
         == 403
     )
     # and in the Default experiment, which nobody owns
-    assert http(env, "POST", "/api/2.0/mlflow/runs/create", auth=reader, json={"experiment_id": "0"}).status_code == 403
+    assert (
+        stack_http(env, "POST", "/api/2.0/mlflow/runs/create", auth=reader, json={"experiment_id": "0"}).status_code
+        == 403
+    )
 
 
-def test_pipeline_logs_metric_and_artifact_into_rgw(env, pipeline_run, tmp_path):
-    import boto3
-
+def test_pipeline_logs_metric_and_artifact_into_rgw(env, pipeline_run, s3, tmp_path):
     client, exp_id, run_id = pipeline_run
     client.log_metric(run_id, "accuracy", 0.9921, step=3)
     payload = os.urandom(3 * 1024 * 1024 + 17)  # several MB: a real upload, not one tiny part
@@ -189,13 +116,6 @@ def test_pipeline_logs_metric_and_artifact_into_rgw(env, pipeline_run, tmp_path)
     assert run.data.metrics["accuracy"] == pytest.approx(0.9921)
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied: no S3 keys on the client
 
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    )
     keys = [
         o["Key"]
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=env["STACK_ARTIFACT_BUCKET"])
@@ -209,7 +129,7 @@ def test_pipeline_logs_metric_and_artifact_into_rgw(env, pipeline_run, tmp_path)
     out = client.download_artifacts(run_id, "model/weights.bin", str(tmp_path / "down"))
     assert Path(out).read_bytes() == payload
     # ... and as the reader over HTTP (READ suffices to download)
-    r = http(
+    r = stack_http(
         env,
         "GET",
         f"/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{run_id}/artifacts/model/weights.bin",
@@ -217,7 +137,7 @@ def test_pipeline_logs_metric_and_artifact_into_rgw(env, pipeline_run, tmp_path)
     )
     assert r.status_code == 200 and r.content == payload
     # the reader cannot upload into the pipeline's run
-    r = http(
+    r = stack_http(
         env,
         "PUT",
         f"/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{run_id}/artifacts/evil.txt",
@@ -234,11 +154,11 @@ def _run(cmd, cwd, env):
     return p.stdout
 
 
-def test_dvc_push_pull_through_rgw(env, secrets, tmp_path):
+def test_dvc_push_pull_through_rgw(env, env_file, secrets, tmp_path):
     # no AWS_* in the environment: the keys must come from .dvc/config.local
     base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     base.update(
-        STACK_ENV_FILE=ENV_FILE,
+        STACK_ENV_FILE=env_file,
         GIT_AUTHOR_NAME="t",
         GIT_AUTHOR_EMAIL="t@localhost",
         GIT_COMMITTER_NAME="t",
@@ -254,7 +174,7 @@ def test_dvc_push_pull_through_rgw(env, secrets, tmp_path):
     for i in range(5):
         (data / f"part{i}.bin").write_bytes(os.urandom(200_000 + i))
     _run(["dvc", "add", "-q", "data"], a, base)
-    _run([str(STACK), "dvc-remote", str(a)], a, base)
+    _run(stack_command("dvc-remote", a), a, base)
     config = (a / ".dvc" / "config").read_text()
     local = (a / ".dvc" / "config.local").read_text()
     assert env["DVC_REMOTE_URL"] in config and env["AWS_ENDPOINT_URL"] in config
@@ -268,7 +188,7 @@ def test_dvc_push_pull_through_rgw(env, secrets, tmp_path):
     b = tmp_path / "b"
     _run(["git", "clone", "-q", str(a), str(b)], tmp_path, base)
     assert not (b / "data").exists()
-    _run([str(STACK), "dvc-remote", str(b)], b, base)
+    _run(stack_command("dvc-remote", b), b, base)
     _run(["dvc", "pull", "-q"], b, base)
     for f in sorted(data.iterdir()):
         assert hashlib.sha256((b / "data" / f.name).read_bytes()).digest() == hashlib.sha256(f.read_bytes()).digest()
@@ -316,13 +236,13 @@ def test_no_secret_on_any_command_line(secrets):
                 assert s.encode() not in cmdline, f"a credential is on the command line of pid {proc.name}"
 
 
-def test_env_file_is_private(env):
-    assert (Path(ENV_FILE).stat().st_mode & 0o777) == 0o600
+def test_env_file_is_private(env_file):
+    assert (Path(env_file).stat().st_mode & 0o777) == 0o600
 
 
 def test_status_reports_all_up(env):
     p = subprocess.run(
-        [str(STACK), "status"],
+        stack_command("status"),
         capture_output=True,
         text=True,
         timeout=60,
