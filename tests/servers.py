@@ -70,10 +70,10 @@ def wait_until_answering(url: str, process: subprocess.Popen, what: str, limit_s
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, artifacts: Path, cwd: Path) -> Iterator[str]:
-    """A real `mlflow server` (one worker) on a free port of 127.0.0.1 over ``backend_uri``; yields
-    its URL once /health answers, and stops it (with its workers) afterwards."""
-    port = free_port()
+def mlflow_server(backend_uri: str, artifacts: Path, cwd: Path, port: int | None = None) -> Iterator[str]:
+    """A real `mlflow server` (one worker) on ``port`` (a free one if None) of 127.0.0.1 over
+    ``backend_uri``; yields its URL once /health answers, and stops it (with its workers) afterwards."""
+    port = port or free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--workers", "1", "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts)]
     server = subprocess.Popen(

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from servers import free_port
 
 from pipeline.core.config import ConfigError, from_section, load_config
 from pipeline.data.download import MNIST_SHA256, DownloadConfig, DownloadError, download
 from pipeline.stages.download import main
 
+from servers import free_port
 from synthetic import REAL_MNIST, write_mnist
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,9 +20,10 @@ import subprocess
 
 import pytest
 from mlflow.tracking import MlflowClient
-from servers import mlflow_server, stop
 
 from pipeline.tracking import TrackingConfig, tracked_run
+
+from servers import mlflow_server, stop
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")

@@ -1,6 +1,8 @@
 """The fault tests' pause point (pipeline/core/pause.py): its variables refused in one line, a real
 tracked training held after a chosen epoch with that epoch in its checkpoint and its MLflow store,
-then released to the same weights as a training never paused; the bounded wait."""
+then released to the same weights as a training never paused; the bounded wait. And the fault it is
+for: a real MLflow server stopped while the training is held, the epochs after it kept while the
+server is away and sent once it is back."""
 
 from __future__ import annotations
 
@@ -12,14 +14,15 @@ import time
 
 import pytest
 from mlflow.tracking import MlflowClient
-from servers import release, wait_for_pause
 
 from pipeline.core.files import load_npz
 from pipeline.core.pause import DIR_ENV, EPOCH_ENV, RELEASE_FILE, PauseError, PausePoint
 from pipeline.nn.checkpoint import CHECKPOINT_FILE
 from pipeline.stages import train as train_stage
+from pipeline.tracking.run import Run
 from pipeline.tracking.tracked import stage_training, train_tracked
 
+from servers import free_port, mlflow_server, release, wait_for_pause
 from synthetic import TINY_NET, write_prepared
 
 
@@ -139,3 +142,40 @@ def test_a_training_waits_after_its_epoch_is_recorded_and_ends_as_one_never_paus
     assert client.get_run(only.info.run_id).info.status == "FINISHED"
     for name in ("model.npz", "architecture.json"):
         assert (paused.paths.model / name).read_bytes() == (unpaused.paths.model / name).read_bytes(), name
+
+
+def test_epochs_finished_while_the_server_is_down_are_sent_when_it_is_back(tmp_path, monkeypatch, caplog):
+    write_prepared(tmp_path / "prepared")
+    pause_dir, port, backend = tmp_path / "pause", free_port(), f"sqlite:///{tmp_path / 'server.db'}"
+    pause_dir.mkdir()
+    monkeypatch.setenv(EPOCH_ENV, "1")
+    monkeypatch.setenv(DIR_ENV, str(pause_dir))
+    monkeypatch.setattr(Run, "EPOCH_RETRY_S", 1.0)  # an epoch's metrics wait 1 s, not 20, before they are kept
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # each refused call fails at once; Run retries
+    results = {}
+    with mlflow_server(backend, tmp_path / "artifacts", tmp_path, port) as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        training = threading.Thread(target=lambda: results.update(train_tracked(job(tmp_path, "away"))), daemon=True)
+        training.start()
+        try:
+            wait_for_pause(pause_dir, training.is_alive, limit_s=120)
+        except BaseException:
+            release(pause_dir)
+            raise
+    # the server is stopped (its process group gone), epoch 1 recorded, the training held
+    release(pause_dir)
+    try:
+        deadline = time.monotonic() + 120
+        while "metrics of steps [2, 3] kept to resend" not in caplog.text:
+            assert training.is_alive() and time.monotonic() < deadline, caplog.text[-2000:]
+            time.sleep(0.2)
+        assert training.is_alive()  # epochs 2 and 3 trained, kept; the run's close waits for the server
+    finally:
+        with mlflow_server(backend, tmp_path / "artifacts", tmp_path, port):
+            training.join(timeout=300)
+    assert not training.is_alive() and results["epochs_run"] == 3
+    client = MlflowClient(tracking_uri=backend)
+    run = client.get_run(results["run_id"])
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "validation_accuracy")]
+    assert sorted(steps) == [1, 2, 3]  # every epoch once: none lost while the server was away, none twice

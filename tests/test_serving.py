@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from servers import free_port, stop, wait_until_answering
 
 from pipeline.core.files import load_npz
 from pipeline.nn.model_io import load_model
@@ -19,6 +18,7 @@ from pipeline.tracking import TrackingConfig, registry, tracked_run
 from pipeline.tracking.serving import BadInput, as_images, digit_classifier
 from pipeline.tracking.tracked import stage_training, train_tracked
 
+from servers import free_port, stop, wait_until_answering
 from synthetic import TINY_NET, write_prepared
 
 

@@ -8,11 +8,12 @@ import time
 
 import pytest
 from mlflow.tracking import MlflowClient
-from servers import free_port, mlflow_server
 
 from pipeline import tracking
 from pipeline.tracking import TrackingConfig, TrackingError, flatten, tracked_run
 from pipeline.tracking.run import Run, is_transient
+
+from servers import free_port, mlflow_server
 
 
 @pytest.fixture

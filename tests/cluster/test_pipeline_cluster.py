@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import release, wait_for_pause
 from team_project import REPO, driver_argv, make_project, params_for, pipeline
+
+from servers import release, wait_for_pause
 
 PAUSE_AT, EPOCHS = 2, 3
 # two trials, one on each node (1 Ray CPU each), both paused after epoch PAUSE_AT

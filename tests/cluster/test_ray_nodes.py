@@ -9,6 +9,7 @@ import os
 import subprocess
 
 import pytest
+
 from servers import release, wait_for_pause
 
 # a driver: where it runs, and where a task pinned to each alive node runs

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+
 from servers import SECRET_VARS, creds, read_env_file
 
 HERE = Path(__file__).resolve().parent

@@ -14,9 +14,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from servers import creds, pid_of, release, restart, stack_command, stack_http, wait_for_pause
 
 from project import ROOT, configure, dvc_env, make_project, sh, synthetic_checksums
+from servers import creds, pid_of, release, restart, stack_command, stack_http, wait_for_pause
 from synthetic import TINY_NET, write_mnist, write_prepared
 
 

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from servers import REPO, creds, stack_command, stack_http
 
 SEARCH = "/api/2.0/mlflow/experiments/search?max_results=5"
