@@ -1,5 +1,5 @@
 """A team member's checkout for the cluster's drivers: params.yaml, synthetic data sets, and the
-team's DVC remote (deploy/stack.sh dvc-remote)."""
+team's DVC remote (deploy/stack.py dvc-remote)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def make_project(cluster, root: Path, sizes: dict[str, int]) -> Path:
     env = {**os.environ, "STACK_ENV_FILE": str(cluster.stack_env_file), "DVC_NO_ANALYTICS": "1"}
     for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         subprocess.run(command, cwd=root, env=env, check=True, timeout=120)
-    subprocess.run([REPO / "deploy" / "stack.sh", "dvc-remote", root], env=env, check=True, timeout=120)
+    subprocess.run([sys.executable, REPO / "deploy" / "stack.py", "dvc-remote", root], env=env, check=True, timeout=120)
     return root
 
 

@@ -1,5 +1,5 @@
-"""The team stack of deploy/stack.sh, tested against the RUNNING services (tests/stack/run.sh starts
-and stops them). Skipped unless STACK_ENV_FILE names an env file written by `deploy/stack.sh up`.
+"""The team stack of deploy/stack.py, tested against the RUNNING services (tests/stack/run.sh starts
+and stops them). Skipped unless STACK_ENV_FILE names an env file written by `deploy/stack.py up`.
 
 Every request goes to 127.0.0.1 only (asserted on each URL)."""
 
@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-STACK = REPO / "deploy" / "stack.sh"
+STACK = REPO / "deploy" / "stack.py"  # executable: runs with the python on PATH, as the docs say
 ENV_FILE = os.environ.get("STACK_ENV_FILE", "")
 
 pytestmark = [
@@ -318,6 +318,83 @@ def test_no_secret_on_any_command_line(secrets):
 
 def test_env_file_is_private(env):
     assert (Path(ENV_FILE).stat().st_mode & 0o777) == 0o600
+
+
+# ------------------------------------------------------------------ one component fails, the rest stays
+def _group(pgid):
+    """The live processes of a process group."""
+    members = []
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if proc.name.isdigit() and fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(proc.name))
+    return members
+
+
+def _status(env):
+    p = subprocess.run(
+        [str(STACK), "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "STACK_DIR": env["STACK_DIR"]},
+    )
+    return p.returncode, {line.split()[0]: line.split()[1] for line in p.stdout.splitlines()}
+
+
+def test_a_failed_mlflow_restart_leaves_postgres_and_rgw_up(env, tmp_path):
+    """`restart mlflow` whose start fails at a known point: the `mlflow` first on PATH exits at once.
+    One line on stderr names mlflow, the old server is gone, PostgreSQL and RGW still answer; a plain
+    `restart mlflow` brings the server back."""
+    import boto3
+    import psycopg2
+    import requests
+
+    state = Path(env["STACK_DIR"])
+    old = int((state / "run" / "mlflow.pid").read_text())
+    fake = tmp_path / "bin" / "mlflow"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'fake mlflow: exits at once' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    stack_env = {**os.environ, "STACK_DIR": env["STACK_DIR"], "STACK_ENV_FILE": ENV_FILE}
+    failing = {**stack_env, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    try:
+        p = subprocess.run([str(STACK), "restart", "mlflow"], env=failing, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 1, p.stdout + p.stderr
+        log = state / "logs" / "mlflow.log"
+        assert p.stderr.splitlines() == [f"stack: mlflow FAILED (exited during start); see {log}"]
+        assert "fake mlflow: exits at once" in log.read_text()  # the failure landed where the test put it
+        assert _group(old) == []  # the old server and its workers
+        rc, states = _status(env)
+        assert rc == 1
+        assert states == {"postgres": "up", "ceph-mon": "up", "ceph-osd": "up", "radosgw": "up", "mlflow": "down"}
+        # PostgreSQL answers a query of the optuna role, RGW lists the buckets with the stack's keys
+        with psycopg2.connect(env["OPTUNA_STORAGE"].replace("postgresql+psycopg2://", "postgresql://")) as db:
+            with db.cursor() as cursor:
+                cursor.execute("SELECT current_user")
+                assert cursor.fetchone() == ("optuna",)
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name="us-east-1",
+        )
+        names = {b["Name"] for b in s3.list_buckets()["Buckets"]}
+        assert {env["STACK_ARTIFACT_BUCKET"], env["STACK_DVC_BUCKET"]} <= names
+        with pytest.raises(requests.ConnectionError):
+            http(env, "GET", "/health")
+    finally:
+        again = subprocess.run(
+            [str(STACK), "restart", "mlflow"], env=stack_env, capture_output=True, text=True, timeout=300
+        )
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert http(env, "GET", SEARCH, auth=creds(env, "pipeline")).status_code == 200
+    assert _status(env) == (0, dict.fromkeys(("postgres", "ceph-mon", "ceph-osd", "radosgw", "mlflow"), "up"))
 
 
 def test_status_reports_all_up(env):
