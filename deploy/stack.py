@@ -176,11 +176,12 @@ def dvc_remote(env_file: Path, directory: Path) -> int:
     for name in ("DVC_REMOTE_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         if not env.get(name):
             raise BadInput(f"dvc-remote: {name} is set neither in {env_file} nor in the environment")
-    if not (directory / ".dvc").is_dir():
-        raise BadInput(f"dvc-remote: {directory.resolve()} is not a DVC repository")
+    where = directory.resolve()
+    if not (where / ".dvc").is_dir():
+        raise BadInput(f"dvc-remote: {where} is not a DVC repository")
     from dvc.cli import main as dvc
 
-    os.chdir(directory)  # dvc finds the repository from the working directory
+    os.chdir(where)  # dvc finds the repository from the working directory
     calls = [["remote", "add", "-d", "-f", "team", env["DVC_REMOTE_URL"]]]
     if env.get("AWS_ENDPOINT_URL"):
         calls.append(["remote", "modify", "team", "endpointurl", env["AWS_ENDPOINT_URL"]])
@@ -188,7 +189,7 @@ def dvc_remote(env_file: Path, directory: Path) -> int:
     calls.append(["remote", "modify", "--local", "team", "secret_access_key", env["AWS_SECRET_ACCESS_KEY"]])
     for argv in calls:
         if dvc(argv) != 0:
-            raise BadInput(f"dvc-remote: `dvc {' '.join(argv[:3])}` failed in {directory.resolve()}")
+            raise BadInput(f"dvc-remote: `dvc {' '.join(argv[:3])}` failed in {where}")
     say(f"dvc remote 'team' -> {env['DVC_REMOTE_URL']} (keys in .dvc/config.local only)")
     return 0
 

@@ -29,7 +29,9 @@ def step(cmd: list[str], env: dict | None = None) -> None:
 
 
 def install() -> int:
-    """apt packages (radosgw ceph-mon ceph-osd, postgresql if missing) and the `stack` extra of
+    """Install the apt packages and the stack extra.
+
+    The apt packages radosgw ceph-mon ceph-osd (and postgresql) if missing, as root; the `stack` extra of
     pyproject.toml into the virtual environment of the python running this command."""
     t0 = time.monotonic()
     missing = [p for p in APT_PACKAGES if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode != 0]

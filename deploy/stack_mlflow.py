@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from stack_ceph import ARTIFACT_BUCKET, DVC_BUCKET, s3_env
-from stack_core import BadInput, Stack, StackError, http_ok, pid_of, say, secret, spawn, wait_for
+from stack_core import DIRECT, BadInput, Stack, StackError, http_ok, pid_of, say, secret, spawn, wait_for
 
 ADMIN_USER, PIPELINE_USER, READER_USER = "stack-admin", "pipeline", "reader"
 
@@ -80,7 +80,7 @@ def create_users(st: Stack, url: str) -> None:
         body = json.dumps({"username": user, "password": secret(st, name)}).encode()
         request = urllib.request.Request(url + "/api/2.0/mlflow/users/create", data=body, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=30) as answer:
+            with DIRECT.open(request, timeout=30) as answer:
                 status = answer.status
         except urllib.error.HTTPError as e:
             status = e.code
