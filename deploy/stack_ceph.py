@@ -141,20 +141,11 @@ def start_ceph(st: Stack) -> None:
         make_monitor(st)
     write_conf(st)
     conf = conf_path(st)
-    if pid_of(st, "ceph-mon"):
-        say("ceph-mon already running")
-    else:
-        spawn(st, "ceph-mon", st.logs / "ceph-mon.out", ["ceph-mon", "-f", "-c", conf, "-i", "a"])
-        wait_for(st, "ceph-mon", 60, lambda: mon_answers(st))
-        say(f"ceph-mon up on 127.0.0.1:{st.ports['MON_PORT']} (pid {pid_of(st, 'ceph-mon')})")
+    mon = ["ceph-mon", "-f", "-c", conf, "-i", "a"]
+    start_daemon(st, "ceph-mon", mon, 60, lambda: mon_answers(st), f" on 127.0.0.1:{st.ports['MON_PORT']}")
     if not (st.ceph / "osd" / "osd.0" / "done").is_file():
         make_osd(st)
-    if pid_of(st, "ceph-osd"):
-        say("ceph-osd already running")
-    else:
-        spawn(st, "ceph-osd", st.logs / "ceph-osd.out", ["ceph-osd", "-f", "-c", conf, "-i", "0"])
-        wait_for(st, "ceph-osd", 90, lambda: osd_up(st))
-        say(f"ceph-osd up (pid {pid_of(st, 'ceph-osd')})")
+    start_daemon(st, "ceph-osd", ["ceph-osd", "-f", "-c", conf, "-i", "0"], 90, lambda: osd_up(st))
     start_rgw(st)
     s3_user(st)
     make_buckets(st)
@@ -166,13 +157,19 @@ def start_rgw(st: Stack) -> None:
         create = ceph(st, "auth", "get-or-create", "client.rgw.a", "mon", "allow rw", "osd", "allow rwx")
         if not run_logged([*create, "-o", str(keyring)], setup_log(st)):
             raise StackError("radosgw", "creating its key failed", setup_log(st))
-    if pid_of(st, "radosgw"):
-        say("radosgw already running")
+    rgw = ["radosgw", "-f", "-c", conf_path(st), "-n", "client.rgw.a"]
+    where = f"{st.host}:{st.ports['RGW_PORT']}"
+    start_daemon(st, "radosgw", rgw, 120, lambda: http_ok(f"http://{where}/"), f" on {where}")
+
+
+def start_daemon(st: Stack, component: str, cmd: list[str], seconds: int, answers, where: str = "") -> None:
+    """Start a Ceph daemon unless it runs, and wait until it answers."""
+    if pid_of(st, component):
+        say(f"{component} already running")
         return
-    spawn(st, "radosgw", st.logs / "radosgw.out", ["radosgw", "-f", "-c", conf_path(st), "-n", "client.rgw.a"])
-    url = f"http://{st.host}:{st.ports['RGW_PORT']}"
-    wait_for(st, "radosgw", 120, lambda: http_ok(url + "/"))
-    say(f"radosgw up on {st.host}:{st.ports['RGW_PORT']} (pid {pid_of(st, 'radosgw')})")
+    spawn(st, component, st.logs / f"{component}.out", cmd)
+    wait_for(st, component, seconds, answers)
+    say(f"{component} up{where} (pid {pid_of(st, component)})")
 
 
 def s3_user(st: Stack) -> None:

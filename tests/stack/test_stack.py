@@ -174,9 +174,20 @@ def test_reader_can_read_but_not_write(env, pipeline_run):
     assert http(env, "POST", "/api/2.0/mlflow/runs/create", auth=reader, json={"experiment_id": "0"}).status_code == 403
 
 
-def test_pipeline_logs_metric_and_artifact_into_rgw(env, pipeline_run, tmp_path):
+def s3_client(env):
+    """The stack's S3 user on RGW."""
     import boto3
 
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+
+
+def test_pipeline_logs_metric_and_artifact_into_rgw(env, pipeline_run, tmp_path):
     client, exp_id, run_id = pipeline_run
     client.log_metric(run_id, "accuracy", 0.9921, step=3)
     payload = os.urandom(3 * 1024 * 1024 + 17)  # several MB: a real upload, not one tiny part
@@ -189,13 +200,7 @@ def test_pipeline_logs_metric_and_artifact_into_rgw(env, pipeline_run, tmp_path)
     assert run.data.metrics["accuracy"] == pytest.approx(0.9921)
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied: no S3 keys on the client
 
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    )
+    s3 = s3_client(env)
     keys = [
         o["Key"]
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=env["STACK_ARTIFACT_BUCKET"])
@@ -335,6 +340,9 @@ def _group(pgid):
     return members
 
 
+ALL_UP = (0, dict.fromkeys(("postgres", "ceph-mon", "ceph-osd", "radosgw", "mlflow"), "up"))
+
+
 def _status(env):
     p = subprocess.run(
         [str(STACK), "status"],
@@ -350,7 +358,6 @@ def test_a_failed_mlflow_restart_leaves_postgres_and_rgw_up(env, tmp_path):
     """`restart mlflow` whose start fails at a known point: the `mlflow` first on PATH exits at once.
     One line on stderr names mlflow, the old server is gone, PostgreSQL and RGW still answer; a plain
     `restart mlflow` brings the server back."""
-    import boto3
     import psycopg2
     import requests
 
@@ -377,14 +384,7 @@ def test_a_failed_mlflow_restart_leaves_postgres_and_rgw_up(env, tmp_path):
             with db.cursor() as cursor:
                 cursor.execute("SELECT current_user")
                 assert cursor.fetchone() == ("optuna",)
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=env["AWS_ENDPOINT_URL"],
-            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-            region_name="us-east-1",
-        )
-        names = {b["Name"] for b in s3.list_buckets()["Buckets"]}
+        names = {b["Name"] for b in s3_client(env).list_buckets()["Buckets"]}
         assert {env["STACK_ARTIFACT_BUCKET"], env["STACK_DVC_BUCKET"]} <= names
         with pytest.raises(requests.ConnectionError):
             http(env, "GET", "/health")
@@ -394,16 +394,8 @@ def test_a_failed_mlflow_restart_leaves_postgres_and_rgw_up(env, tmp_path):
         )
     assert again.returncode == 0, again.stdout + again.stderr
     assert http(env, "GET", SEARCH, auth=creds(env, "pipeline")).status_code == 200
-    assert _status(env) == (0, dict.fromkeys(("postgres", "ceph-mon", "ceph-osd", "radosgw", "mlflow"), "up"))
+    assert _status(env) == ALL_UP
 
 
 def test_status_reports_all_up(env):
-    p = subprocess.run(
-        [str(STACK), "status"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "STACK_DIR": env["STACK_DIR"]},
-    )
-    assert p.returncode == 0, p.stdout
-    assert len(re.findall(r" up ", p.stdout)) == 5
+    assert _status(env) == ALL_UP
