@@ -17,8 +17,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = ("postgres", "ceph-mon", "ceph-osd", "radosgw", "mlflow")
-# what /proc/PID/comm must start with (guards against a reused PID)
-COMM = {c: c for c in COMPONENTS}
 SECRET_NAMES = ("pg_mlflow", "pg_optuna", "mlflow_admin", "mlflow_pipeline", "mlflow_reader", "flask_secret")
 PORT_DEFAULTS = {"PG_PORT": 5433, "MON_PORT": 3300, "RGW_PORT": 7480, "MLFLOW_PORT": 5000}
 
@@ -152,13 +150,13 @@ def alive(pid: int) -> bool:
 
 
 def pid_of(st: Stack, component: str) -> int | None:
-    """The recorded PID of a component if that process is alive."""
+    """The recorded PID of a component if that process is alive (its name checked: PIDs are reused)."""
     try:
         pid = int((st.run / f"{component}.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
     stat = proc_stat(pid)
-    return pid if stat and stat[1] != "Z" and stat[0].startswith(COMM[component]) else None
+    return pid if stat and stat[1] != "Z" and stat[0].startswith(component) else None
 
 
 def spawn(st: Stack, component: str, log: Path, cmd: list[str], env: dict | None = None, cwd=None) -> int:
@@ -236,7 +234,8 @@ def stop(st: Stack, component: str, sig: int = signal.SIGTERM) -> None:
     signal_group(pid, sig)
     for _ in range(30):
         reap(pid)
-        if not alive(pid):
+        # gone from /proc, not only exited: a zombie waiting for init still holds its PID
+        if not Path(f"/proc/{pid}").exists():
             break
         time.sleep(1)
     else:
