@@ -5,7 +5,7 @@ Only the standard library at import time: tests/cluster/nodes.py, which run.sh r
 imports Ray or MLflow, reads the stack's env file with :func:`read_env_file`.
 
 Every test calls the stack's command through :func:`stack_command`, so that a new command for
-deploy/stack.sh is a change of that one function.
+deploy/stack.py is a change of that one function.
 """
 
 from __future__ import annotations
@@ -89,8 +89,9 @@ def mlflow_server(backend_uri: str, artifacts: Path, cwd: Path, port: int | None
 
 # ------------------------------------------------------------------ the team stack
 def stack_command(*args: str) -> list[str]:
-    """The argv of the team stack's command (deploy/stack.sh) with ``args``: every test's one way to it."""
-    return [str(REPO / "deploy" / "stack.sh"), *map(str, args)]
+    """The argv of the team stack's command (deploy/stack.py, run by this interpreter) with ``args``:
+    every test's one way to it."""
+    return [sys.executable, str(REPO / "deploy" / "stack.py"), *map(str, args)]
 
 
 def restart(component: str, stack_env: dict[str, str], env_file: str | Path) -> float:

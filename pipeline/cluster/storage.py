@@ -2,7 +2,7 @@
 node can read them.
 
 A worker node has none of the driver's files. The storage is the team's DVC remote (docs/team.md:
-``deploy/stack.sh dvc-remote``), any S3 bucket, or a folder every node mounts. Data sets are kept in
+``deploy/stack.py dvc-remote``), any S3 bucket, or a folder every node mounts. Data sets are kept in
 DVC's own layout, ``files/md5/ab/cdef...``, so a file that ``dvc push`` uploaded is found there and not
 sent again (and ``dvc pull`` finds what the driver sent); a node copies each file once into its cache
 (``NNDL_CACHE_DIR``) and checks its md5 before use. Ray's object store could carry the data instead,
@@ -166,7 +166,7 @@ def dvc_remote(root: Path = Path(".")) -> tuple[SharedStorage, dict[str, str]]:
     if not name:
         raise PipelineError(
             "a cluster needs shared storage for its data and checkpoints: set a default DVC remote "
-            "(deploy/stack.sh dvc-remote, or dvc remote add -d) or pass --storage s3://bucket/prefix"
+            "(deploy/stack.py dvc-remote, or dvc remote add -d) or pass --storage s3://bucket/prefix"
         )
     remote = config["remote"][name]
     env = {

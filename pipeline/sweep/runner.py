@@ -15,7 +15,7 @@ The same command again continues: a finished trial is never trained again, an in
 resumes from its last epoch's checkpoint. ``--trials N`` is the study's total of finished trials,
 as Optuna's MaxTrialsCallback counts them: a second call with a larger N, from this machine or
 another with the same --study-storage (the team's PostgreSQL: $OPTUNA_STORAGE from
-deploy/stack.sh), adds trials to the same study; so do several drivers at once.
+deploy/stack.py), adds trials to the same study; so do several drivers at once.
 """
 
 from __future__ import annotations

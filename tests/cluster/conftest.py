@@ -1,6 +1,6 @@
 """A real two-node Ray cluster and the team stack, for the tests in this folder.
 
-tests/cluster/run.sh (as root) makes a bridge and two network namespaces, starts deploy/stack.sh on
+tests/cluster/run.sh (as root) makes a bridge and two network namespaces, starts deploy/stack.py on
 the bridge's address, a Ray head in namespace A and a Ray worker in namespace B, exports the
 ``CLUSTER_*`` variables that nodes.py lists, and runs pytest here. Without them (a plain ``pytest``
 from the repository root) every test in this folder is skipped, with the names of the missing

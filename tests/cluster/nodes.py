@@ -49,7 +49,7 @@ from servers import read_env_file  # noqa: E402
 RAY_PORT = 6379
 NODES = ("head", "worker")
 
-# exported by tests/cluster/run.sh (STACK_ENV_FILE is deploy/stack.sh's own variable)
+# exported by tests/cluster/run.sh (STACK_ENV_FILE is deploy/stack.py's own variable)
 ENV_VARS = (
     "CLUSTER_ROOT",  # the run's temporary folder: node-a/, node-b/, ray/auth_token, stack/, ...
     "CLUSTER_SUBNET",  # 10.77.X.0/24

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CI driver for the two-node Ray cluster (needs root): a bridge and two network namespaces on a
-# private /24 of their own, the team stack (deploy/stack.sh) listening on the bridge's address, a
+# private /24 of their own, the team stack (deploy/stack.py) listening on the bridge's address, a
 # Ray head in namespace A and a Ray worker in namespace B (tests/cluster/nodes.py), pytest
-# tests/cluster, and ALWAYS (trap) the Ray nodes stopped by PID, `deploy/stack.sh down`, the
+# tests/cluster, and ALWAYS (trap) the Ray nodes stopped by PID, `deploy/stack.py down`, the
 # namespaces, veths and bridge deleted, then a check that nothing it started is left.
 # Traffic stays on loopback and on the run's own /24: the namespaces have no other route.
 #   tests/cluster/run.sh          # SKIP_INSTALL=1: skip installing the stack's and the cluster's packages
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
-STACK=$REPO/deploy/stack.sh
+STACK=$REPO/deploy/stack.py
 NODES=$REPO/tests/cluster/nodes.py
 T_START=$SECONDS
 
@@ -26,7 +26,7 @@ if [[ -z ${SKIP_INSTALL:-} ]]; then
     # the stack's (tests/stack/run.sh has usually installed them already)
     if ! { dpkg -s radosgw ceph-mon ceph-osd postgresql > /dev/null 2>&1 \
         && "$PY" -c 'import boto3, dvc_s3, flask_wtf, psycopg2' 2> /dev/null; }; then
-        "$STACK" install
+        "$PY" "$STACK" install
     fi
     # the cluster extra of pyproject.toml, without reinstalling the project
     if ! "$PY" -c 'import ray, optuna, psycopg2, dvc_s3' 2> /dev/null; then
@@ -117,7 +117,7 @@ finish() {
     for f in "$STACK_DIR"/run/*.pid; do [[ -s $f ]] && stack_pids+=("$(head -n1 "$f")"); done
     if [[ -d $STACK_DIR ]]; then
         t0=$SECONDS
-        "$STACK" down || bad=1
+        "$PY" "$STACK" down || bad=1
         echo "cluster: stack down took $((SECONDS - t0)) s"
     fi
     for dev in "${BR}" "v$SUF-a-br" "v$SUF-b-br"; do ip link del "$dev" 2> /dev/null; done
@@ -175,7 +175,7 @@ echo "cluster: bridge $BR $BRIDGE_IP, head $NS_A $HEAD_IP, worker $NS_B $WORKER_
 
 # ---------------------------------------------------------------- the stack on the bridge
 t0=$SECONDS
-"$STACK" up
+"$PY" "$STACK" up
 echo "cluster: stack up on $BRIDGE_IP took $((SECONDS - t0)) s"
 # Optuna's schema made once, before any worker: several creating it at once crash (upstream)
 (

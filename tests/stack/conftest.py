@@ -1,5 +1,5 @@
 """The team stack that tests/stack/run.sh starts, for the tests in this folder: skipped unless
-STACK_ENV_FILE names the env file `deploy/stack.sh up` wrote.
+STACK_ENV_FILE names the env file `deploy/stack.py up` wrote.
 
 Fixtures (module-scoped):
 - ``env``: the env file as a dict; its MLflow and S3 URLs are asserted to be on 127.0.0.1;

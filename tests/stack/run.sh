@@ -3,11 +3,11 @@
 # pytest tests/stack, and ALWAYS down (trap); then check that no recorded PID and no listening
 # port is left. Prints the measured times and the stack's memory (RSS sum). Run it with the
 # project's virtual environment active (it installs the stack's packages into it).
-#   tests/stack/run.sh            # SKIP_INSTALL=1 to skip `deploy/stack.sh install`
+#   tests/stack/run.sh            # SKIP_INSTALL=1 to skip `deploy/stack.py install`
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
-STACK=$REPO/deploy/stack.sh
+STACK=(python "$REPO/deploy/stack.py")
 
 export STACK_DIR=${STACK_DIR:-$(mktemp -d /tmp/stack-ci.XXXXXX)}
 export STACK_ENV_FILE=${STACK_ENV_FILE:-$STACK_DIR.env}
@@ -34,7 +34,7 @@ finish() {
     done
     PORTS+=("$STACK_PG_PORT" "$STACK_MON_PORT" "$STACK_RGW_PORT" "$STACK_MLFLOW_PORT")
     local t0=$SECONDS
-    "$STACK" down || bad=1
+    "${STACK[@]}" down || bad=1
     echo "run.sh: down took $((SECONDS - t0)) s"
     for p in "${PIDS[@]}"; do
         if [[ -e /proc/$p ]]; then echo "run.sh: pid $p still running after down" >&2; bad=1; fi
@@ -50,16 +50,16 @@ finish() {
 
 if [[ -z ${SKIP_INSTALL:-} ]]; then
     t0=$SECONDS
-    "$STACK" install
+    "${STACK[@]}" install
     echo "run.sh: install took $((SECONDS - t0)) s"
 fi
 
 trap finish EXIT
 t0=$SECONDS
-"$STACK" up
+"${STACK[@]}" up
 echo "run.sh: up (cold) took $((SECONDS - t0)) s"
-"$STACK" up | grep -q "already up"   # idempotent
-"$STACK" status
+"${STACK[@]}" up | grep -q "already up"   # idempotent
+"${STACK[@]}" status
 
 rss() {  # RSS in MB of a process group (mlflow: the CLI, uvicorn and its workers) or of a postmaster and its children
     local pid=$1

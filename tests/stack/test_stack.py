@@ -1,12 +1,11 @@
-"""The team stack of deploy/stack.sh, tested against the RUNNING services (tests/stack/run.sh starts
-and stops them). Skipped unless STACK_ENV_FILE names an env file written by `deploy/stack.sh up`
+"""The team stack of deploy/stack.py, tested against the RUNNING services (tests/stack/run.sh starts
+and stops them). Skipped unless STACK_ENV_FILE names an env file written by `deploy/stack.py up`
 (tests/stack/conftest.py).
 
 Every request goes to 127.0.0.1 only (asserted on each URL)."""
 
 import hashlib
 import os
-import re
 import shutil
 import subprocess
 import uuid
@@ -241,7 +240,25 @@ def test_env_file_is_private(env_file):
     assert (Path(env_file).stat().st_mode & 0o777) == 0o600
 
 
-def test_status_reports_all_up(env):
+# ------------------------------------------------------------------ one component fails, the rest stays
+def _group(pgid):
+    """The live processes of a process group."""
+    members = []
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if proc.name.isdigit() and fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(proc.name))
+    return members
+
+
+ALL_UP = (0, dict.fromkeys(("postgres", "ceph-mon", "ceph-osd", "radosgw", "mlflow"), "up"))
+
+
+def _status(env):
     p = subprocess.run(
         stack_command("status"),
         capture_output=True,
@@ -249,5 +266,51 @@ def test_status_reports_all_up(env):
         timeout=60,
         env={**os.environ, "STACK_DIR": env["STACK_DIR"]},
     )
-    assert p.returncode == 0, p.stdout
-    assert len(re.findall(r" up ", p.stdout)) == 5
+    return p.returncode, {line.split()[0]: line.split()[1] for line in p.stdout.splitlines()}
+
+
+def test_a_failed_mlflow_restart_leaves_postgres_and_rgw_up(env, env_file, s3, tmp_path):
+    """`restart mlflow` whose start fails at a known point: the `mlflow` first on PATH exits at once.
+    One line on stderr names mlflow, the old server is gone, PostgreSQL and RGW still answer; a plain
+    `restart mlflow` brings the server back."""
+    import psycopg2
+    import requests
+
+    state = Path(env["STACK_DIR"])
+    old = int((state / "run" / "mlflow.pid").read_text())
+    fake = tmp_path / "bin" / "mlflow"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'fake mlflow: exits at once' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    stack_env = {**os.environ, "STACK_DIR": env["STACK_DIR"], "STACK_ENV_FILE": str(env_file)}
+    failing = {**stack_env, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    try:
+        p = subprocess.run(stack_command("restart", "mlflow"), env=failing, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 1, p.stdout + p.stderr
+        log = state / "logs" / "mlflow.log"
+        assert p.stderr.splitlines() == [f"stack: mlflow FAILED (exited during start); see {log}"]
+        assert "fake mlflow: exits at once" in log.read_text()  # the failure landed where the test put it
+        assert _group(old) == []  # the old server and its workers
+        rc, states = _status(env)
+        assert rc == 1
+        assert states == {"postgres": "up", "ceph-mon": "up", "ceph-osd": "up", "radosgw": "up", "mlflow": "down"}
+        # PostgreSQL answers a query of the optuna role, RGW lists the buckets with the stack's keys
+        with psycopg2.connect(env["OPTUNA_STORAGE"].replace("postgresql+psycopg2://", "postgresql://")) as db:
+            with db.cursor() as cursor:
+                cursor.execute("SELECT current_user")
+                assert cursor.fetchone() == ("optuna",)
+        names = {b["Name"] for b in s3.list_buckets()["Buckets"]}
+        assert {env["STACK_ARTIFACT_BUCKET"], env["STACK_DVC_BUCKET"]} <= names
+        with pytest.raises(requests.ConnectionError):
+            stack_http(env, "GET", "/health")
+    finally:
+        again = subprocess.run(
+            stack_command("restart", "mlflow"), env=stack_env, capture_output=True, text=True, timeout=300
+        )
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert stack_http(env, "GET", SEARCH, auth=creds(env, "pipeline")).status_code == 200
+    assert _status(env) == ALL_UP
+
+
+def test_status_reports_all_up(env):
+    assert _status(env) == ALL_UP
