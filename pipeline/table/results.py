@@ -54,8 +54,10 @@ def code_version() -> str:
 # a result stamped with a key counts as trained by the value's code, and by the code that one maps to in
 # turn. Each pair trained the default `dvc repro` network and quick `bn` and row-8 tables to identical
 # model.npz files (docs/table.md, "Resume"). fe47bddc4df5: the code before the package was laid out in
-# folders (pipeline/*.py); 51b68d4a31cc: before the summary's files moved out of nn/fit.py.
-SAME_WEIGHTS_AS = {"fe47bddc4df5": "51b68d4a31cc", "51b68d4a31cc": "95e6cd7a8476"}
+# folders (pipeline/*.py); 51b68d4a31cc: before the summary's files moved out of nn/training.py;
+# 95e6cd7a8476: before nn/training.py and nn/trainer.py were named nn/fit.py and nn/compiled.py (the same
+# default `dvc repro` model.npz, sha256 400fdaf5...).
+SAME_WEIGHTS_AS = {"fe47bddc4df5": "51b68d4a31cc", "51b68d4a31cc": "95e6cd7a8476", "95e6cd7a8476": "9f4ef7883f19"}
 
 
 def load_result(seed_dir: Path, key: str | None, code: str) -> dict | None:
