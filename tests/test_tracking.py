@@ -121,7 +121,8 @@ def free_port():
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server(tmp_path, migrated_store):
+    migrated_store(tmp_path / "server.db")
     port = free_port()
     process = subprocess.Popen(
         [
