@@ -26,6 +26,8 @@ import pytest
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 ROOT = Path(__file__).resolve().parents[1]
+# a migrated store copied into each test's, and XLA's compilation cache for the session: tests/fixtures_store.py
+pytest_plugins = ["fixtures_store"]
 # made by pytest itself, before any test runs, when the cache plugin is on (and gitignored)
 RUNNER_FILES = {".pytest_cache"}
 

@@ -19,7 +19,7 @@ from project import configure, dvc_env, make_project, sh, synthetic_checksums
 from synthetic import TINY_NET, write_mnist
 
 
-def test_queued_experiments_land_in_the_repository_store(tmp_path):
+def test_queued_experiments_land_in_the_repository_store(tmp_path, migrated_store):
     project = make_project(tmp_path)
     write_mnist(tmp_path / "mirror", n_train=200, n_test=40)
     configure(
@@ -35,6 +35,7 @@ def test_queued_experiments_land_in_the_repository_store(tmp_path):
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline", cwd=project)
 
     sh(*dvc, "exp", "run", "--queue", "-S", "train.eta=0.5,0.1", cwd=project, env=env)
+    migrated_store(project / "mlflow.db")  # after queueing: not part of the experiments' workspace
     # the worker outlives `dvc queue start`: a pipe to it would keep this call waiting
     subprocess.run(
         [*dvc, "queue", "start"], cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True

@@ -1,7 +1,8 @@
 """End to end: the real `dvc repro` in a fresh git repository: the data stages, and the whole pipeline.
 
-Runs with small synthetic IDX files as the local mirror, and with the real MNIST from
-../shared/data/mnist where it exists (a clean clone in CI has it beside the repository).
+The data stages alone run on the real MNIST from ../shared/data/mnist where it exists (a clean clone
+in CI has it beside the repository); the whole pipeline, data stages included, on small synthetic
+IDX files as the local mirror (a fresh machine has only those).
 """
 
 import json
@@ -21,57 +22,45 @@ REAL_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 REAL_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
-@pytest.fixture(params=["real", "synthetic"])
-def mirror(request, tmp_path):
-    """The real MNIST where ../shared has it; small synthetic files always (a fresh machine has only those)."""
-    if request.param == "real":
-        if not REAL_MNIST.is_dir():
-            pytest.skip(f"no real MNIST at {REAL_MNIST}")
-        return REAL_MNIST, True
-    write_mnist(tmp_path / "mirror", n_train=200, n_test=40)
-    return tmp_path / "mirror", False
-
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_dvc_repro_data_stages(tmp_path, mirror):
-    mirror_dir, real = mirror
-    project = make_project(tmp_path)
-    env = dvc_env(mirror_dir)
-    if not real:
-        # synthetic files have their own checksums, and fewer images than the book's split
-        configure(
-            project,
-            prepare={"train_size": 150, "validation_size": 50},
-            download={"sha256": synthetic_checksums(mirror_dir)},
-        )
-
-    sh(sys.executable, "-m", "dvc", "repro", "expand", cwd=project, env=env)
-
+def check_data_stages(project: Path, sizes: tuple[int, int, int], expanded_size: int) -> None:
+    """The prepared split has ``sizes`` (train, validation, test) images; the expanded set is each
+    training image and its 4 one-pixel shifts, ``expanded_size`` in all, the labels five times over."""
     train = load_npz(project / "data/prepared/train.npz")
     validation = load_npz(project / "data/prepared/validation.npz")
     test = load_npz(project / "data/prepared/test.npz")
     expanded = load_npz(project / "data/expanded/train.npz")
-    if real:
-        assert (len(train["labels"]), len(validation["labels"]), len(test["labels"])) == (50_000, 10_000, 10_000)
-        both = np.bincount(np.concatenate([train["labels"], validation["labels"]]), minlength=10)
-        assert both.tolist() == REAL_TRAIN_COUNTS
-        assert np.bincount(test["labels"], minlength=10).tolist() == REAL_TEST_COUNTS
-        assert len(expanded["labels"]) == 250_000
-    else:
-        assert (len(train["labels"]), len(validation["labels"]), len(test["labels"])) == (150, 50, 40)
-        assert len(expanded["labels"]) == 750
+    assert (len(train["labels"]), len(validation["labels"]), len(test["labels"])) == sizes
+    assert len(expanded["labels"]) == expanded_size
     assert (
         np.bincount(expanded["labels"], minlength=10).tolist()
         == (5 * np.bincount(train["labels"], minlength=10)).tolist()
     )
 
-    # a second repro has nothing to do, and the lock file records every stage
-    again = sh(sys.executable, "-m", "dvc", "repro", "expand", cwd=project, env=env)
-    assert "didn't change, skipping" in again.stdout
+
+def check_nothing_to_redo(project: Path, env: dict, *target: str) -> None:
+    """A second repro has nothing to do, and the lock file records every stage."""
+    again = sh(sys.executable, "-m", "dvc", "repro", *target, cwd=project, env=env)
+    assert "didn't change, skipping" in again.stdout and "Running stage" not in again.stdout, again.stdout
     lock = (project / "dvc.lock").read_text()
     assert all(f"  {stage}:" in lock for stage in ("download", "prepare", "expand"))
+
+
+@pytest.mark.skipif(not REAL_MNIST.is_dir(), reason=f"no real MNIST at {REAL_MNIST}")
+def test_dvc_repro_data_stages_on_the_real_mnist(tmp_path):
+    # on synthetic files: test_train_depends_only_on_the_training_set_it_names, the whole pipeline
+    project = make_project(tmp_path)
+    env = dvc_env(REAL_MNIST)
+    sh(sys.executable, "-m", "dvc", "repro", "expand", cwd=project, env=env)
+    check_data_stages(project, (50_000, 10_000, 10_000), 250_000)
+    prepared = project / "data/prepared"
+    labels = {name: load_npz(prepared / f"{name}.npz")["labels"] for name in ("train", "validation", "test")}
+    both = np.bincount(np.concatenate([labels["train"], labels["validation"]]), minlength=10)
+    assert both.tolist() == REAL_TRAIN_COUNTS
+    assert np.bincount(labels["test"], minlength=10).tolist() == REAL_TEST_COUNTS
+    check_nothing_to_redo(project, env, "expand")
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -145,6 +134,8 @@ def test_train_depends_only_on_the_training_set_it_names(tmp_path):
     env = dvc_env(tmp_path / "mirror")
     dvc = (sys.executable, "-m", "dvc")
     sh(*dvc, "repro", cwd=project, env=env)
+    check_data_stages(project, (90, 30, 30), 450)
+    check_nothing_to_redo(project, env)
     assert "data/prepared/train.npz" in (project / "dvc.lock").read_text().split("\n  train:")[1]
 
     # every stage run again leaves git status clean: DVC records what the data and params determine

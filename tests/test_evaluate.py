@@ -23,9 +23,10 @@ from synthetic import TINY_NET, write_prepared
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch):
+def project(tmp_path, monkeypatch, migrated_store):
     """A repository-like directory: runs go to <project>/mlflow.db, as by default."""
     (tmp_path / ".dvc").mkdir()
+    migrated_store(tmp_path / "mlflow.db")
     monkeypatch.chdir(tmp_path)
     for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
         monkeypatch.delenv(name, raising=False)
@@ -122,8 +123,16 @@ def test_train_and_evaluate_log_one_complete_run(project):
     again = mlflow_client.get_run(run.info.run_id)
     assert again.info.status == "FINISHED" and again.data.tags["evaluate.gallery_size"] == "7"
 
-    # the pyfunc model, loaded back through MLflow (no pickle), predicts what the pipeline predicts
-    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    # registered as <experiment>-model, the champion (evaluating the run again adds no version)
+    champion = mlflow_client.get_model_version_by_alias("tests-model", "champion")
+    assert str(champion.version) == "1" and champion.run_id == run.info.run_id
+    assert [str(v.version) for v in mlflow_client.search_model_versions("name = 'tests-model'")] == ["1"]
+    assert float(champion.tags["validation_accuracy"]) == run.data.metrics["final_best_validation_accuracy"]
+    assert float(champion.tags["test_accuracy"]) == metrics["test_accuracy"]
+
+    # the champion's pyfunc model (the run's), loaded back through MLflow (no pickle) as
+    # `mlflow models serve -m models:/tests-model@champion` does, predicts what the pipeline predicts
+    pyfunc = mlflow.pyfunc.load_model("models:/tests-model@champion")
     out = pyfunc.predict(test["images"][:50].astype(np.float32))
     np.testing.assert_array_equal(np.asarray(out["label"]), predicted[:50])
     assert np.asarray(out["probabilities"]).shape == (50, 10)
@@ -234,31 +243,6 @@ def test_evaluate_with_test_time_shifts_answers_from_five_views(project):
     np.testing.assert_array_equal(predicted, expected)
     assert metrics["test_accuracy"] == pytest.approx(np.mean(expected == test["labels"]))
     assert metrics["test_time_shifts"] == 1
-
-
-def test_evaluate_registers_the_model_and_the_champion_serves(project):
-    train_in(project)
-    evaluated = evaluate(
-        config=EvaluateConfig(gallery_size=2),
-        model_dir=project / "data/model",
-        test_path=project / "data/prepared/test.npz",
-        out_dir=project / "data/evaluate",
-        metrics_path=project / "data/metrics/evaluate.json",
-        run_file=project / "data/metrics/mlflow_run.json",
-        tracking_config=tracking.TrackingConfig(experiment="tests"),
-    )
-    mlflow_client = client(project)
-    (run,) = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("tests").experiment_id])
-    champion = mlflow_client.get_model_version_by_alias("tests-model", "champion")  # <experiment>-model
-    assert str(champion.version) == "1" and champion.run_id == run.info.run_id
-    assert float(champion.tags["validation_accuracy"]) == run.data.metrics["final_best_validation_accuracy"]
-    assert float(champion.tags["test_accuracy"]) == evaluated["test_accuracy"]
-    # what `mlflow models serve -m models:/tests-model@champion` loads
-    test = load_npz(project / "data/prepared/test.npz")
-    out = mlflow.pyfunc.load_model("models:/tests-model@champion").predict(test["images"][:20].astype(np.float32))
-    np.testing.assert_array_equal(
-        np.asarray(out["label"]), load_model(project / "data/model").predict(test["images"][:20])
-    )
 
 
 def test_registering_can_be_turned_off(project):

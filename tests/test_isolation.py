@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mlflow.tracking import MlflowClient
+
 from pipeline.tracking import TrackingConfig, sqlite_database, tracked_run, tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +22,8 @@ def test_a_test_without_a_store_of_its_own_logs_to_a_temporary_one(tmp_path):
         run.log_metrics({"m": 1.0})
         (tmp_path / "note.txt").write_text("x")
         run.log_artifact(tmp_path / "note.txt")
-    assert store.is_file()  # the run went to the test's own store...
+    # the run went to the test's own store...
+    assert MlflowClient(tracking_uri=f"sqlite:///{store}").get_run(run.run_id).data.metrics == {"m": 1.0}
     new = set(os.listdir(ROOT)) - before
     assert not new, f"new at the repository root: {new}"  # ...and its artifacts beside it, not at the root
     assert (store.parent / "mlartifacts").is_dir()
@@ -37,7 +40,8 @@ def test_a_test_that_sets_its_own_store_keeps_it(tmp_path, monkeypatch):
 def test_a_suite_that_leaves_files_at_the_root_fails_naming_them(tmp_path):
     repo = tmp_path / "repo"
     (repo / "tests").mkdir(parents=True)
-    shutil.copy(ROOT / "tests" / "conftest.py", repo / "tests" / "conftest.py")
+    for name in ("conftest.py", "fixtures_store.py"):
+        shutil.copy(ROOT / "tests" / name, repo / "tests" / name)
     (repo / "tests" / "test_litter.py").write_text(
         "from pathlib import Path\n"
         "def test_litter():\n"

@@ -31,8 +31,8 @@ RUN_NAME = "conv2_relu-20ep"
 
 
 @pytest.fixture
-def server_with_one_training_run(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def server_with_one_training_run(tmp_path, monkeypatch, migrated_store):
+    uri = f"sqlite:///{migrated_store(tmp_path / 'mlflow.db')}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with tracked_run(TrackingConfig(experiment="nndl-chapter6"), run_name=RUN_NAME) as run:
         run.log_params({"train.eta": "0.03"})

@@ -68,8 +68,9 @@ def test_the_pyfunc_model_turns_bad_input_into_invalid_parameter_value():
         classifier.predict(None, np.zeros((1, 5)))
 
 
-def test_mlflow_models_serve_answers_predictions(tmp_path, monkeypatch):
+def test_mlflow_models_serve_answers_predictions(tmp_path, monkeypatch, migrated_store):
     (tmp_path / ".dvc").mkdir()
+    migrated_store(tmp_path / "mlflow.db")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)

@@ -113,7 +113,8 @@ def test_unreachable_server_fails_early_naming_the_uri(repo, monkeypatch):
 
 
 @pytest.fixture
-def mlflow_server_uri(tmp_path):
+def mlflow_server_uri(tmp_path, migrated_store):
+    migrated_store(tmp_path / "server.db")
     with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "art", cwd=tmp_path) as uri:
         yield uri
 

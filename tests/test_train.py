@@ -4,6 +4,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,6 +74,20 @@ def weights(tmp: Path) -> dict:
     return load_npz(tmp / "model" / "model.npz")
 
 
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory, data_dir) -> Path:
+    """One epoch of config(), trained once for the module: its model, checkpoint and metrics."""
+    directory = tmp_path_factory.mktemp("one-epoch")
+    run(directory, data_dir, config(epochs=1))
+    return directory
+
+
+def continue_from(one_epoch: Path, tmp: Path) -> Path:
+    """``tmp`` holding a copy of the one-epoch training, to continue or restart."""
+    shutil.copytree(one_epoch, tmp, dirs_exist_ok=True)
+    return tmp
+
+
 def test_a_small_network_learns_and_the_stage_writes_its_files(tmp_path, data_dir):
     summary = run(tmp_path, data_dir, config())
     assert summary["best_validation_accuracy"] > 0.9  # chance is 0.1
@@ -102,11 +117,10 @@ def test_a_small_network_learns_and_the_stage_writes_its_files(tmp_path, data_di
     assert model.description["metadata"]["best_epoch"] == summary["best_epoch"]
 
 
-def test_same_seed_gives_identical_weights_whatever_the_steps_per_call(tmp_path, data_dir):
-    run(tmp_path / "a", data_dir, config(epochs=1))
+def test_same_seed_gives_identical_weights_whatever_the_steps_per_call(tmp_path, data_dir, one_epoch):
     run(tmp_path / "b", data_dir, config(epochs=1, steps_per_call=7))
     run(tmp_path / "c", data_dir, config(epochs=1, seed=8))
-    a, b, c = weights(tmp_path / "a"), weights(tmp_path / "b"), weights(tmp_path / "c")
+    a, b, c = weights(one_epoch), weights(tmp_path / "b"), weights(tmp_path / "c")
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
     assert any(not np.array_equal(a[name], c[name]) for name in a if name.endswith(".w"))
@@ -212,19 +226,16 @@ def test_distorted_training_resumes_exactly_and_ignores_steps_per_call(tmp_path,
     assert any(not np.array_equal(a[name], plain[name]) for name in a)
 
 
-def test_a_checkpoint_from_other_params_is_not_resumed(tmp_path, data_dir):
-    run(tmp_path, data_dir, config(epochs=1))
-    summary = run(tmp_path, data_dir, config(epochs=2, lmbda=0.2))
+def test_a_checkpoint_from_other_params_is_not_resumed(tmp_path, data_dir, one_epoch):
+    summary = run(continue_from(one_epoch, tmp_path), data_dir, config(epochs=2, lmbda=0.2))
     assert summary["resumed_from_epoch"] == 0 and summary["epochs_run"] == 2
 
 
-def test_a_checkpoint_from_other_training_code_is_not_resumed(tmp_path, data_dir, monkeypatch):
+def test_a_checkpoint_from_other_training_code_is_not_resumed(tmp_path, data_dir, monkeypatch, one_epoch):
     """DVC re-runs the stage when the code changes; the old code's weights must not be continued."""
-    import shutil
-
     from pipeline.nn import checkpoint
 
-    run(tmp_path, data_dir, config(epochs=1))
+    continue_from(one_epoch, tmp_path)
     assert run(tmp_path, data_dir, config(epochs=2))["resumed_from_epoch"] == 1  # same code: resumed
     edited = tmp_path / "package"
     shutil.copytree(checkpoint.PACKAGE_DIR, edited, ignore=shutil.ignore_patterns("__pycache__"))
@@ -235,7 +246,7 @@ def test_a_checkpoint_from_other_training_code_is_not_resumed(tmp_path, data_dir
     assert summary["resumed_from_epoch"] == 0 and summary["epochs_run"] == 2
 
 
-def test_resume_after_sigkill_ends_with_the_same_metrics(tmp_path, data_dir):
+def test_resume_after_sigkill_ends_with_the_same_metrics(tmp_path, data_dir, migrated_store):
     """Kill the stage process with SIGKILL just after its first checkpoint, rerun it, compare."""
     epochs = 8
     (tmp_path / "params.yaml").write_text(
@@ -271,6 +282,7 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(tmp_path, data_dir):
     ]
     # the stage logs to the MLflow store at the root of its repository: make that tmp_path
     (tmp_path / ".dvc").mkdir()
+    migrated_store(tmp_path / "mlflow.db")
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
     env["PYTHONPATH"] = str(REPO)
     checkpoint = tmp_path / "killed" / "checkpoints" / "checkpoint.npz"
