@@ -5,7 +5,7 @@ import pytensor.tensor as pt
 import pytest
 
 from pipeline.nn.backend import Backend
-from pipeline.nn.convolution import conv2d_valid, max_pool
+from pipeline.nn.convolution import conv2d_valid, conv_pool, max_pool
 from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 
 from reference import np_batch_norm, np_conv, np_pool, sigmoid
@@ -46,6 +46,31 @@ def test_conv2d_gradients_match_numpy(rng, channels):
             window = x_val[:, a : a + 4, b : b + 4, :]
             ref_gw[a, b] = np.einsum("nijc,nijf->cf", window, g_val)
             ref_gx[:, a : a + 4, b : b + 4, :] += np.einsum("nijf,cf->nijc", g_val, w_val[a, b])
+    np.testing.assert_allclose(gw, ref_gw, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gx, ref_gx, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["jax", "c"])
+@pytest.mark.parametrize("channels", [1, 2])  # one channel takes the channels-first form
+def test_conv_pool_matches_numpy_with_its_gradients(rng, channels, engine):
+    x_val = rng.normal(size=(3, 8, 7, channels)).astype(np.float32)  # conv 6x6 -> pool 3 -> 2x2
+    w_val = rng.normal(size=(3, 2, channels, 4)).astype(np.float32)
+    g_val = rng.normal(size=(3, 2, 2, 4)).astype(np.float32)  # d loss / d output
+    x = pt.tensor("x", dtype="float32", shape=(3, 8, 7, channels))
+    w = pt.tensor("w", dtype="float32", shape=(3, 2, channels, 4))
+    y = conv_pool(x, w, 3)
+    out, gx, gw = Backend(engine).function([x, w], [y, *pt.grad(pt.sum(y * g_val), [x, w])])(x_val, w_val)
+    np.testing.assert_allclose(out, np_pool(np_conv(x_val, w_val), 3), rtol=1e-5, atol=1e-5)
+    # the pool sends each output's gradient to its window's maximum, then the convolution spreads it
+    conv = np_conv(x_val, w_val)[:, :6, :6]
+    is_max = conv == np.repeat(np.repeat(np_pool(conv, 3), 3, axis=1), 3, axis=2)
+    g_conv = is_max * np.repeat(np.repeat(g_val, 3, axis=1), 3, axis=2)  # (3, 6, 6, 4)
+    ref_gw = np.zeros_like(w_val)
+    ref_gx = np.zeros_like(x_val)
+    for a in range(3):
+        for b in range(2):
+            ref_gw[a, b] = np.einsum("nijc,nijf->cf", x_val[:, a : a + 6, b : b + 6, :], g_conv)
+            ref_gx[:, a : a + 6, b : b + 6, :] += np.einsum("nijf,cf->nijc", g_conv, w_val[a, b])
     np.testing.assert_allclose(gw, ref_gw, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(gx, ref_gx, rtol=1e-4, atol=1e-4)
 

@@ -6,7 +6,12 @@ layers take instead (``pipeline.nn.theano_engine``).
 Activations are channels-last, ``(batch, height, width, channels)``. A valid convolution is one
 matrix multiply: the ``kh*kw`` shifted windows of the input are concatenated along the channel axis
 ("im2col", built from plain slices), then multiplied by the filters reshaped to
-``(kh*kw*channels, filters)``. Autodiff of slices and a dot gives the gradients, so the same graph
+``(kh*kw*channels, filters)``. A one-channel input (the image, the first layer) is the exception: its
+windows are stacked along a new first axis instead, ``(kh*kw, N*out_h*out_w)``, the product and the
+pooling are done channels-first and only the pooled output goes back to channels-last. Concatenating
+25 windows of one channel each along the last axis writes 4 bytes in every 100, and on the CPU that
+copy and the product over the resulting (N*576, 25) matrix cost more than the rest of the layer
+(``pipeline.benchmarks.train``; docs/engines.md). Autodiff of slices and a dot gives the gradients, so the same graph
 runs on every PyTensor backend. Measured on 2 CPU cores this form beats both a per-offset sum of
 small dots and a custom Op dispatched to ``jax.lax.conv_general_dilated`` (see
 ``pipeline.benchmarks.train --conv-lax``).
@@ -37,6 +42,25 @@ def conv2d_valid(x, w):
     patches = patches.reshape((-1, kh * kw * channels))  # (N*out_h*out_w, kh*kw*C)
     y = pt.dot(patches, w.reshape((kh * kw * channels, filters)))  # (N*out_h*out_w, F)
     return y.reshape((-1, out_h, out_w, filters))
+
+
+def conv_pool(x, w, size: int):
+    """``max_pool(conv2d_valid(x, w), size)``: x (N, H, W, C) -> (N, (H-kh+1)//size, (W-kw+1)//size, F).
+
+    One-channel inputs take the channels-first form (module docstring); the result is the same.
+    """
+    if w.type.shape[2] != 1:
+        return max_pool(conv2d_valid(x, w), size)
+    kh, kw, _, filters = w.type.shape
+    height, width = x.type.shape[1], x.type.shape[2]
+    out_h, out_w = height - kh + 1, width - kw + 1
+    images = x.reshape((-1, height, width))
+    windows = [images[:, i : i + out_h, j : j + out_w] for i in range(kh) for j in range(kw)]
+    patches = pt.stack(windows, axis=0).reshape((kh * kw, -1))  # (kh*kw, N*out_h*out_w), ordered like w
+    y = pt.dot(w.reshape((kh * kw, filters)).T, patches)  # (F, N*out_h*out_w)
+    y = y.reshape((filters, -1, out_h, out_w))[:, :, : out_h // size * size, : out_w // size * size]
+    pooled = y.reshape((filters, -1, out_h // size, size, out_w // size, size)).max(axis=(3, 5))
+    return pooled.dimshuffle(1, 2, 3, 0)  # (N, H', W', F)
 
 
 def max_pool(x, size: int):

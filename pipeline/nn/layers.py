@@ -37,9 +37,15 @@ from pipeline.nn import convolution
 from pipeline.nn.backend import graph
 
 pt = graph.tensor  # pytensor.tensor or theano.tensor: the engine's environment decides (pipeline.nn.backend)
-# The engine's own convolution and pooling where it has faster ones (theano-pymc), else the graph form.
-conv2d_valid = graph.conv2d_valid or convolution.conv2d_valid
-max_pool = graph.max_pool or convolution.max_pool
+
+
+def conv_pool(x, w, size: int):
+    """Valid convolution then max-pooling, NHWC: the engine's own where it has faster ones
+    (theano-pymc), else the graph form (``pipeline.nn.convolution``)."""
+    if graph.conv2d_valid is not None:
+        return graph.max_pool(graph.conv2d_valid(x, w), size)
+    return convolution.conv_pool(x, w, size)
+
 
 ACTIVATIONS = {
     "sigmoid": graph.sigmoid,
@@ -209,8 +215,7 @@ class ConvPool:
     def output(self, x, *, deterministic: bool = True, keep=None):
         channels, height, width = self.input_shape
         x = x.reshape((-1, height, width, channels))  # (N, H, W, C)
-        y = conv2d_valid(x, self.w)  # (N, H-k+1, W-k+1, F)
-        y = max_pool(y, self.pool)  # (N, H', W', F)
+        y = conv_pool(x, self.w, self.pool)  # (N, H', W', F)
         return ACTIVATIONS[self.activation](y + self.b)
 
     def spec(self) -> dict:

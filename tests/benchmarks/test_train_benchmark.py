@@ -19,3 +19,26 @@ def test_the_jax_engine_is_timed_and_reported(capsys):
     assert "device cpu" in out
     rate = next(line for line in out.splitlines() if line.strip().startswith("pytensor-jax"))
     assert float(rate.split()[1].replace(",", "")) > 0
+
+
+def test_training_flops_counts_the_book_networks_multiply_adds():
+    import numpy as np
+
+    from pipeline.nn.architecture import build, resolve
+
+    network = build(resolve("conv2_relu"), rng=np.random.default_rng(0))
+    # forward multiply-adds: conv 20x5x5 on 28x28 -> 24x24, conv 40x5x5x20 on 12x12 -> 8x8, FC 640x100, 100x10
+    forward = [24 * 24 * 20 * 25, 8 * 8 * 40 * 25 * 20, 640 * 100, 100 * 10]
+    # backward: the weight gradients as many again, the input gradients too except the first layer's
+    assert bench.training_flops(network) == 2 * (3 * sum(forward) - forward[0]) == 9_222_000
+
+
+def test_the_fraction_of_the_gemm_peak_is_the_rate_times_the_work_over_the_peak(capsys):
+    assert bench.main(["--engines", "jax", "--batch-sizes", "10", "--steps", "20", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    peak = float(out.split("GEMM peak")[1].split("):")[1].split("GFLOP/s")[0].replace(",", ""))
+    line = next(line for line in out.splitlines() if line.strip().startswith("pytensor-jax")).split()
+    rate = float(line[1].replace(",", ""))
+    percent = float(next(word for word in line if word.endswith("%")).rstrip("%"))
+    assert peak > 0
+    assert percent == pytest.approx(100 * rate * 9.222e6 / (peak * 1e9), rel=0.01, abs=0.06)
