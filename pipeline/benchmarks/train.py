@@ -7,8 +7,9 @@ identical network and batch size, all in one run; prints images per second, the 
 and, for the PyTensor engines, the fraction of the machine's GEMM peak that the training reaches: the
 peak is measured in the same run (XLA's float32 2048x2048 matrix product on the same device), the
 work is the network's multiply-adds forward, for the weight gradients and for the input gradients
-(none for the first layer), counted from its shapes (``training_flops``). ``--device gpu`` times the JAX engine on the GPU against PyTorch on CUDA (the C engine and
-theano-pymc run on the CPU only, so they are left out). Each figure is the best of ``--repeats``
+(none for the first layer), counted from its shapes (``training_flops``). ``--device gpu`` times
+the JAX engine on the GPU against PyTorch on CUDA (the C engine and theano-pymc run on the CPU only,
+so they are left out). Each figure is the best of ``--repeats``
 timed calls after a warm-up call (compilation is not timed).
 
 theano-pymc lives in its own environment (``pipeline.nn.backend.THEANO_INSTALL``): run from the main
@@ -22,8 +23,9 @@ why the graph form is the one used. ``--memory`` runs the train stage for one ep
 250,000-image set in a child process and reports its peak RSS.
 
 Goals (issue 28), on the 2-core machine: the default engine at least 2x PyTorch at batch sizes 10
-and 64 and at half the GEMM peak; peak memory training on 250,000 images under 1.5 GB. Run it with nothing else on the CPUs:
-PyTorch's threads lose much more to a busy machine than XLA's, and the ratios come out too high.
+and 64 and at half the GEMM peak; peak memory training on 250,000 images under 1.5 GB. Run it with
+nothing else on the CPUs: PyTorch's threads lose much more to a busy machine than XLA's, and the ratios
+come out too high.
 
     python -m pipeline.benchmarks.train [--steps 1000] [--batch-sizes 10 64] [--engines jax c theano-pymc]
                                         [--device cpu|gpu] [--repeats 3] [--conv-lax] [--memory] [--theano-python PATH]
