@@ -307,7 +307,7 @@ def test_queued_experiments_log_finished_runs_to_the_server(env, env_file, secre
                 break
             time.sleep(3)
     finally:
-        sh(*DVC, "queue", "stop", cwd=project, env=run_env, check=False)
+        sh(*DVC, "queue", "stop", "--kill", cwd=project, env=run_env, check=False)  # a task still running too
     failed = [line.split()[0] for line in status.splitlines() if "Failed" in line]
     logs = [sh(*DVC, "queue", "logs", t, cwd=project, env=run_env, check=False).stdout for t in failed]
     assert_no_secret(secrets, status + "\n".join(logs), "the queue's status and logs")
