@@ -2,6 +2,7 @@
 trains, the report has the book's figure and ours for each, the ensembles agree with a plain
 recomputation, the MLflow parent and child runs exist, and a second invocation trains nothing."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -450,7 +451,6 @@ def test_the_best_rows_train_on_their_own_elastic_set_made_once(data, tmp_path, 
 
 def test_a_result_keyed_before_the_distort_fields_existed_still_matches(data):
     """Results trained before TrainConfig had its distort_* fields must not be trained again."""
-    import dataclasses
     import hashlib
 
     sets = Data(data / "prepared", data / "expanded", data / "prepared" / "test.npz")
@@ -502,7 +502,6 @@ BN_PARAMETERS = 852_906 + 2 * (32 + 32 + 64)
     [
         ("deep", 0.03, 0.9, (0.0, 4.0), [], 852_906),
         ("bn", 0.1, 0.8, (0.0, 4.0), BN_SHAPES, BN_PARAMETERS),
-        ("bn-elastic", 0.1, 0.8, (34.0, 5.0), BN_SHAPES, BN_PARAMETERS),
     ],
 )
 def test_the_deep_rows_train_their_own_layers_end_to_end(
@@ -531,6 +530,32 @@ def test_the_deep_rows_train_their_own_layers_end_to_end(
         assert re.fullmatch(r"\d+\.\d\d%( \(seed \d\))?", cells[key][3]), cells[key]
     if f"{row}-shifts" in table_rows.BY_KEY:
         assert_shifted_row(results, f"{row}-shifts", tmp_path / "table", data, monkeypatch)
+
+
+def test_the_bn_elastic_row_is_the_bn_row_with_the_distort_rows_elastic_deformations():
+    """bn-elastic trains nothing of its own: bn's layers (trained above) and the distort row's elastic
+    deformations (trained end to end above); so its configuration is checked, not a training."""
+    bn, elastic, distort = (table_rows.BY_KEY[key] for key in ("bn", "bn-elastic", "distort"))
+    assert (elastic.preset, elastic.expand) == (bn.preset, bn.expand)
+    for quick in (True, False):
+        configs = [
+            dataclasses.asdict(
+                table_rows.train_config(row, 3, quick=quick, engine="jax", device="cpu", steps_per_call=7)
+            )
+            for row in (bn, elastic, distort)
+        ]
+        changed = {k: v for k, v in configs[1].items() if configs[0][k] != v}
+        assert changed == {"distort_alpha": 34.0, "distort_sigma": 5.0}
+        assert (configs[0]["distort_alpha"], configs[0]["distort_sigma"]) == (0.0, 4.0)
+        assert {k: configs[2][k] for k in changed} == changed  # the distort row's strength
+    # its vote, average and test-time shifts are bn's (exercised above), over its own networks
+    suffixes = ("-vote", "-avg", "-shifts")
+    assert table_rows.select_rows("bn-elastic") == ["bn-elastic", *(f"bn-elastic{s}" for s in suffixes)]
+    for suffix in suffixes:
+        ours, bns = table_rows.BY_KEY[f"bn-elastic{suffix}"], table_rows.BY_KEY[f"bn{suffix}"]
+        assert (ours.ensemble_of or ours.shifted_of) == "bn-elastic"
+        same = ("size", "method", "test_time_shifts", "preset", "settings", "expand")
+        assert [getattr(ours, k) for k in same] == [getattr(bns, k) for k in same]
 
 
 def assert_shifted_row(results: dict, key: str, out: Path, data: Path, monkeypatch) -> None:
