@@ -5,8 +5,8 @@
   the autouse ``tracking_store_migrated`` does so for every test's temporary store (tests/conftest.py).
   The template has no experiment: MLflow adds its Default one when the copy is first opened, with the
   artifact root of the process that opens it, as it does in a new file.
-- ``xla_compile_cache`` (autouse): XLA's persistent compilation cache in a session folder, for this
-  process and (through $JAX_COMPILATION_CACHE_DIR) every process a test starts: a network compiled
+- ``xla_compile_cache`` (autouse): XLA's persistent compilation cache in a folder of the pytest run, for
+  all its pytest-xdist workers and (through $JAX_COMPILATION_CACHE_DIR) every process a test starts: a network compiled
   once is loaded, not compiled, by the next training of it (the same program, the same numbers).
   pipeline/nn/compile_cache.py leaves a set $JAX_COMPILATION_CACHE_DIR in charge.
 """
@@ -64,6 +64,17 @@ def tracking_store_migrated(tracking_store, migrated_store) -> Path:
     return migrated_store(tracking_store)
 
 
+def _shared_folder(tmp_path_factory, name: str) -> Path:
+    """A folder of this pytest run's, the same for all its pytest-xdist workers (each has a base folder
+    of its own, popen-gw<N>, side by side in the run's)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    folder = base / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 @pytest.fixture(scope="session", autouse=True)
 def xla_compile_cache(tmp_path_factory) -> Iterator[None]:
     try:
@@ -73,7 +84,7 @@ def xla_compile_cache(tmp_path_factory) -> Iterator[None]:
         yield
         return
 
-    directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path_factory.mktemp("xla-cache"))
+    directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(_shared_folder(tmp_path_factory, "xla-cache"))
     settings = {"jax_compilation_cache_dir": directory, "jax_persistent_cache_min_compile_time_secs": 0.0}
     previous = {name: getattr(jax.config, name) for name in settings}
     with pytest.MonkeyPatch.context() as mp:

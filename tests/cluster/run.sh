@@ -217,7 +217,7 @@ t0=$SECONDS
 if [[ -n ${CLUSTER_COMMAND:-} ]]; then   # a measurement instead of the tests (docs/cluster.md)
     $CLUSTER_COMMAND
 else
-    python -m pytest ${CLUSTER_TESTS:-tests/cluster} -q -rP -p no:cacheprovider --tb=short
+    python -m pytest ${CLUSTER_TESTS:-tests/cluster} -n 0 -q -rP -p no:cacheprovider --tb=short
 fi
 echo "cluster: tests took $((SECONDS - t0)) s"
 record_pids

@@ -76,7 +76,7 @@ echo "run.sh: rss total ${total} MB (after up, before the tests)"
 t0=$SECONDS
 # --tb=short: the long format prints the failing test's arguments, i.e. the env and secrets fixtures
 # STACK_TESTS: a subset, while developing; split on spaces, so name tests by node ID, not `-k 'a or b'`
-python -m pytest ${STACK_TESTS:-tests/stack} -q -rP -p no:cacheprovider --tb=short
+python -m pytest ${STACK_TESTS:-tests/stack} -n 0 -q -rP -p no:cacheprovider --tb=short
 echo "run.sh: tests took $((SECONDS - t0)) s"
 # the backup that docs/team.md describes: pg_dump of the tracking and user stores, then a look inside
 PGBIN=${STACK_PG_BIN:-/usr/lib/postgresql/15/bin}
