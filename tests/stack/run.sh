@@ -39,8 +39,11 @@ finish() {
     for p in "${PIDS[@]}"; do
         if [[ -e /proc/$p ]]; then echo "run.sh: pid $p still running after down" >&2; bad=1; fi
     done
+    # on the stack's address: tests/cluster/run.sh may run a stack of its own beside, on its bridge's address
     for p in "${PORTS[@]}"; do
-        if ss -ltnH "sport = :$p" | grep -q .; then echo "run.sh: port $p still listening after down" >&2; bad=1; fi
+        if ss -ltnH "src ${STACK_HOST:-127.0.0.1} and sport = :$p" | grep -q .; then
+            echo "run.sh: port $p still listening after down" >&2; bad=1
+        fi
     done
     if ((bad)); then echo "run.sh: down left something behind" >&2; rc=1
     else echo "run.sh: down left no process and no listening port (${#PIDS[@]} pids, ports ${PORTS[*]})"; fi
