@@ -246,3 +246,22 @@ def test_runs_a_dead_node_left_running_are_ended_only_once_a_result_names_the_ru
     cluster_driver._end_orphan_runs(config, "k", {"run_id": went_on})
     status = {r: client.get_run(r).info.status for r in (went_on, orphan, other)}
     assert status == {went_on: "RUNNING", orphan: "KILLED", other: "RUNNING"}  # another training's run is not touched
+
+
+def test_a_worker_process_reused_for_the_next_training_logs_under_its_name(tmp_path):
+    """Ray reuses a worker process for the next task: its log lines must carry that training's name,
+    not the first one's (logging.basicConfig does nothing once the root logger has a handler)."""
+    code = (
+        "import logging\n"
+        "from pathlib import Path\n"
+        "from pipeline.cluster.driver import Training, _in_worker\n"
+        "def train(task, place):\n"
+        "    logging.getLogger('pipeline.probe').info('task %s', task)\n"
+        "    return {}\n"
+        "for i in (1, 2):\n"
+        "    _in_worker(train, Training(f'seed{i}', f'key{i}', Path('out'), {}, i), None)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "pipeline.probe" in line]
+    assert lines == ["INFO pipeline.probe [seed1]: task 1", "INFO pipeline.probe [seed2]: task 2"], done.stderr

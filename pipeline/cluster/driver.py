@@ -135,7 +135,8 @@ def _end_orphan_runs(config: TrackingConfig, key: str, result: dict) -> None:
 def _in_worker(train: Callable[[Any, Place], dict], training: Training, shipment: Shipment | None):
     """A Ray task: ``train`` on whichever node Ray chose; returns (result, the files it wrote when the
     node is not this machine)."""
-    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s %(name)s [{training.name}]: %(message)s")
+    # force: a worker process Ray reuses for the next training logs under that one's name
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s %(name)s [{training.name}]: %(message)s", force=True)
     if shipment is None:  # this machine: the driver's own folders (and compilation cache, from the env)
         return train(training.task, Place(worker=True)), {}
     with on_node(shipment) as node:
