@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_table import write_set
 
 from pipeline.core.files import load_npz
 from pipeline.stages import sweep as sweep_stage
@@ -22,6 +21,8 @@ from pipeline.sweep.config import SweepConfig
 from pipeline.sweep.report import sweep_summary
 from pipeline.sweep.space import parse_space
 from pipeline.tracking import TrackingConfig, flatten
+
+from table_quick import write_set
 
 GRID = ["-S", "train.eta=0.05,0.5", "-S", "train.epochs=2", "-S", "train.architecture=shallow"]
 SEARCH = ["-S", "train.eta=tag(log, interval(0.01, 1))", "-S", "train.epochs=2", "-S", "train.architecture=shallow"]

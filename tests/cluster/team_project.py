@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import yaml
-from test_table import write_set
 
 from servers import REPO, stack_command  # tests/ is on sys.path under pytest, and in measure_quick_table.py
+from table_quick import write_set
 
 
 def make_project(cluster, root: Path, sizes: dict[str, int]) -> Path:
