@@ -47,7 +47,7 @@ import numpy as np
 from pipeline.core.config import PipelineError
 from pipeline.nn.architecture import build, resolve
 from pipeline.nn.backend import DEVICES, ENGINES, THEANO_ENV, Backend, engine_unavailable
-from pipeline.nn.compiled import Trainer
+from pipeline.nn.compiled import CHUNK_LIMIT, Trainer, gradient_chunk
 from pipeline.nn.outputs import TIMINGS_FILE
 
 ETA, LMBDA, BATCHES_PER_EPOCH = 0.03, 0.1, 5000  # the book's ReLU run: 50,000 images in batches of 10
@@ -328,7 +328,9 @@ def main(argv=None) -> int:
         table[str(bs)] = results
         if args.json:
             continue
-        print(f"\nbatch size {bs} ({steps} mini-batches):")
+        chunk = gradient_chunk(bs, CHUNK_LIMIT.get(("jax", args.device)))
+        chunks = f"; pytensor-jax in chunks of {chunk}" if "jax" in engines and chunk < bs else ""
+        print(f"\nbatch size {bs} ({steps} mini-batches{chunks}):")
         for name, rate in results.items():
             ratio = f"  {rate / results['pytorch']:.2f}x pytorch" if has_torch else ""
             if peak and name.startswith("pytensor-"):

@@ -8,6 +8,12 @@ the graph, one mini-batch at a time, so a 250,000-image training set stays 196 M
 
 Dropout keep masks are inputs (uint8, one per dropout layer and step) drawn by the caller with
 NumPy, so a run is the same on every engine and can be resumed exactly.
+
+On the CPU, with the JAX engine, a mini-batch larger than 16 images is cut into chunks of 8 to 16
+(``gradient_chunk``): an inner ``scan`` sums the chunks' gradients, so each chunk's convolution
+windows stay in the caches while they are used (docs/engines.md). The sum is the mini-batch's
+gradient in another order of addition, the same within float rounding. A network with BatchNorm
+is never cut: its batch statistics are over the whole mini-batch.
 """
 
 from __future__ import annotations
@@ -26,6 +32,19 @@ IMAGE_SCALE = np.float32(1.0 / 255.0)
 # Validation batches: on the CPU a small batch keeps the convolution windows in the caches (on 2 cores
 # batch 20 scored 2.3x the images per second of batch 500); a GPU wants large ones.
 VALIDATION_BATCH = {"cpu": 20, "gpu": 500}
+# The largest chunk of a training mini-batch, per (engine, device); unlisted ones are never cut. The
+# size that keeps a chunk's convolution windows in the caches (docs/engines.md has the measurements).
+CHUNK_LIMIT = {("jax", "cpu"): 16}
+
+
+def gradient_chunk(batch_size: int, limit: int | None) -> int:
+    """The images per chunk of a mini-batch of ``batch_size``: the batch itself when ``limit`` is None
+    or the batch is at most ``limit``, else the largest divisor of the batch from ``limit // 2`` to
+    ``limit`` (the batch itself when it has none: chunks that small cost more than they save)."""
+    if limit is None or batch_size <= limit:
+        return batch_size
+    divisors = [size for size in range(limit, limit // 2 - 1, -1) if batch_size % size == 0]
+    return divisors[0] if divisors else batch_size
 
 
 def as_float_images(images: np.ndarray) -> np.ndarray:
@@ -62,6 +81,8 @@ class Trainer:
             if momentum
             else []
         )
+        limit = None if network.statistics else CHUNK_LIMIT.get((backend.engine, backend.device))
+        self.chunk = gradient_chunk(batch_size, limit)
         self._train_fns: dict = {}
         self._moments_fn = None
         self.inference = Inference(network, backend, batch_size=VALIDATION_BATCH.get(backend.device, eval_batch_size))
@@ -80,14 +101,7 @@ class Trainer:
         def step(x_u8, y, *rest):
             keep_now, state, eta_now = rest[:n_drop], rest[n_drop:-1], rest[-1]
             params_now, velocities_now = state[:n_params], state[n_params:]
-            x = pt.cast(x_u8, "float32") * IMAGE_SCALE  # (bs, 784) in [0, 1]
-            masks = [pt.cast(k, "float32") for k in keep_now]
-            objective = net.objective(
-                x, y, cost=self.cost, lmbda=self.lmbda, num_training_batches=self.num_training_batches, keeps=masks
-            )
-            grads = graph.grad(objective, net.params)
-            # The graph was built on the shared parameters; run it on this step's state instead.
-            objective, *grads = graph.clone_replace([objective, *grads], replace=dict(zip(net.params, params_now)))
+            objective, grads = self._gradients(x_u8, y, keep_now, params_now)
             if self.momentum:
                 updates = sgd.momentum(grads, params_now, velocities_now, eta_now, self.momentum)
             else:
@@ -101,6 +115,46 @@ class Trainer:
         costs = outputs[-1]  # (K,)
         updates = list(zip([*net.params, *self.velocities], finals))
         return self.backend.function([xs, ys, *keeps, eta], [costs], updates=updates)
+
+    def _gradients(self, x_u8, y, keeps, params):
+        """The objective of one mini-batch and its gradients at ``params``: in one piece, or as the
+        sums over its chunks of ``self.chunk`` images (an inner scan, one chunk after another)."""
+        parts = self.batch_size // self.chunk
+        if parts == 1:
+            return self._objective_and_gradients(x_u8, y, keeps, params, parts)
+        n_drop, n_params = len(keeps), len(params)
+
+        def chunk_step(x_chunk, y_chunk, *rest):
+            keep_chunk, sums, params_now = rest[:n_drop], rest[n_drop : n_drop + n_params], rest[n_drop + n_params :]
+            objective, grads = self._objective_and_gradients(x_chunk, y_chunk, keep_chunk, params_now, parts)
+            return [total + grad for total, grad in zip(sums, grads)] + [objective]
+
+        def split(v):
+            return v.reshape((parts, self.chunk, *v.type.shape[1:]))
+
+        outputs = graph.scan(
+            chunk_step,
+            sequences=[split(x_u8), split(y), *map(split, keeps)],
+            outputs_info=[*(pt.zeros_like(p) for p in params), None],
+            non_sequences=list(params),
+        )
+        return outputs[-1].sum(), [total[-1] for total in outputs[:-1]]
+
+    def _objective_and_gradients(self, x_u8, y, keeps, params, parts: int):
+        """The objective of ``parts``-th of a mini-batch (the images ``x_u8``, uint8) and its gradients,
+        at ``params``: divided by ``parts``, so that the parts' sums are the mini-batch's."""
+        net = self.network
+        x = pt.cast(x_u8, "float32") * IMAGE_SCALE  # (images, 784) in [0, 1]
+        masks = [pt.cast(k, "float32") for k in keeps]
+        objective = net.objective(
+            x, y, cost=self.cost, lmbda=self.lmbda, num_training_batches=self.num_training_batches, keeps=masks
+        )
+        if parts > 1:
+            objective = objective / np.float32(parts)
+        grads = graph.grad(objective, net.params)
+        # The graph was built on the shared parameters; run it on this step's state instead.
+        objective, *grads = graph.clone_replace([objective, *grads], replace=dict(zip(net.params, params)))
+        return objective, grads
 
     def train_steps(
         self, images: np.ndarray, labels: np.ndarray, keeps: Sequence[np.ndarray], eta: float

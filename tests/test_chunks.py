@@ -1,0 +1,112 @@
+"""A mini-batch cut into chunks on the CPU (pipeline.nn.compiled.gradient_chunk): the chunks' summed
+gradients train the weights that plain NumPy's whole-batch SGD computes, and what is never cut."""
+
+import numpy as np
+import pytest
+
+from pipeline.nn.backend import Backend
+from pipeline.nn.compiled import CHUNK_LIMIT, Trainer, gradient_chunk
+from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
+from pipeline.nn.network import Network
+
+
+@pytest.mark.parametrize(
+    "batch, chunk",
+    [
+        (10, 10),  # the book's mini-batch: one piece
+        (16, 16),  # exactly at the limit: one piece
+        (17, 17),  # one past it, a prime: no divisor from 8 to 16, one piece
+        (18, 9),
+        (32, 16),
+        (34, 34),  # 2 x 17: no divisor from 8 to 16
+        (40, 10),
+        (64, 16),
+        (100, 10),
+    ],
+)
+def test_the_chunk_is_the_largest_divisor_from_half_the_limit_to_the_limit(batch, chunk):
+    assert gradient_chunk(batch, 16) == chunk
+    assert gradient_chunk(batch, None) == batch
+
+
+def test_the_limit_is_the_jax_engine_on_the_cpu_only():
+    assert CHUNK_LIMIT == {("jax", "cpu"): 16}
+
+
+def test_a_network_with_batch_norm_or_the_c_engine_trains_the_whole_batch_at_once():
+    rng = np.random.default_rng(0)
+    plain = Network([FullyConnected(12, 6, "relu", rng=rng), Softmax(6, 4)])
+    normed = Network([FullyConnected(12, 6, "linear", rng=rng), BatchNorm((6,), "relu"), Softmax(6, 4)])
+    assert Trainer(plain, Backend("jax"), batch_size=64).chunk == 16
+    assert Trainer(plain, Backend("c"), batch_size=64).chunk == 64
+    assert Trainer(normed, Backend("jax"), batch_size=64).chunk == 64  # its statistics are the whole batch's
+
+
+def numpy_momentum_sgd(values, images, labels, keeps, *, eta, mu, lmbda, batches):
+    """The book's momentum SGD with L2 and dropout on tanh -> softmax, in float64 over whole mini-batches."""
+    w1, b1, w2, b2 = (v.astype(np.float64) for v in values)
+    params, velocities, costs = [w1, b1, w2, b2], [np.zeros_like(v) for v in values], []
+    for x_u8, y, keep0, keep1 in zip(images, labels, *keeps):
+        w1, b1, w2, b2 = params
+        a0 = x_u8 / 255.0 * keep0
+        h = np.tanh(a0 @ w1 + b1)
+        a1 = h * keep1
+        z = a1 @ w2 + b2
+        log_p = z - z.max(axis=1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+        decay = lmbda / batches
+        costs.append(-log_p[np.arange(len(y)), y].mean() + 0.5 * decay * ((w1**2).sum() + (w2**2).sum()))
+        dz = (np.exp(log_p) - np.eye(z.shape[1])[y]) / len(y)
+        dz1 = (dz @ w2.T) * keep1 * (1 - h**2)
+        grads = [a0.T @ dz1 + decay * w1, dz1.sum(axis=0), a1.T @ dz + decay * w2, dz.sum(axis=0)]
+        velocities = [mu * v - eta * g for v, g in zip(velocities, grads)]
+        params = [p + v for p, v in zip(params, velocities)]
+    return params, np.array(costs)
+
+
+def test_chunked_momentum_sgd_with_dropout_and_l2_matches_numpy_on_whole_batches():
+    rng = np.random.default_rng(5)
+    net = Network([FullyConnected(12, 6, "tanh", p_dropout=0.5, rng=rng), Softmax(6, 4, p_dropout=0.5)])
+    net.layers[1].w.set_value(rng.normal(size=(6, 4)).astype(np.float32))  # the softmax starts at zero
+    trainer = Trainer(net, Backend("jax"), batch_size=32, lmbda=0.5, num_training_batches=10, momentum=0.9)
+    assert trainer.chunk == 16  # two chunks a step
+    steps = 3
+    images = rng.integers(0, 256, (steps, 32, 12), dtype=np.uint8)
+    labels = rng.integers(0, 4, (steps, 32)).astype(np.uint8)
+    # masks that differ between the two halves of each batch, so that a chunk given the wrong mask fails
+    keeps = [(rng.random((steps, 32, n)) > 0.5).astype(np.uint8) for n in (12, 6)]
+    start = net.get_values()
+
+    costs = trainer.train_steps(images, labels, keeps, 0.2)
+
+    expected, expected_costs = numpy_momentum_sgd(start, images, labels, keeps, eta=0.2, mu=0.9, lmbda=0.5, batches=10)
+    np.testing.assert_allclose(costs, expected_costs, rtol=1e-5)
+    for name, got, want in zip(net.param_names(), net.get_values(), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_a_conv_network_in_chunks_trains_the_whole_batchs_weights_within_rounding():
+    def train(chunk: int | None):
+        rng = np.random.default_rng(2)
+        net = Network(
+            [
+                ConvPool((1, 12, 12), filters=4, kernel=5, pool=2, activation="relu", rng=rng),
+                FullyConnected(64, 16, "relu", p_dropout=0.5, rng=rng),
+                Softmax(16, 10),
+            ]
+        )
+        trainer = Trainer(net, Backend("jax"), batch_size=48, lmbda=0.1, num_training_batches=50)
+        if chunk:
+            trainer.chunk = chunk  # the whole batch: the graph without the inner scan
+        data = np.random.default_rng(3)
+        images = data.integers(0, 256, (5, 48, 144), dtype=np.uint8)
+        labels = data.integers(0, 10, (5, 48)).astype(np.uint8)
+        keeps = [(data.random((5, 48, 64)) > 0.5).astype(np.uint8)]
+        return trainer.chunk, trainer.train_steps(images, labels, keeps, 0.1), net.get_values()
+
+    chunk, costs, weights = train(None)
+    whole, whole_costs, whole_weights = train(48)
+    assert (chunk, whole) == (16, 48)
+    np.testing.assert_allclose(costs, whole_costs, rtol=1e-5)
+    for got, want in zip(weights, whole_weights, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
