@@ -299,7 +299,7 @@ def main(argv=None) -> int:
             print("torch sees no CUDA device: no PyTorch comparison on the GPU")
         print(
             f"two-conv ReLU network, {args.steps} mini-batches per call, best of {args.repeats}, "
-            f"{os.cpu_count()} CPUs, device {args.device}"
+            f"{len(os.sched_getaffinity(0))} CPUs, device {args.device}"
         )
     peak = flops = None
     if not args.json and "jax" in engines:
