@@ -29,15 +29,16 @@ def test_conv2d_valid_matches_direct_loops(rng, channels, engine):
     np.testing.assert_allclose(y, np_conv(x_val, w_val), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("engine", ["jax", "c"])  # the windows' gradient is written by hand: check it on both
 @pytest.mark.parametrize("channels", [1, 3])
-def test_conv2d_gradients_match_numpy(rng, channels):
+def test_conv2d_gradients_match_numpy(rng, channels, engine):
     x_val = rng.normal(size=(2, 6, 5, channels)).astype(np.float32)
     w_val = rng.normal(size=(3, 2, channels, 4)).astype(np.float32)
     g_val = rng.normal(size=(2, 4, 4, 4)).astype(np.float32)  # d loss / d output
     x = pt.tensor("x", dtype="float32", shape=(2, 6, 5, channels))  # JAX needs a static batch to reshape gradients
     w = pt.tensor("w", dtype="float32", shape=(3, 2, channels, 4))
     loss = pt.sum(conv2d_valid(x, w) * g_val)
-    gx, gw = JAX.function([x, w], pt.grad(loss, [x, w]))(x_val, w_val)
+    gx, gw = Backend(engine).function([x, w], pt.grad(loss, [x, w]))(x_val, w_val)
     # d/dw[a,b,c,f] = sum_{n,i,j} x[n,i+a,j+b,c] g[n,i,j,f];  d/dx scatters g back through every window
     ref_gw = np.zeros_like(w_val)
     ref_gx = np.zeros_like(x_val)

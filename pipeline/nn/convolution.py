@@ -11,10 +11,13 @@ windows are stacked along a new first axis instead, ``(kh*kw, N*out_h*out_w)``, 
 pooling are done channels-first and only the pooled output goes back to channels-last. Concatenating
 25 windows of one channel each along the last axis writes 4 bytes in every 100, and on the CPU that
 copy and the product over the resulting (N*576, 25) matrix cost more than the rest of the layer
-(``pipeline.benchmarks.train``; docs/engines.md). Autodiff of slices and a dot gives the gradients, so the same graph
-runs on every PyTensor backend. Measured on 2 CPU cores this form beats both a per-offset sum of
-small dots and a custom Op dispatched to ``jax.lax.conv_general_dilated`` (see
-``pipeline.benchmarks.train --conv-lax``).
+(``pipeline.benchmarks.train``; docs/engines.md). Autodiff of the dot gives the gradients; the
+windows' gradient is given by hand (``_windows_gradient``) as the sum of each window's gradient
+padded back to its place, which XLA fuses into one pass, where autodiff of the slices gives
+``kh*kw`` in-place additions run one after another. Both are plain graph ops, so the same graph runs
+on every PyTensor backend, and the same additions in the same order leave the weights unchanged. Measured on 2 CPU cores
+this form beats a per-offset sum of small dots and a custom Op dispatched to
+``jax.lax.conv_general_dilated`` (see ``pipeline.benchmarks.train --conv-lax``).
 
 Like the book's ``conv.conv2d`` these are cross-correlations of the input with the filters, not
 flipped-kernel convolutions; with learned, randomly initialised filters the two are the same model.
@@ -37,11 +40,42 @@ def conv2d_valid(x, w):
     height, width = x.type.shape[1], x.type.shape[2]
     out_h = height - kh + 1
     out_w = width - kw + 1
-    windows = [x[:, i : i + out_h, j : j + out_w, :] for i in range(kh) for j in range(kw)]
-    patches = pt.concatenate(windows, axis=3)  # (N, out_h, out_w, kh*kw*C), ordered like w
-    patches = patches.reshape((-1, kh * kw * channels))  # (N*out_h*out_w, kh*kw*C)
+    patches = _patches(x, kh, kw).reshape((-1, kh * kw * channels))  # (N*out_h*out_w, kh*kw*C)
     y = pt.dot(patches, w.reshape((kh * kw * channels, filters)))  # (N*out_h*out_w, F)
     return y.reshape((-1, out_h, out_w, filters))
+
+
+def _windows(x, kh: int, kw: int):
+    """(N, H, W, C) -> (N, out_h, out_w, kh*kw*C): the kh*kw shifted windows along the channel axis."""
+    out_h, out_w = x.type.shape[1] - kh + 1, x.type.shape[2] - kw + 1
+    return pt.concatenate([x[:, i : i + out_h, j : j + out_w, :] for i in range(kh) for j in range(kw)], axis=3)
+
+
+def _windows_gradient(kh: int, kw: int):
+    """The gradient of ``_windows``: each window's part of the output gradient padded back to its
+    place, and the kh*kw padded parts summed (one pass that XLA fuses; autodiff of the slices would
+    give kh*kw in-place additions one after another)."""
+
+    def gradient(inputs, outputs, output_grads):
+        (x,), (g,) = inputs, output_grads
+        height, width, channels = x.type.shape[1:]
+        out_h, out_w = height - kh + 1, width - kw + 1
+        parts = [
+            pt.pad(g[:, :, :, k * channels : (k + 1) * channels], ((0, 0), (i, kh - 1 - i), (j, kw - 1 - j), (0, 0)))
+            for k, (i, j) in enumerate((i, j) for i in range(kh) for j in range(kw))
+        ]
+        return [pt.add(*parts)]
+
+    return gradient
+
+
+def _patches(x, kh: int, kw: int):
+    """``_windows(x, kh, kw)`` with ``_windows_gradient`` as its gradient (inlined: the compiled graph is the same ops)."""
+    from pytensor.compile.builders import OpFromGraph
+
+    template = x.type()
+    op = OpFromGraph([template], [_windows(template, kh, kw)], pullback=_windows_gradient(kh, kw), inline=True)
+    return op(x)
 
 
 def conv_pool(x, w, size: int):
