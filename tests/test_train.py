@@ -374,3 +374,16 @@ def test_early_stopping_waits_for_a_strict_improvement(tmp_path, data_dir):
 def test_bad_train_params_are_refused(section, message):
     with pytest.raises(ConfigError, match=message):
         from_section(TrainConfig, {"train": section}, "train", "params.yaml")
+
+
+def test_peak_memory_is_the_processs_own_not_its_parents():
+    # ru_maxrss would report the parent's peak in a child: fork copies it and exec keeps it
+    parent = np.ones(768 * 2**20, dtype=np.uint8)  # every page touched: the parent holds >= 768 MB
+    child = (
+        "import numpy as np; from pipeline.nn.outputs import peak_rss_mb; "
+        "own = np.ones(64 * 2**20, dtype=np.uint8); print(peak_rss_mb())"
+    )
+    out = subprocess.run([sys.executable, "-c", child], check=True, capture_output=True, text=True).stdout
+    parent_rss = next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+    assert parent_rss >= 768 and parent.sum() == parent.size
+    assert 64 <= float(out) < parent_rss - 512, (float(out), parent_rss)

@@ -67,7 +67,17 @@ def epochs_csv(history: list[dict]) -> bytes:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak resident memory in MB. Linux's ``VmHWM`` where there is one: ``ru_maxrss``
+    carries over the peak of the parent it was forked from (across ``exec`` too), so a training started
+    by a large process (the benchmark, after its own runs) would report that process's memory."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux and BSDs report KiB
 
 
 def summary_of(config: TrainConfig, state: dict, n_train: int, n_params: int, device: str) -> dict:
