@@ -15,7 +15,7 @@ copy and the product over the resulting (N*576, 25) matrix cost more than the re
 windows' gradient is given by hand (``_windows_gradient``) as the sum of each window's gradient
 padded back to its place, which XLA fuses into one pass, where autodiff of the slices gives
 ``kh*kw`` in-place additions run one after another. Both are plain graph ops, so the same graph runs
-on every PyTensor backend, and the same additions in the same order leave the weights unchanged. Measured on 2 CPU cores
+on every PyTensor backend, and the additions are the same, in the same order. Measured on 2 CPU cores
 this form beats a per-offset sum of small dots and a custom Op dispatched to
 ``jax.lax.conv_general_dilated`` (see ``pipeline.benchmarks.train --conv-lax``).
 
