@@ -58,8 +58,7 @@ def _windows_gradient(kh: int, kw: int):
 
     def gradient(inputs, outputs, output_grads):
         (x,), (g,) = inputs, output_grads
-        height, width, channels = x.type.shape[1:]
-        out_h, out_w = height - kh + 1, width - kw + 1
+        channels = x.type.shape[3]
         parts = [
             pt.pad(g[:, :, :, k * channels : (k + 1) * channels], ((0, 0), (i, kh - 1 - i), (j, kw - 1 - j), (0, 0)))
             for k, (i, j) in enumerate((i, j) for i in range(kh) for j in range(kw))
@@ -70,8 +69,9 @@ def _windows_gradient(kh: int, kw: int):
 
 
 def _patches(x, kh: int, kw: int):
-    """``_windows(x, kh, kw)`` with ``_windows_gradient`` as its gradient (inlined: the compiled graph is the same ops)."""
-    from pytensor.compile.builders import OpFromGraph
+    """``_windows(x, kh, kw)`` with ``_windows_gradient`` as its gradient (inlined: the compiled graph
+    holds the same ops)."""
+    from pytensor.compile.builders import OpFromGraph  # here: theano-pymc's environment has no PyTensor
 
     template = x.type()
     op = OpFromGraph([template], [_windows(template, kh, kw)], pullback=_windows_gradient(kh, kw), inline=True)
