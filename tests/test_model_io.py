@@ -62,7 +62,7 @@ def test_files_are_plain_npz_and_json(saved):
 def test_loaded_model_predicts_like_a_numpy_forward_pass(saved):
     net, model_dir = saved
     model = load_model(model_dir)
-    images = np.random.default_rng(5).integers(0, 256, (501, 28, 28), dtype=np.uint8)  # 500 + 1: a padded batch
+    images = np.random.default_rng(5).integers(0, 256, (501, 28, 28), dtype=np.uint8)  # a padded last batch
     probabilities = model.predict_proba(images)
     assert probabilities.shape == (501, 10) and probabilities.dtype == np.float32
     np.testing.assert_allclose(probabilities, np_probabilities(net, images), rtol=1e-4, atol=1e-6)

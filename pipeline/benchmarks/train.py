@@ -20,7 +20,9 @@ does not exist. Run from the theano-pymc environment, only that engine is timed.
 ``--conv-lax`` adds a JAX run whose convolutions are a custom Op lowered to
 ``jax.lax.conv_general_dilated`` instead of the im2col graph (``pipeline.nn.convolution``), to show
 why the graph form is the one used. ``--memory`` runs the train stage for one epoch on a synthetic
-250,000-image set in a child process and reports its peak RSS.
+250,000-image set in a child process and reports its peak RSS. ``--inference`` times inference
+(validation, evaluation, serving) at the device's batch (``pipeline.nn.compiled.INFERENCE_BATCH``)
+against batch 500.
 
 Goals (issue 28), on the 2-core machine: the default engine at least 2x PyTorch at batch sizes 10
 and 64 and at half the GEMM peak; peak memory training on 250,000 images under 1.5 GB. Run it with
@@ -28,7 +30,8 @@ nothing else on the CPUs: PyTorch's threads lose much more to a busy machine tha
 come out too high.
 
     python -m pipeline.benchmarks.train [--steps 1000] [--batch-sizes 10 64] [--engines jax c theano-pymc]
-                                        [--device cpu|gpu] [--repeats 3] [--conv-lax] [--memory] [--theano-python PATH]
+                                        [--device cpu|gpu] [--repeats 3] [--conv-lax] [--memory] [--inference]
+                                        [--theano-python PATH]
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +51,7 @@ import numpy as np
 from pipeline.core.config import PipelineError
 from pipeline.nn.architecture import build, resolve
 from pipeline.nn.backend import DEVICES, ENGINES, THEANO_ENV, Backend, engine_unavailable
-from pipeline.nn.compiled import CHUNK_LIMIT, Trainer, gradient_chunk
+from pipeline.nn.compiled import CHUNK_LIMIT, INFERENCE_BATCH, Inference, Trainer, gradient_chunk
 from pipeline.nn.outputs import TIMINGS_FILE
 
 ETA, LMBDA, BATCHES_PER_EPOCH = 0.03, 0.1, 5000  # the book's ReLU run: 50,000 images in batches of 10
@@ -188,6 +192,28 @@ def time_jax_lax_conv(batch_size: int, steps: int, repeats: int, device: str = "
         layers.conv_pool = original
 
 
+def inference_rates(
+    batch_sizes: Sequence[int], repeats: int, device: str = "cpu", count: int = 10_000
+) -> tuple[dict[int, tuple[float, float]], float]:
+    """For each batch size, the JAX engine's inference (``Inference.probabilities``): images per
+    second on ``count`` random images and seconds for one image (a served request), the sizes timed
+    in turn ``repeats`` times, the best kept; and the largest difference between two batch sizes'
+    probabilities (the batch is a speed setting only)."""
+    network = build(resolve("conv2_relu"), rng=np.random.default_rng(0))
+    backend = Backend("jax", device)
+    images = np.random.default_rng(0).integers(0, 256, (count, 784), dtype=np.uint8)
+    runs = {size: Inference(network, backend, batch_size=size) for size in batch_sizes}
+    outputs = [run.probabilities(images) for run in runs.values()]  # compile + warm up
+    difference = max(float(np.abs(out - outputs[0]).max()) for out in outputs)
+    best = {(size, n): float("inf") for size in batch_sizes for n in (count, 1)}
+    for _ in range(repeats):
+        for (size, n), seconds in best.items():
+            start = time.perf_counter()
+            runs[size].probabilities(images[:n])
+            best[size, n] = min(seconds, time.perf_counter() - start)
+    return {size: (count / best[size, count], best[size, 1]) for size in batch_sizes}, difference
+
+
 def peak_memory_mb(images: int, batch_size: int) -> dict:
     """Run the train stage for one epoch on ``images`` synthetic images in a child process."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -261,6 +287,11 @@ def main(argv=None) -> int:
     parser.add_argument("--conv-lax", action="store_true", help="also time JAX with a lax.conv convolution Op")
     parser.add_argument(
         "--memory", action="store_true", help="peak RSS of one epoch of the train stage on 250,000 images"
+    )
+    parser.add_argument(
+        "--inference",
+        action="store_true",
+        help=f"also time inference on 10,000 images at the device's batch (cpu {INFERENCE_BATCH['cpu']}) against 500",
     )
     parser.add_argument(
         "--theano-python",
@@ -338,6 +369,15 @@ def main(argv=None) -> int:
             print(f"  {name:<28} {rate:>9,.0f} images/s{ratio}")
     if args.json:
         print(json.dumps(table))
+    if args.inference:
+        sizes = sorted({INFERENCE_BATCH[args.device], 500})
+        rates, difference = inference_rates(sizes, args.repeats, args.device)
+        print(f"\ninference, 10,000 images (pytensor-jax, {args.device}; probabilities differ by {difference:.1e}):")
+        for size, (rate, one) in rates.items():
+            print(
+                f"  batch {size:<4} {rate:>9,.0f} images/s  {rate / rates[500][0]:.2f}x batch 500;"
+                f"  one image {1000 * one:.1f} ms"
+            )
     if args.memory:
         summary = peak_memory_mb(250_000, 10)
         print(

@@ -29,9 +29,9 @@ from pipeline.nn.network import Network
 pt = graph.tensor  # pytensor.tensor or theano.tensor (pipeline.nn.backend)
 
 IMAGE_SCALE = np.float32(1.0 / 255.0)
-# Validation batches: on the CPU a small batch keeps the convolution windows in the caches (on 2 cores
-# batch 20 scored 2.3x the images per second of batch 500); a GPU wants large ones.
-VALIDATION_BATCH = {"cpu": 20, "gpu": 500}
+# Inference batches (validation, evaluation, serving), per device: on the CPU a small batch keeps the
+# convolution windows in the caches; a GPU wants large ones (docs/engines.md has the measurements).
+INFERENCE_BATCH = {"cpu": 20, "gpu": 500}
 # The largest chunk of a training mini-batch, per (engine, device); unlisted ones are never cut. The
 # size that keeps a chunk's convolution windows in the caches (docs/engines.md has the measurements).
 CHUNK_LIMIT = {("jax", "cpu"): 16}
@@ -85,7 +85,7 @@ class Trainer:
         self.chunk = gradient_chunk(batch_size, limit)
         self._train_fns: dict = {}
         self._moments_fn = None
-        self.inference = Inference(network, backend, batch_size=VALIDATION_BATCH.get(backend.device, eval_batch_size))
+        self.inference = Inference(network, backend)
 
     # -- training --------------------------------------------------------------------------------
     def _compile_train(self, steps: int | None):
@@ -212,8 +212,10 @@ class Trainer:
 class Inference:
     """The network's outputs at inference (no dropout) for any number of images."""
 
-    def __init__(self, network: Network, backend: Backend, *, batch_size: int = 500):
-        self.network, self.backend, self.batch_size = network, backend, batch_size
+    def __init__(self, network: Network, backend: Backend, *, batch_size: int | None = None):
+        """``batch_size``: the images per compiled call; None: the device's ``INFERENCE_BATCH``."""
+        self.network, self.backend = network, backend
+        self.batch_size = INFERENCE_BATCH[backend.device] if batch_size is None else batch_size
         self._fn = None
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:

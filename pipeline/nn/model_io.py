@@ -63,7 +63,7 @@ def save_model(
 class Model:
     """A trained network ready for inference."""
 
-    def __init__(self, network: Network, backend: Backend, description: dict[str, Any], batch_size: int = 500):
+    def __init__(self, network: Network, backend: Backend, description: dict[str, Any], batch_size: int | None = None):
         self.network, self.backend, self.description = network, backend, description
         self._inference = Inference(network, backend, batch_size=batch_size)
 

@@ -21,6 +21,13 @@ def test_the_jax_engine_is_timed_and_reported(capsys):
     assert float(rate.split()[1].replace(",", "")) > 0
 
 
+def test_inference_is_timed_at_each_batch_size_and_the_probabilities_agree():
+    # 520 images: 26 full batches of 20; one full batch of 500 and one padded with 480 blank images
+    rates, difference = bench.inference_rates([20, 500], repeats=1, count=520)
+    assert sorted(rates) == [20, 500] and all(rate > 0 and one > 0 for rate, one in rates.values())
+    assert difference <= 1e-6
+
+
 def test_training_flops_counts_the_book_networks_multiply_adds():
     import numpy as np
 
