@@ -151,7 +151,7 @@ def test_the_docs_results_page_is_generated_from_its_results_json(tmp_path):
     docs = Path(__file__).resolve().parents[1] / "docs"
     copy = tmp_path / "results.json"
     copy.write_bytes((docs / "results.json").read_bytes())
-    table_report.write_results_page(copy)
+    assert table_report.main([str(copy)]) == 0  # python -m pipeline.table.report docs/results.json
     assert (tmp_path / "results.md").read_text() == (docs / "results.md").read_text(), (
         "docs/results.md is stale: run python -m pipeline.table.report docs/results.json"
     )
@@ -160,3 +160,11 @@ def test_the_docs_results_page_is_generated_from_its_results_json(tmp_path):
     for line in results["lines"]:  # every measured figure is on the page
         if line["ours"] is not None:
             assert f"| {line['row']} | " in page and table_report.pct(line["ours"]) in page
+
+
+def test_the_results_page_command_names_a_missing_results_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        table_report.main([str(tmp_path / "nope.json")])
+    assert stop.value.code == 2
+    assert f"no results file at '{tmp_path / 'nope.json'}'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -271,6 +271,21 @@ def write_report(results: dict, out_dir: Path, test: dict[str, np.ndarray] | Non
     return [out_dir / "report.md", *(out_dir / name for name in pictures)]
 
 
-if __name__ == "__main__":  # python -m pipeline.table.report docs/results.json
-    for written in write_results_page(Path(sys.argv[1])):
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.table.report",
+        description="Write results.md and results.png beside a merged results file (docs/results.json).",
+    )
+    parser.add_argument("results", type=Path, help="the merged results file, e.g. docs/results.json")
+    args = parser.parse_args(argv)
+    if not args.results.is_file():
+        parser.error(f"no results file at {str(args.results)!r}")
+    for written in write_results_page(args.results):
         print(written)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
