@@ -4,6 +4,7 @@ against the row), ``curves.png`` (each row's validation error per epoch) and ``e
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import logging
@@ -272,8 +273,6 @@ def write_report(results: dict, out_dir: Path, test: dict[str, np.ndarray] | Non
 
 
 def main(argv=None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.table.report",
         description="Write results.md and results.png beside a merged results file (docs/results.json).",
