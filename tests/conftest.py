@@ -25,6 +25,11 @@ import pytest
 # any fixture runs) unless this is set; it is off under CI=true anyway, not in a developer's plain pytest.
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
+# Two XLA CPU devices whatever the machine's cores (pipeline.nn.data_parallel; the pipeline's default
+# is one per core), so that every test trains on the devices CI has and the results do not vary.
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
+
 ROOT = Path(__file__).resolve().parents[1]
 # a migrated store copied into each test's, and XLA's compilation cache for the session: tests/fixtures_store.py
 pytest_plugins = ["fixtures_store"]

@@ -56,3 +56,25 @@ def python_vote(probabilities):
         tied = [d for d in range(10) if counts[d] == max(counts)]
         chosen.append(max(tied, key=lambda d: (probabilities[:, image, d].sum(), -d)))
     return np.array(chosen)
+
+
+def numpy_momentum_sgd(values, images, labels, keeps, *, eta, mu, lmbda, batches):
+    """The book's momentum SGD with L2 and dropout on tanh -> softmax, in float64 over whole mini-batches."""
+    w1, b1, w2, b2 = (v.astype(np.float64) for v in values)
+    params, velocities, costs = [w1, b1, w2, b2], [np.zeros_like(v) for v in values], []
+    for x_u8, y, keep0, keep1 in zip(images, labels, *keeps):
+        w1, b1, w2, b2 = params
+        a0 = x_u8 / 255.0 * keep0
+        h = np.tanh(a0 @ w1 + b1)
+        a1 = h * keep1
+        z = a1 @ w2 + b2
+        log_p = z - z.max(axis=1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+        decay = lmbda / batches
+        costs.append(-log_p[np.arange(len(y)), y].mean() + 0.5 * decay * ((w1**2).sum() + (w2**2).sum()))
+        dz = (np.exp(log_p) - np.eye(z.shape[1])[y]) / len(y)
+        dz1 = (dz @ w2.T) * keep1 * (1 - h**2)
+        grads = [a0.T @ dz1 + decay * w1, dz1.sum(axis=0), a1.T @ dz + decay * w2, dz.sum(axis=0)]
+        velocities = [mu * v - eta * g for v, g in zip(velocities, grads)]
+        params = [p + v for p, v in zip(params, velocities)]
+    return params, np.array(costs)

@@ -9,6 +9,8 @@ from pipeline.nn.compiled import CHUNK_LIMIT, Trainer, gradient_chunk
 from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 from pipeline.nn.network import Network
 
+from reference import numpy_momentum_sgd
+
 
 @pytest.mark.parametrize(
     "batch, chunk",
@@ -42,34 +44,14 @@ def test_a_network_with_batch_norm_or_the_c_engine_trains_the_whole_batch_at_onc
     assert Trainer(normed, Backend("jax"), batch_size=64).chunk == 64  # its statistics are the whole batch's
 
 
-def numpy_momentum_sgd(values, images, labels, keeps, *, eta, mu, lmbda, batches):
-    """The book's momentum SGD with L2 and dropout on tanh -> softmax, in float64 over whole mini-batches."""
-    w1, b1, w2, b2 = (v.astype(np.float64) for v in values)
-    params, velocities, costs = [w1, b1, w2, b2], [np.zeros_like(v) for v in values], []
-    for x_u8, y, keep0, keep1 in zip(images, labels, *keeps):
-        w1, b1, w2, b2 = params
-        a0 = x_u8 / 255.0 * keep0
-        h = np.tanh(a0 @ w1 + b1)
-        a1 = h * keep1
-        z = a1 @ w2 + b2
-        log_p = z - z.max(axis=1, keepdims=True)
-        log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
-        decay = lmbda / batches
-        costs.append(-log_p[np.arange(len(y)), y].mean() + 0.5 * decay * ((w1**2).sum() + (w2**2).sum()))
-        dz = (np.exp(log_p) - np.eye(z.shape[1])[y]) / len(y)
-        dz1 = (dz @ w2.T) * keep1 * (1 - h**2)
-        grads = [a0.T @ dz1 + decay * w1, dz1.sum(axis=0), a1.T @ dz + decay * w2, dz.sum(axis=0)]
-        velocities = [mu * v - eta * g for v, g in zip(velocities, grads)]
-        params = [p + v for p, v in zip(params, velocities)]
-    return params, np.array(costs)
-
-
 def test_chunked_momentum_sgd_with_dropout_and_l2_matches_numpy_on_whole_batches():
     rng = np.random.default_rng(5)
     net = Network([FullyConnected(12, 6, "tanh", p_dropout=0.5, rng=rng), Softmax(6, 4, p_dropout=0.5)])
     net.layers[1].w.set_value(rng.normal(size=(6, 4)).astype(np.float32))  # the softmax starts at zero
-    trainer = Trainer(net, Backend("jax"), batch_size=32, lmbda=0.5, num_training_batches=10, momentum=0.9)
-    assert trainer.chunk == 16  # two chunks a step
+    backend = Backend("jax")
+    backend.cpu_devices = 1  # one device: the chunks alone (tests/test_data_parallel.py shares the batch)
+    trainer = Trainer(net, backend, batch_size=32, lmbda=0.5, num_training_batches=10, momentum=0.9)
+    assert (trainer.shards, trainer.chunk) == (1, 16)  # two chunks a step
     steps = 3
     images = rng.integers(0, 256, (steps, 32, 12), dtype=np.uint8)
     labels = rng.integers(0, 4, (steps, 32)).astype(np.uint8)
@@ -95,7 +77,9 @@ def test_a_conv_network_in_chunks_trains_the_whole_batchs_weights_within_roundin
                 Softmax(16, 10),
             ]
         )
-        trainer = Trainer(net, Backend("jax"), batch_size=48, lmbda=0.1, num_training_batches=50)
+        backend = Backend("jax")
+        backend.cpu_devices = 1  # one device: the chunks alone (tests/test_data_parallel.py shares the batch)
+        trainer = Trainer(net, backend, batch_size=48, lmbda=0.1, num_training_batches=50)
         if chunk:
             trainer.chunk = chunk  # the whole batch: the graph without the inner scan
         data = np.random.default_rng(3)

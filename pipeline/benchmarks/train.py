@@ -51,7 +51,7 @@ import numpy as np
 from pipeline.core.config import PipelineError
 from pipeline.nn.architecture import build, resolve
 from pipeline.nn.backend import DEVICES, ENGINES, THEANO_ENV, Backend, engine_unavailable
-from pipeline.nn.compiled import CHUNK_LIMIT, INFERENCE_BATCH, Inference, Trainer, gradient_chunk
+from pipeline.nn.compiled import CHUNK_LIMIT, INFERENCE_BATCH, Inference, Trainer, gradient_chunk, shards_for
 from pipeline.nn.outputs import TIMINGS_FILE
 
 ETA, LMBDA, BATCHES_PER_EPOCH = 0.03, 0.1, 5000  # the book's ReLU run: 50,000 images in batches of 10
@@ -97,11 +97,16 @@ def gemm_peak(device: str = "cpu", size: int = 2048, repeats: int = 10) -> float
     return 2.0 * size**3 / best
 
 
-def time_engine(engine: str, batch_size: int, steps: int, repeats: int, device: str = "cpu") -> float:
+def time_engine(
+    engine: str, batch_size: int, steps: int, repeats: int, device: str = "cpu", *, one_device: bool = False
+) -> float:
+    """Images per second training on ``engine``; ``one_device``: the mini-batch not shared among the
+    CPU devices (``pipeline.nn.data_parallel``), as before they were."""
     network = build(resolve("conv2_relu"), rng=np.random.default_rng(0))
-    trainer = Trainer(
-        network, Backend(engine, device), batch_size=batch_size, lmbda=LMBDA, num_training_batches=BATCHES_PER_EPOCH
-    )
+    backend = Backend(engine, device)
+    if one_device:
+        backend.cpu_devices = 1
+    trainer = Trainer(network, backend, batch_size=batch_size, lmbda=LMBDA, num_training_batches=BATCHES_PER_EPOCH)
     images, labels = random_batches(steps, batch_size)
     trainer.train_steps(images, labels, [], ETA)  # compile + warm up
     best = float("inf")
@@ -110,6 +115,17 @@ def time_engine(engine: str, batch_size: int, steps: int, repeats: int, device: 
         trainer.train_steps(images, labels, [], ETA)
         best = min(best, time.perf_counter() - start)
     return steps * batch_size / best
+
+
+def jax_split(batch_size: int, devices: int, device: str) -> str:
+    """How the JAX engine splits a mini-batch: among the CPU devices, then in chunks ('' if not at all)."""
+    shards = shards_for(batch_size, devices)
+    share = batch_size // shards
+    chunk = gradient_chunk(share, CHUNK_LIMIT.get(("jax", device)))
+    parts = [f"on {shards} devices of {share} images"] if shards > 1 else []
+    if chunk < share:
+        parts.append(f"in chunks of {chunk}")
+    return "; pytensor-jax " + ", each ".join(parts) if parts else ""
 
 
 def time_in_theano_env(python: Path, batch_size: int, steps: int, repeats: int) -> float:
@@ -340,6 +356,7 @@ def main(argv=None) -> int:
             f"GEMM peak (XLA, float32 2048x2048, {args.device}): {peak / 1e9:,.0f} GFLOP/s; the network: "
             f"{flops / 1e6:.2f} MFLOP per image per SGD step"
         )
+    devices = Backend("jax", args.device).cpu_devices if "jax" in engines else 1
     table = {}
     for bs in args.batch_sizes:
         steps = max(args.steps * 10 // bs, 20)  # about the same number of images at every batch size
@@ -352,6 +369,8 @@ def main(argv=None) -> int:
                 results[name] = time_in_theano_env(args.theano_python, bs, steps, args.repeats)
             else:
                 results[name] = time_engine(engine, bs, steps, args.repeats, args.device)
+            if engine == "jax" and shards_for(bs, devices) > 1:
+                results["pytensor-jax, one device"] = time_engine("jax", bs, steps, args.repeats, one_device=True)
         if args.conv_lax:
             results["pytensor-jax (lax.conv Op)"] = time_jax_lax_conv(bs, steps, args.repeats, args.device)
         if has_torch:
@@ -359,9 +378,8 @@ def main(argv=None) -> int:
         table[str(bs)] = results
         if args.json:
             continue
-        chunk = gradient_chunk(bs, CHUNK_LIMIT.get(("jax", args.device)))
-        chunks = f"; pytensor-jax in chunks of {chunk}" if "jax" in engines and chunk < bs else ""
-        print(f"\nbatch size {bs} ({steps} mini-batches{chunks}):")
+        split = jax_split(bs, devices, args.device) if "jax" in engines else ""
+        print(f"\nbatch size {bs} ({steps} mini-batches{split}):")
         for name, rate in results.items():
             ratio = f"  {rate / results['pytorch']:.2f}x pytorch" if has_torch else ""
             if peak and name.startswith("pytensor-"):

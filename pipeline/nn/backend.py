@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import warnings
@@ -111,6 +112,18 @@ def _theano_graph() -> Graph:
     return Graph(**theano_engine.graph_entries())
 
 
+def _one_cpu_device_per_core() -> None:
+    """Give JAX one CPU device per core this process may use (``pipeline.nn.data_parallel``), unless
+    $XLA_FLAGS already sets the count (``--xla_force_host_platform_device_count=1`` turns it off).
+    XLA reads the flag once, when JAX starts, so this runs before anything here imports JAX."""
+    flag = "--xla_force_host_platform_device_count"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if flag not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}={len(os.sched_getaffinity(0))}".strip()
+
+
+_one_cpu_device_per_core()
+
 try:
     import pytensor  # noqa: F401  (only to learn which environment this is)
 except ImportError:
@@ -164,9 +177,14 @@ class Backend:
         if why:
             raise PipelineError(why)
         self.engine, self.device = engine, device
+        self.cpu_devices = 1  # the devices a training's mini-batch can be shared among
         if engine == "jax":
             self.device_name = _select_jax_device(device)
             self.mode = "JAX"
+            if device == "cpu":
+                from pipeline.nn.data_parallel import cpu_devices
+
+                self.cpu_devices = cpu_devices()
             return
         if device != "cpu":
             raise PipelineError(
@@ -190,7 +208,11 @@ class Backend:
         """True when compiled functions need fixed input shapes (JAX: a scan's length must be static)."""
         return self.engine == "jax"
 
-    def function(self, inputs: Sequence, outputs: Sequence, updates: Sequence = ()) -> Callable[..., list[np.ndarray]]:
+    def function(
+        self, inputs: Sequence, outputs: Sequence, updates: Sequence = (), *, shards: int = 1, sharded: int = 0
+    ) -> Callable[..., list[np.ndarray]]:
+        """``shards`` > 1 (JAX on the CPU): the graph is one device's of ``shards``; the first ``sharded``
+        inputs are split among the devices along axis 1 (``pipeline.nn.data_parallel``)."""
         if self.engine == "theano-pymc":
             from pipeline.nn import theano_engine
 
@@ -209,8 +231,16 @@ class Backend:
             warnings.filterwarnings("ignore", message="PyTensor could not link to a BLAS installation")
             with _temporary_files_removed() if self.engine == "jax" else contextlib.nullcontext():
                 fn = pytensor.function(
-                    list(inputs), list(outputs), updates=list(updates), mode=self.mode, on_unused_input="ignore"
+                    list(inputs),
+                    list(outputs),
+                    updates=list(updates),
+                    mode=self.mode if shards == 1 else _sharded_mode(shards, sharded),
+                    on_unused_input="ignore",
                 )
+            if shards > 1:
+                # PyTensor would refuse the whole mini-batches, whose shapes are not the graph's
+                # (one device's share); the compiled function checks them instead
+                fn.trust_input = True
 
         def call(*args) -> list[np.ndarray]:
             with warnings.catch_warnings():
@@ -223,6 +253,15 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"Backend(engine={self.engine!r}, device={self.device!r}: {self.device_name})"
+
+
+def _sharded_mode(shards: int, sharded: int):
+    """PyTensor's JAX mode with the compiled function run on ``shards`` CPU devices."""
+    from pytensor.compile.mode import Mode, get_mode
+
+    from pipeline.nn.data_parallel import ShardedJAXLinker
+
+    return Mode(ShardedJAXLinker(shards, sharded), get_mode("JAX").provided_optimizer)
 
 
 @contextlib.contextmanager

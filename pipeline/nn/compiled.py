@@ -9,11 +9,13 @@ the graph, one mini-batch at a time, so a 250,000-image training set stays 196 M
 Dropout keep masks are inputs (uint8, one per dropout layer and step) drawn by the caller with
 NumPy, so a run is the same on every engine and can be resumed exactly.
 
-On the CPU, with the JAX engine, a mini-batch larger than 16 images is cut into chunks of 8 to 16
-(``gradient_chunk``): an inner ``scan`` sums the chunks' gradients, so each chunk's convolution
-windows stay in the caches while they are used (docs/engines.md). The sum is the mini-batch's
-gradient in another order of addition, the same within float rounding. A network with BatchNorm
-is never cut: its batch statistics are over the whole mini-batch.
+On the CPU, with the JAX engine, the devices (one per core) share each mini-batch: each computes the
+gradient of its share of the images, and one sum over the devices (``pipeline.nn.data_parallel``)
+gives every device the mini-batch's gradient. A device's share larger than 16 images is cut into
+chunks of 8 to 16 (``gradient_chunk``): an inner ``scan`` sums the chunks' gradients, so each
+chunk's convolution windows stay in the caches while they are used (docs/engines.md). Both sums are
+the mini-batch's gradient in another order of addition, the same within float rounding. A network
+with BatchNorm is neither shared nor cut: its batch statistics are over the whole mini-batch.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ def gradient_chunk(batch_size: int, limit: int | None) -> int:
         return batch_size
     divisors = [size for size in range(limit, limit // 2 - 1, -1) if batch_size % size == 0]
     return divisors[0] if divisors else batch_size
+
+
+def shards_for(batch_size: int, devices: int) -> int:
+    """How many devices share a mini-batch of ``batch_size`` (``pipeline.nn.data_parallel``): the most,
+    up to ``devices``, that divide it evenly (1: the whole mini-batch on one device)."""
+    return max(d for d in range(1, max(devices, 1) + 1) if batch_size % d == 0)
 
 
 def as_float_images(images: np.ndarray) -> np.ndarray:
@@ -81,8 +89,10 @@ class Trainer:
             if momentum
             else []
         )
+        # BatchNorm's statistics are over the whole mini-batch: such a network is neither shared nor cut
+        self.shards = 1 if network.statistics else shards_for(batch_size, backend.cpu_devices)
         limit = None if network.statistics else CHUNK_LIMIT.get((backend.engine, backend.device))
-        self.chunk = gradient_chunk(batch_size, limit)
+        self.chunk = gradient_chunk(batch_size // self.shards, limit)
         self._train_fns: dict = {}
         self._moments_fn = None
         self.inference = Inference(network, backend)
@@ -91,10 +101,11 @@ class Trainer:
     def _compile_train(self, steps: int | None):
         net, bs = self.network, self.batch_size
         n_params, n_drop = len(net.params), len(net.dropout_layers)
-        xs = graph.variable("images", "uint8", (steps, bs, net.n_in))  # (K, bs, 784)
-        ys = graph.variable("labels", "uint8", (steps, bs))  # (K, bs)
+        images = bs // self.shards  # the graph is one device's: it sees its share of each mini-batch
+        xs = graph.variable("images", "uint8", (steps, images, net.n_in))  # (K, bs, 784)
+        ys = graph.variable("labels", "uint8", (steps, images))  # (K, bs)
         keeps = [
-            graph.variable(f"keep{i}", "uint8", (steps, bs, net.layers[i].n_in)) for i in net.dropout_layers
+            graph.variable(f"keep{i}", "uint8", (steps, images, net.layers[i].n_in)) for i in net.dropout_layers
         ]  # (K, bs, n_in) each
         eta = pt.scalar("eta", dtype="float32")
 
@@ -114,19 +125,36 @@ class Trainer:
         finals = [out[-1] for out in outputs[:-1]]
         costs = outputs[-1]  # (K,)
         updates = list(zip([*net.params, *self.velocities], finals))
-        return self.backend.function([xs, ys, *keeps, eta], [costs], updates=updates)
+        return self.backend.function(
+            [xs, ys, *keeps, eta], [costs], updates=updates, shards=self.shards, sharded=2 + n_drop
+        )
 
     def _gradients(self, x_u8, y, keeps, params):
-        """The objective of one mini-batch and its gradients at ``params``: in one piece, or as the
-        sums over its chunks of ``self.chunk`` images (an inner scan, one chunk after another)."""
-        parts = self.batch_size // self.chunk
+        """The objective of one mini-batch and its gradients at ``params``, summed over the devices
+        that share the mini-batch (``self.shards``)."""
+        objective, grads = self._device_gradients(x_u8, y, keeps, params)
+        if self.shards == 1:
+            return objective, grads
+        from pipeline.nn.data_parallel import device_sum  # here: theano-pymc's environment has no JAX
+
+        # one sum of everything: each sum makes the devices wait for one another
+        total = device_sum(pt.concatenate([objective.reshape((1,)), *(g.ravel() for g in grads)]))
+        ends = np.cumsum([1, *(int(np.prod(p.type.shape)) for p in params)])
+        return total[0], [total[a:b].reshape(p.shape) for a, b, p in zip(ends[:-1], ends[1:], params)]
+
+    def _device_gradients(self, x_u8, y, keeps, params):
+        """One device's share of the objective and gradients: over its images in one piece, or as
+        the sums over their chunks of ``self.chunk`` images (an inner scan, one after another)."""
+        parts = self.batch_size // self.shards // self.chunk
         if parts == 1:
-            return self._objective_and_gradients(x_u8, y, keeps, params, parts)
+            return self._objective_and_gradients(x_u8, y, keeps, params, self.shards)
         n_drop, n_params = len(keeps), len(params)
 
         def chunk_step(x_chunk, y_chunk, *rest):
             keep_chunk, sums, params_now = rest[:n_drop], rest[n_drop : n_drop + n_params], rest[n_drop + n_params :]
-            objective, grads = self._objective_and_gradients(x_chunk, y_chunk, keep_chunk, params_now, parts)
+            objective, grads = self._objective_and_gradients(
+                x_chunk, y_chunk, keep_chunk, params_now, parts * self.shards
+            )
             return [total + grad for total, grad in zip(sums, grads)] + [objective]
 
         def split(v):

@@ -19,6 +19,24 @@ def test_the_jax_engine_is_timed_and_reported(capsys):
     assert "device cpu" in out
     rate = next(line for line in out.splitlines() if line.strip().startswith("pytensor-jax"))
     assert float(rate.split()[1].replace(",", "")) > 0
+    # the two CPU devices of the tests (tests/conftest.py) share each mini-batch; one device beside them
+    assert "batch size 10 (200 mini-batches; pytensor-jax on 2 devices of 5 images):" in out
+    one = next(line for line in out.splitlines() if line.strip().startswith("pytensor-jax, one device"))
+    assert float(one.split()[3].replace(",", "")) > 0
+
+
+@pytest.mark.parametrize(
+    "batch, devices, split",
+    [
+        (10, 2, "; pytensor-jax on 2 devices of 5 images"),
+        (64, 2, "; pytensor-jax on 2 devices of 32 images, each in chunks of 16"),
+        (64, 1, "; pytensor-jax in chunks of 16"),
+        (16, 1, ""),  # at the chunk limit: not cut
+        (9, 2, ""),
+    ],
+)
+def test_the_header_says_how_the_jax_engine_splits_a_mini_batch(batch, devices, split):
+    assert bench.jax_split(batch, devices, "cpu") == split
 
 
 def test_inference_is_timed_at_each_batch_size_and_the_probabilities_agree():

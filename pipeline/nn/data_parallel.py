@@ -1,0 +1,86 @@
+"""Data parallelism over the CPU's cores for the JAX engine: one XLA CPU device per core.
+
+XLA runs a CPU program's operations one after another on one thread; only its matrix products use a
+second core. So a training step on 2 cores runs about 1.4x one core (docs/engines.md). Here JAX gets
+one CPU device per core (``--xla_force_host_platform_device_count``, set in ``pipeline.nn.backend``
+before JAX starts), and a training function runs on all of them at once with ``jax.shard_map``: each
+device takes its share of every mini-batch's images, computes their gradient, and ``device_sum``
+(``jax.lax.psum``) adds the shares' gradients, so every device makes the same SGD update. The sum
+is the mini-batch's gradient in another order of addition, the same within float rounding.
+
+Only the PyTensor JAX engine on the CPU uses it; the graph is otherwise the one every engine runs.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+from pytensor.graph import Apply, Op
+from pytensor.link.jax.dispatch import jax_funcify
+from pytensor.link.jax.linker import JAXLinker
+
+__all__ = ["AXIS", "ShardedJAXLinker", "cpu_devices", "device_sum"]
+
+AXIS = "images"  # the mesh axis: images of a mini-batch
+
+
+def cpu_devices() -> int:
+    """The CPU devices JAX has (one per core that this process may use; ``pipeline.nn.backend``)."""
+    return len(jax.devices("cpu"))
+
+
+class DeviceSum(Op):
+    """The sum of a value over the devices of the mesh axis ``AXIS`` (inside ``ShardedJAXLinker``'s
+    programs only; on one device, where there is nothing to add, the identity)."""
+
+    __props__ = ()
+
+    def make_node(self, x):
+        return Apply(self, [x], [x.type()])
+
+    def perform(self, node, inputs, outputs):
+        outputs[0][0] = inputs[0]
+
+
+device_sum = DeviceSum()
+
+
+@jax_funcify.register(DeviceSum)
+def _jax_device_sum(op, **kwargs):
+    def device_sum(x):
+        return jax.lax.psum(x, AXIS)
+
+    return device_sum
+
+
+class ShardedJAXLinker(JAXLinker):
+    """PyTensor's JAX linker, with the compiled function run by ``jax.shard_map`` over ``shards``
+    CPU devices: the first ``sharded`` inputs are split along their axis 1 (the images of each
+    mini-batch), the other inputs and every output are the same on every device.
+
+    The graph is one device's: its sharded inputs hold ``1/shards`` of the images, and the values
+    that must be whole-batch (gradients, costs) go through ``device_sum``."""
+
+    def __init__(self, shards: int, sharded: int, **kwargs):
+        self.shards, self.sharded = shards, sharded
+        super().__init__(**kwargs)
+
+    def accept(self, fgraph, no_recycling=None, profile=None):
+        if self.fgraph is not None and self.fgraph is not fgraph:  # the base class would drop our arguments
+            return type(self)(self.shards, self.sharded, allow_gc=self.allow_gc).accept(fgraph, no_recycling, profile)
+        return super().accept(fgraph, no_recycling, profile)
+
+    def jit_compile(self, fn):
+        mesh = Mesh(jax.devices("cpu")[: self.shards], (AXIS,))
+        n_inputs = len(self.fgraph.inputs)
+        in_specs = tuple(PartitionSpec(None, AXIS) if i < self.sharded else PartitionSpec() for i in range(n_inputs))
+        # check_vma off: the outputs are equal on every device because they come from device_sum
+        sharded = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec(), check_vma=False))
+
+        def run(*args):
+            # NumPy out, so that the parameters (shared variables) are not left on all the devices for
+            # the single-device functions (inference) that read them next
+            return [np.asarray(out) for out in sharded(*args)]
+
+        return run

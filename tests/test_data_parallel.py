@@ -1,0 +1,138 @@
+"""A mini-batch shared by the CPU devices (pipeline.nn.data_parallel): each device's share of the
+images and masks, the summed gradients, NumPy's whole-batch SGD as the reference, and what is not
+shared. The tests run with two XLA CPU devices (tests/conftest.py)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.nn.backend import Backend
+from pipeline.nn.compiled import Trainer, shards_for
+from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
+from pipeline.nn.network import Network
+
+from reference import numpy_momentum_sgd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+    "batch, devices, shards",
+    [
+        (10, 2, 2),  # the book's mini-batch: 5 images a device
+        (64, 2, 2),
+        (9, 2, 1),  # odd: one device
+        (1, 2, 1),
+        (2, 2, 2),  # exactly one image a device
+        (10, 1, 1),
+        (10, 4, 2),  # 4 does not divide 10, 3 neither
+        (12, 4, 4),
+        (10, 16, 10),
+    ],
+)
+def test_the_shards_are_the_most_devices_that_divide_the_batch(batch, devices, shards):
+    assert shards_for(batch, devices) == shards
+
+
+def tanh_net(seed: int) -> Network:
+    rng = np.random.default_rng(seed)
+    net = Network([FullyConnected(12, 6, "tanh", p_dropout=0.5, rng=rng), Softmax(6, 4, p_dropout=0.5)])
+    net.layers[1].w.set_value(rng.normal(size=(6, 4)).astype(np.float32))  # the softmax starts at zero
+    return net
+
+
+@pytest.mark.parametrize("batch, chunk", [(10, 5), (64, 16)])  # batch 64: two chunks of 16 on each device
+def test_two_devices_train_numpys_whole_batch_momentum_sgd_with_dropout_and_l2(batch, chunk):
+    net = tanh_net(5)
+    trainer = Trainer(net, Backend("jax"), batch_size=batch, lmbda=0.5, num_training_batches=10, momentum=0.9)
+    assert (trainer.shards, trainer.chunk) == (2, chunk)
+    rng = np.random.default_rng(6)
+    steps = 3
+    images = rng.integers(0, 256, (steps, batch, 12), dtype=np.uint8)
+    labels = rng.integers(0, 4, (steps, batch)).astype(np.uint8)
+    # masks that differ from image to image, so that a device given another's masks fails
+    keeps = [(rng.random((steps, batch, n)) > 0.5).astype(np.uint8) for n in (12, 6)]
+    start = net.get_values()
+
+    costs = trainer.train_steps(images, labels, keeps, 0.2)
+
+    expected, expected_costs = numpy_momentum_sgd(start, images, labels, keeps, eta=0.2, mu=0.9, lmbda=0.5, batches=10)
+    np.testing.assert_allclose(costs, expected_costs, rtol=1e-5)
+    for name, got, want in zip(net.param_names(), net.get_values(), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def train_conv(devices: int, seed: int = 2):
+    """Five steps of a conv network with dropout and L2 at batch 10 on ``devices`` CPU devices, then
+    its accuracy through Inference (one device), which reads the weights the training left."""
+    rng = np.random.default_rng(seed)
+    net = Network(
+        [
+            ConvPool((1, 12, 12), filters=4, kernel=5, pool=2, activation="relu", rng=rng),
+            FullyConnected(64, 16, "relu", p_dropout=0.5, rng=rng),
+            Softmax(16, 10),
+        ]
+    )
+    backend = Backend("jax")
+    backend.cpu_devices = devices
+    trainer = Trainer(net, backend, batch_size=10, lmbda=0.1, num_training_batches=50)
+    data = np.random.default_rng(3)
+    images = data.integers(0, 256, (5, 10, 144), dtype=np.uint8)
+    labels = data.integers(0, 10, (5, 10)).astype(np.uint8)
+    keeps = [(data.random((5, 10, 64)) > 0.5).astype(np.uint8)]
+    costs = trainer.train_steps(images, labels, keeps, 0.1)
+    probabilities = trainer.inference.probabilities(images.reshape(50, 144))
+    return trainer.shards, costs, net.get_values(), probabilities
+
+
+def test_a_conv_network_on_two_devices_trains_one_devices_weights_within_rounding():
+    shards, costs, weights, probabilities = train_conv(2)
+    one, one_costs, one_weights, one_probabilities = train_conv(1)
+    assert (shards, one) == (2, 1)
+    np.testing.assert_allclose(costs, one_costs, rtol=1e-5)
+    for got, want in zip(weights, one_weights, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(probabilities, one_probabilities, rtol=1e-4, atol=1e-6)
+    assert not np.array_equal(weights[0], train_conv(2, seed=7)[2][0])  # the comparison can fail
+
+
+def test_two_devices_repeat_their_weights_bit_for_bit():
+    first, second = train_conv(2), train_conv(2)
+    np.testing.assert_array_equal(first[1], second[1])
+    for a, b in zip(first[2], second[2], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_batch_norm_an_odd_batch_and_the_c_engine_train_on_one_device():
+    rng = np.random.default_rng(0)
+    plain = Network([FullyConnected(12, 6, "relu", rng=rng), Softmax(6, 4)])
+    normed = Network([FullyConnected(12, 6, "linear", rng=rng), BatchNorm((6,), "relu"), Softmax(6, 4)])
+    assert Trainer(plain, Backend("jax"), batch_size=10).shards == 2
+    assert Trainer(plain, Backend("jax"), batch_size=9).shards == 1
+    assert Trainer(plain, Backend("c"), batch_size=10).shards == 1
+    assert Trainer(normed, Backend("jax"), batch_size=10).shards == 1  # its statistics are the whole batch's
+
+
+def devices_seen(env: dict, prefix: tuple[str, ...] = ()) -> int:
+    """The CPU devices a fresh process that imports the backend gets, and a training's shards there."""
+    code = (
+        "import numpy as np; from pipeline.nn.backend import Backend; from pipeline.nn.compiled import Trainer; "
+        "from pipeline.nn.layers import Softmax; from pipeline.nn.network import Network; "
+        "print(Trainer(Network([Softmax(4, 2)]), Backend('jax'), batch_size=10).shards)"
+    )
+    out = subprocess.run([*prefix, sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split()[-1])
+
+
+def test_the_backend_gives_jax_one_cpu_device_per_core_unless_xla_flags_says_otherwise():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cores = len(os.sched_getaffinity(0))
+    assert devices_seen(env) == shards_for(10, cores)
+    assert devices_seen({**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}) == 1
+    assert devices_seen({**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=5"}) == 5
+    if cores >= 2:
+        assert devices_seen(env, ("taskset", "-c", "0")) == 1  # one core allowed: one device
