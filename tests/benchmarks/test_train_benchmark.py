@@ -20,7 +20,7 @@ def test_the_jax_engine_is_timed_and_reported(capsys):
     rate = next(line for line in out.splitlines() if line.strip().startswith("pytensor-jax"))
     assert float(rate.split()[1].replace(",", "")) > 0
     # the two CPU devices of the tests (tests/conftest.py) share each mini-batch; one device beside them
-    assert "batch size 10 (200 mini-batches; pytensor-jax on 2 devices of 5 images):" in out
+    assert "batch size 10 (20 mini-batches; pytensor-jax on 2 devices of 5 images):" in out
     one = next(line for line in out.splitlines() if line.strip().startswith("pytensor-jax, one device"))
     assert float(one.split()[3].replace(",", "")) > 0
 
