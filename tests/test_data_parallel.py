@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.nn.backend import Backend
-from pipeline.nn.compiled import Trainer, shards_for
+from pipeline.nn.compiled import Inference, Trainer, shards_for
 from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 from pipeline.nn.network import Network
 
@@ -136,3 +136,26 @@ def test_the_backend_gives_jax_one_cpu_device_per_core_unless_xla_flags_says_oth
     assert devices_seen({**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=5"}) == 5
     if cores >= 2:
         assert devices_seen(env, ("taskset", "-c", "0")) == 1  # one core allowed: one device
+
+
+def test_inference_on_two_devices_scores_each_image_as_one_device_does():
+    rng = np.random.default_rng(4)
+    net = Network(
+        [
+            ConvPool((1, 12, 12), filters=4, kernel=5, pool=2, activation="relu", rng=rng),
+            FullyConnected(64, 16, "relu", rng=rng),
+            Softmax(16, 10),
+        ]
+    )
+    net.layers[2].w.set_value(rng.normal(size=(16, 10)).astype(np.float32))
+    images = rng.integers(0, 256, (125, 144), dtype=np.uint8)  # a batch of 80 and one of 45, padded
+    one = Backend("jax")
+    one.cpu_devices = 1
+    shared, alone = Inference(net, Backend("jax")), Inference(net, one)
+    assert (shared.batch_size, shared.shards, alone.shards) == (80, 2, 1)
+    assert Inference(net, Backend("jax"), batch_size=7).shards == 1
+    got, want = shared.probabilities(images), alone.probabilities(images)
+    assert got.shape == (125, 10)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    # each image its own probabilities: the devices' halves are not swapped or repeated
+    assert len({tuple(row) for row in got.round(5)}) == 125

@@ -209,10 +209,10 @@ class Backend:
         return self.engine == "jax"
 
     def function(
-        self, inputs: Sequence, outputs: Sequence, updates: Sequence = (), *, shards: int = 1, sharded: int = 0
+        self, inputs: Sequence, outputs: Sequence, updates: Sequence = (), *, sharding=None
     ) -> Callable[..., list[np.ndarray]]:
-        """``shards`` > 1 (JAX on the CPU): the graph is one device's of ``shards``; the first ``sharded``
-        inputs are split among the devices along axis 1 (``pipeline.nn.data_parallel``)."""
+        """``sharding`` (a ``pipeline.nn.data_parallel.Sharding``; JAX on the CPU): the graph is one
+        device's, and the compiled function runs on the devices it names."""
         if self.engine == "theano-pymc":
             from pipeline.nn import theano_engine
 
@@ -234,10 +234,10 @@ class Backend:
                     list(inputs),
                     list(outputs),
                     updates=list(updates),
-                    mode=self.mode if shards == 1 else _sharded_mode(shards, sharded),
+                    mode=self.mode if sharding is None else _sharded_mode(sharding),
                     on_unused_input="ignore",
                 )
-            if shards > 1:
+            if sharding is not None:
                 # PyTensor would refuse the whole mini-batches, whose shapes are not the graph's
                 # (one device's share); the compiled function checks them instead
                 fn.trust_input = True
@@ -255,13 +255,13 @@ class Backend:
         return f"Backend(engine={self.engine!r}, device={self.device!r}: {self.device_name})"
 
 
-def _sharded_mode(shards: int, sharded: int):
-    """PyTensor's JAX mode with the compiled function run on ``shards`` CPU devices."""
+def _sharded_mode(sharding):
+    """PyTensor's JAX mode with the compiled function run on the CPU devices as ``sharding`` says."""
     from pytensor.compile.mode import Mode, get_mode
 
     from pipeline.nn.data_parallel import ShardedJAXLinker
 
-    return Mode(ShardedJAXLinker(shards, sharded), get_mode("JAX").provided_optimizer)
+    return Mode(ShardedJAXLinker(sharding), get_mode("JAX").provided_optimizer)
 
 
 @contextlib.contextmanager

@@ -32,8 +32,9 @@ pt = graph.tensor  # pytensor.tensor or theano.tensor (pipeline.nn.backend)
 
 IMAGE_SCALE = np.float32(1.0 / 255.0)
 # Inference batches (validation, evaluation, serving), per device: on the CPU a small batch keeps the
-# convolution windows in the caches; a GPU wants large ones (docs/engines.md has the measurements).
-INFERENCE_BATCH = {"cpu": 20, "gpu": 500}
+# convolution windows in the caches (on 2 cores, 40 images a CPU device); a GPU wants large ones
+# (docs/engines.md has the measurements).
+INFERENCE_BATCH = {"cpu": 80, "gpu": 500}
 # The largest chunk of a training mini-batch, per (engine, device); unlisted ones are never cut. The
 # size that keeps a chunk's convolution windows in the caches (docs/engines.md has the measurements).
 CHUNK_LIMIT = {("jax", "cpu"): 16}
@@ -53,6 +54,15 @@ def shards_for(batch_size: int, devices: int) -> int:
     """How many devices share a mini-batch of ``batch_size`` (``pipeline.nn.data_parallel``): the most,
     up to ``devices``, that divide it evenly (1: the whole mini-batch on one device)."""
     return max(d for d in range(1, max(devices, 1) + 1) if batch_size % d == 0)
+
+
+def _sharding(devices: int, inputs: int, axis: int, outputs: bool):
+    """A ``pipeline.nn.data_parallel.Sharding``, or None for one device."""
+    if devices == 1:
+        return None
+    from pipeline.nn.data_parallel import Sharding  # here: theano-pymc's environment has no JAX
+
+    return Sharding(devices, inputs, axis, outputs)
 
 
 def as_float_images(images: np.ndarray) -> np.ndarray:
@@ -126,7 +136,7 @@ class Trainer:
         costs = outputs[-1]  # (K,)
         updates = list(zip([*net.params, *self.velocities], finals))
         return self.backend.function(
-            [xs, ys, *keeps, eta], [costs], updates=updates, shards=self.shards, sharded=2 + n_drop
+            [xs, ys, *keeps, eta], [costs], updates=updates, sharding=_sharding(self.shards, 2 + n_drop, 1, False)
         )
 
     def _gradients(self, x_u8, y, keeps, params):
@@ -244,6 +254,7 @@ class Inference:
         """``batch_size``: the images per compiled call; None: the device's ``INFERENCE_BATCH``."""
         self.network, self.backend = network, backend
         self.batch_size = INFERENCE_BATCH[backend.device] if batch_size is None else batch_size
+        self.shards = shards_for(self.batch_size, backend.cpu_devices)  # each image is scored on its own
         self._fn = None
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
@@ -253,8 +264,9 @@ class Inference:
         Runs in fixed-size batches, the last one padded with zeros, so JAX compiles once.
         """
         if self._fn is None:
-            x = graph.variable("x", "float32", (self.batch_size, self.network.n_in))
-            self._fn = self.backend.function([x], [self.network.output(x, deterministic=True)])
+            x = graph.variable("x", "float32", (self.batch_size // self.shards, self.network.n_in))
+            outputs = [self.network.output(x, deterministic=True)]
+            self._fn = self.backend.function([x], outputs, sharding=_sharding(self.shards, 1, 0, True))
         n, batch = len(images), self.batch_size
         out = np.empty((n, self.network.n_out), dtype=np.float32)
         for start in range(0, n, batch):

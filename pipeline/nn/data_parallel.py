@@ -13,6 +13,8 @@ Only the PyTensor JAX engine on the CPU uses it; the graph is otherwise the one 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
@@ -20,7 +22,7 @@ from pytensor.graph import Apply, Op
 from pytensor.link.jax.dispatch import jax_funcify
 from pytensor.link.jax.linker import JAXLinker
 
-__all__ = ["AXIS", "ShardedJAXLinker", "cpu_devices", "device_sum"]
+__all__ = ["AXIS", "ShardedJAXLinker", "Sharding", "cpu_devices", "device_sum"]
 
 AXIS = "images"  # the mesh axis: images of a mini-batch
 
@@ -54,29 +56,42 @@ def _jax_device_sum(op, **kwargs):
     return device_sum
 
 
+@dataclass(frozen=True)
+class Sharding:
+    """How a function's images are shared among ``devices`` CPU devices: its first ``inputs`` inputs
+    are split along ``axis`` (the images); its outputs too when ``outputs`` is True, else they are
+    the same on every device (values summed by ``device_sum``)."""
+
+    devices: int
+    inputs: int
+    axis: int
+    outputs: bool
+
+    def spec(self, split: bool) -> PartitionSpec:
+        return PartitionSpec(*([None] * self.axis), AXIS) if split else PartitionSpec()
+
+
 class ShardedJAXLinker(JAXLinker):
-    """PyTensor's JAX linker, with the compiled function run by ``jax.shard_map`` over ``shards``
-    CPU devices: the first ``sharded`` inputs are split along their axis 1 (the images of each
-    mini-batch), the other inputs and every output are the same on every device.
+    """PyTensor's JAX linker, with the compiled function run by ``jax.shard_map`` as ``sharding``
+    says. The graph is one device's: its split inputs hold ``1/devices`` of the images, and the
+    values that must be whole-batch (gradients, costs) go through ``device_sum``."""
 
-    The graph is one device's: its sharded inputs hold ``1/shards`` of the images, and the values
-    that must be whole-batch (gradients, costs) go through ``device_sum``."""
-
-    def __init__(self, shards: int, sharded: int, **kwargs):
-        self.shards, self.sharded = shards, sharded
+    def __init__(self, sharding: Sharding, **kwargs):
+        self.sharding = sharding
         super().__init__(**kwargs)
 
     def accept(self, fgraph, no_recycling=None, profile=None):
-        if self.fgraph is not None and self.fgraph is not fgraph:  # the base class would drop our arguments
-            return type(self)(self.shards, self.sharded, allow_gc=self.allow_gc).accept(fgraph, no_recycling, profile)
+        if self.fgraph is not None and self.fgraph is not fgraph:  # the base class would drop our argument
+            return type(self)(self.sharding, allow_gc=self.allow_gc).accept(fgraph, no_recycling, profile)
         return super().accept(fgraph, no_recycling, profile)
 
     def jit_compile(self, fn):
-        mesh = Mesh(jax.devices("cpu")[: self.shards], (AXIS,))
-        n_inputs = len(self.fgraph.inputs)
-        in_specs = tuple(PartitionSpec(None, AXIS) if i < self.sharded else PartitionSpec() for i in range(n_inputs))
-        # check_vma off: the outputs are equal on every device because they come from device_sum
-        sharded = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec(), check_vma=False))
+        how = self.sharding
+        mesh = Mesh(jax.devices("cpu")[: how.devices], (AXIS,))
+        in_specs = tuple(how.spec(i < how.inputs) for i in range(len(self.fgraph.inputs)))
+        # check_vma off: outputs that are not split are equal on every device (they come from device_sum)
+        on_devices = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=how.spec(how.outputs), check_vma=False)
+        sharded = jax.jit(on_devices)
 
         def run(*args):
             # NumPy out, so that the parameters (shared variables) are not left on all the devices for
