@@ -20,7 +20,7 @@ does not exist. Run from the theano-pymc environment, only that engine is timed.
 ``--conv-lax`` adds a JAX run whose convolutions are a custom Op lowered to
 ``jax.lax.conv_general_dilated`` instead of the im2col graph (``pipeline.nn.convolution``), to show
 why the graph form is the one used. ``--memory`` runs the train stage for one epoch on a synthetic
-250,000-image set in a child process and reports its peak RSS. ``--inference`` times inference
+250,000-image set in a child process (``pipeline.benchmarks.memory``) and reports its peak RSS. ``--inference`` times inference
 (validation, evaluation, serving) at the device's batch (``pipeline.nn.compiled.INFERENCE_BATCH``)
 against batch 500.
 
@@ -41,18 +41,17 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.benchmarks.memory import peak_memory_mb
 from pipeline.core.config import PipelineError
 from pipeline.nn.architecture import build, resolve
 from pipeline.nn.backend import DEVICES, ENGINES, THEANO_ENV, Backend, engine_unavailable
 from pipeline.nn.compiled import CHUNK_LIMIT, INFERENCE_BATCH, Inference, Trainer, gradient_chunk, shards_for
-from pipeline.nn.outputs import TIMINGS_FILE
 
 ETA, LMBDA, BATCHES_PER_EPOCH = 0.03, 0.1, 5000  # the book's ReLU run: 50,000 images in batches of 10
 REPO = Path(__file__).resolve().parents[2]
@@ -228,60 +227,6 @@ def inference_rates(
             runs[size].probabilities(images[:n])
             best[size, n] = min(seconds, time.perf_counter() - start)
     return {size: (count / best[size, count], best[size, 1]) for size in batch_sizes}, difference
-
-
-def peak_memory_mb(images: int, batch_size: int) -> dict:
-    """Run the train stage for one epoch on ``images`` synthetic images in a child process."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        (tmp / "prepared").mkdir()
-        (tmp / "expanded").mkdir()
-        rng = np.random.default_rng(0)
-        np.savez(
-            tmp / "expanded" / "train.npz",
-            images=rng.integers(0, 256, (images, 28, 28), dtype=np.uint8),
-            labels=rng.integers(0, 10, images).astype(np.uint8),
-        )
-        np.savez(
-            tmp / "prepared" / "validation.npz",
-            images=rng.integers(0, 256, (10000, 28, 28), dtype=np.uint8),
-            labels=rng.integers(0, 10, 10000).astype(np.uint8),
-        )
-        (tmp / "params.yaml").write_text(
-            json.dumps(
-                {
-                    "train": {
-                        "dataset": "expanded",
-                        "architecture": "conv2_relu",
-                        "epochs": 1,
-                        "batch_size": batch_size,
-                    },
-                    "tracking": {"enabled": False},
-                }
-            )
-        )  # a measurement, not a run for the repository's MLflow store
-        command = [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "train",
-            "--params",
-            str(tmp / "params.yaml"),
-            "--prepared",
-            str(tmp / "prepared"),
-            "--expanded",
-            str(tmp / "expanded"),
-            "--model",
-            str(tmp / "model"),
-            "--checkpoints",
-            str(tmp / "checkpoints"),
-            "--metrics",
-            str(tmp / "metrics"),
-            "--no-progress",
-        ]
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
-        return json.loads((tmp / "metrics" / TIMINGS_FILE).read_text())
 
 
 def main(argv=None) -> int:
