@@ -20,9 +20,9 @@ does not exist. Run from the theano-pymc environment, only that engine is timed.
 ``--conv-lax`` adds a JAX run whose convolutions are a custom Op lowered to
 ``jax.lax.conv_general_dilated`` instead of the im2col graph (``pipeline.nn.convolution``), to show
 why the graph form is the one used. ``--memory`` runs the train stage for one epoch on a synthetic
-250,000-image set in a child process (``pipeline.benchmarks.memory``) and reports its peak RSS. ``--inference`` times inference
-(validation, evaluation, serving) at the device's batch (``pipeline.nn.compiled.INFERENCE_BATCH``)
-against batch 500.
+250,000-image set in a child process (``pipeline.benchmarks.memory``) and reports its peak RSS.
+``--inference`` times inference (validation, evaluation, serving) at the device's batch
+(``pipeline.nn.compiled.INFERENCE_BATCH``) against batch 500.
 
 Goals (issue 28), on the 2-core machine: the default engine at least 2x PyTorch at batch sizes 10
 and 64 and at half the GEMM peak; peak memory training on 250,000 images under 1.5 GB. Run it with
