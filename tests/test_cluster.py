@@ -161,7 +161,11 @@ def _probe(folder: str, total: int, cap: int, task: int, place: Place) -> dict:
             raise RuntimeError(f"training {task}: {wave} trainings never ran at once")
         time.sleep(0.02)
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    return {"task": task, "start": start, "end": time.monotonic_ns(), "cache": cache, "worker": place.worker}
+    import pipeline.nn.backend  # noqa: F401  (as a training does: it sets the devices before JAX starts)
+    from pipeline.nn.data_parallel import cpu_devices
+
+    end = time.monotonic_ns()
+    return {"task": task, "start": start, "end": end, "cache": cache, "worker": place.worker, "devices": cpu_devices()}
 
 
 def _claim(path: Path) -> bool:
@@ -201,8 +205,9 @@ def test_the_driver_runs_at_most_max_concurrent_trainings_at_once_and_reaches_it
     assert sorted(r["task"] for r in finished) == list(range(total))
     assert max(in_flight) == cap  # never more in flight than the cap, and the cap reached
     assert peak_in_flight(finished) == cap  # and that many ran at once in the workers
-    # each in a Ray worker, sharing the driver's compilation cache as one at a time does
-    assert {(r["worker"], r["cache"]) for r in finished} == {(True, str(tmp_path / "jax-cache"))}
+    # each in a Ray worker, sharing the driver's compilation cache as one at a time does, on one
+    # CPU device for its one CPU (this process has two: conftest.py)
+    assert {(r["worker"], r["cache"], r["devices"]) for r in finished} == {(True, str(tmp_path / "jax-cache"), 1)}
 
 
 def test_the_peak_is_counted_from_overlapping_times():

@@ -9,8 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.nn.backend import Backend
-from pipeline.nn.compiled import Inference, Trainer, shards_for
+from pipeline.nn import compiled
+from pipeline.nn.architecture import build, resolve
+from pipeline.nn.backend import Backend, xla_flags_with_cpu_devices
+from pipeline.nn.compiled import Inference, Trainer, shards_for, training_shards
 from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 from pipeline.nn.network import Network
 
@@ -37,6 +39,36 @@ def test_the_shards_are_the_most_devices_that_divide_the_batch(batch, devices, s
     assert shards_for(batch, devices) == shards
 
 
+@pytest.fixture
+def always_shared(monkeypatch):
+    """Share even these small networks' mini-batches, whose steps are too little work to pay for it."""
+    monkeypatch.setattr(compiled, "SHARD_MIN_FLOPS_PER_PARAMETER", 0)
+
+
+@pytest.mark.parametrize(
+    "preset, batch, shards",
+    [
+        ("conv2_relu", 10, 2),  # the default network: 536 FLOPs per parameter on each device
+        ("conv2_relu", 64, 2),
+        ("conv2_relu_2fc300", 10, 2),  # 172
+        ("conv2_relu_fc1000", 10, 1),  # 95: the sum of 672,000 gradients costs more than half a step
+        ("conv1", 10, 1),  # 50
+        ("shallow", 10, 1),  # 20
+    ],
+)
+def test_a_mini_batch_is_shared_only_where_each_devices_work_outweighs_the_gradient_sum(preset, batch, shards):
+    assert training_shards(build(resolve(preset), rng=np.random.default_rng(0)), batch, 2) == shards
+
+
+def test_the_work_per_parameter_is_shared_exactly_at_its_limit(monkeypatch):
+    net = build(resolve("conv2_relu"), rng=np.random.default_rng(0))
+    at_limit = net.training_flops() * 5 / net.count_params()  # 5 images a device at batch 10
+    monkeypatch.setattr(compiled, "SHARD_MIN_FLOPS_PER_PARAMETER", at_limit)
+    assert training_shards(net, 10, 2) == 2
+    monkeypatch.setattr(compiled, "SHARD_MIN_FLOPS_PER_PARAMETER", np.nextafter(at_limit, np.inf))
+    assert training_shards(net, 10, 2) == 1
+
+
 def tanh_net(seed: int) -> Network:
     rng = np.random.default_rng(seed)
     net = Network([FullyConnected(12, 6, "tanh", p_dropout=0.5, rng=rng), Softmax(6, 4, p_dropout=0.5)])
@@ -45,7 +77,7 @@ def tanh_net(seed: int) -> Network:
 
 
 @pytest.mark.parametrize("batch, chunk", [(10, 5), (64, 16)])  # batch 64: two chunks of 16 on each device
-def test_two_devices_train_numpys_whole_batch_momentum_sgd_with_dropout_and_l2(batch, chunk):
+def test_two_devices_train_numpys_whole_batch_momentum_sgd_with_dropout_and_l2(batch, chunk, always_shared):
     net = tanh_net(5)
     trainer = Trainer(net, Backend("jax"), batch_size=batch, lmbda=0.5, num_training_batches=10, momentum=0.9)
     assert (trainer.shards, trainer.chunk) == (2, chunk)
@@ -88,7 +120,7 @@ def train_conv(devices: int, seed: int = 2):
     return trainer.shards, costs, net.get_values(), probabilities
 
 
-def test_a_conv_network_on_two_devices_trains_one_devices_weights_within_rounding():
+def test_a_conv_network_on_two_devices_trains_one_devices_weights_within_rounding(always_shared):
     shards, costs, weights, probabilities = train_conv(2)
     one, one_costs, one_weights, one_probabilities = train_conv(1)
     assert (shards, one) == (2, 1)
@@ -99,14 +131,14 @@ def test_a_conv_network_on_two_devices_trains_one_devices_weights_within_roundin
     assert not np.array_equal(weights[0], train_conv(2, seed=7)[2][0])  # the comparison can fail
 
 
-def test_two_devices_repeat_their_weights_bit_for_bit():
+def test_two_devices_repeat_their_weights_bit_for_bit(always_shared):
     first, second = train_conv(2), train_conv(2)
     np.testing.assert_array_equal(first[1], second[1])
     for a, b in zip(first[2], second[2], strict=True):
         np.testing.assert_array_equal(a, b)
 
 
-def test_batch_norm_an_odd_batch_and_the_c_engine_train_on_one_device():
+def test_batch_norm_an_odd_batch_and_the_c_engine_train_on_one_device(always_shared):
     rng = np.random.default_rng(0)
     plain = Network([FullyConnected(12, 6, "relu", rng=rng), Softmax(6, 4)])
     normed = Network([FullyConnected(12, 6, "linear", rng=rng), BatchNorm((6,), "relu"), Softmax(6, 4)])
@@ -117,12 +149,8 @@ def test_batch_norm_an_odd_batch_and_the_c_engine_train_on_one_device():
 
 
 def devices_seen(env: dict, prefix: tuple[str, ...] = ()) -> int:
-    """The CPU devices a fresh process that imports the backend gets, and a training's shards there."""
-    code = (
-        "import numpy as np; from pipeline.nn.backend import Backend; from pipeline.nn.compiled import Trainer; "
-        "from pipeline.nn.layers import Softmax; from pipeline.nn.network import Network; "
-        "print(Trainer(Network([Softmax(4, 2)]), Backend('jax'), batch_size=10).shards)"
-    )
+    """The CPU devices the JAX engine has in a fresh process that imports the backend."""
+    code = "from pipeline.nn.backend import Backend; print(Backend('jax').cpu_devices)"
     out = subprocess.run([*prefix, sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return int(out.stdout.split()[-1])
@@ -131,11 +159,27 @@ def devices_seen(env: dict, prefix: tuple[str, ...] = ()) -> int:
 def test_the_backend_gives_jax_one_cpu_device_per_core_unless_xla_flags_says_otherwise():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     cores = len(os.sched_getaffinity(0))
-    assert devices_seen(env) == shards_for(10, cores)
+    assert devices_seen(env) == cores
     assert devices_seen({**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}) == 1
     assert devices_seen({**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=5"}) == 5
     if cores >= 2:
         assert devices_seen(env, ("taskset", "-c", "0")) == 1  # one core allowed: one device
+
+
+@pytest.mark.parametrize(
+    "flags, count, expected",
+    [
+        ("", 1, "--xla_force_host_platform_device_count=1"),
+        ("--xla_cpu_use_xnnpack=false", 3, "--xla_cpu_use_xnnpack=false --xla_force_host_platform_device_count=3"),
+        (
+            "--xla_force_host_platform_device_count=2 --xla_cpu_use_xnnpack=false",
+            1,
+            "--xla_cpu_use_xnnpack=false --xla_force_host_platform_device_count=1",
+        ),
+    ],
+)
+def test_a_tasks_xla_flags_keep_the_drivers_flags_and_set_its_own_device_count(flags, count, expected):
+    assert xla_flags_with_cpu_devices(flags, count) == expected
 
 
 def test_inference_on_two_devices_scores_each_image_as_one_device_does():

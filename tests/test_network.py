@@ -216,3 +216,13 @@ def test_the_trainer_sets_the_statistics_to_the_moments_over_all_the_images():
     np.testing.assert_allclose(net.layers[1].var.get_value(), pooled.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="at least 50 images, got 49"):
         trainer.set_statistics(images[:49])
+
+
+def test_training_flops_counts_the_book_networks_multiply_adds():
+    from pipeline.nn.architecture import build, resolve
+
+    network = build(resolve("conv2_relu"), rng=np.random.default_rng(0))
+    # forward multiply-adds: conv 20x5x5 on 28x28 -> 24x24, conv 40x5x5x20 on 12x12 -> 8x8, FC 640x100, 100x10
+    forward = [24 * 24 * 20 * 25, 8 * 8 * 40 * 25 * 20, 640 * 100, 100 * 10]
+    # backward: the weight gradients as many again, the input gradients too except the first layer's
+    assert network.training_flops() == 2 * (3 * sum(forward) - forward[0]) == 9_222_000

@@ -118,7 +118,9 @@ def test_a_grid_on_a_local_ray_gives_the_same_numbers_as_in_process(data, tmp_pa
     pytest.importorskip("ray", reason="--jobs runs on Ray: pip install -e '.[cluster]'")
     monkeypatch.chdir(tmp_path)
     assert sweep(data, tmp_path / "one", *GRID, "--name", "one") == 0
-    assert sweep(data, tmp_path / "ray", *GRID, "--name", "ray", "--jobs", "2") == 0
+    # two trainings at once, each on as many CPU devices as this process trains on (conftest.py):
+    # the mini-batch shared among as many devices, so the same additions in the same order
+    assert sweep(data, tmp_path / "ray", *GRID, "--name", "ray", "--jobs", "4", "--cpus-per-training", "2") == 0
     one = json.loads((tmp_path / "one" / "sweep.json").read_text())["trials"]
     ray = json.loads((tmp_path / "ray" / "sweep.json").read_text())["trials"]
     assert [(t["key"], t["validation_accuracy"], t["best_epoch"]) for t in one] == [

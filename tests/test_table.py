@@ -239,7 +239,8 @@ def test_jobs_train_as_tasks_of_a_local_ray_with_the_same_results(first_run, dat
         tmp_path / "table",
         rows="1,2",
         repeats=1,
-        cluster=ClusterConfig(jobs=2),
+        # both at once, each on as many CPU devices as this process (conftest.py): the same weights
+        cluster=ClusterConfig(jobs=4, cpus_per_training=2),
         tracking_config=TrackingConfig(experiment="table-jobs"),
     )
     assert sorted(parallel["trained"]) == [("1", 1), ("2", 1)]

@@ -7,7 +7,7 @@ identical network and batch size, all in one run; prints images per second, the 
 and, for the PyTensor engines, the fraction of the machine's GEMM peak that the training reaches: the
 peak is measured in the same run (XLA's float32 2048x2048 matrix product on the same device), the
 work is the network's multiply-adds forward, for the weight gradients and for the input gradients
-(none for the first layer), counted from its shapes (``training_flops``). ``--device gpu`` times
+(none for the first layer), counted from its shapes (``Network.training_flops``). ``--device gpu`` times
 the JAX engine on the GPU against PyTorch on CUDA (the C engine and theano-pymc run on the CPU only,
 so they are left out). Each figure is the best of ``--repeats``
 timed calls after a warm-up call (compilation is not timed).
@@ -51,7 +51,7 @@ from pipeline.benchmarks.memory import peak_memory_mb
 from pipeline.core.config import PipelineError
 from pipeline.nn.architecture import build, resolve
 from pipeline.nn.backend import DEVICES, ENGINES, THEANO_ENV, Backend, engine_unavailable
-from pipeline.nn.compiled import CHUNK_LIMIT, INFERENCE_BATCH, Inference, Trainer, gradient_chunk, shards_for
+from pipeline.nn.compiled import CHUNK_LIMIT, INFERENCE_BATCH, Inference, Trainer, gradient_chunk, training_shards
 
 ETA, LMBDA, BATCHES_PER_EPOCH = 0.03, 0.1, 5000  # the book's ReLU run: 50,000 images in batches of 10
 REPO = Path(__file__).resolve().parents[2]
@@ -62,21 +62,6 @@ def random_batches(steps: int, batch_size: int, seed: int = 0):
     images = rng.integers(0, 256, (steps, batch_size, 784), dtype=np.uint8)
     labels = rng.integers(0, 10, (steps, batch_size)).astype(np.uint8)
     return images, labels
-
-
-def training_flops(network) -> float:
-    """Floating-point operations of one SGD step per image: 2 x the multiply-adds of the forward pass,
-    of the weight gradients (as many) and of the input gradients (as many, but none for the first
-    layer, whose input is the image). Biases, pooling and activations are left out."""
-    macs = []
-    for layer in network.layers:
-        if hasattr(layer, "kernel"):  # conv: every output position is a kernel x kernel x channels dot
-            channels = layer.input_shape[0]
-            conv_h, conv_w = (size - layer.kernel + 1 for size in layer.input_shape[1:])
-            macs.append(conv_h * conv_w * layer.filters * layer.kernel**2 * channels)
-        elif hasattr(layer, "w"):
-            macs.append(layer.n_in * layer.n_out)
-    return 2.0 * (3 * sum(macs) - macs[0])
 
 
 def gemm_peak(device: str = "cpu", size: int = 2048, repeats: int = 10) -> float:
@@ -116,9 +101,9 @@ def time_engine(
     return steps * batch_size / best
 
 
-def jax_split(batch_size: int, devices: int, device: str) -> str:
+def jax_split(network, batch_size: int, devices: int, device: str) -> str:
     """How the JAX engine splits a mini-batch: among the CPU devices, then in chunks ('' if not at all)."""
-    shards = shards_for(batch_size, devices)
+    shards = training_shards(network, batch_size, devices)
     share = batch_size // shards
     chunk = gradient_chunk(share, CHUNK_LIMIT.get(("jax", device)))
     parts = [f"on {shards} devices of {share} images"] if shards > 1 else []
@@ -293,15 +278,17 @@ def main(argv=None) -> int:
             f"two-conv ReLU network, {args.steps} mini-batches per call, best of {args.repeats}, "
             f"{len(os.sched_getaffinity(0))} CPUs, device {args.device}"
         )
+    network = build(resolve("conv2_relu"), rng=np.random.default_rng(0))  # its counts: work, shares
     peak = flops = None
     if not args.json and "jax" in engines:
         peak = gemm_peak(args.device)
-        flops = training_flops(build(resolve("conv2_relu"), rng=np.random.default_rng(0)))
+        flops = network.training_flops()
         print(
             f"GEMM peak (XLA, float32 2048x2048, {args.device}): {peak / 1e9:,.0f} GFLOP/s; the network: "
             f"{flops / 1e6:.2f} MFLOP per image per SGD step"
         )
     devices = Backend("jax", args.device).cpu_devices if "jax" in engines else 1
+    shared = {bs: training_shards(network, bs, devices) > 1 for bs in args.batch_sizes}
     table = {}
     for bs in args.batch_sizes:
         steps = max(args.steps * 10 // bs, 20)  # about the same number of images at every batch size
@@ -314,7 +301,7 @@ def main(argv=None) -> int:
                 results[name] = time_in_theano_env(args.theano_python, bs, steps, args.repeats)
             else:
                 results[name] = time_engine(engine, bs, steps, args.repeats, args.device)
-            if engine == "jax" and shards_for(bs, devices) > 1:
+            if engine == "jax" and shared[bs]:
                 results["pytensor-jax, one device"] = time_engine("jax", bs, steps, args.repeats, one_device=True)
         if args.conv_lax:
             results["pytensor-jax (lax.conv Op)"] = time_jax_lax_conv(bs, steps, args.repeats, args.device)
@@ -323,7 +310,7 @@ def main(argv=None) -> int:
         table[str(bs)] = results
         if args.json:
             continue
-        split = jax_split(bs, devices, args.device) if "jax" in engines else ""
+        split = jax_split(network, bs, devices, args.device) if "jax" in engines else ""
         print(f"\nbatch size {bs} ({steps} mini-batches{split}):")
         for name, rate in results.items():
             ratio = f"  {rate / results['pytorch']:.2f}x pytorch" if has_torch else ""

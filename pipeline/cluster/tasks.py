@@ -23,6 +23,7 @@ from pipeline.cluster.config import CLUSTER_EXTRA, ClusterConfig
 from pipeline.cluster.storage import SharedStorage, dvc_remote
 from pipeline.core.config import PipelineError
 from pipeline.core.pause import PAUSE_ENV
+from pipeline.nn.backend import xla_flags_with_cpu_devices
 from pipeline.tracking import TrackingConfig, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -146,9 +147,14 @@ def _join(ray, config: ClusterConfig, runtime_env: dict) -> None:
 
 
 def worker_env(config: ClusterConfig, env: dict[str, str]) -> dict[str, str]:
-    """The settings each task's process gets in its runtime_env: where to track, where the storage is."""
+    """The settings each task's process gets in its runtime_env: where to track, where the storage is,
+    and one XLA CPU device per CPU the task asks for (at least one): the engine shares each
+    mini-batch among the devices (``pipeline.nn.data_parallel``), and a task of one CPU beside
+    others on its node must not spread over every core."""
     forwarded = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
     forwarded["MLFLOW_TRACKING_URI"] = tracking_uri()
+    devices = max(1, int(config.cpus_per_training))
+    forwarded["XLA_FLAGS"] = xla_flags_with_cpu_devices(os.environ.get("XLA_FLAGS", ""), devices)
     if config.gpus_per_training:  # JAX would otherwise take 75% of the GPU at its start, and the next task fail
         forwarded["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     return {**forwarded, **env}

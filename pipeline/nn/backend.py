@@ -112,14 +112,23 @@ def _theano_graph() -> Graph:
     return Graph(**theano_engine.graph_entries())
 
 
+CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def xla_flags_with_cpu_devices(flags: str, count: int) -> str:
+    """``flags`` (an $XLA_FLAGS value) with the CPU device count set to ``count``, whatever it said."""
+    kept = [flag for flag in flags.split() if not flag.startswith(CPU_DEVICES_FLAG)]
+    return " ".join([*kept, f"{CPU_DEVICES_FLAG}={count}"])
+
+
 def _one_cpu_device_per_core() -> None:
     """Give JAX one CPU device per core this process may use (``pipeline.nn.data_parallel``), unless
-    $XLA_FLAGS already sets the count (``--xla_force_host_platform_device_count=1`` turns it off).
-    XLA reads the flag once, when JAX starts, so this runs before anything here imports JAX."""
-    flag = "--xla_force_host_platform_device_count"
+    $XLA_FLAGS already sets the count (``--xla_force_host_platform_device_count=1`` turns it off; a
+    Ray task gets one device per CPU it asks for, ``pipeline.cluster.tasks.worker_env``). XLA reads
+    the flag once, when JAX starts, so this runs before anything here imports JAX."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if flag not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {flag}={len(os.sched_getaffinity(0))}".strip()
+    if CPU_DEVICES_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = xla_flags_with_cpu_devices(flags, len(os.sched_getaffinity(0)))
 
 
 _one_cpu_device_per_core()

@@ -11,7 +11,9 @@ NumPy, so a run is the same on every engine and can be resumed exactly.
 
 On the CPU, with the JAX engine, the devices (one per core) share each mini-batch: each computes the
 gradient of its share of the images, and one sum over the devices (``pipeline.nn.data_parallel``)
-gives every device the mini-batch's gradient. A device's share larger than 16 images is cut into
+gives every device the mini-batch's gradient, where that sum (one value per parameter) is small
+against a device's share of the step (``training_shards``: the convolutional nets with small dense
+layers; not the dense-only nets, nor FC 1000 layers). A device's share larger than 16 images is cut into
 chunks of 8 to 16 (``gradient_chunk``): an inner ``scan`` sums the chunks' gradients, so each
 chunk's convolution windows stay in the caches while they are used (docs/engines.md). Both sums are
 the mini-batch's gradient in another order of addition, the same within float rounding. A network
@@ -54,6 +56,20 @@ def shards_for(batch_size: int, devices: int) -> int:
     """How many devices share a mini-batch of ``batch_size`` (``pipeline.nn.data_parallel``): the most,
     up to ``devices``, that divide it evenly (1: the whole mini-batch on one device)."""
     return max(d for d in range(1, max(devices, 1) + 1) if batch_size % d == 0)
+
+
+# Sharing a training mini-batch pays only where each device's part of a step is large against the
+# sum that joins the devices' gradients, one value per parameter (docs/engines.md: the measurements)
+SHARD_MIN_FLOPS_PER_PARAMETER = 150
+
+
+def training_shards(network: Network, batch_size: int, devices: int) -> int:
+    """How many devices share a training mini-batch of ``batch_size``: ``shards_for``, or 1 where each
+    device's floating-point work per step would be under ``SHARD_MIN_FLOPS_PER_PARAMETER`` per
+    parameter, and for a network with BatchNorm (its statistics are the whole mini-batch's)."""
+    shards = 1 if network.statistics else shards_for(batch_size, devices)
+    work = network.training_flops() * batch_size / shards
+    return shards if work >= SHARD_MIN_FLOPS_PER_PARAMETER * network.count_params() else 1
 
 
 def _sharding(devices: int, inputs: int, axis: int, outputs: bool):
@@ -99,8 +115,8 @@ class Trainer:
             if momentum
             else []
         )
-        # BatchNorm's statistics are over the whole mini-batch: such a network is neither shared nor cut
-        self.shards = 1 if network.statistics else shards_for(batch_size, backend.cpu_devices)
+        self.shards = training_shards(network, batch_size, backend.cpu_devices)
+        # BatchNorm's statistics are over the whole mini-batch: such a network is not cut either
         limit = None if network.statistics else CHUNK_LIMIT.get((backend.engine, backend.device))
         self.chunk = gradient_chunk(batch_size // self.shards, limit)
         self._train_fns: dict = {}

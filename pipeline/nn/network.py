@@ -163,5 +163,19 @@ class Network:
         """The number of trained values (statistics not included)."""
         return int(sum(p.get_value(borrow=True).size for p in self.params))
 
+    def training_flops(self) -> float:
+        """Floating-point operations of one SGD step per image: 2 x the multiply-adds of the forward
+        pass, of the weight gradients (as many) and of the input gradients (as many, but none for the
+        first layer, whose input is the image). Biases, pooling and activations are left out."""
+        macs = []
+        for layer in self.layers:
+            if hasattr(layer, "kernel"):  # conv: every output position is a kernel x kernel x channels dot
+                channels = layer.input_shape[0]
+                conv_h, conv_w = (size - layer.kernel + 1 for size in layer.input_shape[1:])
+                macs.append(conv_h * conv_w * layer.filters * layer.kernel**2 * channels)
+            elif hasattr(layer, "w"):
+                macs.append(layer.n_in * layer.n_out)
+        return 2.0 * (3 * sum(macs) - macs[0])
+
 
 __all__ = ["COSTS", "Network", "BatchNorm", "ConvPool", "FullyConnected", "Softmax"]
