@@ -46,18 +46,20 @@ def always_shared(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "preset, batch, shards",
+    "preset, batch, devices, shards",
     [
-        ("conv2_relu", 10, 2),  # the default network: 536 FLOPs per parameter on each device
-        ("conv2_relu", 64, 2),
-        ("conv2_relu_2fc300", 10, 2),  # 172
-        ("conv2_relu_fc1000", 10, 1),  # 95: the sum of 672,000 gradients costs more than half a step
-        ("conv1", 10, 1),  # 50
-        ("shallow", 10, 1),  # 20
+        ("conv2_relu", 10, 2, 2),  # the default network: 538 FLOPs per parameter on each device
+        ("conv2_relu", 64, 2, 2),
+        ("conv2_relu", 10, 16, 5),  # 10 devices of one image would have 108 each: 5 of two, 215
+        ("conv2_relu", 9, 2, 1),
+        ("conv2_relu_2fc300", 10, 2, 2),  # 172
+        ("conv2_relu_fc1000", 10, 2, 1),  # 95: the sum of 672,000 gradients costs more than half a step
+        ("conv1", 10, 2, 1),  # 50
+        ("shallow", 10, 2, 1),  # 20
     ],
 )
-def test_a_mini_batch_is_shared_only_where_each_devices_work_outweighs_the_gradient_sum(preset, batch, shards):
-    assert training_shards(build(resolve(preset), rng=np.random.default_rng(0)), batch, 2) == shards
+def test_a_mini_batch_is_shared_only_where_each_devices_work_outweighs_the_gradient_sum(preset, batch, devices, shards):
+    assert training_shards(build(resolve(preset), rng=np.random.default_rng(0)), batch, devices) == shards
 
 
 def test_the_work_per_parameter_is_shared_exactly_at_its_limit(monkeypatch):

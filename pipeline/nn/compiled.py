@@ -64,12 +64,14 @@ SHARD_MIN_FLOPS_PER_PARAMETER = 150
 
 
 def training_shards(network: Network, batch_size: int, devices: int) -> int:
-    """How many devices share a training mini-batch of ``batch_size``: ``shards_for``, or 1 where each
-    device's floating-point work per step would be under ``SHARD_MIN_FLOPS_PER_PARAMETER`` per
-    parameter, and for a network with BatchNorm (its statistics are the whole mini-batch's)."""
-    shards = 1 if network.statistics else shards_for(batch_size, devices)
-    work = network.training_flops() * batch_size / shards
-    return shards if work >= SHARD_MIN_FLOPS_PER_PARAMETER * network.count_params() else 1
+    """How many devices share a training mini-batch of ``batch_size``: the most, up to ``devices``,
+    that divide it evenly and leave each at least ``SHARD_MIN_FLOPS_PER_PARAMETER`` floating-point
+    operations per parameter of the step; 1 for a network with BatchNorm (its statistics are the
+    whole mini-batch's)."""
+    if network.statistics:
+        return 1
+    work, limit = network.training_flops() * batch_size, SHARD_MIN_FLOPS_PER_PARAMETER * network.count_params()
+    return max(d for d in range(1, max(devices, 1) + 1) if batch_size % d == 0 and (d == 1 or work / d >= limit))
 
 
 def _sharding(devices: int, inputs: int, axis: int, outputs: bool):
