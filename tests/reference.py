@@ -78,3 +78,22 @@ def numpy_momentum_sgd(values, images, labels, keeps, *, eta, mu, lmbda, batches
         velocities = [mu * v - eta * g for v, g in zip(velocities, grads)]
         params = [p + v for p, v in zip(params, velocities)]
     return params, np.array(costs)
+
+
+def check_trainer_against_numpy_sgd(trainer, rng, *, steps: int = 3):
+    """Train ``trainer`` (a 12-6-4 network with dropout on both layers, momentum 0.9, lmbda 0.5 over 10
+    batches) on ``steps`` random mini-batches whose dropout masks differ from image to image, so that
+    a device or a chunk given another's masks fails; its costs and weights must be those of
+    ``numpy_momentum_sgd`` on the whole mini-batches."""
+    net, batch = trainer.network, trainer.batch_size
+    images = rng.integers(0, 256, (steps, batch, 12), dtype=np.uint8)
+    labels = rng.integers(0, 4, (steps, batch)).astype(np.uint8)
+    keeps = [(rng.random((steps, batch, n)) > 0.5).astype(np.uint8) for n in (12, 6)]
+    start = net.get_values()
+
+    costs = trainer.train_steps(images, labels, keeps, 0.2)
+
+    expected, expected_costs = numpy_momentum_sgd(start, images, labels, keeps, eta=0.2, mu=0.9, lmbda=0.5, batches=10)
+    np.testing.assert_allclose(costs, expected_costs, rtol=1e-5)
+    for name, got, want in zip(net.param_names(), net.get_values(), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -9,7 +9,7 @@ from pipeline.nn.compiled import CHUNK_LIMIT, Trainer, gradient_chunk
 from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 from pipeline.nn.network import Network
 
-from reference import numpy_momentum_sgd
+from reference import check_trainer_against_numpy_sgd
 
 
 @pytest.mark.parametrize(
@@ -52,19 +52,7 @@ def test_chunked_momentum_sgd_with_dropout_and_l2_matches_numpy_on_whole_batches
     backend.cpu_devices = 1  # one device: the chunks alone (tests/test_data_parallel.py shares the batch)
     trainer = Trainer(net, backend, batch_size=32, lmbda=0.5, num_training_batches=10, momentum=0.9)
     assert (trainer.shards, trainer.chunk) == (1, 16)  # two chunks a step
-    steps = 3
-    images = rng.integers(0, 256, (steps, 32, 12), dtype=np.uint8)
-    labels = rng.integers(0, 4, (steps, 32)).astype(np.uint8)
-    # masks that differ between the two halves of each batch, so that a chunk given the wrong mask fails
-    keeps = [(rng.random((steps, 32, n)) > 0.5).astype(np.uint8) for n in (12, 6)]
-    start = net.get_values()
-
-    costs = trainer.train_steps(images, labels, keeps, 0.2)
-
-    expected, expected_costs = numpy_momentum_sgd(start, images, labels, keeps, eta=0.2, mu=0.9, lmbda=0.5, batches=10)
-    np.testing.assert_allclose(costs, expected_costs, rtol=1e-5)
-    for name, got, want in zip(net.param_names(), net.get_values(), expected, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+    check_trainer_against_numpy_sgd(trainer, rng)
 
 
 def test_a_conv_network_in_chunks_trains_the_whole_batchs_weights_within_rounding():

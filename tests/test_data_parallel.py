@@ -16,7 +16,7 @@ from pipeline.nn.compiled import Inference, Trainer, shards_for, training_shards
 from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 from pipeline.nn.network import Network
 
-from reference import numpy_momentum_sgd
+from reference import check_trainer_against_numpy_sgd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,20 +83,7 @@ def test_two_devices_train_numpys_whole_batch_momentum_sgd_with_dropout_and_l2(b
     net = tanh_net(5)
     trainer = Trainer(net, Backend("jax"), batch_size=batch, lmbda=0.5, num_training_batches=10, momentum=0.9)
     assert (trainer.shards, trainer.chunk) == (2, chunk)
-    rng = np.random.default_rng(6)
-    steps = 3
-    images = rng.integers(0, 256, (steps, batch, 12), dtype=np.uint8)
-    labels = rng.integers(0, 4, (steps, batch)).astype(np.uint8)
-    # masks that differ from image to image, so that a device given another's masks fails
-    keeps = [(rng.random((steps, batch, n)) > 0.5).astype(np.uint8) for n in (12, 6)]
-    start = net.get_values()
-
-    costs = trainer.train_steps(images, labels, keeps, 0.2)
-
-    expected, expected_costs = numpy_momentum_sgd(start, images, labels, keeps, eta=0.2, mu=0.9, lmbda=0.5, batches=10)
-    np.testing.assert_allclose(costs, expected_costs, rtol=1e-5)
-    for name, got, want in zip(net.param_names(), net.get_values(), expected, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+    check_trainer_against_numpy_sgd(trainer, np.random.default_rng(6))
 
 
 def train_conv(devices: int, seed: int = 2):
