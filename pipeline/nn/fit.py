@@ -114,13 +114,15 @@ def _start(config: TrainConfig, paths: TrainPaths) -> _Session:
         momentum=config.momentum,
     )
     name = config.architecture if isinstance(config.architecture, str) else "a custom network"
+    shared = f", each mini-batch shared by {trainer.shards} CPU devices" if trainer.shards > 1 else ""
     log.info(
-        "training %s (%d parameters) on %d %s images, %s",
+        "training %s (%d parameters) on %d %s images, %s%s",
         name,
         network.count_params(),
         len(images),
         config.dataset,
         backend,
+        shared,
     )
 
     expected = fingerprint(config, paths.train, paths.validation)
