@@ -58,3 +58,22 @@ def test_the_fraction_of_the_gemm_peak_is_the_rate_times_the_work_over_the_peak(
     percent = float(next(word for word in line if word.endswith("%")).rstrip("%"))
     assert peak > 0
     assert percent == pytest.approx(100 * rate * 9.222e6 / (peak * 1e9), rel=0.01, abs=0.06)
+
+
+def test_the_stage_line_puts_the_epochs_after_the_first_beside_the_benchmark():
+    timings = {"epochs": [{"images_per_second": 100.0}, {"images_per_second": 900.0}, {"images_per_second": 1100.0}]}
+    line = bench.stage_line(timings, 50_000, 1000.0)
+    assert line.strip() == (
+        "train stage, epochs 2-3 on 50,000 images at batch 10, validation and checkpoints included: "
+        "900-1,100 images/s, 0.90-1.10x the benchmark's 1,000"
+    )
+    assert "x the benchmark" not in bench.stage_line(timings, 50_000, None)  # no batch-10 figure in the run
+
+
+def test_the_train_stage_runs_in_a_child_process_and_reports_each_epoch():
+    from pipeline.benchmarks.stage import train_stage_timings
+
+    timings = train_stage_timings(400, 10, epochs=2)
+    assert [epoch["epoch"] for epoch in timings["epochs"]] == [1, 2]
+    assert all(epoch["images_per_second"] > 0 for epoch in timings["epochs"])
+    assert timings["peak_rss_mb"] > 0
