@@ -138,3 +138,13 @@ def test_no_module_is_long_without_a_reason(path):
     assert lines <= MAX_LINES or "Longer than" in docstring, (
         f"{path} has {lines} lines: split it, or say in its docstring why it is longer than {MAX_LINES} lines"
     )
+
+
+def test_every_module_of_nn_is_a_training_source_or_said_not_to_compute_a_step():
+    """A new module of the training code must enter TRAINING_SOURCES, or a change to it would neither
+    invalidate the checkpoints nor mark the table's networks as trained by other code."""
+    from pipeline.nn.checkpoint import TRAINING_SOURCES
+
+    not_steps = {"nn/__init__.py", "nn/model_io.py", "nn/outputs.py", "nn/compile_cache.py"}
+    modules = {f"nn/{path.name}" for path in (PACKAGE / "nn").glob("*.py")}
+    assert modules - not_steps == set(TRAINING_SOURCES) - {"data/distort.py"}

@@ -35,6 +35,7 @@ TRAINING_SOURCES = (
     "nn/convolution.py",
     "nn/architecture.py",
     "nn/backend.py",
+    "nn/data_parallel.py",
     "nn/theano_engine.py",
     "nn/sgd.py",
     "data/distort.py",

@@ -64,6 +64,7 @@ SAME_WEIGHTS_AS = {
     "51b68d4a31cc": "95e6cd7a8476",
     "95e6cd7a8476": "9f4ef7883f19",
     "87c5210b075d": "eea7de590cf3",
+    "2d0ff3106407": "6eb18e74947f",
 }
 
 
