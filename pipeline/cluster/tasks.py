@@ -150,7 +150,8 @@ def worker_env(config: ClusterConfig, env: dict[str, str]) -> dict[str, str]:
     """The settings each task's process gets in its runtime_env: where to track, where the storage is,
     and one XLA CPU device per CPU the task asks for (at least one): the engine shares each
     mini-batch among the devices (``pipeline.nn.data_parallel``), and a task of one CPU beside
-    others on its node must not spread over every core."""
+    others on its node must not spread over every core. $XLA_FLAGS is one variable, so the driver's
+    other XLA flags go with the count and replace a node's own."""
     forwarded = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
     forwarded["MLFLOW_TRACKING_URI"] = tracking_uri()
     devices = max(1, int(config.cpus_per_training))
