@@ -49,6 +49,12 @@ _TRANSIENT = re.compile(
 )
 
 
+# the store refusing rows that another copy of the same batch wrote first: MLflow's HTTP client resends a
+# request that timed out (POSTs too), and the copy still running at the server checked the run for params
+# before its twin committed them (PostgreSQL's message, then SQLite's)
+_DUPLICATE = re.compile(r"duplicate key value violates unique constraint|UNIQUE constraint failed", re.IGNORECASE)
+
+
 def is_transient(error: Exception) -> bool:
     """True for failures that a retry a little later can cure; False for 4xx answers and bugs."""
     return isinstance(error, (ConnectionError, TimeoutError)) or bool(
@@ -109,7 +115,7 @@ class Run:
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self._call(lambda chunk=items[i : i + 100]: self.client.log_batch(self.run_id, params=chunk))
+            self._call(lambda chunk=items[i : i + 100]: self._log_once("params", chunk))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, *, buffer: bool = False) -> None:
         """Log ``metrics`` (and whatever is pending). With ``buffer``, a store that stays unreachable
@@ -141,7 +147,23 @@ class Run:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
-        self._call(lambda: self.client.log_batch(self.run_id, tags=items))
+        self._call(lambda: self._log_once("tags", items))
+
+    def _log_once(self, kind: str, entities: list) -> None:
+        """``log_batch`` of ``entities``, the run's ``kind`` ("params" or "tags"). A refusal as a
+        duplicate is success when the run holds exactly these values: another copy of this batch wrote
+        them. Any other value stays an error (MLflow params are immutable)."""
+        try:
+            self.client.log_batch(self.run_id, **{kind: entities})
+        except Exception as e:
+            if not _DUPLICATE.search(str(e)):
+                raise
+            stored = getattr(self.client.get_run(self.run_id).data, kind)
+            if any(stored.get(x.key) != x.value for x in entities):
+                raise
+            log.info(
+                "MLflow run %s: its %d %s were written by another copy of the batch", self.run_id, len(entities), kind
+            )
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._call(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))

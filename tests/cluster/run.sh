@@ -66,14 +66,7 @@ RAY_DEFAULT_DIRS=("$HOME/.ray" /tmp/ray)
 declare -A EXISTED=()
 for d in "${RAY_DEFAULT_DIRS[@]}"; do [[ -e $d ]] && EXISTED[$d]=1; done
 
-free_port() {  # a port nobody listens on (bounded)
-    local p i
-    for ((i = 0; i < 200; i++)); do
-        p=$((20000 + RANDOM % 20000))
-        if ! ss -ltnH "sport = :$p" | grep -q .; then echo "$p"; return; fi
-    done
-    echo "no free port" >&2; exit 1
-}
+. "$REPO/tests/stack_ports.sh"
 
 # ---------------------------------------------------------------- teardown (always, from here on)
 starttime() {  # field 22 of /proc/PID/stat (counted after the command name, which may hold spaces)
@@ -153,8 +146,7 @@ trap finish EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-export STACK_PG_PORT=${STACK_PG_PORT:-$(free_port)} STACK_MON_PORT=${STACK_MON_PORT:-$(free_port)}
-export STACK_RGW_PORT=${STACK_RGW_PORT:-$(free_port)} STACK_MLFLOW_PORT=${STACK_MLFLOW_PORT:-$(free_port)}
+stack_ports 26000 32000   # tests/stack/run.sh: 20000-26000
 
 # ---------------------------------------------------------------- network
 t0=$SECONDS

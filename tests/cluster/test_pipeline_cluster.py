@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from team_project import REPO, driver_argv, make_project, params_for, pipeline
 
-from servers import release, wait_for_pause
+from servers import failure, release, wait_for_pause
 
 PAUSE_AT, EPOCHS = 2, 3
 # two trials, one on each node (1 Ray CPU each), both paused after epoch PAUSE_AT
@@ -44,7 +44,7 @@ def on_one_machine(project: Path, out: Path, *args: str):
     done = subprocess.run(
         [sys.executable, "-m", "pipeline", *args], cwd=project, env=env, capture_output=True, text=True, timeout=900
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure(done.stderr, 3000)
 
 
 def experiment_runs(stack_env: dict, experiment: str) -> list:
@@ -79,7 +79,7 @@ def test_the_quick_table_runs_on_both_nodes_and_matches_one_machine(cluster, pro
     table += ["--expanded", "data/expanded", "--no-progress"]
     start = time.monotonic()
     done = pipeline(cluster, project, "table", *table, "--out", "table-ray", "--ray", "auto", experiment="table")
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, failure(done.stderr, 4000)
     cluster_seconds = time.monotonic() - start
     start = time.monotonic()
     on_one_machine(
@@ -116,9 +116,9 @@ def test_an_optuna_sweep_runs_on_both_nodes_and_a_second_call_adds_to_its_study(
 
     search = [*SEARCH, "--search", "optuna", "--name", "search", "--no-progress", "--ray", "auto"]
     done = pipeline(cluster, project, "sweep", *search, "--trials", "4", "--seed", "1", experiment="search")
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, failure(done.stderr, 4000)
     done = pipeline(cluster, project, "sweep", *search, "--trials", "5", "--seed", "2", experiment="search")
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, failure(done.stderr, 4000)
 
     study = optuna.load_study(study_name="search", storage=stack_env["OPTUNA_STORAGE"])
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 5
@@ -158,7 +158,7 @@ def test_a_worker_killed_mid_sweep_loses_nothing(cluster, project, stack_env):
         release(pause)  # a failure above must not leave trainings holding the nodes' CPUs
         if driver.poll() is None:
             os.killpg(driver.pid, 9)
-    assert driver.returncode == 0, output[-4000:]
+    assert driver.returncode == 0, failure(output, 4000)
     print(f"worker killed after epoch {PAUSE_AT} of run {killed_run.info.run_id}; the head noticed in {noticed:.0f} s")
 
     runs = experiment_runs(stack_env, "kill")

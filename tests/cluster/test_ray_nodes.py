@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from servers import release, wait_for_pause
+from servers import failure, release, wait_for_pause
 
 # a driver: where it runs, and where a task pinned to each alive node runs
 PLACEMENT = r"""
@@ -63,7 +63,7 @@ def netns_of(ns: str) -> str:
 
 def placement(cluster) -> dict:
     out = cluster.python_in_head(PLACEMENT, stack=False)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure(out.stderr, 3000)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -93,7 +93,7 @@ def test_the_driver_gets_the_stack_env_on_the_bridge(cluster, stack_env):
         "print(len(optuna.storages.RDBStorage(os.environ['OPTUNA_STORAGE']).get_all_studies()) >= 0)"
     )
     out = cluster.python_in_head(code)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure(out.stderr, 3000)
     assert out.stdout.split() == ["200", "True"]
 
 
@@ -168,7 +168,7 @@ def test_a_driver_survives_the_worker_killed_and_started_again(cluster, tmp_path
         if driver.poll() is None:
             os.killpg(driver.pid, 9)
             driver.wait(30)
-    assert driver.returncode == 0, err[-3000:]
+    assert driver.returncode == 0, failure(err, 3000)
     result = json.loads(out.strip().splitlines()[-1])
     assert result["steps"] == list(range(n))
     assert cluster.head_ip in result["ips"]

@@ -13,16 +13,8 @@ export STACK_DIR=${STACK_DIR:-$(mktemp -d /tmp/stack-ci.XXXXXX)}
 export STACK_ENV_FILE=${STACK_ENV_FILE:-$STACK_DIR.env}
 chmod 0711 "$STACK_DIR"   # the postgres user must traverse it
 
-free_port() {  # a port nobody listens on, on 127.0.0.1 (bounded)
-    local p i
-    for ((i = 0; i < 200; i++)); do
-        p=$((20000 + RANDOM % 20000))
-        if ! ss -ltnH "sport = :$p" | grep -q .; then echo "$p"; return; fi
-    done
-    echo "no free port" >&2; exit 1
-}
-export STACK_PG_PORT=${STACK_PG_PORT:-$(free_port)} STACK_MON_PORT=${STACK_MON_PORT:-$(free_port)}
-export STACK_RGW_PORT=${STACK_RGW_PORT:-$(free_port)} STACK_MLFLOW_PORT=${STACK_MLFLOW_PORT:-$(free_port)}
+. "$REPO/tests/stack_ports.sh"
+stack_ports 20000 26000   # tests/cluster/run.sh: 26000-32000
 
 PIDS=() PORTS=()
 finish() {
