@@ -6,6 +6,8 @@ IDX files as the local mirror (a fresh machine has only those).
 """
 
 import json
+import py_compile
+import shutil
 import sys
 from pathlib import Path
 
@@ -109,6 +111,23 @@ def test_every_stage_depends_on_the_library_folders_it_runs():
         unused = {d for d in deps if not any(path == d or path.startswith(d + "/") for path in needed)}
         assert not unused, f"stage {name}: dvc.yaml's deps name what it never imports: {sorted(unused)}"
         assert f"pipeline/stages/{name}.py" in deps
+
+
+def test_python_bytecode_caches_leave_the_stages_dependencies_unchanged(tmp_path):
+    # a user who ran the tests or any stage has __pycache__ folders under pipeline/: the committed
+    # dvc.lock must still match, or dvc repro runs every stage again and rewrites the lock
+    project = make_project(tmp_path)
+    shutil.copy(ROOT / "dvc.lock", project / "dvc.lock")
+    env = dvc_env(tmp_path / "no-mirror")
+    before = sh(sys.executable, "-m", "dvc", "status", "download", cwd=project, env=env).stdout
+    py_compile.compile(
+        str(project / "pipeline/core/files.py"), cfile=str(project / "pipeline/core/__pycache__/files.pyc")
+    )
+    (project / "pipeline/data/__pycache__").mkdir()
+    (project / "pipeline/data/__pycache__/x.cpython-311.pyc").write_bytes(b"bytecode")
+    after = sh(sys.executable, "-m", "dvc", "status", "download", cwd=project, env=env).stdout
+    assert "pipeline/" not in before, f"dvc.lock does not match pipeline/ (run dvc repro and commit it):\n{before}"
+    assert after == before
 
 
 def test_train_depends_only_on_the_training_set_it_names(tmp_path):
