@@ -57,7 +57,7 @@ def _log_params_colliding_with(env, run: Run, params: dict, first_copy: dict):
                 cursor.execute(
                     "INSERT INTO params (key, value, run_uuid) VALUES (%s, %s, %s)", (key, value, run.run_id)
                 )
-        thread = threading.Thread(target=log)
+        thread = threading.Thread(target=log, daemon=True)  # a hung call must not hold pytest at exit
         thread.start()
         for _ in range(600):  # bounded: 60 s
             if _waiting_inserts(watcher) or not thread.is_alive():
