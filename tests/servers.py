@@ -42,15 +42,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# the last line of a Python traceback, also as Ray wraps it: "ray.exceptions.RayTaskError(MlflowException): ..."
+_EXCEPTION_LINE = re.compile(r"\s*[\w.]*(Error|Exception)(\([\w.]+\))?: ")
+
+
 def failure(output: str, size: int = 3000) -> str:
     """A failed command's output for an assertion message: its last exception line first, so that a
     report that cuts a long message short still shows the cause, then the output's last ``size``
     characters."""
     errors = [line.strip() for line in output.splitlines() if _EXCEPTION_LINE.match(line)]
     return f"{errors[-1][:1000] if errors else '(no exception line)'}\n...\n{output[-size:]}"
-
-
-_EXCEPTION_LINE = re.compile(r"\s*[\w.]*(Error|Exception)(\([\w.]+\))?: ")
 
 
 def stop(process: subprocess.Popen, grace_s: float = 30) -> None:
