@@ -1,9 +1,12 @@
 """Layers and the graph convolution against plain NumPy references (outputs and gradients)."""
 
+import functools
+
 import numpy as np
 import pytensor.tensor as pt
 import pytest
 
+from pipeline.nn import convolution
 from pipeline.nn.backend import Backend
 from pipeline.nn.convolution import conv2d_valid, conv_pool, max_pool
 from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
@@ -228,3 +231,18 @@ def test_the_benchmarks_lax_convolution_op_agrees_with_the_graph_form(rng):
         outs.append(JAX.function([x, w], [y, *pt.grad(pt.sum(y * g_val), [x, w])])(x_val, w_val))
     for graph, lax in zip(*outs):
         np.testing.assert_allclose(lax, graph, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["jax", "c"])
+def test_the_windows_gradient_is_each_windows_part_put_back_and_summed_in_order_bit_for_bit(rng, engine):
+    # the second layer's shapes in the book: 5x5 windows of 20 channels, 12x12 in, 8x8 out
+    x = pt.tensor("x", dtype="float32", shape=(3, 12, 12, 20))
+    g_val = rng.normal(size=(3, 8, 8, 5 * 5 * 20)).astype(np.float32)  # d loss / d windows
+    windows = convolution._patches(x, 5, 5)
+    (gx,) = Backend(engine).function([x], [pt.grad(pt.sum(windows * g_val), x)])(np.zeros((3, 12, 12, 20), np.float32))
+    # NumPy: window k = (i, j) padded back to its place, the 25 added one after another in that order
+    parts = [
+        np.pad(g_val[..., 20 * k : 20 * (k + 1)], ((0, 0), (i, 4 - i), (j, 4 - j), (0, 0)))
+        for k, (i, j) in enumerate((i, j) for i in range(5) for j in range(5))
+    ]
+    np.testing.assert_array_equal(gx, functools.reduce(np.add, parts))

@@ -52,20 +52,40 @@ def _windows(x, kh: int, kw: int):
 
 
 def _windows_gradient(kh: int, kw: int):
-    """The gradient of ``_windows``: each window's part of the output gradient padded back to its
-    place, and the kh*kw padded parts summed (one pass that XLA fuses; autodiff of the slices would
-    give kh*kw in-place additions one after another)."""
+    """The gradient of ``_windows``: each window's part of the output gradient placed back where the
+    window was read, in zeros the input's size, and the kh*kw placed parts summed (one pass that XLA
+    fuses; autodiff of the slices would give kh*kw in-place additions one after another)."""
 
     def gradient(inputs, outputs, output_grads):
         (x,), (g,) = inputs, output_grads
         channels = x.type.shape[3]
         parts = [
-            pt.pad(g[:, :, :, k * channels : (k + 1) * channels], ((0, 0), (i, kh - 1 - i), (j, kw - 1 - j), (0, 0)))
+            _placed(g[:, :, :, k * channels : (k + 1) * channels], x, i, j)
             for k, (i, j) in enumerate((i, j) for i in range(kh) for j in range(kw))
         ]
         return [pt.add(*parts)]
 
     return gradient
+
+
+def _placed(part, x, i: int, j: int):
+    """``part`` (N, out_h, out_w, C), a window's gradient, at rows ``i`` and columns ``j`` onward of
+    zeros shaped like ``x``, joined on by concatenation. Not ``pt.pad``, which builds a general symbolic
+    graph at each call (about 1.5 s more to build and compile a training), nor ``set_subtensor`` into
+    zeros, which PyTensor rewrites into in-place additions in another order (other weights)."""
+    _, height, width, channels = x.type.shape
+    out_h, out_w = part.type.shape[1], part.type.shape[2]
+    column = _between(part, i, height - out_h - i, lambda rows: (rows, out_w, channels), axis=1)
+    return _between(column, j, width - out_w - j, lambda columns: (height, columns, channels), axis=2)
+
+
+def _between(middle, before: int, after: int, shape, axis: int):
+    """``middle`` with ``before`` and ``after`` zeros on either side along ``axis``; ``shape(length)``:
+    the zeros' shape but for the batch axis."""
+    pieces = [pt.zeros((middle.shape[0], *shape(before)), dtype=middle.dtype)] if before else []
+    pieces.append(middle)
+    pieces += [pt.zeros((middle.shape[0], *shape(after)), dtype=middle.dtype)] if after else []
+    return pt.concatenate(pieces, axis=axis) if len(pieces) > 1 else middle
 
 
 def _patches(x, kh: int, kw: int):
