@@ -25,6 +25,8 @@ flipped-kernel convolutions; with learned, randomly initialised filters the two 
 
 from __future__ import annotations
 
+import functools
+
 from pipeline.nn.backend import graph
 
 pt = graph.tensor
@@ -59,8 +61,9 @@ def _windows_gradient(kh: int, kw: int):
     def gradient(inputs, outputs, output_grads):
         (x,), (g,) = inputs, output_grads
         channels = x.type.shape[3]
+        zeros = functools.cache(lambda rows, columns: pt.zeros((g.shape[0], rows, columns, channels), dtype=g.dtype))
         parts = [
-            _placed(g[:, :, :, k * channels : (k + 1) * channels], x, i, j)
+            _placed(g[:, :, :, k * channels : (k + 1) * channels], x.type.shape, i, j, zeros)
             for k, (i, j) in enumerate((i, j) for i in range(kh) for j in range(kw))
         ]
         return [pt.add(*parts)]
@@ -68,23 +71,21 @@ def _windows_gradient(kh: int, kw: int):
     return gradient
 
 
-def _placed(part, x, i: int, j: int):
+def _placed(part, shape, i: int, j: int, zeros):
     """``part`` (N, out_h, out_w, C), a window's gradient, at rows ``i`` and columns ``j`` onward of
-    zeros shaped like ``x``, joined on by concatenation. Not ``pt.pad``, which builds a general symbolic
-    graph at each call (about 1.5 s more to build and compile a training), nor ``set_subtensor`` into
-    zeros, which PyTensor rewrites into in-place additions in another order (other weights)."""
-    _, height, width, channels = x.type.shape
+    zeros of ``shape``, the input's, joined on by concatenation (``zeros(rows, columns)``: a block of
+    them, shared by all the parts). Not ``pt.pad``, which builds a general symbolic graph at each call
+    (about 1.3 s more to build and compile a training), nor ``set_subtensor`` into zeros, which
+    PyTensor rewrites into in-place additions in another order (other weights)."""
+    _, height, width, _ = shape
     out_h, out_w = part.type.shape[1], part.type.shape[2]
-    column = _between(part, i, height - out_h - i, lambda rows: (rows, out_w, channels), axis=1)
-    return _between(column, j, width - out_w - j, lambda columns: (height, columns, channels), axis=2)
+    below, right = height - out_h - i, width - out_w - j
+    column = _joined([zeros(i, out_w)] if i else [], part, [zeros(below, out_w)] if below else [], axis=1)
+    return _joined([zeros(height, j)] if j else [], column, [zeros(height, right)] if right else [], axis=2)
 
 
-def _between(middle, before: int, after: int, shape, axis: int):
-    """``middle`` with ``before`` and ``after`` zeros on either side along ``axis``; ``shape(length)``:
-    the zeros' shape but for the batch axis."""
-    pieces = [pt.zeros((middle.shape[0], *shape(before)), dtype=middle.dtype)] if before else []
-    pieces.append(middle)
-    pieces += [pt.zeros((middle.shape[0], *shape(after)), dtype=middle.dtype)] if after else []
+def _joined(before: list, middle, after: list, axis: int):
+    pieces = [*before, middle, *after]
     return pt.concatenate(pieces, axis=axis) if len(pieces) > 1 else middle
 
 
