@@ -22,7 +22,8 @@ does not exist. Run from the theano-pymc environment, only that engine is timed.
 why the graph form is the one used. ``--memory`` runs the train stage for one epoch on a synthetic
 250,000-image set in a child process (``pipeline.benchmarks.stage``) and reports its peak RSS;
 ``--stage`` runs it for 3 epochs on 50,000 images and compares its later epochs, validation and
-checkpoints included, with the benchmark's batch-10 figure of the same run.
+checkpoints included, with the benchmark's batch-10 figure of the same run, and says how much longer
+its first epoch takes (compiling).
 ``--inference`` times inference (validation, evaluation, serving) at the device's batch
 (``pipeline.nn.compiled.INFERENCE_BATCH``) against batch 500.
 
@@ -116,15 +117,18 @@ def jax_split(network, batch_size: int, devices: int, device: str) -> str:
 
 
 def stage_line(timings: dict, images: int, benchmark: float | None) -> str:
-    """The train stage's epochs after the first (compiled by then) beside the benchmark's figure."""
-    rates = [epoch["images_per_second"] for epoch in timings["epochs"][1:]]
+    """The train stage's epochs after the first (compiled by then) beside the benchmark's figure, and
+    what the first epoch takes more than they do (compiling)."""
+    first, *later = timings["epochs"]
+    rates = [epoch["images_per_second"] for epoch in later]
     line = (
         f"\ntrain stage, epochs 2-{len(rates) + 1} on {images:,} images at batch 10, validation and "
         f"checkpoints included: {min(rates):,.0f}-{max(rates):,.0f} images/s"
     )
     if benchmark:
         line += f", {min(rates) / benchmark:.2f}-{max(rates) / benchmark:.2f}x the benchmark's {benchmark:,.0f}"
-    return line
+    extra = first["seconds"] - float(np.mean([epoch["seconds"] for epoch in later]))
+    return line + f"; epoch 1 took {first['seconds']:.1f} s, {extra:.1f} s more (compiling)"
 
 
 def time_in_theano_env(python: Path, batch_size: int, steps: int, repeats: int) -> float:

@@ -60,12 +60,18 @@ def test_the_fraction_of_the_gemm_peak_is_the_rate_times_the_work_over_the_peak(
     assert percent == pytest.approx(100 * rate * 9.222e6 / (peak * 1e9), rel=0.01, abs=0.06)
 
 
-def test_the_stage_line_puts_the_epochs_after_the_first_beside_the_benchmark():
-    timings = {"epochs": [{"images_per_second": 100.0}, {"images_per_second": 900.0}, {"images_per_second": 1100.0}]}
+def test_the_stage_line_puts_the_epochs_after_the_first_beside_the_benchmark_and_the_first_epochs_extra_time():
+    timings = {
+        "epochs": [
+            {"images_per_second": 100.0, "seconds": 500.0},
+            {"images_per_second": 900.0, "seconds": 55.6},
+            {"images_per_second": 1100.0, "seconds": 45.4},
+        ]
+    }
     line = bench.stage_line(timings, 50_000, 1000.0)
     assert line.strip() == (
         "train stage, epochs 2-3 on 50,000 images at batch 10, validation and checkpoints included: "
-        "900-1,100 images/s, 0.90-1.10x the benchmark's 1,000"
+        "900-1,100 images/s, 0.90-1.10x the benchmark's 1,000; epoch 1 took 500.0 s, 449.5 s more (compiling)"
     )
     assert "x the benchmark" not in bench.stage_line(timings, 50_000, None)  # no batch-10 figure in the run
 
