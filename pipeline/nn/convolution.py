@@ -75,8 +75,8 @@ def _placed(part, shape, i: int, j: int, zeros):
     """``part`` (N, out_h, out_w, C), a window's gradient, at rows ``i`` and columns ``j`` onward of
     zeros of ``shape``, the input's, joined on by concatenation (``zeros(rows, columns)``: a block of
     them, shared by all the parts). Not ``pt.pad``, which builds a general symbolic graph at each call
-    (about 1.3 s more to build and compile a training), nor ``set_subtensor`` into zeros, which
-    PyTensor rewrites into in-place additions in another order (other weights)."""
+    and so slows down compiling every training (docs/engines.md), nor ``set_subtensor`` into zeros,
+    which PyTensor rewrites into in-place additions in another order (other weights)."""
     _, height, width, _ = shape
     out_h, out_w = part.type.shape[1], part.type.shape[2]
     below, right = height - out_h - i, width - out_w - j
