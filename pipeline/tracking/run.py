@@ -203,7 +203,24 @@ class Run:
                 digest=sha256_file(path)[:32],
             )
         entity = DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])
-        self._call(lambda: self.client.log_inputs(self.run_id, datasets=[entity]))
+        self._call(lambda: self._log_input(entity))
+
+    def _log_input(self, entity) -> None:
+        """``log_inputs`` of one dataset, once more if refused as a duplicate: the server looks up the
+        experiment's datasets before it adds a new one, so two runs logging the same dataset at once
+        can both add it, and the second is refused. The refused write was rolled back whole; the
+        second try finds the dataset and only links this run to it."""
+        try:
+            self.client.log_inputs(self.run_id, datasets=[entity])
+        except Exception as e:
+            if not _DUPLICATE.search(str(e)):
+                raise
+            log.info(
+                "MLflow run %s: dataset %s was added by another run at once; linking to it",
+                self.run_id,
+                entity.dataset.name,
+            )
+            self.client.log_inputs(self.run_id, datasets=[entity])
 
 
 def epoch_logger(run: Run, continuing: bool) -> Callable[[int, dict], None]:

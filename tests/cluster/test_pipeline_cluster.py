@@ -143,7 +143,12 @@ def test_a_worker_killed_mid_sweep_loses_nothing(cluster, project, stack_env):
         stderr=subprocess.STDOUT,
     )
     try:
-        paused = wait_for_pause(pause, lambda: driver.poll() is None, count=2, limit_s=400)
+        try:
+            paused = wait_for_pause(pause, lambda: driver.poll() is None, count=2, limit_s=400)
+        except AssertionError as e:
+            if driver.poll() is None:
+                raise
+            raise AssertionError(f"{e}; the driver said: {failure(driver.communicate()[0], 4000)}") from e
         assert sorted(cluster.node_of(p["pid"]) for p in paused) == ["head", "worker"], paused
         (killed_run,) = [
             r for r in experiment_runs(stack_env, "kill") if r.data.tags.get("ray.node_ip") == cluster.worker_ip
