@@ -43,7 +43,8 @@ def test_queued_experiments_land_in_the_repository_store(tmp_path, migrated_stor
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         status = sh(*dvc, "queue", "status", cwd=project, env=env).stdout
-        if "Queued" not in status and "Running" not in status:
+        # both tasks ended: a task between the queue and its run is listed as neither for a moment
+        if status.count("Success") + status.count("Failed") == 2 and "Queued" not in status and "Running" not in status:
             break
         time.sleep(3)
     failed = [line.split()[0] for line in status.splitlines() if "Failed" in line]
