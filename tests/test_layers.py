@@ -246,3 +246,23 @@ def test_the_windows_gradient_is_each_windows_part_put_back_and_summed_in_order_
         for k, (i, j) in enumerate((i, j) for i in range(5) for j in range(5))
     ]
     np.testing.assert_array_equal(gx, functools.reduce(np.add, parts))
+
+
+def test_the_filters_gradient_is_a_product_that_xlas_cpu_libraries_take(rng):
+    # the second layer's shapes in the book, a chunk of 16 images
+    import jax
+    import pytensor
+
+    x_val = rng.normal(size=(16, 12, 12, 20)).astype(np.float32)
+    w_val = rng.normal(size=(5, 5, 20, 40)).astype(np.float32)
+    g_val = rng.normal(size=(16, 8, 8, 40)).astype(np.float32)  # d loss / d output
+    x = pt.tensor("x", dtype="float32", shape=x_val.shape)
+    w = pt.tensor("w", dtype="float32", shape=w_val.shape)
+    function = pytensor.function([x, w], pt.grad(pt.sum(conv2d_valid(x, w) * g_val), w), mode="JAX")
+    program = jax.jit(function.vm.jit_fn).lower(x_val, w_val).compile().as_text()
+    products = [line for line in program.splitlines() if " dot(" in line or "ynn_fusion" in line]
+    # a product whose left operand is contracted over its leading axis is left to Eigen, about 1.5x slower
+    assert products and not [line for line in products if "lhs_contracting_dims={0}" in line]
+    windows = np.stack([x_val[:, a : a + 8, b : b + 8, :] for a in range(5) for b in range(5)], axis=3)
+    reference = np.einsum("nijkc,nijf->kcf", windows, g_val).reshape(w_val.shape)
+    np.testing.assert_allclose(function(x_val, w_val), reference, rtol=1e-4, atol=1e-3)

@@ -11,8 +11,10 @@ windows are stacked along a new first axis instead, ``(kh*kw, N*out_h*out_w)``, 
 pooling are done channels-first and only the pooled output goes back to channels-last. Concatenating
 25 windows of one channel each along the last axis writes 4 bytes in every 100, and on the CPU that
 copy and the product over the resulting (N*576, 25) matrix cost more than the rest of the layer
-(``pipeline.benchmarks.train``; docs/engines.md). Autodiff of the dot gives the gradients; the
-windows' gradient is given by hand (``_windows_gradient``) as the sum of each window's gradient
+(``pipeline.benchmarks.train``; docs/engines.md). Autodiff of the dot gives the windows' gradient
+product; the filters' gradient is computed filters-first and then laid out as the filters
+(``_filtered``), so that XLA's CPU libraries take it instead of Eigen. The gradient of the
+windows themselves is given by hand (``_windows_gradient``) as the sum of each window's gradient
 padded back to its place, which XLA fuses into one pass, where autodiff of the slices gives
 ``kh*kw`` in-place additions run one after another. Both are plain graph ops, so the same graph runs
 on every PyTensor backend, and the additions are the same, in the same order. Measured on 2 CPU cores
@@ -43,8 +45,29 @@ def conv2d_valid(x, w):
     out_h = height - kh + 1
     out_w = width - kw + 1
     patches = _patches(x, kh, kw).reshape((-1, kh * kw * channels))  # (N*out_h*out_w, kh*kw*C)
-    y = pt.dot(patches, w.reshape((kh * kw * channels, filters)))  # (N*out_h*out_w, F)
+    y = _filtered(patches, w)  # (N*out_h*out_w, F)
     return y.reshape((-1, out_h, out_w, filters))
+
+
+def _filtered(patches, w):
+    """``patches`` (P, kh*kw*C) times the filters ``w`` (kh, kw, C, F), whose gradient is computed
+    filters-first, ``gy.T @ patches`` (F, kh*kw*C), then laid out as ``w``. Autodiff's
+    ``patches.T @ gy`` contracts both operands over their leading axis, which XLA's CPU libraries
+    (XNNPACK, YNNPACK) do not take, so it ran in Eigen, and XLA folds a plain 2-D transpose of the
+    filters-first product back into that form."""
+    from pytensor.compile.builders import OpFromGraph  # here: theano-pymc's environment has no PyTensor
+
+    kh, kw, channels, filters = w.type.shape
+    rows, weights = patches.type(), w.type()
+
+    def gradient(inputs, outputs, output_grads):
+        (rows, weights), (gy,) = inputs, output_grads
+        g_rows = pt.dot(gy, weights.reshape((kh * kw * channels, filters)).T)
+        g_weights = pt.dot(gy.T, rows).reshape((filters, kh, kw, channels)).dimshuffle(1, 2, 3, 0)
+        return [g_rows, g_weights]
+
+    product = pt.dot(rows, weights.reshape((kh * kw * channels, filters)))
+    return OpFromGraph([rows, weights], [product], pullback=gradient, inline=True)(patches, w)
 
 
 def _windows(x, kh: int, kw: int):
