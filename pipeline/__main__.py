@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from pipeline.core.config import PipelineError
+
 # stage name -> (module, one-line summary); modules are imported only when their stage runs.
 STAGES = {
     "download": ("pipeline.stages.download", "fetch the four MNIST files from the mirrors, verifying their sha256"),
@@ -53,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     if name not in STAGES:
         print(f"error: unknown stage {name!r}; stages: {', '.join(STAGES)}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(STAGES[name][0])
+    try:
+        module = importlib.import_module(STAGES[name][0])
+    except PipelineError as e:  # the environment lacks an engine: say so in one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return module.main(rest)
 
 

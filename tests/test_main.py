@@ -30,6 +30,19 @@ def test_unknown_stage():
     assert "unknown stage 'trian'" in result.stderr
 
 
+def test_a_stage_without_an_engine_to_import_says_so_in_one_line():
+    # None in sys.modules makes an import fail, as in an environment without the package
+    code = (
+        "import sys; sys.modules['pytensor'] = sys.modules['theano'] = None; "
+        "from pipeline.__main__ import main; sys.exit(main(['train', '--help']))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: neither PyTensor (import of pytensor halted")
+    assert "nor theano-pymc (import of theano halted" in lines[0] and "pip install -e ." in lines[0]
+
+
 def test_bad_params_stop_the_stage_with_one_clear_line(tmp_path):
     (tmp_path / "params.yaml").write_text("expand:\n  max_shift: -2\n")
     result = run("expand", "--params", str(tmp_path / "params.yaml"), "--train", str(tmp_path / "missing.npz"))

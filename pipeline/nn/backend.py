@@ -135,12 +135,12 @@ _one_cpu_device_per_core()
 
 try:
     import pytensor  # noqa: F401  (only to learn which environment this is)
-except ImportError:
+except ImportError as pytensor_error:
     try:
         graph = _theano_graph()
     except ImportError as e:
         raise PipelineError(
-            f"neither PyTensor nor theano-pymc can be imported ({e}): install the package with "
+            f"neither PyTensor ({pytensor_error}) nor theano-pymc ({e}) can be imported: install the package with "
             f"pip install -e . (engines jax and c), or make the theano-pymc environment with "
             f"{THEANO_INSTALL}"
         ) from None
