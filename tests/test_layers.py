@@ -56,25 +56,27 @@ def test_conv2d_gradients_match_numpy(rng, channels, engine):
 
 @pytest.mark.parametrize("engine", ["jax", "c"])
 @pytest.mark.parametrize("channels", [1, 2])  # one channel takes the channels-first form
-def test_conv_pool_matches_numpy_with_its_gradients(rng, channels, engine):
-    x_val = rng.normal(size=(3, 8, 7, channels)).astype(np.float32)  # conv 6x6 -> pool 3 -> 2x2
+@pytest.mark.parametrize("size", [3, 4])  # conv 6x6 -> pool 3 -> 2x2, or pool 4 -> 1x1 and a border of 2 dropped
+def test_conv_pool_matches_numpy_with_its_gradients(rng, channels, engine, size):
+    pooled, kept = 6 // size, 6 // size * size
+    x_val = rng.normal(size=(3, 8, 7, channels)).astype(np.float32)
     w_val = rng.normal(size=(3, 2, channels, 4)).astype(np.float32)
-    g_val = rng.normal(size=(3, 2, 2, 4)).astype(np.float32)  # d loss / d output
+    g_val = rng.normal(size=(3, pooled, pooled, 4)).astype(np.float32)  # d loss / d output
     x = pt.tensor("x", dtype="float32", shape=(3, 8, 7, channels))
     w = pt.tensor("w", dtype="float32", shape=(3, 2, channels, 4))
-    y = conv_pool(x, w, 3)
+    y = conv_pool(x, w, size)
     out, gx, gw = Backend(engine).function([x, w], [y, *pt.grad(pt.sum(y * g_val), [x, w])])(x_val, w_val)
-    np.testing.assert_allclose(out, np_pool(np_conv(x_val, w_val), 3), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, np_pool(np_conv(x_val, w_val), size), rtol=1e-5, atol=1e-5)
     # the pool sends each output's gradient to its window's maximum, then the convolution spreads it
-    conv = np_conv(x_val, w_val)[:, :6, :6]
-    is_max = conv == np.repeat(np.repeat(np_pool(conv, 3), 3, axis=1), 3, axis=2)
-    g_conv = is_max * np.repeat(np.repeat(g_val, 3, axis=1), 3, axis=2)  # (3, 6, 6, 4)
+    conv = np_conv(x_val, w_val)[:, :kept, :kept]
+    is_max = conv == np.repeat(np.repeat(np_pool(conv, size), size, axis=1), size, axis=2)
+    g_conv = is_max * np.repeat(np.repeat(g_val, size, axis=1), size, axis=2)  # (3, kept, kept, 4)
     ref_gw = np.zeros_like(w_val)
     ref_gx = np.zeros_like(x_val)
     for a in range(3):
         for b in range(2):
-            ref_gw[a, b] = np.einsum("nijc,nijf->cf", x_val[:, a : a + 6, b : b + 6, :], g_conv)
-            ref_gx[:, a : a + 6, b : b + 6, :] += np.einsum("nijf,cf->nijc", g_conv, w_val[a, b])
+            ref_gw[a, b] = np.einsum("nijc,nijf->cf", x_val[:, a : a + kept, b : b + kept, :], g_conv)
+            ref_gx[:, a : a + kept, b : b + kept, :] += np.einsum("nijf,cf->nijc", g_conv, w_val[a, b])
     np.testing.assert_allclose(gw, ref_gw, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(gx, ref_gx, rtol=1e-4, atol=1e-4)
 

@@ -8,7 +8,11 @@ matrix multiply: the ``kh*kw`` shifted windows of the input are concatenated alo
 ("im2col", built from plain slices), then multiplied by the filters reshaped to
 ``(kh*kw*channels, filters)``. A one-channel input (the image, the first layer) is the exception: its
 windows are stacked along a new first axis instead, ``(kh*kw, N*out_h*out_w)``, the product and the
-pooling are done channels-first and only the pooled output goes back to channels-last. Concatenating
+pooling are done channels-first and only the pooled output goes back to channels-last. Its output
+positions are taken in the order (row and column within the pooling window, image, pooled row,
+pooled column), each window read from the input's rows and columns taken every ``size``-th, so that
+the pooling is the elementwise maximum of ``size*size`` contiguous planes (and its gradient a mask
+over them) instead of a maximum over two interleaved axes of length 2. Concatenating
 25 windows of one channel each along the last axis writes 4 bytes in every 100, and on the CPU that
 copy and the product over the resulting (N*576, 25) matrix cost more than the rest of the layer
 (``pipeline.benchmarks.train``; docs/engines.md). Autodiff of the dot gives the windows' gradient
@@ -131,13 +135,23 @@ def conv_pool(x, w, size: int):
         return max_pool(conv2d_valid(x, w), size)
     kh, kw, _, filters = w.type.shape
     height, width = x.type.shape[1], x.type.shape[2]
-    out_h, out_w = height - kh + 1, width - kw + 1
+    pooled_h, pooled_w = (height - kh + 1) // size, (width - kw + 1) // size
     images = x.reshape((-1, height, width))
-    windows = [images[:, i : i + out_h, j : j + out_w] for i in range(kh) for j in range(kw)]
-    patches = pt.stack(windows, axis=0).reshape((kh * kw, -1))  # (kh*kw, N*out_h*out_w), ordered like w
-    y = pt.dot(w.reshape((kh * kw, filters)).T, patches)  # (F, N*out_h*out_w)
-    y = y.reshape((filters, -1, out_h, out_w))[:, :, : out_h // size * size, : out_w // size * size]
-    pooled = y.reshape((filters, -1, out_h // size, size, out_w // size, size)).max(axis=(3, 5))
+    # The output position (size*r + a, size*c + b), window offset (i, j), reads input row
+    # size*r + a + i: row r + (a+i)//size of the rows a+i taken every size-th, the same for columns.
+    planes = {(a, b): images[:, a::size, b::size] for a in range(size) for b in range(size)}
+    windows = [
+        planes[(a + i) % size, (b + j) % size][
+            :, (a + i) // size : (a + i) // size + pooled_h, (b + j) // size : (b + j) // size + pooled_w
+        ]
+        for i in range(kh)
+        for j in range(kw)
+        for a in range(size)
+        for b in range(size)
+    ]
+    patches = pt.stack(windows, axis=0).reshape((kh * kw, -1))  # (kh*kw, size*size*N*H'*W'), ordered like w
+    y = pt.dot(w.reshape((kh * kw, filters)).T, patches).reshape((filters, size * size, -1))
+    pooled = y.max(axis=1).reshape((filters, -1, pooled_h, pooled_w))  # the max of size*size planes
     return pooled.dimshuffle(1, 2, 3, 0)  # (N, H', W', F)
 
 
