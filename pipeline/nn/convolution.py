@@ -138,12 +138,10 @@ def conv_pool(x, w, size: int):
     pooled_h, pooled_w = (height - kh + 1) // size, (width - kw + 1) // size
     images = x.reshape((-1, height, width))
     # The output position (size*r + a, size*c + b), window offset (i, j), reads input row
-    # size*r + a + i: row r + (a+i)//size of the rows a+i taken every size-th, the same for columns.
-    planes = {(a, b): images[:, a::size, b::size] for a in range(size) for b in range(size)}
+    # size*r + a + i: the rows from a + i taken every size-th, the same for columns (one strided
+    # slice each: a slice of a strided slice makes PyTensor's rewrites slow to compile).
     windows = [
-        planes[(a + i) % size, (b + j) % size][
-            :, (a + i) // size : (a + i) // size + pooled_h, (b + j) // size : (b + j) // size + pooled_w
-        ]
+        images[:, a + i : a + i + size * (pooled_h - 1) + 1 : size, b + j : b + j + size * (pooled_w - 1) + 1 : size]
         for i in range(kh)
         for j in range(kw)
         for a in range(size)
