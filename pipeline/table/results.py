@@ -58,13 +58,16 @@ def code_version() -> str:
 # 95e6cd7a8476: before nn/training.py and nn/trainer.py were named nn/fit.py and nn/compiled.py (the same
 # default `dvc repro` model.npz, run side by side on one machine); 87c5210b075d: before mini-batches over 16
 # images were trained in chunks (the book's batch of 10 is not cut: a fresh clone's `dvc repro` gave the
-# same model.npz).
+# same model.npz); 8c40303b4b9c: before each first-layer window became one strided slice and docstrings
+# were corrected (rows 1, 3 and 4 of 2026-12-07; parameters after the same steps hashed the same for
+# four networks).
 SAME_WEIGHTS_AS = {
     "fe47bddc4df5": "51b68d4a31cc",
     "51b68d4a31cc": "95e6cd7a8476",
     "95e6cd7a8476": "9f4ef7883f19",
     "87c5210b075d": "eea7de590cf3",
     "2d0ff3106407": "6eb18e74947f",
+    "8c40303b4b9c": "6a4b04972190",
 }
 
 
