@@ -204,7 +204,7 @@ def time_jax_lax_conv(batch_size: int, steps: int, repeats: int, device: str = "
     from pipeline.nn.convolution import max_pool
 
     original = layers.conv_pool
-    layers.conv_pool = lambda x, w, size: max_pool(conv2d_lax(x, w), size)
+    layers.conv_pool = lambda x, w, size: max_pool(conv2d_lax(x, w), size).dimshuffle(3, 0, 1, 2)
     try:
         return time_engine("jax", batch_size, steps, repeats, device)
     finally:

@@ -3,27 +3,27 @@
 Used by the PyTensor engines (jax, c); theano-pymc has its own ``conv2d`` and ``pool_2d``, which the
 layers take instead (``pipeline.nn.theano_engine``).
 
-Activations are channels-last, ``(batch, height, width, channels)``. A valid convolution is one
-matrix multiply: the ``kh*kw`` shifted windows of the input are concatenated along the channel axis
-("im2col", built from plain slices), then multiplied by the filters reshaped to
-``(kh*kw*channels, filters)``. A one-channel input (the image, the first layer) is the exception: its
-windows are stacked along a new first axis instead, ``(kh*kw, N*out_h*out_w)``, the product and the
-pooling are done channels-first and only the pooled output goes back to channels-last. Its output
-positions are taken in the order (row and column within the pooling window, image, pooled row,
-pooled column), each window read from the input's rows and columns taken every ``size``-th, so that
-the pooling is the elementwise maximum of ``size*size`` contiguous planes (and its gradient a mask
-over them) instead of a maximum over two interleaved axes of length 2. Concatenating
-25 windows of one channel each along the last axis writes 4 bytes in every 100, and on the CPU that
-copy and the product over the resulting (N*576, 25) matrix cost more than the rest of the layer
-(``pipeline.benchmarks.train``; docs/engines.md). Autodiff of the dot gives the windows' gradient
-product; the filters' gradient is computed filters-first and then laid out as the filters
-(``_filtered``), so that XLA does not read the windows transposed for it. The gradient of the
-windows themselves is given by hand (``_windows_gradient``) as the sum of each window's gradient
-padded back to its place, which XLA fuses into one pass, where autodiff of the slices gives
-``kh*kw`` in-place additions run one after another. Both are plain graph ops, so the same graph runs
-on every PyTensor backend, and the additions are the same, in the same order. Measured on 2 CPU cores
-this form beats a per-offset sum of small dots and a custom Op dispatched to
-``jax.lax.conv_general_dilated`` (see ``pipeline.benchmarks.train --conv-lax``).
+Layers hand each other channels-last activations, ``(batch, height, width, channels)``, but a
+convolution is computed channels-first, ``(channels, batch, height, width)``: the layer's input is
+dimshuffled to it (which cancels the previous layer's dimshuffle to channels-last, so no copy is
+made), and the pooled result comes back channels-first (``conv_pool_channels_first``; the layer adds
+its bias and activation there and then dimshuffles to channels-last). A valid convolution is one
+matrix product: the ``kh*kw`` shifted windows of the input are stacked on a new first axis
+("im2col", built from plain slices), ``(kh*kw*C, N*out_h*out_w)``, and the filters reshaped to
+``(kh*kw*C, F)`` multiply it from the left, so that each window is a contiguous block, the product
+comes out channels-first, and all three products of a training step (the output, the windows'
+gradient, the filters' gradient) contract an operand over its last axis, which XLA's CPU runtime
+gives to its fast matrix library (docs/engines.md).
+
+A one-channel input (the image, the first layer) takes its output positions in the order (row and
+column within the pooling window, image, pooled row, pooled column), each window read from the
+input's rows and columns taken every ``size``-th, so that the pooling is the elementwise maximum of
+``size*size`` contiguous planes (and its gradient a mask over them) instead of a maximum over two
+interleaved axes. Its input needs no gradient. For a many-channel input the windows are contiguous
+and the pooling a maximum over interleaved axes; the windows' gradient is given by hand
+(``_windows_gradient``): each row of windows is summed placed along the columns, in one pass, and
+the ``kh`` rows are then added in place. Both are plain graph ops, so the same graph runs on every
+PyTensor backend.
 
 Like the book's ``conv.conv2d`` these are cross-correlations of the input with the filters, not
 flipped-kernel convolutions; with learned, randomly initialised filters the two are the same model.
@@ -35,6 +35,8 @@ import functools
 
 from pipeline.nn.backend import graph
 
+__all__ = ["conv2d_valid", "conv_pool", "conv_pool_channels_first", "max_pool"]
+
 pt = graph.tensor
 
 
@@ -44,96 +46,33 @@ def conv2d_valid(x, w):
     ``x`` and ``w`` must have static shapes for every axis but the batch (JAX compiles to fixed
     shapes, so every size here is a Python int).
     """
-    kh, kw, channels, filters = w.type.shape
-    height, width = x.type.shape[1], x.type.shape[2]
-    out_h = height - kh + 1
-    out_w = width - kw + 1
-    patches = _patches(x, kh, kw).reshape((-1, kh * kw * channels))  # (N*out_h*out_w, kh*kw*C)
-    y = _filtered(patches, w)  # (N*out_h*out_w, F)
-    return y.reshape((-1, out_h, out_w, filters))
-
-
-def _filtered(patches, w):
-    """``patches`` (P, kh*kw*C) times the filters ``w`` (kh, kw, C, F), whose gradient is computed
-    filters-first, ``gy.T @ patches`` (F, kh*kw*C), then laid out as ``w``. Autodiff's
-    ``patches.T @ gy`` makes XLA read the windows (500 columns in the book's second layer) transposed
-    in Eigen; this form reads ``gy`` (one column per filter) transposed instead, 1.6-1.8x faster
-    (docs/engines.md). XLA folds a plain 2-D transpose of the filters-first product back into the
-    old form, hence the reshape and 4-D transpose."""
-    from pytensor.compile.builders import OpFromGraph  # here: theano-pymc's environment has no PyTensor
-
-    kh, kw, channels, filters = w.type.shape
-    rows, weights = patches.type(), w.type()
-
-    def gradient(inputs, outputs, output_grads):
-        (rows, weights), (gy,) = inputs, output_grads
-        g_rows = pt.dot(gy, weights.reshape((kh * kw * channels, filters)).T)
-        g_weights = pt.dot(gy.T, rows).reshape((filters, kh, kw, channels)).dimshuffle(1, 2, 3, 0)
-        return [g_rows, g_weights]
-
-    product = pt.dot(rows, weights.reshape((kh * kw * channels, filters)))
-    return OpFromGraph([rows, weights], [product], pullback=gradient, inline=True)(patches, w)
-
-
-def _windows(x, kh: int, kw: int):
-    """(N, H, W, C) -> (N, out_h, out_w, kh*kw*C): the kh*kw shifted windows along the channel axis."""
-    out_h, out_w = x.type.shape[1] - kh + 1, x.type.shape[2] - kw + 1
-    return pt.concatenate([x[:, i : i + out_h, j : j + out_w, :] for i in range(kh) for j in range(kw)], axis=3)
-
-
-def _windows_gradient(kh: int, kw: int):
-    """The gradient of ``_windows``: each window's part of the output gradient placed back where the
-    window was read, in zeros the input's size, and the kh*kw placed parts summed (one pass that XLA
-    fuses; autodiff of the slices would give kh*kw in-place additions one after another)."""
-
-    def gradient(inputs, outputs, output_grads):
-        (x,), (g,) = inputs, output_grads
-        channels = x.type.shape[3]
-        zeros = functools.cache(lambda rows, columns: pt.zeros((g.shape[0], rows, columns, channels), dtype=g.dtype))
-        parts = [
-            _placed(g[:, :, :, k * channels : (k + 1) * channels], x.type.shape, i, j, zeros)
-            for k, (i, j) in enumerate((i, j) for i in range(kh) for j in range(kw))
-        ]
-        return [pt.add(*parts)]
-
-    return gradient
-
-
-def _placed(part, shape, i: int, j: int, zeros):
-    """``part`` (N, out_h, out_w, C), a window's gradient, at rows ``i`` and columns ``j`` onward of
-    zeros of ``shape``, the input's, joined on by concatenation (``zeros(rows, columns)``: a block of
-    them, shared by all the parts). Not ``pt.pad``, which builds a general symbolic graph at each call
-    and so slows down compiling every training (docs/engines.md), nor ``set_subtensor`` into zeros,
-    which PyTensor rewrites into in-place additions in another order (other weights)."""
-    _, height, width, _ = shape
-    out_h, out_w = part.type.shape[1], part.type.shape[2]
-    below, right = height - out_h - i, width - out_w - j
-    column = _joined([zeros(i, out_w)] if i else [], part, [zeros(below, out_w)] if below else [], axis=1)
-    return _joined([zeros(height, j)] if j else [], column, [zeros(height, right)] if right else [], axis=2)
-
-
-def _joined(before: list, middle, after: list, axis: int):
-    pieces = [*before, middle, *after]
-    return pt.concatenate(pieces, axis=axis) if len(pieces) > 1 else middle
-
-
-def _patches(x, kh: int, kw: int):
-    """``_windows(x, kh, kw)`` with ``_windows_gradient`` as its gradient (inlined: the compiled graph
-    holds the same ops)."""
-    from pytensor.compile.builders import OpFromGraph  # here: theano-pymc's environment has no PyTensor
-
-    template = x.type()
-    op = OpFromGraph([template], [_windows(template, kh, kw)], pullback=_windows_gradient(kh, kw), inline=True)
-    return op(x)
+    return conv_pool(x, w, 1)
 
 
 def conv_pool(x, w, size: int):
-    """``max_pool(conv2d_valid(x, w), size)``: x (N, H, W, C) -> (N, (H-kh+1)//size, (W-kw+1)//size, F).
+    """``max_pool(conv2d_valid(x, w), size)``: x (N, H, W, C) -> (N, (H-kh+1)//size, (W-kw+1)//size, F)."""
+    return conv_pool_channels_first(x, w, size).dimshuffle(1, 2, 3, 0)
 
-    One-channel inputs take the channels-first form (module docstring); the result is the same.
-    """
-    if w.type.shape[2] != 1:
-        return max_pool(conv2d_valid(x, w), size)
+
+def conv_pool_channels_first(x, w, size: int):
+    """``conv_pool`` with the result channels-first: x (N, H, W, C) -> (F, N, H', W') (module docstring)."""
+    kh, kw, channels, filters = w.type.shape
+    if channels == 1:
+        return _image_conv_pool(x, w, size)
+    height, width = x.type.shape[1], x.type.shape[2]
+    out_h, out_w = height - kh + 1, width - kw + 1
+    planes = x.dimshuffle(3, 0, 1, 2)  # (C, N, H, W)
+    patches = _windows(planes, kh, kw).reshape((kh * kw * channels, -1))  # (kh*kw*C, N*out_h*out_w)
+    y = pt.dot(w.reshape((kh * kw * channels, filters)).T, patches).reshape((filters, -1, out_h, out_w))
+    if size == 1:
+        return y
+    pooled_h, pooled_w = out_h // size, out_w // size
+    y = y[:, :, : pooled_h * size, : pooled_w * size].reshape((filters, -1, pooled_h, size, pooled_w, size))
+    return y.max(axis=(3, 5))
+
+
+def _image_conv_pool(x, w, size: int):
+    """The one-channel form (module docstring): x (N, H, W, 1) -> (F, N, H', W')."""
     kh, kw, _, filters = w.type.shape
     height, width = x.type.shape[1], x.type.shape[2]
     pooled_h, pooled_w = (height - kh + 1) // size, (width - kw + 1) // size
@@ -150,8 +89,49 @@ def conv_pool(x, w, size: int):
     ]
     patches = pt.stack(windows, axis=0).reshape((kh * kw, -1))  # (kh*kw, size*size*N*H'*W'), ordered like w
     y = pt.dot(w.reshape((kh * kw, filters)).T, patches).reshape((filters, size * size, -1))
-    pooled = y.max(axis=1).reshape((filters, -1, pooled_h, pooled_w))  # the max of size*size planes
-    return pooled.dimshuffle(1, 2, 3, 0)  # (N, H', W', F)
+    return y.max(axis=1).reshape((filters, -1, pooled_h, pooled_w))  # the max of size*size planes
+
+
+def _windows(planes, kh: int, kw: int):
+    """(C, N, H, W) -> (kh*kw, C, N, out_h, out_w): the shifted windows stacked on a new first axis,
+    with ``_windows_gradient`` as their gradient (inlined: the compiled graph holds the same ops)."""
+    from pytensor.compile.builders import OpFromGraph  # here: theano-pymc's environment has no PyTensor
+
+    out_h, out_w = planes.type.shape[2] - kh + 1, planes.type.shape[3] - kw + 1
+    template = planes.type()
+    windows = pt.stack([template[:, :, i : i + out_h, j : j + out_w] for i in range(kh) for j in range(kw)], axis=0)
+    return OpFromGraph([template], [windows], pullback=_windows_gradient(kh, kw), inline=True)(planes)
+
+
+def _windows_gradient(kh: int, kw: int):
+    """The gradient of ``_windows``: for each row offset ``i``, the ``kw`` windows' parts of the output
+    gradient placed at their columns in zeros the input's width and summed (one pass that XLA fuses),
+    then the ``kh`` rows added in place at their rows. Autodiff of the slices would give ``kh*kw``
+    in-place additions, and placing all ``kh*kw`` parts in one pass makes XLA test every part's
+    bounds at every element: both are several times slower (docs/engines.md)."""
+
+    def gradient(inputs, outputs, output_grads):
+        (x,), (g,) = inputs, output_grads
+        channels, _, height, width = x.type.shape
+        out_h = height - kh + 1
+        zeros = functools.cache(lambda columns: pt.zeros((channels, x.shape[1], out_h, columns), dtype=g.dtype))
+        total = pt.zeros_like(x)
+        for i in range(kh):
+            parts = [_placed(g[i * kw + j], width, j, zeros) for j in range(kw)]
+            total = pt.inc_subtensor(total[:, :, i : i + out_h, :], pt.add(*parts) if kw > 1 else parts[0])
+        return [total]
+
+    return gradient
+
+
+def _placed(part, width: int, j: int, zeros):
+    """``part`` (C, N, out_h, out_w), a window's gradient, at columns ``j`` onward of zeros ``width``
+    wide, joined on by concatenation (``zeros(columns)``: a block of them, shared by all the parts). Not
+    ``pt.pad``, which builds a general symbolic graph at each call and so slows down compiling every
+    training (docs/engines.md)."""
+    right = width - part.type.shape[3] - j
+    pieces = [*([zeros(j)] if j else []), part, *([zeros(right)] if right else [])]
+    return pt.concatenate(pieces, axis=3) if len(pieces) > 1 else part
 
 
 def max_pool(x, size: int):

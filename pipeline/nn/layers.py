@@ -40,11 +40,12 @@ pt = graph.tensor  # pytensor.tensor or theano.tensor: the engine's environment 
 
 
 def conv_pool(x, w, size: int):
-    """Valid convolution then max-pooling, NHWC: the engine's own where it has faster ones
-    (theano-pymc), else the graph form (``pipeline.nn.convolution``)."""
+    """Valid convolution then max-pooling, x (N, H, W, C) -> (F, N, H', W') channels-first: the
+    engine's own where it has faster ones (theano-pymc), else the graph form
+    (``pipeline.nn.convolution``)."""
     if graph.conv2d_valid is not None:
-        return graph.max_pool(graph.conv2d_valid(x, w), size)
-    return convolution.conv_pool(x, w, size)
+        return graph.max_pool(graph.conv2d_valid(x, w), size).dimshuffle(3, 0, 1, 2)
+    return convolution.conv_pool_channels_first(x, w, size)
 
 
 ACTIVATIONS = {
@@ -215,8 +216,8 @@ class ConvPool:
     def output(self, x, *, deterministic: bool = True, keep=None):
         channels, height, width = self.input_shape
         x = x.reshape((-1, height, width, channels))  # (N, H, W, C)
-        y = conv_pool(x, self.w, self.pool)  # (N, H', W', F)
-        return ACTIVATIONS[self.activation](y + self.b)
+        y = conv_pool(x, self.w, self.pool)  # (F, N, H', W')
+        return ACTIVATIONS[self.activation](y + self.b.dimshuffle(0, "x", "x", "x")).dimshuffle(1, 2, 3, 0)
 
     def spec(self) -> dict:
         return {
