@@ -255,24 +255,27 @@ def test_the_windows_gradient_is_each_windows_part_put_back_and_summed(rng, engi
     np.testing.assert_allclose(gx, functools.reduce(np.add, placed), rtol=0, atol=1e-5)
 
 
-def test_every_product_of_a_convolutions_gradients_contracts_its_left_operand_over_its_last_axis(rng):
-    # the second layer's shapes in the book, a chunk of 16 images; d loss / d output is an input used by
-    # both gradients, as in a training step. A product whose left operand is contracted over another
-    # axis (autodiff's windows.T @ gy, channels-last) is left by XLA to Eigen, 1.5-1.8x slower.
+@pytest.mark.parametrize("images", [5, 16])  # a device's share of a mini-batch of 10, a chunk of 64's
+def test_every_product_of_a_convolution_contracts_its_left_operand_over_its_last_axis(rng, images):
+    # the second layer's shapes in the book; the output and both gradients, as in a training step. A
+    # product whose left operand is contracted over another axis (autodiff's windows.T @ gy channels-last,
+    # or the filters reshaped and transposed) is left by XLA to Eigen, slower (docs/engines.md).
     import jax
     import pytensor
 
-    x_val = rng.normal(size=(16, 12, 12, 20)).astype(np.float32)
+    x_val = rng.normal(size=(images, 12, 12, 20)).astype(np.float32)
     w_val = rng.normal(size=(5, 5, 20, 40)).astype(np.float32)
-    g_val = rng.normal(size=(16, 8, 8, 40)).astype(np.float32)
+    g_val = rng.normal(size=(images, 8, 8, 40)).astype(np.float32)
     x, w, g = (pt.tensor(name, dtype="float32", shape=v.shape) for name, v in zip("xwg", (x_val, w_val, g_val)))
-    function = pytensor.function([x, w, g], pt.grad(pt.sum(conv2d_valid(x, w) * g), [x, w]), mode="JAX")
+    y = conv2d_valid(x, w)
+    function = pytensor.function([x, w, g], [y, *pt.grad(pt.sum(y * g), [x, w])], mode="JAX")
     program = jax.jit(function.vm.jit_fn).lower(x_val, w_val, g_val).compile().as_text()
     shapes = dict(re.findall(r"%(\S+) = f32\[([\d,]*)\]", program))
     products = re.findall(r"dot\(%([^,]+), %[^)]+\), lhs_contracting_dims=\{(\d+)\}", program)
-    assert len(products) >= 2  # the windows' gradient and the filters' gradient
+    assert len(products) == 3  # the output, the windows' gradient, the filters' gradient
     assert all(int(axis) == shapes[lhs].count(",") for lhs, axis in products), products
-    gx, gw = function(x_val, w_val, g_val)
+    out, gx, gw = function(x_val, w_val, g_val)
+    np.testing.assert_allclose(out, np_conv(x_val, w_val), rtol=1e-4, atol=1e-4)
     windows = np.stack([x_val[:, a : a + 8, b : b + 8, :] for a in range(5) for b in range(5)], axis=3)
     reference_gw = np.einsum("nijkc,nijf->kcf", windows, g_val).reshape(w_val.shape)
     np.testing.assert_allclose(gw, reference_gw, rtol=1e-4, atol=1e-3)

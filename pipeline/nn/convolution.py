@@ -63,12 +63,34 @@ def conv_pool_channels_first(x, w, size: int):
     out_h, out_w = height - kh + 1, width - kw + 1
     planes = x.dimshuffle(3, 0, 1, 2)  # (C, N, H, W)
     patches = _windows(planes, kh, kw).reshape((kh * kw * channels, -1))  # (kh*kw*C, N*out_h*out_w)
-    y = pt.dot(w.reshape((kh * kw * channels, filters)).T, patches).reshape((filters, -1, out_h, out_w))
+    y = _filtered(w, patches).reshape((filters, -1, out_h, out_w))
     if size == 1:
         return y
     pooled_h, pooled_w = out_h // size, out_w // size
     y = y[:, :, : pooled_h * size, : pooled_w * size].reshape((filters, -1, pooled_h, size, pooled_w, size))
     return y.max(axis=(3, 5))
+
+
+def _filtered(w, patches):
+    """The filters ``w`` (kh, kw, C, F) times the windows ``patches`` (kh*kw*C, P) -> (F, P), with
+    each of the three products of a training step written so that its left operand is contracted over
+    its last axis: XLA's CPU runtime leaves a product whose left operand is contracted over its first
+    axis to Eigen, slower (docs/engines.md). So the filters are a (F, kh*kw*C) matrix for the product
+    and a (kh*kw*C, F) one for the windows' gradient, and the filters' gradient is ``gy @ patches.T``
+    laid out as ``w``. The (F, kh*kw*C) matrix is made by a 4-D transpose, which XLA copies: a 2-D
+    transpose it would fold into the product."""
+    from pytensor.compile.builders import OpFromGraph  # here: theano-pymc's environment has no PyTensor
+
+    kh, kw, channels, filters = w.type.shape
+    weights, rows = w.type(), patches.type()
+
+    def gradient(inputs, outputs, output_grads):
+        (weights, rows), (gy,) = inputs, output_grads
+        g_weights = pt.dot(gy, rows.T).reshape((filters, kh, kw, channels)).dimshuffle(1, 2, 3, 0)
+        return [g_weights, pt.dot(weights.reshape((kh * kw * channels, filters)), gy)]
+
+    product = pt.dot(weights.dimshuffle(3, 0, 1, 2).reshape((filters, kh * kw * channels)), rows)
+    return OpFromGraph([weights, rows], [product], pullback=gradient, inline=True)(w, patches)
 
 
 def _image_conv_pool(x, w, size: int):
@@ -88,7 +110,7 @@ def _image_conv_pool(x, w, size: int):
         for b in range(size)
     ]
     patches = pt.stack(windows, axis=0).reshape((kh * kw, -1))  # (kh*kw, size*size*N*H'*W'), ordered like w
-    y = pt.dot(w.reshape((kh * kw, filters)).T, patches).reshape((filters, size * size, -1))
+    y = _filtered(w, patches).reshape((filters, size * size, -1))
     return y.max(axis=1).reshape((filters, -1, pooled_h, pooled_w))  # the max of size*size planes
 
 
