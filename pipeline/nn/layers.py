@@ -26,7 +26,10 @@ exactly repeatable and resumable on every backend.
 
 Activations flow channels-last: a conv layer reads (N, H, W, C) and writes (N, H', W', F); a fully
 connected layer flattens whatever it gets to (N, n_in). Weight arrays are stored in that layout
-(conv filters as (kh, kw, C, F), dense weights as (n_in, n_out)).
+(conv filters as (kh, kw, C, F), dense weights as (n_in, n_out)). Inside, a conv layer computes
+channels-first, (F, N, H', W'), and adds its bias and activation there before its dimshuffle to
+channels-last, which the next conv layer's dimshuffle to channels-first cancels
+(``pipeline.nn.convolution``).
 """
 
 from __future__ import annotations
