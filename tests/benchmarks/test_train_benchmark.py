@@ -52,11 +52,13 @@ def test_inference_is_timed_at_each_batch_size_and_the_probabilities_agree():
 def test_the_fraction_of_the_gemm_peak_is_the_rate_times_the_work_over_the_peak(capsys):
     assert bench.main(["--engines", "jax", "--batch-sizes", "10", "--steps", "20", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    peak = float(out.split("GEMM peak")[1].split("):")[1].split("GFLOP/s")[0].replace(",", ""))
+    first = float(out.split("GEMM peak (")[1].split("):")[1].split("GFLOP/s")[0].replace(",", ""))
+    again = float(out.split("GEMM peak again: ")[1].split(" GFLOP/s")[0].replace(",", ""))
+    peak = float(out.split("the run's best, ")[1].split()[0].replace(",", ""))
+    assert peak == max(first, again) > 0  # measured before and after the timings, the higher one used
     line = next(line for line in out.splitlines() if line.strip().startswith("pytensor-jax")).split()
     rate = float(line[1].replace(",", ""))
     percent = float(next(word for word in line if word.endswith("%")).rstrip("%"))
-    assert peak > 0
     assert percent == pytest.approx(100 * rate * 9.222e6 / (peak * 1e9), rel=0.01, abs=0.06)
 
 
