@@ -255,6 +255,27 @@ def test_the_windows_gradient_is_each_windows_part_put_back_and_summed(rng, engi
     np.testing.assert_allclose(gx, functools.reduce(np.add, placed), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("engine", ["jax", "c"])
+def test_the_planes_maximum_gradient_is_autodiffs_bit_for_bit_ties_included(rng, engine):
+    # the first layer's pooling: 4 planes of 2 images' 12x12 outputs for 20 filters; the hand-written
+    # gradient must give what autodiff of the plain maximum gives, every tied maximum included
+    y_val = rng.normal(size=(20, 4 * 288)).astype(np.float32)
+    y_val[:, 288:576] = y_val[:, :288]  # planes 0 and 1 tie everywhere
+    y_val[0, [5, 288 + 5]] = 10.0  # ... and are the maximum there
+    y_val[3, 2 * 288 + 7] = y_val[3, 7] + 1  # one maximum alone in plane 2
+    g_val = rng.normal(size=(20, 288)).astype(np.float32)
+    y = pt.tensor("y", dtype="float32", shape=y_val.shape)
+    pooled, plain = convolution._planes_max(y, 4), y.reshape((20, 4, 288)).max(axis=1)
+    outputs = [pooled, plain, pt.grad(pt.sum(pooled * g_val), y), pt.grad(pt.sum(plain * g_val), y)]
+    out, plain_out, gy, plain_gy = Backend(engine).function([y], outputs)(y_val)
+    np.testing.assert_array_equal(out, y_val.reshape(20, 4, 288).max(axis=1))
+    np.testing.assert_array_equal(out, plain_out)
+    np.testing.assert_array_equal(gy, plain_gy)
+    is_max = y_val.reshape(20, 4, 288) == out[:, None, :]
+    np.testing.assert_array_equal(gy, (is_max * g_val[:, None, :]).reshape(y_val.shape))
+    assert gy[3, 7] == 0 and gy[3, 2 * 288 + 7] == g_val[3, 7] and gy[0, 5] == gy[0, 288 + 5] == g_val[0, 5]
+
+
 @pytest.mark.parametrize("images", [5, 16])  # a device's share of a mini-batch of 10, a chunk of 64's
 def test_every_product_of_a_convolution_contracts_its_left_operand_over_its_last_axis(rng, images):
     # the second layer's shapes in the book; the output and both gradients, as in a training step. A

@@ -110,8 +110,31 @@ def _image_conv_pool(x, w, size: int):
         for b in range(size)
     ]
     patches = pt.stack(windows, axis=0).reshape((kh * kw, -1))  # (kh*kw, size*size*N*H'*W'), ordered like w
-    y = _filtered(w, patches).reshape((filters, size * size, -1))
-    return y.max(axis=1).reshape((filters, -1, pooled_h, pooled_w))  # the max of size*size planes
+    pooled = _planes_max(_filtered(w, patches), size * size)  # (F, N*H'*W')
+    return pooled.reshape((filters, -1, pooled_h, pooled_w))
+
+
+def _planes_max(y, planes: int):
+    """(F, planes*K) -> (F, K): the elementwise maximum of the ``planes`` contiguous planes of each row,
+    with its gradient written by hand as each plane's mask times the output gradient, joined along the
+    rows. Autodiff gives the same values as one (F, planes, K) mask reshaped to (F, planes*K), which
+    XLA compiles into a loop that indexes each element through both shapes, several times slower
+    (docs/engines.md)."""
+    from pytensor.compile.builders import OpFromGraph  # here: theano-pymc's environment has no PyTensor
+
+    if planes == 1:
+        return y
+    filters, length = y.type.shape
+    width = length // planes
+    rows = y.type()
+
+    def gradient(inputs, outputs, output_grads):
+        (rows,), (top,), (g_top,) = inputs, outputs, output_grads
+        masked = [pt.eq(rows[:, p * width : (p + 1) * width], top) * g_top for p in range(planes)]
+        return [pt.concatenate(masked, axis=1)]
+
+    top = rows.reshape((filters, planes, width)).max(axis=1)
+    return OpFromGraph([rows], [top], pullback=gradient, inline=True)(y)
 
 
 def _windows(planes, kh: int, kw: int):
