@@ -60,7 +60,9 @@ def code_version() -> str:
 # images were trained in chunks (the book's batch of 10 is not cut: a fresh clone's `dvc repro` gave the
 # same model.npz); 8c40303b4b9c: before each first-layer window became one strided slice and docstrings
 # were corrected (rows 1, 3 and 4 of 2026-12-07; parameters after the same steps hashed the same for
-# four networks).
+# four networks); 8c1be1e637da: before the first layer's pooling gradient was written by hand
+# (`_planes_max`; rows 1, 3 and 4 of the second run of 2026-12-07; the same dvc repro model.npz, and the
+# same parameters after the same steps for eight networks on both engines).
 SAME_WEIGHTS_AS = {
     "fe47bddc4df5": "51b68d4a31cc",
     "51b68d4a31cc": "95e6cd7a8476",
@@ -68,6 +70,7 @@ SAME_WEIGHTS_AS = {
     "87c5210b075d": "eea7de590cf3",
     "2d0ff3106407": "6eb18e74947f",
     "8c40303b4b9c": "6a4b04972190",
+    "8c1be1e637da": "da3f412f0b6a",
 }
 
 
