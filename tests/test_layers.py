@@ -256,7 +256,8 @@ def test_the_windows_gradient_is_each_windows_part_put_back_and_summed(rng, engi
 
 
 @pytest.mark.parametrize("engine", ["jax", "c"])
-def test_the_planes_maximum_gradient_is_autodiffs_bit_for_bit_ties_included(rng, engine):
+@pytest.mark.parametrize("static", [True, False])  # the length of the rows known when the graph is built, or not
+def test_the_planes_maximum_gradient_is_autodiffs_bit_for_bit_ties_included(rng, engine, static):
     # the first layer's pooling: 4 planes of 2 images' 12x12 outputs for 20 filters; the hand-written
     # gradient must give what autodiff of the plain maximum gives, every tied maximum included
     y_val = rng.normal(size=(20, 4 * 288)).astype(np.float32)
@@ -264,7 +265,7 @@ def test_the_planes_maximum_gradient_is_autodiffs_bit_for_bit_ties_included(rng,
     y_val[0, [5, 288 + 5]] = 10.0  # ... and are the maximum there
     y_val[3, 2 * 288 + 7] = y_val[3, 7] + 1  # one maximum alone in plane 2
     g_val = rng.normal(size=(20, 288)).astype(np.float32)
-    y = pt.tensor("y", dtype="float32", shape=y_val.shape)
+    y = pt.tensor("y", dtype="float32", shape=y_val.shape if static else (20, None))
     pooled, plain = convolution._planes_max(y, 4), y.reshape((20, 4, 288)).max(axis=1)
     outputs = [pooled, plain, pt.grad(pt.sum(pooled * g_val), y), pt.grad(pt.sum(plain * g_val), y)]
     out, plain_out, gy, plain_gy = Backend(engine).function([y], outputs)(y_val)

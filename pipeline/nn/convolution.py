@@ -124,16 +124,14 @@ def _planes_max(y, planes: int):
 
     if planes == 1:
         return y
-    filters, length = y.type.shape
-    width = length // planes
-    rows = y.type()
+    filters, rows = y.type.shape[0], y.type()
 
     def gradient(inputs, outputs, output_grads):
         (rows,), (top,), (g_top,) = inputs, outputs, output_grads
-        masked = [pt.eq(rows[:, p * width : (p + 1) * width], top) * g_top for p in range(planes)]
-        return [pt.concatenate(masked, axis=1)]
+        stacked = rows.reshape((filters, planes, -1))
+        return [pt.concatenate([pt.eq(stacked[:, p], top) * g_top for p in range(planes)], axis=1)]
 
-    top = rows.reshape((filters, planes, width)).max(axis=1)
+    top = rows.reshape((filters, planes, -1)).max(axis=1)
     return OpFromGraph([rows], [top], pullback=gradient, inline=True)(y)
 
 
