@@ -62,9 +62,10 @@ def code_version() -> str:
 # were corrected (rows 1, 3 and 4 of 2026-12-07; parameters after the same steps hashed the same for
 # four networks); 8c1be1e637da: before the first layer's pooling gradient was written by hand
 # (`_planes_max`; rows 1, 3 and 4 of the second run of 2026-12-07; the same dvc repro model.npz, and the
-# same parameters after the same steps for eight networks on both engines); da3f412f0b6a: before that
-# gradient took each plane by an index instead of a slice (which also works where the length of the rows
-# is not known when the graph is built; the same parameters after the same steps).
+# same parameters after the same steps in ten cases: six networks on JAX, two of them also on C);
+# da3f412f0b6a: before that gradient took each plane by an index instead of a slice (which also works
+# where the length of the rows is not known when the graph is built; the same parameters after the same
+# steps).
 SAME_WEIGHTS_AS = {
     "fe47bddc4df5": "51b68d4a31cc",
     "51b68d4a31cc": "95e6cd7a8476",
