@@ -83,6 +83,75 @@ def test_gpu_and_cpu_give_the_same_cost_and_gradients():
     _assert_same(*_cost_and_gradients([Backend("jax", "gpu"), Backend("jax", "cpu")]))
 
 
+def _compiled_training_graph(backend: Backend) -> str:
+    """The rewritten graph of a 20-step training program of a conv net with dropout, as text."""
+    import re
+
+    import pytensor
+
+    rng = np.random.default_rng(5)
+    net = Network(
+        [
+            ConvPool((1, 12, 12), filters=3, kernel=3, pool=2, activation="relu", rng=rng),
+            ConvPool((3, 5, 5), filters=4, kernel=2, pool=2, activation="relu", rng=rng),
+            FullyConnected(16, 6, "sigmoid", p_dropout=0.5, rng=rng),
+            Softmax(6, 4),
+        ]
+    )
+    compiled = []
+
+    def function(*args, **kwargs):
+        compiled.append(pytensor.compile.function(*args, **kwargs))
+        return compiled[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pytensor, "function", function)
+        Trainer(net, backend, batch_size=4, momentum=0.5)._compile_train(20 if backend.static_shapes else None)
+    text = pytensor.dprint(compiled[0].maker.fgraph, file="str", print_type=True)
+    return re.sub(r"\[id [A-Z]+\]", "", text)  # node ids count every variable made while compiling
+
+
+@pytest.mark.parametrize("engine", ["jax", "c"])
+def test_inner_graph_shapes_read_from_types_compile_the_same_graph_with_fewer_walks(engine, monkeypatch):
+    """pipeline.nn.backend._inner_shapes_from_types: a scan's or OpFromGraph's output whose type fixes
+    every dimension gets its shape from the type, not from walking the graph behind it."""
+    import pytensor.compile.builders as builders
+    from pytensor.scan import op as scan_op
+
+    reads_types = builders.infer_shape
+    assert reads_types.reads_static_types and scan_op.infer_shape is reads_types
+    walk = reads_types.walk
+    walked = []
+
+    def counted(outs, inputs, input_shapes):
+        walked.append(len(outs))
+        return walk(outs, inputs, input_shapes)
+
+    monkeypatch.setattr(reads_types, "walk", counted)
+    fast = _compiled_training_graph(Backend(engine))
+    fast_walks, walked[:] = sum(walked), []
+    for module in (builders, scan_op):
+        monkeypatch.setattr(module, "infer_shape", counted)
+    assert _compiled_training_graph(Backend(engine)) == fast
+    assert fast_walks == 0 < sum(walked)
+
+
+def test_inner_graph_shapes_are_constants_for_static_outputs_and_walked_for_the_others():
+    import pytensor
+    import pytensor.compile.builders as builders
+    from pytensor.graph.basic import Constant
+
+    static, length = pt.tensor("a", shape=(3, 2)), pt.scalar("n", dtype="int64")
+    free = pt.vector("b")
+    outs = [static * 2, pt.outer(free, static.sum(axis=1)), pt.arange(length)]
+    input_shapes = [(static.shape[0], static.shape[1]), (free.shape[0],), ()]
+    shapes = builders.infer_shape(outs, [static, free, length], input_shapes)
+    assert all(isinstance(s, Constant) for s in shapes[0]) and [int(s.data) for s in shapes[0]] == [3, 2]
+    walked = builders.infer_shape.walk(outs, [static, free, length], input_shapes)
+    evaluate = pytensor.function([free, length], [*shapes[1], *shapes[2], *walked[1], *walked[2]])
+    assert [int(v) for v in evaluate(np.zeros(5, dtype="float32"), 7)] == [5, 3, 7, 5, 3, 7]
+
+
 def test_compiling_for_jax_leaves_no_temporary_files(tmp_path, monkeypatch):
     # PyTensor's JAX linker writes each generated function's source to a temporary file it never deletes
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

@@ -19,7 +19,7 @@ from pipeline.core.config import ConfigError, from_section
 from pipeline.core.files import load_npz
 from pipeline.nn.compiled import Trainer
 from pipeline.nn.config import TrainConfig, TrainPaths
-from pipeline.nn.fit import TrainingDiverged, train
+from pipeline.nn.fit import TrainingDiverged, call_length, train
 from pipeline.nn.model_io import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,9 +117,15 @@ def test_a_small_network_learns_and_the_stage_writes_its_files(tmp_path, data_di
     assert model.description["metadata"]["best_epoch"] == summary["best_epoch"]
 
 
-def test_same_seed_gives_identical_weights_whatever_the_steps_per_call(tmp_path, data_dir, one_epoch):
+def test_same_seed_gives_identical_weights_whatever_the_steps_per_call(tmp_path, data_dir, one_epoch, monkeypatch):
+    compiled = []  # the length of each training program compiled: one per training (100 steps an epoch)
+    compile_train = Trainer._compile_train
+    monkeypatch.setattr(
+        Trainer, "_compile_train", lambda self, steps: compiled.append(steps) or compile_train(self, steps)
+    )
     run(tmp_path / "b", data_dir, config(epochs=1, steps_per_call=7))
     run(tmp_path / "c", data_dir, config(epochs=1, seed=8))
+    assert compiled == [5, 25]
     a, b, c = weights(one_epoch), weights(tmp_path / "b"), weights(tmp_path / "c")
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
@@ -351,6 +357,51 @@ def test_early_stopping_waits_for_a_strict_improvement(tmp_path, data_dir):
     summary = run(tmp_path, data_dir, config(epochs=6, eta=1e-12, early_stopping_patience=2))
     assert summary["stopped"] == "early_stopping" and summary["epochs_run"] == 3
     assert summary["best_epoch"] == 3  # ties move the best epoch later, as the book
+
+
+@pytest.mark.parametrize(
+    "n_batches, steps_per_call, length",
+    [
+        (500, 500, 500),  # the whole epoch in one call, exactly at the limit
+        (501, 500, 167),  # 3 x 167
+        (100, 40, 25),
+        (100, 7, 5),
+        (31558, 500, 62),  # 2 x 31 x 509: the divisor 62 is exactly 500 // 8
+        (31049, 500, 500),  # 61 x 509: 61 is one under 500 // 8, so calls of 500 and a shorter last one
+        (29, 16, 16),  # a prime: 16 then 13
+        (29, 8, 1),  # 8 // 8 is 1, which divides everything
+        (1, 500, 1),
+    ],
+)
+def test_an_epochs_calls_have_one_length_where_one_divides_it(n_batches, steps_per_call, length):
+    assert call_length(n_batches, steps_per_call) == length
+
+
+@pytest.mark.parametrize(
+    "n_batches, steps_per_call, calls", [(29, 16, [16, 13]), (100, 40, [25] * 4), (40, 40, [40]), (41, 40, [40, 1])]
+)
+def test_an_epoch_visits_every_mini_batch_once_in_its_calls(n_batches, steps_per_call, calls):
+    """``_train_epoch`` with a trainer that records what it is given (the grouping is all that is tested)."""
+    from types import SimpleNamespace
+
+    from pipeline.nn.fit import _train_epoch
+
+    seen = []
+
+    def train_steps(x, y, keeps, eta):
+        seen.append((x.copy(), y.copy()))
+        return np.ones(len(x), dtype=np.float32)
+
+    trainer = SimpleNamespace(network=SimpleNamespace(dropout_layers=[]), train_steps=train_steps)
+    images = np.arange(n_batches * 10 * 2, dtype=np.uint8).reshape(-1, 2)  # image i holds 2i, 2i + 1
+    order = np.random.default_rng(0).permutation(len(images))
+    labels = (np.arange(len(images)) % 10).astype(np.uint8)
+    cost_sum, diverged = _train_epoch(
+        config(steps_per_call=steps_per_call), trainer, images, order, labels, 1, n_batches, 0.1, False
+    )
+    assert [len(x) for x, _ in seen] == calls and diverged is None and cost_sum == n_batches
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in seen]).reshape(-1, 2), images[order])
+    np.testing.assert_array_equal(np.concatenate([y for _, y in seen]).ravel(), labels[order])
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,7 @@ def _pytensor_graph() -> Graph:
     warnings.filterwarnings("ignore", message="PyTensor could not link to a BLAS installation")
     # JAX logs at INFO that it looked for a TPU; only its warnings concern us.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    _inner_shapes_from_types()
 
     def scan(fn, *, sequences, outputs_info, non_sequences):
         return pytensor.scan(
@@ -104,6 +105,36 @@ def _pytensor_graph() -> Graph:
         conv2d_valid=None,
         max_pool=None,
     )
+
+
+def _inner_shapes_from_types() -> None:
+    """Let PyTensor read the shape of an inner graph's output (a ``scan``'s or an ``OpFromGraph``'s)
+    from its type when the type fixes every dimension. PyTensor's ``infer_shape`` for inner graphs
+    walks the whole graph behind each output to build its shape, and its rewrites ask again each time
+    they rebuild a node: for a training ``scan``, whose cost is a scalar behind the whole network, that
+    walk was about a third of compiling a training (docs/engines.md). The shapes are the same
+    constants the walk ends with, so the compiled graph is the same; outputs with a dimension the type
+    leaves open are still walked."""
+    import pytensor.compile.builders as builders
+    from pytensor.scan import op as scan_op
+    from pytensor.tensor.basic import constant
+
+    walk = builders.infer_shape
+    if getattr(walk, "reads_static_types", False) or scan_op.infer_shape is not walk:
+        return  # done already, or a PyTensor whose scan no longer shares this function: left as it is
+
+    def infer_shape(outs, inputs, input_shapes):
+        walk = infer_shape.walk
+        static = [None not in getattr(out.type, "shape", (None,)) for out in outs]
+        unknown = [out for out, known in zip(outs, static) if not known]
+        walked = iter(walk(unknown, inputs, input_shapes) if unknown else [])
+        return [
+            tuple(constant(size, dtype="int64") for size in out.type.shape) if known else next(walked)
+            for out, known in zip(outs, static)
+        ]
+
+    infer_shape.reads_static_types, infer_shape.walk = True, walk
+    builders.infer_shape = scan_op.infer_shape = infer_shape
 
 
 def _theano_graph() -> Graph:

@@ -303,6 +303,17 @@ def _epoch_images(config: TrainConfig, images: np.ndarray, epoch: int) -> tuple[
     return distorted, order
 
 
+def call_length(n_batches: int, steps_per_call: int) -> int:
+    """The mini-batches per compiled call in an epoch of ``n_batches``: at most ``steps_per_call``, and
+    where one of them divides the epoch, the largest from ``steps_per_call // 8`` up, so that every call
+    runs one program (on JAX each length is a program of its own, compiled in some seconds; 8 times as
+    many calls cost far less); else ``steps_per_call``, the last call shorter."""
+    if n_batches <= steps_per_call:
+        return n_batches
+    divisors = (steps for steps in range(steps_per_call, max(steps_per_call // 8, 1) - 1, -1) if n_batches % steps == 0)
+    return next(divisors, steps_per_call)
+
+
 def _train_epoch(
     config: TrainConfig, trainer: Trainer, images, order, labels, epoch: int, n_batches: int, eta: float, progress: bool
 ) -> tuple[float, int | None]:
@@ -318,6 +329,7 @@ def _train_epoch(
         )
         for i in trainer.network.dropout_layers
     ]
+    per_call = call_length(n_batches, config.steps_per_call)
     cost_sum = 0.0
     bar = tqdm(
         total=n_batches * bs,
@@ -329,8 +341,8 @@ def _train_epoch(
         leave=False,
     )
     with bar:
-        for first in range(0, n_batches, config.steps_per_call):
-            steps = min(config.steps_per_call, n_batches - first)
+        for first in range(0, n_batches, per_call):
+            steps = min(per_call, n_batches - first)
             index = order[first * bs : (first + steps) * bs]
             x = images[index].reshape(steps, bs, -1)  # (K, bs, 784) uint8
             y = labels[index].reshape(steps, bs)
