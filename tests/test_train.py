@@ -335,7 +335,7 @@ def test_a_nan_cost_stops_with_the_epoch_and_keeps_the_best_model(tmp_path, data
     def poisoned_after_first_epoch(self, *args):
         calls["n"] += 1
         costs = real_steps(self, *args)
-        return costs * np.nan if calls["n"] > 3 else costs  # 100 batches = 3 calls of 40 steps per epoch
+        return costs * np.nan if calls["n"] > 4 else costs  # 100 batches = 4 calls of 25 steps per epoch
 
     monkeypatch.setattr(Trainer, "train_steps", poisoned_after_first_epoch)
     with pytest.raises(
