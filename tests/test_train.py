@@ -393,7 +393,7 @@ def test_an_epoch_visits_every_mini_batch_once_in_its_calls(n_batches, steps_per
         return np.ones(len(x), dtype=np.float32)
 
     trainer = SimpleNamespace(network=SimpleNamespace(dropout_layers=[]), train_steps=train_steps)
-    images = np.arange(n_batches * 10 * 2, dtype=np.uint8).reshape(-1, 2)  # image i holds 2i, 2i + 1
+    images = np.arange(n_batches * 10 * 2, dtype=np.int32).reshape(-1, 2)  # image i holds 2i, 2i + 1: each its own
     order = np.random.default_rng(0).permutation(len(images))
     labels = (np.arange(len(images)) % 10).astype(np.uint8)
     cost_sum, diverged = _train_epoch(
