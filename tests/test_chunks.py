@@ -15,18 +15,22 @@ from reference import check_trainer_against_numpy_sgd
 @pytest.mark.parametrize(
     "batch, chunk",
     [
-        (10, 10),  # the book's mini-batch: one piece
-        (16, 16),  # exactly at the limit: one piece
+        (7, 7),  # one under half the limit: one piece
+        (8, 8),  # exactly half the limit: one piece
+        (10, 10),  # the book's mini-batch: one piece, not two of 5
+        (15, 15),  # one under the limit, no smaller divisor from 8: one piece
+        (16, 8),  # exactly at the limit: two chunks of 8, the smallest divisor from 8
         (17, 17),  # one past it, a prime: no divisor from 8 to 16, one piece
         (18, 9),
-        (32, 16),
+        (24, 8),  # 8 and 12 both divide it: the smaller
+        (30, 10),  # 10 and 15: the smaller
+        (32, 8),
         (34, 34),  # 2 x 17: no divisor from 8 to 16
-        (40, 10),
-        (64, 16),
+        (64, 8),
         (100, 10),
     ],
 )
-def test_the_chunk_is_the_largest_divisor_from_half_the_limit_to_the_limit(batch, chunk):
+def test_the_chunk_is_the_smallest_divisor_from_half_the_limit_to_the_limit(batch, chunk):
     assert gradient_chunk(batch, 16) == chunk
     assert gradient_chunk(batch, None) == batch
 
@@ -39,7 +43,7 @@ def test_a_network_with_batch_norm_or_the_c_engine_trains_the_whole_batch_at_onc
     rng = np.random.default_rng(0)
     plain = Network([FullyConnected(12, 6, "relu", rng=rng), Softmax(6, 4)])
     normed = Network([FullyConnected(12, 6, "linear", rng=rng), BatchNorm((6,), "relu"), Softmax(6, 4)])
-    assert Trainer(plain, Backend("jax"), batch_size=64).chunk == 16
+    assert Trainer(plain, Backend("jax"), batch_size=64).chunk == 8
     assert Trainer(plain, Backend("c"), batch_size=64).chunk == 64
     assert Trainer(normed, Backend("jax"), batch_size=64).chunk == 64  # its statistics are the whole batch's
 
@@ -51,7 +55,7 @@ def test_chunked_momentum_sgd_with_dropout_and_l2_matches_numpy_on_whole_batches
     backend = Backend("jax")
     backend.cpu_devices = 1  # one device: the chunks alone (tests/test_data_parallel.py shares the batch)
     trainer = Trainer(net, backend, batch_size=32, lmbda=0.5, num_training_batches=10, momentum=0.9)
-    assert (trainer.shards, trainer.chunk) == (1, 16)  # two chunks a step
+    assert (trainer.shards, trainer.chunk) == (1, 8)  # four chunks a step
     check_trainer_against_numpy_sgd(trainer, rng)
 
 
@@ -78,7 +82,7 @@ def test_a_conv_network_in_chunks_trains_the_whole_batchs_weights_within_roundin
 
     chunk, costs, weights = train(None)
     whole, whole_costs, whole_weights = train(48)
-    assert (chunk, whole) == (16, 48)
+    assert (chunk, whole) == (8, 48)
     np.testing.assert_allclose(costs, whole_costs, rtol=1e-5)
     for got, want in zip(weights, whole_weights, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

@@ -78,7 +78,7 @@ def tanh_net(seed: int) -> Network:
     return net
 
 
-@pytest.mark.parametrize("batch, chunk", [(10, 5), (64, 16)])  # batch 64: two chunks of 16 on each device
+@pytest.mark.parametrize("batch, chunk", [(10, 5), (64, 8)])  # batch 64: four chunks of 8 on each device
 def test_two_devices_train_numpys_whole_batch_momentum_sgd_with_dropout_and_l2(batch, chunk, always_shared):
     net = tanh_net(5)
     trainer = Trainer(net, Backend("jax"), batch_size=batch, lmbda=0.5, num_training_batches=10, momentum=0.9)

@@ -13,9 +13,10 @@ On the CPU, with the JAX engine, the devices (one per core) share each mini-batc
 gradient of its share of the images, and one sum over the devices (``pipeline.nn.data_parallel``)
 gives every device the mini-batch's gradient, where that sum (one value per parameter) is small
 against a device's share of the step (``training_shards``: the convolutional nets with small dense
-layers; not the dense-only nets, nor FC 1000 layers). A device's share larger than 16 images is cut into
-chunks of 8 to 16 (``gradient_chunk``): an inner ``scan`` sums the chunks' gradients, so each
-chunk's convolution windows stay in the caches while they are used (docs/engines.md). Both sums are
+layers; not the dense-only nets, nor FC 1000 layers). A device's share of 16 images or more is cut
+into the smallest chunks of 8 to 16 images that divide it, where one does (``gradient_chunk``): an
+inner ``scan`` sums the chunks' gradients, so each chunk's convolution windows stay in the caches
+while they are used (docs/engines.md). Both sums are
 the mini-batch's gradient in another order of addition, the same within float rounding. A network
 with BatchNorm is neither shared nor cut: its batch statistics are over the whole mini-batch.
 """
@@ -37,18 +38,19 @@ IMAGE_SCALE = np.float32(1.0 / 255.0)
 # convolution windows in the caches (on 2 cores, 40 images a CPU device); a GPU wants large ones
 # (docs/engines.md has the measurements).
 INFERENCE_BATCH = {"cpu": 80, "gpu": 500}
-# The largest chunk of a training mini-batch, per (engine, device); unlisted ones are never cut. The
-# size that keeps a chunk's convolution windows in the caches (docs/engines.md has the measurements).
+# The largest chunk of a training mini-batch, per (engine, device); unlisted ones are never cut. Chunks
+# are as small as half of it: small enough that their convolution windows stay in a core's cache, large
+# enough to pay for a chunk's own work (docs/engines.md has the measurements).
 CHUNK_LIMIT = {("jax", "cpu"): 16}
 
 
 def gradient_chunk(batch_size: int, limit: int | None) -> int:
-    """The images per chunk of a mini-batch of ``batch_size``: the batch itself when ``limit`` is None
-    or the batch is at most ``limit``, else the largest divisor of the batch from ``limit // 2`` to
-    ``limit`` (the batch itself when it has none: chunks that small cost more than they save)."""
-    if limit is None or batch_size <= limit:
+    """The images per chunk of a mini-batch of ``batch_size``: the smallest divisor of the batch from
+    ``limit // 2`` to ``limit``, so that a chunk's windows stay in a core's cache, the batch itself when
+    it has none (smaller chunks cost more than they save) or when ``limit`` is None."""
+    if limit is None:
         return batch_size
-    divisors = [size for size in range(limit, limit // 2 - 1, -1) if batch_size % size == 0]
+    divisors = [size for size in range(limit // 2, limit + 1) if batch_size % size == 0]
     return divisors[0] if divisors else batch_size
 
 

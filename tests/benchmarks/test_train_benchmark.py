@@ -31,9 +31,10 @@ def test_the_jax_engine_is_timed_and_reported(capsys):
     "batch, devices, split",
     [
         (10, 2, "; pytensor-jax on 2 devices of 5 images"),
-        (64, 2, "; pytensor-jax on 2 devices of 32 images, each in chunks of 16"),
-        (64, 1, "; pytensor-jax in chunks of 16"),
-        (16, 1, ""),  # at the chunk limit: not cut
+        (64, 2, "; pytensor-jax on 2 devices of 32 images, each in chunks of 8"),
+        (64, 1, "; pytensor-jax in chunks of 8"),
+        (16, 1, "; pytensor-jax in chunks of 8"),  # exactly at the chunk limit: two chunks
+        (15, 1, ""),  # one under it, with no divisor from 8 but itself: not cut
         (9, 2, ""),
     ],
 )
