@@ -26,6 +26,7 @@ from reference import check_trainer_against_numpy_sgd
         (30, 10),  # 10 and 15: the smaller
         (32, 8),
         (34, 34),  # 2 x 17: no divisor from 8 to 16
+        (40, 8),  # 8 and 10: the smaller
         (64, 8),
         (100, 10),
     ],
