@@ -293,9 +293,12 @@ def test_every_product_of_a_convolution_contracts_its_left_operand_over_its_last
     function = pytensor.function([x, w, g], [y, *pt.grad(pt.sum(y * g), [x, w])], mode="JAX")
     program = jax.jit(function.vm.jit_fn).lower(x_val, w_val, g_val).compile().as_text()
     shapes = dict(re.findall(r"%(\S+) = f32\[([\d,]*)\]", program))
-    products = re.findall(r"dot\(%([^,]+), %[^)]+\), lhs_contracting_dims=\{(\d+)\}", program)
+    products = re.findall(r"f32\[([\d,]*)\]\S* dot\(%([^,]+), %[^)]+\), lhs_contracting_dims=\{(\d+)\}", program)
     assert len(products) == 3  # the output, the windows' gradient, the filters' gradient
-    assert all(int(axis) == shapes[lhs].count(",") for lhs, axis in products), products
+    assert all(int(axis) == shapes[lhs].count(",") for _, lhs, axis in products), products
+    # the filters' gradient windows first, laid out as the filters: the operand it reads transposed is
+    # the output gradient (40 rows), not the windows (500)
+    assert sorted(shape for shape, _, _ in products) == sorted([f"40,{images * 64}", "500,40", f"500,{images * 64}"])
     out, gx, gw = function(x_val, w_val, g_val)
     np.testing.assert_allclose(out, np_conv(x_val, w_val), rtol=1e-4, atol=1e-4)
     windows = np.stack([x_val[:, a : a + 8, b : b + 8, :] for a in range(5) for b in range(5)], axis=3)
