@@ -12,7 +12,7 @@ import pytest
 from pipeline.nn import compiled
 from pipeline.nn.architecture import build, resolve
 from pipeline.nn.backend import Backend, xla_flags_with_cpu_devices
-from pipeline.nn.compiled import Inference, Trainer, shards_for, training_shards
+from pipeline.nn.compiled import INFERENCE_CALL_BATCHES, Inference, Trainer, shards_for, training_shards
 from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 from pipeline.nn.network import Network
 
@@ -171,7 +171,9 @@ def test_a_tasks_xla_flags_keep_the_drivers_flags_and_set_its_own_device_count(f
     assert xla_flags_with_cpu_devices(flags, count) == expected
 
 
-def test_inference_on_two_devices_scores_each_image_as_one_device_does():
+# a batch of 80 and one of 45, padded; a call of INFERENCE_CALL_BATCHES batches of 80 (a scan), then those two
+@pytest.mark.parametrize("count", [125, 80 * INFERENCE_CALL_BATCHES + 125])
+def test_inference_on_two_devices_scores_each_image_as_one_device_does(count):
     rng = np.random.default_rng(4)
     net = Network(
         [
@@ -181,14 +183,14 @@ def test_inference_on_two_devices_scores_each_image_as_one_device_does():
         ]
     )
     net.layers[2].w.set_value(rng.normal(size=(16, 10)).astype(np.float32))
-    images = rng.integers(0, 256, (125, 144), dtype=np.uint8)  # a batch of 80 and one of 45, padded
+    images = rng.integers(0, 256, (count, 144), dtype=np.uint8)
     one = Backend("jax")
     one.cpu_devices = 1
     shared, alone = Inference(net, Backend("jax")), Inference(net, one)
     assert (shared.batch_size, shared.shards, alone.shards) == (80, 2, 1)
     assert Inference(net, Backend("jax"), batch_size=7).shards == 1
     got, want = shared.probabilities(images), alone.probabilities(images)
-    assert got.shape == (125, 10)
+    assert got.shape == (count, 10)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     # each image its own probabilities: the devices' halves are not swapped or repeated
-    assert len({tuple(row) for row in got.round(5)}) == 125
+    assert len({tuple(row) for row in got.round(5)}) == count

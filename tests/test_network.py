@@ -6,7 +6,7 @@ import pytensor.tensor as pt
 import pytest
 
 from pipeline.nn.backend import Backend
-from pipeline.nn.compiled import Inference, Trainer
+from pipeline.nn.compiled import INFERENCE_CALL_BATCHES, Inference, Trainer
 from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 from pipeline.nn.network import Network
 
@@ -82,6 +82,25 @@ def test_inference_output_and_accuracy(data):
     np.testing.assert_allclose(out, softmax / softmax.sum(axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
     inference = Inference(net, JAX, batch_size=7)  # a last partial batch too
     assert inference.accuracy(x, y) == pytest.approx(np.mean(np_forward(net, x).argmax(axis=1) == y))
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1])  # images: one under a whole call of batches, exactly, one past
+def test_inference_runs_calls_of_many_batches_where_there_are_enough_then_one_batch_a_call(data, extra):
+    rng, _, _ = data
+    net = dense_net(rng)
+    images = 2 * INFERENCE_CALL_BATCHES + extra
+    x = rng.normal(size=(images, 6)).astype(np.float32)
+    inference = Inference(net, JAX, batch_size=2)
+    got = inference.probabilities(x)
+    # the programs compiled, by the batches each call runs: single batches under a whole call, one
+    # call of them all exactly, then a single batch (one image and one of padding) one past
+    assert set(inference._fns) == {-1: {1}, 0: {INFERENCE_CALL_BATCHES}, 1: {INFERENCE_CALL_BATCHES, 1}}[extra]
+    logits = np_forward(net, x)
+    softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(got, softmax / softmax.sum(axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
+    # bit for bit what scoring one batch a call gives: a call of many batches scores each as one
+    singles = np.concatenate([inference.probabilities(x[i : i + 2]) for i in range(0, images, 2)])
+    np.testing.assert_array_equal(got, singles)
 
 
 def test_costs_that_do_not_fit_the_output_layer_are_refused(data):

@@ -38,6 +38,9 @@ IMAGE_SCALE = np.float32(1.0 / 255.0)
 # convolution windows in the caches (on 2 cores, 40 images a CPU device); a GPU wants large ones
 # (docs/engines.md has the measurements).
 INFERENCE_BATCH = {"cpu": 80, "gpu": 500}
+# Inference batches per compiled call where there are that many: a scan runs them one after another,
+# so that scoring a validation set takes a few calls, not one per batch (docs/engines.md).
+INFERENCE_CALL_BATCHES = 25
 # The largest chunk of a training mini-batch, per (engine, device); unlisted ones are never cut. Chunks
 # are as small as half of it: small enough that their convolution windows stay in a core's cache, large
 # enough to pay for a chunk's own work (docs/engines.md has the measurements).
@@ -271,32 +274,46 @@ class Inference:
     """The network's outputs at inference (no dropout) for any number of images."""
 
     def __init__(self, network: Network, backend: Backend, *, batch_size: int | None = None):
-        """``batch_size``: the images per compiled call; None: the device's ``INFERENCE_BATCH``."""
+        """``batch_size``: the images a device's batch holds in all (a compiled call runs
+        ``INFERENCE_CALL_BATCHES`` of them, or one); None: the device's ``INFERENCE_BATCH``."""
         self.network, self.backend = network, backend
         self.batch_size = INFERENCE_BATCH[backend.device] if batch_size is None else batch_size
         self.shards = shards_for(self.batch_size, backend.cpu_devices)  # each image is scored on its own
-        self._fn = None
+        self._fns: dict[int, object] = {}
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Outputs (class probabilities for a softmax network), float32 (N, n_out).
 
         ``images``: uint8 (values 0-255) or float (already in [0, 1]), shape (N, 28, 28) or (N, 784).
-        Runs in fixed-size batches, the last one padded with zeros, so JAX compiles once.
+        Runs in calls of ``INFERENCE_CALL_BATCHES`` batches while that many are left, then of one
+        batch, the last one padded with zeros, so JAX compiles two programs at most.
         """
-        if self._fn is None:
-            x = graph.variable("x", "float32", (self.batch_size // self.shards, self.network.n_in))
-            outputs = [self.network.output(x, deterministic=True)]
-            self._fn = self.backend.function([x], outputs, sharding=_sharding(self.shards, 1, 0, True))
         n, batch = len(images), self.batch_size
         out = np.empty((n, self.network.n_out), dtype=np.float32)
-        for start in range(0, n, batch):
-            x = as_float_images(images[start : start + batch])
+        start = 0
+        while start < n:
+            batches = INFERENCE_CALL_BATCHES if n - start >= INFERENCE_CALL_BATCHES * batch else 1
+            x = as_float_images(images[start : start + batches * batch])
             real = len(x)
-            if real < batch:
-                x = np.concatenate([x, np.zeros((batch - real, x.shape[1]), dtype=np.float32)])
-            (p,) = self._fn(x)
-            out[start : start + real] = p[:real]
+            if real < batches * batch:
+                x = np.concatenate([x, np.zeros((batches * batch - real, x.shape[1]), dtype=np.float32)])
+            (p,) = self._function(batches)(x.reshape(batches, batch, -1))
+            out[start : start + real] = p.reshape(batches * batch, -1)[:real]
+            start += real
         return out
+
+    def _function(self, batches: int):
+        """The compiled outputs of ``batches`` batches, (batches, batch, n_in) -> (batches, batch, n_out):
+        a scan over them, each batch shared among the devices."""
+        if batches not in self._fns:
+            net = self.network
+            xs = graph.variable("x", "float32", (batches, self.batch_size // self.shards, net.n_in))
+            outputs = graph.scan(
+                lambda x: net.output(x, deterministic=True), sequences=[xs], outputs_info=[None], non_sequences=[]
+            )
+            sharding = _sharding(self.shards, 1, 1, True)
+            self._fns[batches] = self.backend.function([xs], [outputs], sharding=sharding)
+        return self._fns[batches]
 
     def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
         """Fraction of ``images`` whose most likely class equals ``labels``."""
