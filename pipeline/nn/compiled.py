@@ -274,8 +274,8 @@ class Inference:
     """The network's outputs at inference (no dropout) for any number of images."""
 
     def __init__(self, network: Network, backend: Backend, *, batch_size: int | None = None):
-        """``batch_size``: the images a device's batch holds in all (a compiled call runs
-        ``INFERENCE_CALL_BATCHES`` of them, or one); None: the device's ``INFERENCE_BATCH``."""
+        """``batch_size``: the images of a batch, shared among the CPU devices (a compiled call runs
+        ``INFERENCE_CALL_BATCHES`` batches, or one); None: the device's ``INFERENCE_BATCH``."""
         self.network, self.backend = network, backend
         self.batch_size = INFERENCE_BATCH[backend.device] if batch_size is None else batch_size
         self.shards = shards_for(self.batch_size, backend.cpu_devices)  # each image is scored on its own
