@@ -87,7 +87,12 @@ def _pytensor_graph() -> Graph:
 
     def scan(fn, *, sequences, outputs_info, non_sequences):
         return pytensor.scan(
-            fn, sequences=sequences, outputs_info=outputs_info, non_sequences=non_sequences, return_updates=False
+            fn,
+            sequences=sequences,
+            outputs_info=outputs_info,
+            non_sequences=non_sequences,
+            return_list=True,
+            return_updates=False,
         )
 
     return Graph(

@@ -308,7 +308,7 @@ class Inference:
         if batches not in self._fns:
             net = self.network
             xs = graph.variable("x", "float32", (batches, self.batch_size // self.shards, net.n_in))
-            outputs = graph.scan(
+            (outputs,) = graph.scan(
                 lambda x: net.output(x, deterministic=True), sequences=[xs], outputs_info=[None], non_sequences=[]
             )
             sharding = _sharding(self.shards, 1, 1, True)
