@@ -31,6 +31,13 @@ def np_forward(net, x):
     return h @ net.layers[1].w.get_value() + net.layers[1].b.get_value()
 
 
+def np_probabilities(net, x):
+    """``dense_net``'s softmax outputs, in NumPy."""
+    logits = np_forward(net, x)
+    softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return softmax / softmax.sum(axis=1, keepdims=True)
+
+
 @pytest.fixture
 def data():
     rng = np.random.default_rng(3)
@@ -77,9 +84,7 @@ def test_inference_output_and_accuracy(data):
     net = dense_net(rng)
     xs = pt.matrix("x", dtype="float32")
     (out,) = JAX.function([xs], [net.output(xs, deterministic=True)])(x)
-    logits = np_forward(net, x)
-    softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
-    np.testing.assert_allclose(out, softmax / softmax.sum(axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out, np_probabilities(net, x), rtol=1e-4, atol=1e-6)
     inference = Inference(net, JAX, batch_size=7)  # a last partial batch too
     assert inference.accuracy(x, y) == pytest.approx(np.mean(np_forward(net, x).argmax(axis=1) == y))
 
@@ -95,9 +100,7 @@ def test_inference_runs_calls_of_many_batches_where_there_are_enough_then_one_ba
     # the programs compiled, by the batches each call runs: single batches under a whole call, one
     # call of them all exactly, then a single batch (one image and one of padding) one past
     assert set(inference._fns) == {-1: {1}, 0: {INFERENCE_CALL_BATCHES}, 1: {INFERENCE_CALL_BATCHES, 1}}[extra]
-    logits = np_forward(net, x)
-    softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
-    np.testing.assert_allclose(got, softmax / softmax.sum(axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got, np_probabilities(net, x), rtol=1e-4, atol=1e-6)
     # bit for bit what scoring one batch a call gives: a call of many batches scores each as one
     singles = np.concatenate([inference.probabilities(x[i : i + 2]) for i in range(0, images, 2)])
     np.testing.assert_array_equal(got, singles)
