@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.nn import compiled
 from pipeline.nn.architecture import build, resolve
-from pipeline.nn.backend import Backend, xla_flags_with_cpu_devices
+from pipeline.nn.backend import COPY_ANALYSIS_FLAG, CPU_DEVICES_FLAG, Backend, xla_flags_with_cpu_devices
 from pipeline.nn.compiled import INFERENCE_CALL_BATCHES, Inference, Trainer, shards_for, training_shards
 from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 from pipeline.nn.network import Network
@@ -153,6 +153,42 @@ def test_the_backend_gives_jax_one_cpu_device_per_core_unless_xla_flags_says_oth
     assert devices_seen({**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=5"}) == 5
     if cores >= 2:
         assert devices_seen(env, ("taskset", "-c", "0")) == 1  # one core allowed: one device
+
+
+TRAINED_WEIGHTS = """
+import hashlib, os
+import numpy as np
+from pipeline.nn.backend import Backend
+from pipeline.nn.compiled import Trainer
+from pipeline.nn.layers import FullyConnected, Softmax
+from pipeline.nn.network import Network
+rng = np.random.default_rng(0)
+net = Network([FullyConnected(784, 64, "relu", rng=rng), FullyConnected(64, 64, "relu", rng=rng), Softmax(64, 10)])
+data = np.random.default_rng(1)
+images, labels = data.integers(0, 256, (30, 10, 784), dtype=np.uint8), data.integers(0, 10, (30, 10))
+Trainer(net, Backend("jax"), batch_size=10).train_steps(images, labels, [], 0.1)
+print(os.environ["XLA_FLAGS"])
+print(hashlib.sha256(b"".join(p.get_value().tobytes() for p in net.params)).hexdigest())
+"""
+
+
+def flags_and_weights(xla_flags: str) -> tuple[str, str]:
+    """$XLA_FLAGS as the backend leaves it, and a hash of the weights after 30 SGD steps, in a fresh
+    process started with ``xla_flags``."""
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "XLA_FLAGS": xla_flags}
+    out = subprocess.run([sys.executable, "-c", TRAINED_WEIGHTS], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    flags, weights = out.stdout.splitlines()[-2:]
+    return flags, weights
+
+
+def test_xla_copy_analysis_is_on_unless_xla_flags_says_otherwise_and_trains_the_same_weights():
+    one = f"{CPU_DEVICES_FLAG}=1"  # one device: each step reads a weight matrix twice, then updates it
+    on_flags, on_weights = flags_and_weights(one)
+    off_flags, off_weights = flags_and_weights(f"{one} {COPY_ANALYSIS_FLAG}=false")
+    assert f"{COPY_ANALYSIS_FLAG}=true" in on_flags.split()
+    assert f"{COPY_ANALYSIS_FLAG}=false" in off_flags.split() and f"{COPY_ANALYSIS_FLAG}=true" not in off_flags
+    assert on_weights == off_weights
 
 
 @pytest.mark.parametrize(

@@ -157,17 +157,27 @@ def xla_flags_with_cpu_devices(flags: str, count: int) -> str:
     return " ".join([*kept, f"{CPU_DEVICES_FLAG}={count}"])
 
 
-def _one_cpu_device_per_core() -> None:
+# XLA's copy insertion with its region analysis: without it, the CPU compiler copies each weight
+# matrix that a step reads twice (forward and backward) before the step's SGD update overwrites it, a
+# copy per matrix per step; with it, the same arithmetic, without those copies (docs/engines.md).
+COPY_ANALYSIS_FLAG = "--xla_cpu_copy_insertion_use_region_analysis"
+
+
+def _xla_cpu_flags() -> None:
     """Give JAX one CPU device per core this process may use (``pipeline.nn.data_parallel``), unless
     $XLA_FLAGS already sets the count (``--xla_force_host_platform_device_count=1`` turns it off; a
-    Ray task gets one device per CPU it asks for, ``pipeline.cluster.tasks.worker_env``). XLA reads
-    the flag once, when JAX starts, so this runs before anything here imports JAX."""
+    Ray task gets one device per CPU it asks for, ``pipeline.cluster.tasks.worker_env``), and turn on
+    ``COPY_ANALYSIS_FLAG`` unless $XLA_FLAGS sets it. XLA reads the flags once, when JAX starts, so
+    this runs before anything here imports JAX."""
     flags = os.environ.get("XLA_FLAGS", "")
     if CPU_DEVICES_FLAG not in flags:
-        os.environ["XLA_FLAGS"] = xla_flags_with_cpu_devices(flags, len(os.sched_getaffinity(0)))
+        flags = xla_flags_with_cpu_devices(flags, len(os.sched_getaffinity(0)))
+    if COPY_ANALYSIS_FLAG not in flags:
+        flags = f"{flags} {COPY_ANALYSIS_FLAG}=true"
+    os.environ["XLA_FLAGS"] = flags
 
 
-_one_cpu_device_per_core()
+_xla_cpu_flags()
 
 try:
     import pytensor  # noqa: F401  (only to learn which environment this is)

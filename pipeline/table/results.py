@@ -73,7 +73,10 @@ def code_version() -> str:
 # same dvc repro model.npz); 51656e753f95: before inference ran 25 batches a call (the training code is
 # untouched and the probabilities are the same bit for bit, on JAX and C: the same dvc repro model.npz);
 # 5c9a28edcd90: before a docstring of that inference was corrected and graph.scan returned a list on
-# PyTensor too, as on theano-pymc (the same compiled programs).
+# PyTensor too, as on theano-pymc (the same compiled programs); 8f16d0a75b36: before the backend turned on
+# XLA's copy insertion with region analysis (the same arithmetic without a copy of each weight matrix per
+# step: the same parameters after the same steps for rows 1, 2, 4, 6b, 7b, 7c and 8's networks and at batch
+# 64, the same dvc repro model.npz).
 SAME_WEIGHTS_AS = {
     "fe47bddc4df5": "51b68d4a31cc",
     "51b68d4a31cc": "95e6cd7a8476",
@@ -87,6 +90,7 @@ SAME_WEIGHTS_AS = {
     "85688064ad8c": "52ca9a4ceb9e",
     "51656e753f95": "5c9a28edcd90",
     "5c9a28edcd90": "8f16d0a75b36",
+    "8f16d0a75b36": "b6fe8c32c9fc",
 }
 
 
