@@ -53,3 +53,20 @@ TINY_NET = [
     {"type": "fully_connected", "n_in": 784, "n_out": 30, "activation": "sigmoid"},
     {"type": "softmax", "n_in": 30, "n_out": 10},
 ]
+
+
+def stage_training_in(params: dict, prepared: Path, out: Path):
+    """The train stage's training of ``params`` on the prepared set in ``prepared``, its model,
+    checkpoints and metrics under ``out`` (``model/``, ``checkpoints/``, ``metrics/``), no progress bars
+    (a ``pipeline.tracking.tracked.TrackedTraining``)."""
+    from pipeline.tracking.tracked import stage_training  # here: a test of the data alone needs no MLflow
+
+    return stage_training(
+        params=params,
+        prepared_dir=prepared,
+        expanded_dir=None,
+        model_dir=out / "model",
+        checkpoint_dir=out / "checkpoints",
+        metrics_dir=out / "metrics",
+        progress=False,
+    )

@@ -16,10 +16,10 @@ from pipeline.evaluation.evaluate import EvaluateConfig, evaluate, shifted_proba
 from pipeline.nn.architecture import build, resolve
 from pipeline.nn.fit import TrainingDiverged
 from pipeline.nn.model_io import load_model, save_model
-from pipeline.tracking.tracked import stage_training, train_tracked
+from pipeline.tracking.tracked import train_tracked
 
 from reference import np_shift
-from synthetic import TINY_NET, write_prepared
+from synthetic import TINY_NET, stage_training_in, write_prepared
 
 
 @pytest.fixture
@@ -41,17 +41,7 @@ def params(**train):
 
 
 def train_in(project, **train):
-    return train_tracked(
-        stage_training(
-            params=params(**train),
-            prepared_dir=project / "data/prepared",
-            expanded_dir=None,
-            model_dir=project / "data/model",
-            checkpoint_dir=project / "data/checkpoints",
-            metrics_dir=project / "data/metrics",
-            progress=False,
-        )
-    )
+    return train_tracked(stage_training_in(params(**train), project / "data/prepared", project / "data"))
 
 
 def client(project):
@@ -265,17 +255,7 @@ def test_training_runs_log_system_metrics_unless_turned_off(project, monkeypatch
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "600")
     settings = params(epochs=2)
     settings["tracking"]["system_metrics"] = on
-    summary = train_tracked(
-        stage_training(
-            params=settings,
-            prepared_dir=project / "data/prepared",
-            expanded_dir=None,
-            model_dir=project / "data/model",
-            checkpoint_dir=project / "data/checkpoints",
-            metrics_dir=project / "data/metrics",
-            progress=False,
-        )
-    )
+    summary = train_tracked(stage_training_in(settings, project / "data/prepared", project / "data"))
     logged = client(project).get_run(summary["run_id"]).data.metrics
     system = {name for name in logged if name.startswith("system/")}
     if on:
@@ -289,17 +269,7 @@ def test_the_model_directory_holds_no_run_id(project):
     id is in data/metrics/mlflow_run.json, apart from the model."""
     runs = []
     for name in ("a", "b"):
-        summary = train_tracked(
-            stage_training(
-                params=params(epochs=1),
-                prepared_dir=project / "data/prepared",
-                expanded_dir=None,
-                model_dir=project / name / "model",
-                checkpoint_dir=project / name / "checkpoints",
-                metrics_dir=project / name / "metrics",
-                progress=False,
-            )
-        )
+        summary = train_tracked(stage_training_in(params(epochs=1), project / "data/prepared", project / name))
         runs.append(summary["run_id"])
         assert json.loads((project / name / "metrics" / "mlflow_run.json").read_text())["run_id"] == summary["run_id"]
     assert runs[0] != runs[1]

@@ -20,10 +20,10 @@ from pipeline.core.pause import DIR_ENV, EPOCH_ENV, RELEASE_FILE, PauseError, Pa
 from pipeline.nn.checkpoint import CHECKPOINT_FILE
 from pipeline.stages import train as train_stage
 from pipeline.tracking.run import Run
-from pipeline.tracking.tracked import stage_training, train_tracked
+from pipeline.tracking.tracked import train_tracked
 
 from servers import free_port, mlflow_server, release, wait_for_pause
-from synthetic import TINY_NET, write_prepared
+from synthetic import TINY_NET, stage_training_in, write_prepared
 
 
 def pause_env(epoch, directory):
@@ -100,15 +100,8 @@ def job(tmp_path, name, **tracking):
     """A tracked training of 3 epochs; no pyfunc model, datasets or system metrics (slow, and not the point here)."""
     settings = {"architecture": TINY_NET, "epochs": 3, "eta": 0.5, "lmbda": 0.0, "seed": 3, "steps_per_call": 20}
     out = tmp_path / name
-    training = stage_training(
-        params={"train": settings, "tracking": {"experiment": name, "system_metrics": False, **tracking}},
-        prepared_dir=tmp_path / "prepared",
-        expanded_dir=None,
-        model_dir=out / "model",
-        checkpoint_dir=out / "checkpoints",
-        metrics_dir=out / "metrics",
-        progress=False,
-    )
+    tracking = {"experiment": name, "system_metrics": False, **tracking}
+    training = stage_training_in({"train": settings, "tracking": tracking}, tmp_path / "prepared", out)
     return dataclasses.replace(training, log_pyfunc=False, log_datasets=False)
 
 

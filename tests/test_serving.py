@@ -16,10 +16,10 @@ from pipeline.core.files import load_npz
 from pipeline.nn.model_io import load_model
 from pipeline.tracking import TrackingConfig, registry, tracked_run
 from pipeline.tracking.serving import BadInput, as_images, digit_classifier
-from pipeline.tracking.tracked import stage_training, train_tracked
+from pipeline.tracking.tracked import train_tracked
 
 from servers import free_port, stop, wait_until_answering
-from synthetic import TINY_NET, write_prepared
+from synthetic import TINY_NET, stage_training_in, write_prepared
 
 
 def test_as_images_accepts_the_usual_shapes_and_scales():
@@ -76,17 +76,7 @@ def test_mlflow_models_serve_answers_predictions(tmp_path, monkeypatch, migrated
     monkeypatch.delenv("DVC_ROOT", raising=False)
     prepared = write_prepared(tmp_path / "prepared")
     params = {"train": {"architecture": TINY_NET, "epochs": 1, "eta": 0.5, "lmbda": 0.0, "steps_per_call": 20}}
-    train_tracked(
-        stage_training(
-            params=params,
-            prepared_dir=prepared,
-            expanded_dir=None,
-            model_dir=tmp_path / "model",
-            checkpoint_dir=tmp_path / "checkpoints",
-            metrics_dir=tmp_path / "metrics",
-            progress=False,
-        )
-    )
+    train_tracked(stage_training_in(params, prepared, tmp_path))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("nndl-chapter6").experiment_id])

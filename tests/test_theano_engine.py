@@ -22,7 +22,7 @@ from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 from pipeline.nn.network import Network
 
 from reference import np_batch_norm, np_conv, np_pool, sigmoid
-from synthetic import digit_images, write_prepared
+from synthetic import digit_images, stage_training_in, write_prepared
 
 # theano-pymc 1.1.2 builds graphs with NumPy aliases deprecated since numpy 1.20 (np.complex)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:theano.*")
@@ -173,7 +173,7 @@ def test_the_train_stage_mlflow_and_evaluate_work_with_the_engine(tmp_path, monk
     from pipeline import tracking
     from pipeline.evaluation.evaluate import EvaluateConfig, evaluate
     from pipeline.nn.model_io import load_model
-    from pipeline.tracking.tracked import stage_training, train_tracked
+    from pipeline.tracking.tracked import train_tracked
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     write_prepared(tmp_path / "prepared")
@@ -193,17 +193,7 @@ def test_the_train_stage_mlflow_and_evaluate_work_with_the_engine(tmp_path, monk
         },
         "tracking": {"experiment": "theano"},
     }
-    summary = train_tracked(
-        stage_training(
-            params=params,
-            prepared_dir=tmp_path / "prepared",
-            expanded_dir=None,
-            model_dir=tmp_path / "model",
-            checkpoint_dir=tmp_path / "checkpoints",
-            metrics_dir=tmp_path / "metrics",
-            progress=False,
-        )
-    )
+    summary = train_tracked(stage_training_in(params, tmp_path / "prepared", tmp_path))
     assert summary["engine"] == "theano-pymc" and summary["device"].startswith("cpu (theano-pymc 1.1.2")
     assert summary["best_validation_accuracy"] > 0.8
     metrics = evaluate(
