@@ -70,3 +70,20 @@ def stage_training_in(params: dict, prepared: Path, out: Path):
         metrics_dir=out / "metrics",
         progress=False,
     )
+
+
+def stage_evaluation_in(root: Path, config, tracking_config=None) -> dict:
+    """The evaluate stage on the model and prepared test set under ``root`` (``model/``,
+    ``prepared/test.npz``), as the stage writes them: ``evaluate/``, ``metrics/evaluate.json``, and the
+    run in ``metrics/mlflow_run.json`` when ``tracking_config`` (a ``TrackingConfig``) is given."""
+    from pipeline.evaluation.evaluate import evaluate  # here: a test of the data alone needs no MLflow
+
+    run = {"run_file": root / "metrics/mlflow_run.json", "tracking_config": tracking_config} if tracking_config else {}
+    return evaluate(
+        config=config,
+        model_dir=root / "model",
+        test_path=root / "prepared/test.npz",
+        out_dir=root / "evaluate",
+        metrics_path=root / "metrics/evaluate.json",
+        **run,
+    )

@@ -12,14 +12,14 @@ from mlflow.tracking import MlflowClient
 from pipeline import tracking
 from pipeline.core.config import ConfigError, PipelineError
 from pipeline.core.files import load_npz
-from pipeline.evaluation.evaluate import EvaluateConfig, evaluate, shifted_probabilities
+from pipeline.evaluation.evaluate import EvaluateConfig, shifted_probabilities
 from pipeline.nn.architecture import build, resolve
 from pipeline.nn.fit import TrainingDiverged
 from pipeline.nn.model_io import load_model, save_model
 from pipeline.tracking.tracked import train_tracked
 
 from reference import np_shift
-from synthetic import TINY_NET, stage_training_in, write_prepared
+from synthetic import TINY_NET, stage_evaluation_in, stage_training_in, write_prepared
 
 
 @pytest.fixture
@@ -50,14 +50,8 @@ def client(project):
 
 def test_train_and_evaluate_log_one_complete_run(project):
     summary = train_in(project)
-    metrics = evaluate(
-        config=EvaluateConfig(gallery_size=5),
-        model_dir=project / "data/model",
-        test_path=project / "data/prepared/test.npz",
-        out_dir=project / "data/evaluate",
-        metrics_path=project / "data/metrics/evaluate.json",
-        run_file=project / "data/metrics/mlflow_run.json",
-        tracking_config=tracking.TrackingConfig(experiment="tests"),
+    metrics = stage_evaluation_in(
+        project / "data", EvaluateConfig(gallery_size=5), tracking.TrackingConfig(experiment="tests")
     )
 
     # the evaluation files agree with an independent count from the labels and the CSV
@@ -101,15 +95,7 @@ def test_train_and_evaluate_log_one_complete_run(project):
 
     # evaluate settings are tags: changing one re-runs evaluate alone, on the same run (MLflow params are immutable)
     assert run.data.tags["evaluate.gallery_size"] == "5" and "evaluate.gallery_size" not in run.data.params
-    evaluate(
-        config=EvaluateConfig(gallery_size=7),
-        model_dir=project / "data/model",
-        test_path=project / "data/prepared/test.npz",
-        out_dir=project / "data/evaluate",
-        metrics_path=project / "data/metrics/evaluate.json",
-        run_file=project / "data/metrics/mlflow_run.json",
-        tracking_config=tracking.TrackingConfig(experiment="tests"),
-    )
+    stage_evaluation_in(project / "data", EvaluateConfig(gallery_size=7), tracking.TrackingConfig(experiment="tests"))
     again = mlflow_client.get_run(run.info.run_id)
     assert again.info.status == "FINISHED" and again.data.tags["evaluate.gallery_size"] == "7"
 
@@ -216,13 +202,7 @@ def test_evaluate_with_test_time_shifts_answers_from_five_views(project):
     save_model(
         project / "data/model", network, [rng.normal(0, 0.3, v.shape).astype(np.float32) for v in network.get_values()]
     )
-    metrics = evaluate(
-        config=EvaluateConfig(gallery_size=5, test_time_shifts=1),
-        model_dir=project / "data/model",
-        test_path=project / "data/prepared/test.npz",
-        out_dir=project / "data/evaluate",
-        metrics_path=project / "data/metrics/evaluate.json",
-    )
+    metrics = stage_evaluation_in(project / "data", EvaluateConfig(gallery_size=5, test_time_shifts=1))
 
     test, model = load_npz(project / "data/prepared/test.npz"), load_model(project / "data/model")
     views = [test["images"], *(np_shift(test["images"], dy, dx) for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)))]
@@ -237,14 +217,10 @@ def test_evaluate_with_test_time_shifts_answers_from_five_views(project):
 
 def test_registering_can_be_turned_off(project):
     train_in(project, epochs=1)
-    evaluate(
-        config=EvaluateConfig(gallery_size=2),
-        model_dir=project / "data/model",
-        test_path=project / "data/prepared/test.npz",
-        out_dir=project / "data/evaluate",
-        metrics_path=project / "data/metrics/evaluate.json",
-        run_file=project / "data/metrics/mlflow_run.json",
-        tracking_config=tracking.TrackingConfig(experiment="tests", registered_model=""),
+    stage_evaluation_in(
+        project / "data",
+        EvaluateConfig(gallery_size=2),
+        tracking.TrackingConfig(experiment="tests", registered_model=""),
     )
     assert client(project).search_registered_models() == []
 

@@ -22,7 +22,7 @@ from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
 from pipeline.nn.network import Network
 
 from reference import np_batch_norm, np_conv, np_pool, sigmoid
-from synthetic import digit_images, stage_training_in, write_prepared
+from synthetic import digit_images, stage_evaluation_in, stage_training_in, write_prepared
 
 # theano-pymc 1.1.2 builds graphs with NumPy aliases deprecated since numpy 1.20 (np.complex)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:theano.*")
@@ -171,7 +171,7 @@ def test_the_train_stage_mlflow_and_evaluate_work_with_the_engine(tmp_path, monk
     from mlflow.tracking import MlflowClient
 
     from pipeline import tracking
-    from pipeline.evaluation.evaluate import EvaluateConfig, evaluate
+    from pipeline.evaluation.evaluate import EvaluateConfig
     from pipeline.nn.model_io import load_model
     from pipeline.tracking.tracked import train_tracked
 
@@ -196,14 +196,8 @@ def test_the_train_stage_mlflow_and_evaluate_work_with_the_engine(tmp_path, monk
     summary = train_tracked(stage_training_in(params, tmp_path / "prepared", tmp_path))
     assert summary["engine"] == "theano-pymc" and summary["device"].startswith("cpu (theano-pymc 1.1.2")
     assert summary["best_validation_accuracy"] > 0.8
-    metrics = evaluate(
-        config=EvaluateConfig(gallery_size=3),
-        model_dir=tmp_path / "model",
-        test_path=tmp_path / "prepared/test.npz",
-        out_dir=tmp_path / "evaluate",
-        metrics_path=tmp_path / "metrics/evaluate.json",
-        run_file=tmp_path / "metrics/mlflow_run.json",
-        tracking_config=tracking.TrackingConfig(experiment="theano"),
+    metrics = stage_evaluation_in(
+        tmp_path, EvaluateConfig(gallery_size=3), tracking.TrackingConfig(experiment="theano")
     )
     test = np.load(tmp_path / "prepared/test.npz")
     predicted = load_model(tmp_path / "model").predict(test["images"])  # this environment's default engine
