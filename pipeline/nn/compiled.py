@@ -16,8 +16,9 @@ against a device's share of the step (``training_shards``: the convolutional net
 layers; not the dense-only nets, nor FC 1000 layers). A device's share of 16 images or more is cut
 into the smallest chunks of 8 to 16 images that divide it, where one does (``gradient_chunk``): an
 inner ``scan`` sums the chunks' gradients, so each chunk's convolution windows stay in the caches
-while they are used (docs/engines.md). Both sums are
-the mini-batch's gradient in another order of addition, the same within float rounding. A network
+while they are used, but for the dense layers' weight matrices: the scan keeps their inputs and
+output gradients, and one product after it gives each matrix's gradient (docs/engines.md). Both
+sums are the mini-batch's gradient in another order of addition, the same within float rounding. A network
 with BatchNorm is neither shared nor cut: its batch statistics are over the whole mini-batch.
 """
 
@@ -55,6 +56,30 @@ def gradient_chunk(batch_size: int, limit: int | None) -> int:
         return batch_size
     divisors = [size for size in range(limit // 2, limit + 1) if batch_size % size == 0]
     return divisors[0] if divisors else batch_size
+
+
+def _products_of(output, matrices) -> list[tuple]:
+    """For each of ``matrices``, ``(x, x @ w)``: the product that multiplies by it in the graph of
+    ``output`` (a dense layer's weighted input, before its bias), found in the graph."""
+    from pytensor.graph.traversal import graph_inputs, io_toposort  # here: only chunked JAX trainings come here
+    from pytensor.tensor.math import Dot
+
+    found = {id(w): [] for w in matrices}
+    for node in io_toposort(list(graph_inputs([output])), [output]):
+        if isinstance(node.op, Dot) and id(node.inputs[1]) in found:
+            found[id(node.inputs[1])].append((node.inputs[0], node.outputs[0]))
+    for w in matrices:
+        if len(found[id(w)]) != 1:
+            raise ValueError(f"expected one product by {w.name} in the training graph, found {len(found[id(w)])}")
+    return [found[id(w)][0] for w in matrices]
+
+
+def _transposed_copy(matrix):
+    """``matrix`` (rows, columns) as (columns, rows), by a transpose of three axes, which XLA copies. A
+    2-D transpose it would fold into the product that follows, as a product contracted over its left
+    operand's first axis, which its CPU runtime leaves to Eigen, slower (docs/engines.md)."""
+    rows, columns = matrix.type.shape
+    return matrix.reshape((rows, columns, 1)).dimshuffle(1, 0, 2).reshape((columns, rows))
 
 
 def shards_for(batch_size: int, devices: int) -> int:
@@ -177,18 +202,28 @@ class Trainer:
 
     def _device_gradients(self, x_u8, y, keeps, params):
         """One device's share of the objective and gradients: over its images in one piece, or as
-        the sums over their chunks of ``self.chunk`` images (an inner scan, one after another)."""
+        the sums over their chunks of ``self.chunk`` images (an inner scan, one after another). A dense
+        layer's weight gradient is not summed chunk by chunk: the scan keeps each chunk's inputs to
+        the layer's product and the objective's gradient at its output, and one product of all the
+        chunks' makes the gradient after it (docs/engines.md)."""
         parts = self.batch_size // self.shards // self.chunk
         if parts == 1:
-            return self._objective_and_gradients(x_u8, y, keeps, params, self.shards)
-        n_drop, n_params = len(keeps), len(params)
+            objective, grads, _ = self._objective_and_gradients(x_u8, y, keeps, params, self.shards)
+            return objective, grads
+        net, n_drop = self.network, len(keeps)
+        dense = [i for i, p in enumerate(net.params) if p.type.ndim == 2 and any(p is w for w in net.weights)]
+        summed = [i for i in range(len(params)) if i not in dense]
 
         def chunk_step(x_chunk, y_chunk, *rest):
-            keep_chunk, sums, params_now = rest[:n_drop], rest[n_drop : n_drop + n_params], rest[n_drop + n_params :]
-            objective, grads = self._objective_and_gradients(
-                x_chunk, y_chunk, keep_chunk, params_now, parts * self.shards
+            keep_chunk, sums, params_now = (
+                rest[:n_drop],
+                rest[n_drop : n_drop + len(summed)],
+                rest[n_drop + len(summed) :],
             )
-            return [total + grad for total, grad in zip(sums, grads)] + [objective]
+            objective, grads, products = self._objective_and_gradients(
+                x_chunk, y_chunk, keep_chunk, params_now, parts * self.shards, dense=dense
+            )
+            return [total + grad for total, grad in zip(sums, grads)] + [objective] + products
 
         def split(v):
             return v.reshape((parts, self.chunk, *v.type.shape[1:]))
@@ -196,14 +231,32 @@ class Trainer:
         outputs = graph.scan(
             chunk_step,
             sequences=[split(x_u8), split(y), *map(split, keeps)],
-            outputs_info=[*(pt.zeros_like(p) for p in params), None],
+            outputs_info=[*(pt.zeros_like(params[i]) for i in summed), None, *([None] * 2 * len(dense))],
             non_sequences=list(params),
         )
-        return outputs[-1].sum(), [total[-1] for total in outputs[:-1]]
+        sums, objective, products = outputs[: len(summed)], outputs[len(summed)], outputs[len(summed) + 1 :]
+        grads = dict(zip(summed, (total[-1] for total in sums)))
+        decay = self._weight_decay([params[i] for i in dense])
+        for k, i in enumerate(dense):
+            inputs, output_grads = (
+                v.reshape((parts * self.chunk, v.type.shape[-1])) for v in products[2 * k : 2 * k + 2]
+            )
+            grads[i] = pt.dot(_transposed_copy(inputs), output_grads) + decay[k]
+        return objective.sum(), [grads[i] for i in range(len(params))]
 
-    def _objective_and_gradients(self, x_u8, y, keeps, params, parts: int):
+    def _weight_decay(self, weights):
+        """The L2 term's gradient at ``weights`` (zeros without one), a device's share of it."""
+        if not self.lmbda:
+            return [pt.zeros_like(w) for w in weights]
+        penalty = self.network.l2_penalty(weights, self.lmbda, self.num_training_batches) / np.float32(self.shards)
+        return graph.grad(penalty, list(weights))
+
+    def _objective_and_gradients(self, x_u8, y, keeps, params, parts: int, dense: Sequence[int] = ()):
         """The objective of ``parts``-th of a mini-batch (the images ``x_u8``, uint8) and its gradients,
-        at ``params``: divided by ``parts``, so that the parts' sums are the mini-batch's."""
+        at ``params``: divided by ``parts``, so that the parts' sums are the mini-batch's. With
+        ``dense`` (indices of dense weight matrices in ``params``): the gradients of the other
+        parameters, without the L2 term's part for those matrices, and for each matrix its product's
+        input and the gradient at its output, [x, d objective / d (x @ w), ...]."""
         net = self.network
         x = pt.cast(x_u8, "float32") * IMAGE_SCALE  # (images, 784) in [0, 1]
         masks = [pt.cast(k, "float32") for k in keeps]
@@ -212,10 +265,17 @@ class Trainer:
         )
         if parts > 1:
             objective = objective / np.float32(parts)
-        grads = graph.grad(objective, net.params)
+        matrices = [net.params[i] for i in dense]
+        products = _products_of(objective, matrices) if matrices else []  # [(x, x @ w)] per matrix
+        others = [p for i, p in enumerate(net.params) if i not in dense]
+        grads = graph.grad(objective, [*others, *(z for _, z in products)])
+        taken = [
+            *grads[: len(others)],
+            *(v for (x_in, _), gz in zip(products, grads[len(others) :]) for v in (x_in, gz)),
+        ]
         # The graph was built on the shared parameters; run it on this step's state instead.
-        objective, *grads = graph.clone_replace([objective, *grads], replace=dict(zip(net.params, params)))
-        return objective, grads
+        objective, *taken = graph.clone_replace([objective, *taken], replace=dict(zip(net.params, params)))
+        return objective, taken[: len(others)], taken[len(others) :]
 
     def train_steps(
         self, images: np.ndarray, labels: np.ndarray, keeps: Sequence[np.ndarray], eta: float

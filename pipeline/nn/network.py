@@ -120,16 +120,17 @@ class Network:
             per_example = np.float32(0.5) * pt.sum(pt.sqr(a - pt.cast(onehot, a.dtype)), axis=1)
         return pt.mean(per_example)
 
-    def l2_norm_squared(self):
-        """Sum of the squared weights of every layer (biases are not decayed)."""
-        return sum(pt.sum(pt.sqr(w)) for w in self.weights)
-
     def objective(self, x, y, *, cost: str, lmbda: float, num_training_batches: int, keeps=None):
         """What SGD minimises: data cost (dropout on) + 0.5*lmbda*||W||^2/num_training_batches."""
         data = self.cost(x, y, cost=cost, deterministic=False, keeps=keeps)
         if lmbda == 0:
             return data
-        return data + np.float32(0.5 * lmbda / num_training_batches) * self.l2_norm_squared()
+        return data + self.l2_penalty(self.weights, lmbda, num_training_batches)
+
+    @staticmethod
+    def l2_penalty(weights, lmbda: float, num_training_batches: int):
+        """The objective's L2 term for ``weights``: 0.5*lmbda*||W||^2/num_training_batches."""
+        return np.float32(0.5 * lmbda / num_training_batches) * sum(pt.sum(pt.sqr(w)) for w in weights)
 
     # -- parameters ------------------------------------------------------------------------------
     def _values(self) -> list:
