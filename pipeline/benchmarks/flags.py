@@ -81,9 +81,11 @@ class Contestant:
         self.eta = settings.get("eta", 0.03)
         self.images, self.labels = random_batches(steps, BATCH)
         rng = np.random.default_rng(1)
+        # each input kept with probability 1 - p, as the train stage draws them (pipeline.nn.fit)
+        layers = [self.network.layers[i] for i in self.network.dropout_layers]
         self.keeps = [
-            (rng.random((steps, BATCH, self.network.layers[i].n_in), dtype=np.float32) >= 0.5).astype(np.uint8)
-            for i in self.network.dropout_layers
+            (rng.random((steps, BATCH, layer.n_in), dtype=np.float32) >= layer.p_dropout).astype(np.uint8)
+            for layer in layers
         ]
         with compiled_with(options):
             self.call()  # compiles
