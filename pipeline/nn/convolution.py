@@ -143,12 +143,16 @@ def _planes_max(y, planes: int):
 
 def _windows(planes, kh: int, kw: int):
     """(C, N, H, W) -> (kh*kw, C, N, out_h, out_w): the shifted windows stacked on a new first axis,
-    with ``_windows_gradient`` as their gradient (inlined: the compiled graph holds the same ops)."""
+    with ``_windows_gradient`` as their gradient (inlined: the compiled graph holds the same ops).
+    They are stacked a row of ``kw`` at a time and the ``kh`` rows then stacked: XLA's CPU compiler
+    fuses no concatenation of more than 8 pieces, so one stack of 25 windows was 25 slices written out
+    and then copied, where this is one pass (docs/engines.md)."""
     from pytensor.compile.builders import OpFromGraph  # here: theano-pymc's environment has no PyTensor
 
     out_h, out_w = planes.type.shape[2] - kh + 1, planes.type.shape[3] - kw + 1
     template = planes.type()
-    windows = pt.stack([template[:, :, i : i + out_h, j : j + out_w] for i in range(kh) for j in range(kw)], axis=0)
+    rows = [pt.stack([template[:, :, i : i + out_h, j : j + out_w] for j in range(kw)], axis=0) for i in range(kh)]
+    windows = pt.stack(rows, axis=0).reshape((kh * kw, planes.type.shape[0], -1, out_h, out_w))
     return OpFromGraph([template], [windows], pullback=_windows_gradient(kh, kw), inline=True)(planes)
 
 

@@ -79,7 +79,10 @@ def code_version() -> str:
 # 64, the same dvc repro model.npz); b6fe8c32c9fc: before a dense layer's weight gradient was made once
 # after a device's chunks instead of summed chunk by chunk (only trainings cut into chunks, 16 images a
 # device or more, change: the book's batch of 10 is not cut; the same parameters after the same steps at
-# batch 10 for rows 1, 2, 4, 7b and 8's networks, the same dvc repro model.npz).
+# batch 10 for rows 1, 2, 4, 7b and 8's networks, the same dvc repro model.npz); 554a96713852: before the
+# second layer's windows were stacked a row at a time (the same values moved in another grouping: the same
+# parameters after the same steps for the conv2, conv2_relu and conv2_relu_dropout networks, the same dvc
+# repro model.npz).
 SAME_WEIGHTS_AS = {
     "fe47bddc4df5": "51b68d4a31cc",
     "51b68d4a31cc": "95e6cd7a8476",
@@ -95,6 +98,7 @@ SAME_WEIGHTS_AS = {
     "5c9a28edcd90": "8f16d0a75b36",
     "8f16d0a75b36": "b6fe8c32c9fc",
     "b6fe8c32c9fc": "554a96713852",
+    "554a96713852": "0119bcd783cc",
 }
 
 
