@@ -10,7 +10,7 @@ import pytest
 from pipeline.nn import convolution
 from pipeline.nn.backend import Backend
 from pipeline.nn.convolution import conv2d_valid, conv_pool, max_pool
-from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax
+from pipeline.nn.layers import BatchNorm, ConvPool, FullyConnected, Softmax, keep_mask
 
 from reference import np_batch_norm, np_conv, np_pool, sigmoid
 
@@ -136,6 +136,19 @@ def test_dropout_keeps_masked_inputs_in_training_and_scales_at_inference(rng):
     np.testing.assert_allclose(training, sigmoid((x_val * keep_val) @ w + b), rtol=1e-5)
     with pytest.raises(ValueError, match="keep mask"):
         layer.output(x, deterministic=False)
+
+
+@pytest.mark.parametrize("p_dropout", [0.0, 0.25, 0.5])
+def test_keep_masks_keep_each_input_with_probability_one_minus_p(p_dropout):
+    masks = keep_mask(np.random.default_rng(3), (40, 10, 500), p_dropout)
+    assert masks.dtype == np.uint8 and masks.shape == (40, 10, 500)
+    assert set(np.unique(masks)) <= {0, 1}
+    kept = masks.mean()  # 200,000 draws: a binomial's standard deviation under 0.0012
+    assert abs(kept - (1 - p_dropout)) < 0.005, kept
+    if p_dropout == 0.0:
+        assert masks.all()  # a uniform draw is never below 0: nothing dropped
+    again = keep_mask(np.random.default_rng(3), (40, 10, 500), p_dropout)
+    np.testing.assert_array_equal(masks, again)  # a run is repeatable from its seed
 
 
 @pytest.mark.parametrize("init, fan", [("book", 400), ("corrected", 200)])
@@ -299,6 +312,10 @@ def test_every_product_of_a_convolution_contracts_its_left_operand_over_its_last
     # the filters' gradient windows first, laid out as the filters: the operand it reads transposed is
     # the output gradient (40 rows), not the windows (500)
     assert sorted(shape for shape, _, _ in products) == sorted([f"40,{images * 64}", "500,40", f"500,{images * 64}"])
+    # XLA's CPU compiler fuses no concatenation of more than 8 pieces: the 25 windows stacked at once
+    # were 25 slices written out and then copied, stacked a row at a time they are one pass
+    joins = re.findall(r"= f32\[[\d,]*\]\S* concatenate\(([^)]*)\)", program)
+    assert all(join.count("%") <= 8 for join in joins), joins
     out, gx, gw = function(x_val, w_val, g_val)
     np.testing.assert_allclose(out, np_conv(x_val, w_val), rtol=1e-4, atol=1e-4)
     windows = np.stack([x_val[:, a : a + 8, b : b + 8, :] for a in range(5) for b in range(5)], axis=3)

@@ -27,6 +27,7 @@ from pipeline.core.config import PipelineError
 from pipeline.nn.architecture import build, resolve
 from pipeline.nn.backend import COPY_ANALYSIS_FLAG, Backend
 from pipeline.nn.compiled import Trainer
+from pipeline.nn.layers import keep_mask
 from pipeline.table.rows import BY_KEY, ROWS
 
 BATCH = 10  # the table's
@@ -81,12 +82,8 @@ class Contestant:
         self.eta = settings.get("eta", 0.03)
         self.images, self.labels = random_batches(steps, BATCH)
         rng = np.random.default_rng(1)
-        # each input kept with probability 1 - p, as the train stage draws them (pipeline.nn.fit)
         layers = [self.network.layers[i] for i in self.network.dropout_layers]
-        self.keeps = [
-            (rng.random((steps, BATCH, layer.n_in), dtype=np.float32) >= layer.p_dropout).astype(np.uint8)
-            for layer in layers
-        ]
+        self.keeps = [keep_mask(rng, (steps, BATCH, layer.n_in), layer.p_dropout) for layer in layers]
         with compiled_with(options):
             self.call()  # compiles
 

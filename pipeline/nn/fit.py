@@ -42,6 +42,7 @@ from pipeline.nn.backend import Backend
 from pipeline.nn.checkpoint import CHECKPOINT_FILE, fingerprint, load_checkpoint, save_checkpoint
 from pipeline.nn.compiled import Trainer
 from pipeline.nn.config import TrainConfig, TrainPaths
+from pipeline.nn.layers import keep_mask
 from pipeline.nn.model_io import save_model
 from pipeline.nn.outputs import summary_of, write_metrics
 
@@ -346,10 +347,7 @@ def _train_epoch(
             index = order[first * bs : (first + steps) * bs]
             x = images[index].reshape(steps, bs, -1)  # (K, bs, 784) uint8
             y = labels[index].reshape(steps, bs)
-            # keep each input with probability 1 - p, as the book's binomial(n=1, p=1-p_dropout)
-            keeps = [
-                (rng.random((steps, bs, n_in), dtype=np.float32) >= p).astype(np.uint8) for rng, p, n_in in dropout
-            ]
+            keeps = [keep_mask(rng, (steps, bs, n_in), p) for rng, p, n_in in dropout]
             costs = trainer.train_steps(x, y, keeps, eta)
             if not np.all(np.isfinite(costs)):
                 return cost_sum, epoch

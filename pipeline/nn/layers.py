@@ -78,6 +78,12 @@ def _check(activation: str, p_dropout: float, init: str) -> None:
         raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
 
 
+def keep_mask(rng: np.random.Generator, shape: tuple[int, ...], p_dropout: float) -> np.ndarray:
+    """A dropout keep mask, uint8 of ``shape``: each input kept with probability 1 - p_dropout, as the
+    book's binomial(n=1, p=1-p_dropout), drawn as a uniform float32 that is not below p_dropout."""
+    return (rng.random(shape, dtype=np.float32) >= p_dropout).astype(np.uint8)
+
+
 def _dropped(x, p_dropout: float, deterministic: bool, keep):
     """The input the training graph sees: ``x * keep`` while training with dropout, else ``x``."""
     if deterministic or p_dropout == 0.0:

@@ -82,7 +82,8 @@ def code_version() -> str:
 # batch 10 for rows 1, 2, 4, 7b and 8's networks, the same dvc repro model.npz); 554a96713852: before the
 # second layer's windows were stacked a row at a time (the same values moved in another grouping: the same
 # parameters after the same steps for the conv2, conv2_relu and conv2_relu_dropout networks, the same dvc
-# repro model.npz).
+# repro model.npz); 0119bcd783cc: before the dropout masks were drawn by one helper, layers.keep_mask (the
+# same draws from the same generators).
 SAME_WEIGHTS_AS = {
     "fe47bddc4df5": "51b68d4a31cc",
     "51b68d4a31cc": "95e6cd7a8476",
@@ -99,6 +100,7 @@ SAME_WEIGHTS_AS = {
     "8f16d0a75b36": "b6fe8c32c9fc",
     "b6fe8c32c9fc": "554a96713852",
     "554a96713852": "0119bcd783cc",
+    "0119bcd783cc": "875ff3bbdacb",
 }
 
 
