@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from pipeline.benchmarks.train import random_batches
+from pipeline.benchmarks.train import BATCHES_PER_EPOCH, ETA, random_batches
 from pipeline.core.config import PipelineError
 from pipeline.nn.architecture import build, resolve
 from pipeline.nn.backend import COPY_ANALYSIS_FLAG, Backend
@@ -77,9 +77,9 @@ class Contestant:
             batch_size=BATCH,
             lmbda=settings.get("lmbda", 0.0),
             momentum=settings.get("momentum", 0.0),
-            num_training_batches=5000,
+            num_training_batches=BATCHES_PER_EPOCH,
         )
-        self.eta = settings.get("eta", 0.03)
+        self.eta = settings.get("eta", ETA)
         self.images, self.labels = random_batches(steps, BATCH)
         rng = np.random.default_rng(1)
         layers = [self.network.layers[i] for i in self.network.dropout_layers]
@@ -113,7 +113,7 @@ def compare(row_key: str, option: tuple[str, object], steps: int, rounds: int) -
 
 
 def main(argv=None) -> int:
-    trained = [r.key for r in ROWS if not r.is_ensemble and r.preset is not None]
+    trained = [r.key for r in ROWS if r.trains]
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.benchmarks.flags",
         description=__doc__,
