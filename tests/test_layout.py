@@ -146,5 +146,5 @@ def test_every_module_of_nn_is_a_training_source_or_said_not_to_compute_a_step()
     from pipeline.nn.checkpoint import TRAINING_SOURCES
 
     not_steps = {"nn/__init__.py", "nn/model_io.py", "nn/outputs.py", "nn/compile_cache.py"}
-    modules = {f"nn/{path.name}" for path in (PACKAGE / "nn").glob("*.py")}
+    modules = {f"nn/{path.name}" for pattern in ("*.py", "*.cc") for path in (PACKAGE / "nn").glob(pattern)}
     assert modules - not_steps == set(TRAINING_SOURCES) - {"data/distort.py"}

@@ -14,8 +14,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.cluster.storage import DataRef, SharedStorage, clear, node_cache
-from pipeline.core.files import write_bytes
+from pipeline.cluster.storage import DataRef, SharedStorage, clear
+from pipeline.core.files import cache_dir, write_bytes
 from pipeline.nn.checkpoint import CHECKPOINT_FILE
 from pipeline.nn.compile_cache import jax_compilation_cache
 from pipeline.tracking import RUN_FILE
@@ -70,7 +70,7 @@ class NodeWork:
 def on_node(shipment: Shipment) -> Iterator[NodeWork]:
     """The training's folder on this node, with its data and its last checkpoint in place; deleted
     afterwards (the storage keeps the checkpoints until the driver has the outputs)."""
-    cache = node_cache()
+    cache = cache_dir()
     work = NodeWork(shipment, cache / "work" / shipment.key)
     clear(work.folder)  # an earlier try on this node: the storage's checkpoint is the newer truth
     for name, ref in shipment.inputs.items():

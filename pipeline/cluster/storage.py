@@ -32,8 +32,6 @@ from pipeline.core.files import atomic_path
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "NNDL_CACHE_DIR"
-
 
 @dataclass(frozen=True)
 class DataRef:
@@ -143,12 +141,6 @@ def md5_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def node_cache() -> Path:
-    """This node's cache folder: $NNDL_CACHE_DIR, else ~/.cache/nndl-pipeline."""
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nndl-pipeline"
-    return Path(os.environ.get(CACHE_ENV) or default)
 
 
 def dvc_remote(root: Path = Path(".")) -> tuple[SharedStorage, dict[str, str]]:

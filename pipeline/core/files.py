@@ -24,6 +24,15 @@ import numpy as np
 
 from pipeline.core.config import PipelineError
 
+CACHE_ENV = "NNDL_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """This machine's cache folder for the pipeline: $NNDL_CACHE_DIR, else ~/.cache/nndl-pipeline
+    ($XDG_CACHE_HOME/nndl-pipeline where that is set)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nndl-pipeline"
+    return Path(os.environ.get(CACHE_ENV) or default)
+
 
 class OutputError(PipelineError, OSError):
     """An output that cannot be written where it goes: a file in the way of a directory, or the reverse."""

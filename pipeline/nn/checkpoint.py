@@ -36,6 +36,8 @@ TRAINING_SOURCES = (
     "nn/architecture.py",
     "nn/backend.py",
     "nn/data_parallel.py",
+    "nn/cpu_sum.py",
+    "nn/cpu_sum.cc",
     "nn/theano_engine.py",
     "nn/sgd.py",
     "data/distort.py",

@@ -5,8 +5,10 @@ second core. So a training step on 2 cores runs about 1.4x one core (docs/engine
 one CPU device per core (``--xla_force_host_platform_device_count``, set in ``pipeline.nn.backend``
 before JAX starts), and a training function runs on all of them at once with ``jax.shard_map``: each
 device takes its share of every mini-batch's images, computes their gradient, and ``device_sum``
-(``jax.lax.psum``) adds the shares' gradients, so every device makes the same SGD update. The sum
-is the mini-batch's gradient in another order of addition, the same within float rounding.
+adds the shares' gradients, so every device makes the same SGD update. The sum is the mini-batch's
+gradient in another order of addition, the same within float rounding. The devices meet at that sum
+once a step; ``pipeline.nn.cpu_sum`` makes it with a device that arrives first spinning for a while
+rather than sleeping at once as ``jax.lax.psum`` does (the same sums).
 
 Only the PyTensor JAX engine on the CPU uses it; the graph is otherwise the one every engine runs.
 """
@@ -21,6 +23,8 @@ from jax.sharding import Mesh, PartitionSpec
 from pytensor.graph import Apply, Op
 from pytensor.link.jax.dispatch import jax_funcify
 from pytensor.link.jax.linker import JAXLinker
+
+from pipeline.nn import cpu_sum
 
 __all__ = ["AXIS", "ShardedJAXLinker", "Sharding", "cpu_devices", "device_sum"]
 
@@ -50,7 +54,11 @@ device_sum = DeviceSum()
 
 @jax_funcify.register(DeviceSum)
 def _jax_device_sum(op, **kwargs):
+    spin = cpu_sum.spin_sum_chosen()  # when the function is compiled: $NNDL_DEVICE_SUM may change between
+
     def device_sum(x):
+        if spin and x.dtype == np.float32:
+            return cpu_sum.cpu_sum(x, AXIS)
         return jax.lax.psum(x, AXIS)
 
     return device_sum
