@@ -152,12 +152,21 @@ def test_inner_graph_shapes_are_constants_for_static_outputs_and_walked_for_the_
     assert [int(v) for v in evaluate(np.zeros(5, dtype="float32"), 7)] == [5, 3, 7, 5, 3, 7]
 
 
-def test_compiling_for_jax_leaves_no_temporary_files(tmp_path, monkeypatch):
-    # PyTensor's JAX linker writes each generated function's source to a temporary file it never deletes
+@pytest.mark.parametrize("engine", ["jax", "c"])
+def test_compiling_and_training_leave_no_temporary_files(engine, tmp_path, monkeypatch):
+    # PyTensor writes each generated function's source to a temporary file it never deletes: the JAX
+    # linker when it compiles and traces, and on the C engine Numba for an inner graph at its first call
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     x = pt.matrix("x", dtype="float32", shape=(None, 3))
-    f = Backend("jax").function([x], [pt.sigmoid(x).sum(axis=1) * 2])
+    f = Backend(engine).function([x], [pt.sigmoid(x).sum(axis=1) * 2])
     assert np.allclose(f(np.zeros((2, 3), np.float32))[0], [3.0, 3.0])
+    net = _small_conv_net(0)
+    trainer = Trainer(net, Backend(engine), batch_size=10, num_training_batches=5)
+    data = np.random.default_rng(1)
+    images, labels = data.integers(0, 256, (2, 10, 144), dtype=np.uint8), data.integers(0, 10, (2, 10))
+    keeps = [(data.random((2, 10, net.layers[i].n_in)) > 0.5).astype(np.uint8) for i in net.dropout_layers]
+    for _ in range(2):
+        trainer.train_steps(images, labels, keeps, 0.1)
     assert list(tmp_path.iterdir()) == []
     assert tempfile.gettempdir() == str(tmp_path)  # the process's own setting is back
 

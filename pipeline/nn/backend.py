@@ -284,7 +284,7 @@ class Backend:
             # (our shapes are static and checked when the network is built) and says so.
             warnings.filterwarnings("ignore", message="Skipping .* Op .* as JAX tracing would remove it")
             warnings.filterwarnings("ignore", message="PyTensor could not link to a BLAS installation")
-            with _temporary_files_removed() if self.engine == "jax" else contextlib.nullcontext():
+            with _temporary_files_removed():
                 fn = pytensor.function(
                     list(inputs),
                     list(outputs),
@@ -297,12 +297,19 @@ class Backend:
                 # (one device's share); the compiled function checks them instead
                 fn.trust_input = True
 
+        called = False
+
         def call(*args) -> list[np.ndarray]:
-            with warnings.catch_warnings():
+            nonlocal called
+            # the first call compiles what PyTensor leaves until then (JAX traces the graph; on the C
+            # engine an inner graph without C code is compiled by Numba), writing files as above
+            with warnings.catch_warnings(), contextlib.nullcontext() if called else _temporary_files_removed():
                 # PyTensor asks for 64-bit accumulators and indices here and there; JAX in 32-bit
                 # mode keeps 32 bits and warns when it traces the graph (first call only).
                 warnings.filterwarnings("ignore", message="Explicitly requested dtype (float|int)64")
-                return [np.asarray(out) for out in fn(*args)]
+                outputs = [np.asarray(out) for out in fn(*args)]
+            called = True
+            return outputs
 
         return call
 
@@ -323,10 +330,11 @@ def _sharded_mode(sharding):
 def _temporary_files_removed():
     """Delete the temporary files made while compiling.
 
-    PyTensor's JAX linker writes the source of every Python function it generates to a temporary
-    file that it never deletes (``pytensor.link.utils.compile_function_src``, so that tracebacks can
-    show the lines): tens per training, thousands in ``/tmp`` after a sweep. While compiling, the
-    process's temporary directory is a private one, removed afterwards.
+    PyTensor writes the source of every Python function it generates to a temporary file that it
+    never deletes (``pytensor.link.utils.compile_function_src``, so that tracebacks can show the
+    lines): the JAX linker's, and on either engine the Numba functions with which its rewrites fold
+    constants; tens per training, thousands in ``/tmp`` after a sweep. While compiling, the process's
+    temporary directory is a private one, removed afterwards.
     """
     private = tempfile.mkdtemp(prefix="nndl-compile-")
     previous = tempfile.tempdir
