@@ -6,7 +6,8 @@ Running ``pytest`` inside a checkout that holds the user's own ``mlflow.db`` mus
   ``MLFLOW_TRACKING_URI`` and clears ``DVC_ROOT``; a test that wants another store sets (or
   deletes) the variable itself, with ``monkeypatch``, which is undone after it;
 - ``repository_root_untouched`` (autouse, once per session) does the same for fixtures wider than
-  a test, and fails the session, naming the entries, when anything new appeared at the root.
+  a test, and fails the session, naming the entries, when anything new appeared at the root; it also
+  gives the session its own temporary directory ($TMPDIR) and pipeline cache folder ($NNDL_CACHE_DIR).
 
 Only the standard library and pytest here: tests/test_isolation.py runs this file in a fresh
 directory standing for a repository.
@@ -46,11 +47,18 @@ def repository_root_untouched(tmp_path_factory):
     before = _root_entries()
     # a local Ray instance (--jobs N) keeps its session files here, not in /tmp/ray; short, for its sockets
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    # what the libraries write to the temporary directory and leave there (MLflow's database lock files,
+    # PyTensor's generated sources, torch's compile cache) goes to the session's, in this process and
+    # in every process it starts; and the pipeline's cache folder is the session's, not ~/.cache
+    session_tmp = tmp_path_factory.mktemp("tmp")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('session-store') / 'mlflow.db'}")
         mp.delenv("DVC_ROOT", raising=False)
         mp.setenv("RAY_TMPDIR", ray_tmp)
         mp.setenv("DVC_NO_ANALYTICS", "1")  # dvc's usage reports would go to the internet
+        mp.setenv("TMPDIR", str(session_tmp))
+        mp.setattr(tempfile, "tempdir", str(session_tmp))
+        mp.setenv("NNDL_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
         yield
     shutil.rmtree(ray_tmp, ignore_errors=True)
     new = sorted(_root_entries() - before)
