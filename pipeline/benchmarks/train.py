@@ -18,7 +18,9 @@ environment, its column comes from a child process on ``.venv-theano/bin/python`
 ``--theano-python``) with the same arguments, and is left out, saying why, when that environment
 does not exist. Run from the theano-pymc environment, only that engine is timed.
 
-``--conv-lax`` adds a JAX run whose convolutions are a custom Op lowered to
+Where the JAX engine shares a mini-batch among the CPU devices, two more rows time it on one device
+and with the devices' gradients summed by XLA's ``jax.lax.psum`` instead of ``pipeline.nn.cpu_sum``
+(the same weights). ``--conv-lax`` adds a JAX run whose convolutions are a custom Op lowered to
 ``jax.lax.conv_general_dilated`` instead of the im2col graph (``pipeline.nn.convolution``), to show
 why the graph form is the one used. ``--memory`` runs the train stage for one epoch on a synthetic
 250,000-image set in a child process (``pipeline.benchmarks.stage``) and reports its peak RSS;
@@ -42,12 +44,13 @@ come out too high.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -86,18 +89,49 @@ def gemm_peak(device: str = "cpu", size: int = 2048, repeats: int = 10) -> float
     return 2.0 * size**3 / best
 
 
+@contextlib.contextmanager
+def _xla_sums() -> Iterator[None]:
+    """The devices' sums made by ``jax.lax.psum`` while this lasts ($NNDL_DEVICE_SUM=xla)."""
+    from pipeline.nn.cpu_sum import CHOICE_ENV  # here: theano-pymc's environment has no JAX
+
+    before = os.environ.get(CHOICE_ENV)
+    os.environ[CHOICE_ENV] = "xla"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[CHOICE_ENV]
+        else:
+            os.environ[CHOICE_ENV] = before
+
+
+def _spin_sums() -> bool:
+    from pipeline.nn.cpu_sum import spin_sum_chosen  # here: theano-pymc's environment has no JAX
+
+    return spin_sum_chosen()
+
+
 def time_engine(
-    engine: str, batch_size: int, steps: int, repeats: int, device: str = "cpu", *, one_device: bool = False
+    engine: str,
+    batch_size: int,
+    steps: int,
+    repeats: int,
+    device: str = "cpu",
+    *,
+    one_device: bool = False,
+    xla_sum: bool = False,
 ) -> float:
     """Images per second training on ``engine``; ``one_device``: the mini-batch not shared among the
-    CPU devices (``pipeline.nn.data_parallel``), as before they were."""
+    CPU devices (``pipeline.nn.data_parallel``), as before they were; ``xla_sum``: the devices' sums
+    made by ``jax.lax.psum`` instead of ``pipeline.nn.cpu_sum``, as before they were."""
     network = build(resolve("conv2_relu"), rng=np.random.default_rng(0))
     backend = Backend(engine, device)
     if one_device:
         backend.cpu_devices = 1
-    trainer = Trainer(network, backend, batch_size=batch_size, lmbda=LMBDA, num_training_batches=BATCHES_PER_EPOCH)
     images, labels = random_batches(steps, batch_size)
-    trainer.train_steps(images, labels, [], ETA)  # compile + warm up
+    with _xla_sums() if xla_sum else contextlib.nullcontext():  # read when the function compiles
+        trainer = Trainer(network, backend, batch_size=batch_size, lmbda=LMBDA, num_training_batches=BATCHES_PER_EPOCH)
+        trainer.train_steps(images, labels, [], ETA)  # compile + warm up
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -314,6 +348,7 @@ def main(argv=None) -> int:
         )
     devices = Backend("jax", args.device).cpu_devices if "jax" in engines else 1
     shared = {bs: training_shards(network, bs, devices) > 1 for bs in args.batch_sizes}
+    spin_sum = "jax" in engines and args.device == "cpu" and any(shared.values()) and _spin_sums()
     table = {}
     for bs in args.batch_sizes:
         steps = max(args.steps * 10 // bs, 20)  # about the same number of images at every batch size
@@ -328,6 +363,8 @@ def main(argv=None) -> int:
                 results[name] = time_engine(engine, bs, steps, args.repeats, args.device)
             if engine == "jax" and shared[bs]:
                 results["pytensor-jax, one device"] = time_engine("jax", bs, steps, args.repeats, one_device=True)
+                if spin_sum:
+                    results["pytensor-jax, XLA's psum"] = time_engine("jax", bs, steps, args.repeats, xla_sum=True)
         if args.conv_lax:
             results["pytensor-jax (lax.conv Op)"] = time_jax_lax_conv(bs, steps, args.repeats, args.device)
         if has_torch:

@@ -83,7 +83,10 @@ def code_version() -> str:
 # second layer's windows were stacked a row at a time (the same values moved in another grouping: the same
 # parameters after the same steps for the conv2, conv2_relu and conv2_relu_dropout networks, the same dvc
 # repro model.npz); 0119bcd783cc: before the dropout masks were drawn by one helper, layers.keep_mask (the
-# same draws from the same generators).
+# same draws from the same generators); 875ff3bbdacb: before the devices' gradient sum was cpu_sum's instead
+# of jax.lax.psum (on 2 devices one addition per element, the same: the same parameters after the same
+# steps for the conv2, conv2_relu, conv2_relu_fc300, conv2_relu_2fc100 and conv2_relu_2fc300 networks, the
+# same dvc repro model.npz) and a compiled function's first call had a private temporary directory.
 SAME_WEIGHTS_AS = {
     "fe47bddc4df5": "51b68d4a31cc",
     "51b68d4a31cc": "95e6cd7a8476",
@@ -101,6 +104,7 @@ SAME_WEIGHTS_AS = {
     "b6fe8c32c9fc": "554a96713852",
     "554a96713852": "0119bcd783cc",
     "0119bcd783cc": "875ff3bbdacb",
+    "875ff3bbdacb": "c8eb5aa6fe52",
 }
 
 
