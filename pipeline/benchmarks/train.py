@@ -44,14 +44,14 @@ come out too high.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -89,28 +89,6 @@ def gemm_peak(device: str = "cpu", size: int = 2048, repeats: int = 10) -> float
     return 2.0 * size**3 / best
 
 
-@contextlib.contextmanager
-def _xla_sums() -> Iterator[None]:
-    """The devices' sums made by ``jax.lax.psum`` while this lasts ($NNDL_DEVICE_SUM=xla)."""
-    from pipeline.nn.cpu_sum import CHOICE_ENV  # here: theano-pymc's environment has no JAX
-
-    before = os.environ.get(CHOICE_ENV)
-    os.environ[CHOICE_ENV] = "xla"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[CHOICE_ENV]
-        else:
-            os.environ[CHOICE_ENV] = before
-
-
-def _spin_sums() -> bool:
-    from pipeline.nn.cpu_sum import spin_sum_chosen  # here: theano-pymc's environment has no JAX
-
-    return spin_sum_chosen()
-
-
 def time_engine(
     engine: str,
     batch_size: int,
@@ -129,7 +107,12 @@ def time_engine(
     if one_device:
         backend.cpu_devices = 1
     images, labels = random_batches(steps, batch_size)
-    with _xla_sums() if xla_sum else contextlib.nullcontext():  # read when the function compiles
+    sums = {}
+    if xla_sum:
+        from pipeline.nn.cpu_sum import CHOICE_ENV  # here: theano-pymc's environment has no JAX
+
+        sums[CHOICE_ENV] = "xla"
+    with mock.patch.dict(os.environ, sums):  # read when the function compiles
         trainer = Trainer(network, backend, batch_size=batch_size, lmbda=LMBDA, num_training_batches=BATCHES_PER_EPOCH)
         trainer.train_steps(images, labels, [], ETA)  # compile + warm up
     best = float("inf")
@@ -348,7 +331,11 @@ def main(argv=None) -> int:
         )
     devices = Backend("jax", args.device).cpu_devices if "jax" in engines else 1
     shared = {bs: training_shards(network, bs, devices) > 1 for bs in args.batch_sizes}
-    spin_sum = "jax" in engines and args.device == "cpu" and any(shared.values()) and _spin_sums()
+    spin_sum = False
+    if "jax" in engines and args.device == "cpu" and any(shared.values()):
+        from pipeline.nn.cpu_sum import spin_sum_chosen  # here: theano-pymc's environment has no JAX
+
+        spin_sum = spin_sum_chosen()
     table = {}
     for bs in args.batch_sizes:
         steps = max(args.steps * 10 // bs, 20)  # about the same number of images at every batch size

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 from pipeline.core.config import PipelineError
@@ -54,7 +55,7 @@ def _compiler() -> str | None:
 
 def _library_path(compiler: str) -> Path:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), jax.__version__.encode(), compiler.encode(), platform.machine().encode()):
+    for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), compiler.encode(), platform.machine().encode()):
         key.update(hashlib.sha256(part).digest())
     return cache_dir() / "xla-ffi" / f"cpu_sum-{key.hexdigest()[:16]}.so"
 
