@@ -6,8 +6,11 @@
 // the sum. Between the two, device r adds the elements of its r-th share of the vector over all the
 // devices, in the order of the ranks, and writes that share into every device's output. A device that
 // arrives first waits by spinning for up to `spin_us` microseconds, then sleeps on a futex: XLA's own
-// all-reduce sleeps at once, and waking a sleeping core is what made it slow.
+// all-reduce sleeps at once, and waking a sleeping core is what made it slow. While it spins it yields
+// its core every few microseconds, so that a thread waiting for that core (another device of a
+// process that shares the cores with this one) is not kept from it.
 #include <linux/futex.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -95,7 +98,10 @@ bool meet(MeetingPlace& place, int64_t devices, int64_t spin_us, double limit_s)
   const auto deadline = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(limit_s));
   for (int64_t i = 0;; ++i) {
     if (place.generation.load(std::memory_order_acquire) != generation) return true;
-    if ((i & 63) == 63 && Clock::now() >= spin_end) break;
+    if ((i & 63) == 63) {
+      if (Clock::now() >= spin_end) break;
+      sched_yield();
+    }
     cpu_relax();
   }
   place.sleepers.fetch_add(1, std::memory_order_seq_cst);

@@ -3,7 +3,8 @@
 ``jax.lax.psum`` on XLA's CPU devices puts a device that arrives first to sleep at once, and on a
 machine whose idle cores halt, waking it costs a large part of a small step (docs/engines.md, "The
 devices meet by spinning"). ``cpu_sum.cc`` makes the same sum with a device that arrives first
-spinning for up to ``SPIN_US`` microseconds before it sleeps. With 2 devices its sums are XLA's bit
+spinning for up to ``SPIN_US`` microseconds before it sleeps, yielding its core as it spins (so
+that trainings sharing the cores lose nothing to it). With 2 devices its sums are XLA's bit
 for bit (one addition per element); with more, each element is added in the order of the devices.
 
 The handler is compiled once per machine with the C++ compiler that PyTensor's C engine uses ($CXX,

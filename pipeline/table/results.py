@@ -87,7 +87,9 @@ def code_version() -> str:
 # of jax.lax.psum (on 2 devices one addition per element, the same: the same parameters after the same
 # steps for the conv2, conv2_relu, conv2_relu_fc300, conv2_relu_2fc100 and conv2_relu_2fc300 networks, the
 # same dvc repro model.npz) and a compiled function's first call had a private temporary directory;
-# c8eb5aa6fe52: before cpu_sum's library was named by jaxlib's version rather than JAX's (the same handler).
+# c8eb5aa6fe52: before cpu_sum's library was named by jaxlib's version rather than JAX's (the same handler);
+# aef940941880: before a device spinning in cpu_sum yielded its core (the same sums, the same parameters after
+# the same steps at batch 10 and 64).
 SAME_WEIGHTS_AS = {
     "fe47bddc4df5": "51b68d4a31cc",
     "51b68d4a31cc": "95e6cd7a8476",
@@ -107,6 +109,7 @@ SAME_WEIGHTS_AS = {
     "0119bcd783cc": "875ff3bbdacb",
     "875ff3bbdacb": "c8eb5aa6fe52",
     "c8eb5aa6fe52": "aef940941880",
+    "aef940941880": "c0cd092b5920",
 }
 
 
