@@ -49,7 +49,7 @@ THREE_DEVICES = """
 import sys
 import jax, numpy as np
 from jax.sharding import Mesh, PartitionSpec
-from pipeline.nn import compiled, cpu_sum
+from pipeline.nn import cpu_sum
 assert len(jax.devices("cpu")) == 3 and cpu_sum.library() is not None
 values = np.load(sys.argv[1])
 spec = PartitionSpec("d")
@@ -132,7 +132,7 @@ def test_a_choice_other_than_spin_or_xla_is_named(monkeypatch):
 BUILD = """
 import logging
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
-from pipeline.nn import compiled, cpu_sum
+from pipeline.nn import cpu_sum
 print("built" if cpu_sum.library() is not None else "none")
 print(cpu_sum.spin_sum_chosen())
 """

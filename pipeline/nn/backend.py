@@ -328,13 +328,13 @@ def _sharded_mode(sharding):
 
 @contextlib.contextmanager
 def _temporary_files_removed():
-    """Delete the temporary files made while compiling.
+    """Delete the temporary files made while compiling (and at a compiled function's first call).
 
     PyTensor writes the source of every Python function it generates to a temporary file that it
     never deletes (``pytensor.link.utils.compile_function_src``, so that tracebacks can show the
-    lines): the JAX linker's, and on either engine the Numba functions with which its rewrites fold
-    constants; tens per training, thousands in ``/tmp`` after a sweep. While compiling, the process's
-    temporary directory is a private one, removed afterwards.
+    lines): the JAX linker's functions, and on the C engine the Numba functions of an inner graph
+    without C code, compiled at the function's first call; tens per training, thousands in ``/tmp``
+    after a sweep. Meanwhile the process's temporary directory is a private one, removed afterwards.
     """
     private = tempfile.mkdtemp(prefix="nndl-compile-")
     previous = tempfile.tempdir

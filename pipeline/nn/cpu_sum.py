@@ -7,8 +7,8 @@ spinning for up to ``SPIN_US`` microseconds before it sleeps, yielding its core 
 that trainings sharing the cores lose nothing to it). With 2 devices its sums are XLA's bit
 for bit (one addition per element); with more, each element is added in the order of the devices.
 
-The handler is compiled once per machine with the C++ compiler that PyTensor's C engine uses ($CXX,
-else ``g++``) against jaxlib's FFI headers, and kept in the pipeline's cache folder
+The handler is compiled once per machine with the C++ compiler $CXX names (else ``g++``, else
+``c++``) against jaxlib's FFI headers, and kept in the pipeline's cache folder
 (``pipeline.core.files.cache_dir``) under a name made from its source, jaxlib's version and the
 compiler. Where it cannot be built (no compiler, a jaxlib without FFI headers) the training uses
 ``jax.lax.psum`` and says so once. ``$NNDL_DEVICE_SUM=xla`` chooses ``jax.lax.psum`` in any case.

@@ -89,7 +89,7 @@ def code_version() -> str:
 # same dvc repro model.npz) and a compiled function's first call had a private temporary directory;
 # c8eb5aa6fe52: before cpu_sum's library was named by jaxlib's version rather than JAX's (the same handler);
 # aef940941880: before a device spinning in cpu_sum yielded its core (the same sums, the same parameters after
-# the same steps at batch 10 and 64).
+# the same steps at batch 10 and 64); c0cd092b5920: before two docstrings were corrected (the same code).
 SAME_WEIGHTS_AS = {
     "fe47bddc4df5": "51b68d4a31cc",
     "51b68d4a31cc": "95e6cd7a8476",
@@ -110,6 +110,7 @@ SAME_WEIGHTS_AS = {
     "875ff3bbdacb": "c8eb5aa6fe52",
     "c8eb5aa6fe52": "aef940941880",
     "aef940941880": "c0cd092b5920",
+    "c0cd092b5920": "a85683da363e",
 }
 
 
